@@ -49,9 +49,27 @@ def session_options(*, intra_op_threads: int = 0, optimize: bool = True) -> ort.
     return opts
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), session_options(optimize=optimize),
+def session(model: onnx.ModelProto | str | bytes, *, optimize: bool = True,
+            intra_op_threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; ``optimize=False`` gives exact QDQ semantics (see ``exact_session``)."""
+    source: str | bytes
+    if isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    else:
+        source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(optimize=optimize, intra_op_threads=intra_op_threads),
                                 providers=["CPUExecutionProvider"])
+
+
+def exact_session(model: onnx.ModelProto | str | bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """Exact QDQ semantics: graph optimizations off, so Q/DQ run as written and no fused integer
+    kernel (whose results depend on the CPU) replaces them. What every reference comparison uses."""
+    return session(model, optimize=False, intra_op_threads=intra_op_threads)
+
+
+def runtime_session(model: onnx.ModelProto | str | bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """The session a user gets by default: all graph optimizations, QDQ fused into integer kernels."""
+    return session(model, optimize=True, intra_op_threads=intra_op_threads)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
