@@ -7,6 +7,7 @@ backend runs for every op it supports (its "supported kernels").
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import product
 
 from qpasses.precision_type import Precision
@@ -56,14 +57,22 @@ GPU = TargetDescriptor(
 )
 # What onnxruntime's CPU provider executes from a QDQ model: any op, int4..int16 weights,
 # int8/int16 activations, float fallback in fp16 or fp32, and INT32 for the ops it has int32 kernels for.
+# 8-bit tensors are stored as uint8 (portable: the same results on every CPU, see uint8_storage).
 ORT = TargetDescriptor(
-    name="ort", description="onnxruntime CPU QDQ: A8/A16, W4-W16, per-channel, float16/32 fallback, int32 ops",
+    name="ort", description="onnxruntime CPU QDQ, portable (uint8 storage: same results on every x86/ARM CPU): "
+                            "A8/A16, W4-W16, per-channel, float16/32 fallback, int32 ops",
     needs_quantized=False, per_channel_weights=True,
     kernels={ANY_OP: _kernels((8, 16), tuple(range(4, 17)), (8, 32))},
     int32_ops=("Add", "Sub", "Mul", "Max", "Min", "Abs", "Neg", "Relu", "Clip", "Concat", "Reshape", "Transpose",
                "Flatten", "Squeeze", "Unsqueeze", "Gather", "Slice", "ReduceSum", "ReduceMax", "ReduceMin",
                "Identity", "Expand", "Tile"),
-    float_bitwidths=(16, 32), default_float_bw=32,
+    float_bitwidths=(16, 32), default_float_bw=32, uint8_storage=True,
 )
+# The same for deployments only on CPUs with VNNI (AVX512-VNNI / AVX-VNNI) or ARM: signed int8 weights
+# (onnxruntime's u8s8 kernels, faster there); on x86 without VNNI they saturate and results collapse.
+ORT_VNNI = dataclasses.replace(
+    ORT, name="ort-vnni", uint8_storage=False,
+    description="onnxruntime CPU QDQ with int8 weights, ONLY for x86 CPUs with VNNI or ARM "
+                "(wrong results on x86 without VNNI): A8/A16, W4-W16, per-channel, float16/32, int32 ops")
 
-BUILTIN_TARGETS = (HTP, DSP, HTA, CPU, GPU, ORT)
+BUILTIN_TARGETS = (HTP, DSP, HTA, CPU, GPU, ORT, ORT_VNNI)

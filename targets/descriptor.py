@@ -51,7 +51,10 @@ class TargetDescriptor:
     ``kernels`` maps op type (``"*"`` for any op not listed) to the integer kernels it has; no
     kernels means a float-only backend (a quantized-only one without any gets int8/int8/int32).
     ``ops`` lists the op types it runs (None: all). ``float_bitwidths`` says in which float
-    precisions ops may run (empty: none).
+    precisions ops may run (empty: none). ``uint8_storage`` stores every 8-bit tensor of the QDQ
+    model (weights and activations) as uint8 on the same grid (zero point shifted by 128 for signed
+    grids): onnxruntime then fuses Conv/Gemm/MatMul into its u8u8 kernels, which cannot saturate on
+    any CPU, whereas its u8s8/s8s8 kernels saturate int16 pair sums on x86 without VNNI.
     """
 
     name: str
@@ -66,13 +69,14 @@ class TargetDescriptor:
     default_weight_bw: int = 8
     default_bias_bw: int = 32
     default_float_bw: int | None = None
+    uint8_storage: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip() != "", "<unnamed>", "name",
                f"must be a non-empty string, got {self.name!r}")
         where = self.name
         _check(isinstance(self.description, str), where, "description", "must be a string")
-        for flag in ("needs_quantized", "per_channel_weights"):
+        for flag in ("needs_quantized", "per_channel_weights", "uint8_storage"):
             value = getattr(self, flag)
             _check(isinstance(value, bool), where, flag, f"must be true or false, got {value!r}")
         object.__setattr__(self, "kernels", MappingProxyType(_kernels(self.kernels, where)))
@@ -142,7 +146,7 @@ class TargetDescriptor:
             "per_channel_weights": self.per_channel_weights, "int32_ops": list(self.int32_ops),
             "float_bitwidths": list(self.float_bitwidths), "default_act_bw": self.default_act_bw,
             "default_weight_bw": self.default_weight_bw, "default_bias_bw": self.default_bias_bw,
-            "default_float_bw": self.default_float_bw,
+            "default_float_bw": self.default_float_bw, "uint8_storage": self.uint8_storage,
         }
 
 

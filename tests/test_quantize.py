@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qpasses.cli import main
 from qpasses.errors import QPassesError
 from qpasses.quantize import QuantizeResult, quantize_model
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = ["digits_cnn", "digits_cnn_relu6", "digits_cnn_residual"]
@@ -79,10 +80,7 @@ def reference(name: str) -> Reference:
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return exact_session(model if isinstance(model, onnx.ModelProto) else str(model))
 
 
 def run(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -260,7 +258,10 @@ def test_stored_weights_and_biases_are_the_folded_fp32_values(name: str, per_cha
     for layer in reference(name).layers:
         node = view.nodes[layer.node.name]
         wdq = view.dq(node.input[1])
-        q = view.array(wdq.input[0]).astype(np.int64)
+        # Portable storage: uint8 with zero point 128 for the int8 grid (q - zp is the same).
+        stored = view.array(wdq.input[0]).astype(np.int64)
+        zp = view.array(wdq.input[2]).astype(np.int64)
+        q = stored - zp.reshape((-1,) + (1,) * (stored.ndim - 1))
         s_w = view.array(wdq.input[1]).astype(np.float64)
         grid = Grid(8, tuple(s_w.ravel()), (-128,) * s_w.size, 0 if per_channel else None)
         diff = q - (grid.to_levels(layer.weight) - 128)
@@ -277,16 +278,18 @@ def test_stored_weights_and_biases_are_the_folded_fp32_values(name: str, per_cha
 # --- 2. structure of the QDQ model ------------------------------------------------------------------------
 
 
-def check_weight_and_bias_storage(view: QDQView, per_channel: bool, weight_type: int = TensorProto.INT8,
+def check_weight_and_bias_storage(view: QDQView, per_channel: bool, weight_type: int = TensorProto.UINT8,
                                   bias_type: int = TensorProto.INT32) -> int:
-    """Every Conv/Gemm reads int weights and int biases through DQs; bias scale = s_in x s_w."""
+    """Every Conv/Gemm reads int weights and int biases through DQs; bias scale = s_in x s_w.
+    Symmetric weights: zero point 0 when signed, 128 when stored as portable uint8."""
+    weight_zp = 128 if weight_type == TensorProto.UINT8 else 0
     layers = view.ops("Conv") + view.ops("Gemm")
     assert layers
     for node in layers:
         wdq = view.dq(node.input[1])
         assert view.dtype(wdq.input[0]) == weight_type, node.name
         assert view.dtype(wdq.input[2]) == weight_type, node.name
-        assert not view.array(wdq.input[2]).astype(np.int64).any(), f"{node.name}: symmetric weights have zp 0"
+        assert (view.array(wdq.input[2]).astype(np.int64) == weight_zp).all(), f"{node.name}: weight zero point"
         s_w = view.array(wdq.input[1])
         channels = view.array(wdq.input[0]).shape[0]
         if per_channel:

@@ -37,7 +37,7 @@ float_bitwidths: []
 
 def test_builtins_follow_the_spec_backend_table():
     by_name = {t.name: t for t in BUILTIN_TARGETS}
-    assert set(by_name) == {"htp", "dsp", "hta", "cpu", "gpu", "ort"}
+    assert set(by_name) == {"htp", "dsp", "hta", "cpu", "gpu", "ort", "ort-vnni"}
     assert set(default_registry().targets) >= set(by_name)
     for name in ("htp", "dsp", "hta"):  # "Choose a quantized model"
         assert by_name[name].needs_quantized and by_name[name].runs_integer

@@ -14,6 +14,7 @@ from qpasses.passes.inline_functions import InlineFunctions
 from qpasses.passes.insert_converts import InsertConverts
 from qpasses.passes.int32_overrides import Int32Overrides
 from qpasses.passes.opset_upgrade import UpgradeOpset
+from qpasses.passes.portable_storage import PortableStorage
 from qpasses.passes.qdq_lowering import QDQLowering
 from qpasses.passes.rewrite_script import RewriteScript
 from qpasses.passes.seq_mse import SeqMSE
@@ -26,7 +27,7 @@ BUILTIN_PASSES = (
     FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
     ApplyOverrides, AnnotatePrecision, CheckTarget, Int32Overrides, SeqMSE, EncodeWeights, Calibrate,
-    BiasCorrection, QDQLowering, InsertConverts,
+    BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
 )
 
 __all__ = ["BUILTIN_PASSES"]

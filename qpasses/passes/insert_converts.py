@@ -25,6 +25,7 @@ from qpasses.context import PassContext
 from qpasses.encodings import Encoding
 from qpasses.encodings_io import EncodingsFile, PrecisionOverride
 from qpasses.float16 import lower_float16
+from qpasses.int_storage import stored_qparams, uint8_storage
 from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.opset_upgrade import upgrade_opset
 from qpasses.passes.qdq_lowering import _tensor_proto
@@ -85,7 +86,7 @@ class InsertConverts(Pass):
                     enc, kind = requantized(found, want.bitwidth), quants
                 key = (name, want.bitwidth)
                 if key not in made:
-                    made[key] = self._qdq(graph, name, enc, want.bitwidth)
+                    made[key] = self._qdq(graph, name, enc, want.bitwidth, uint8_storage(ctx.target))
                     kind.append(f"{label}->int{want.bitwidth}")
                 graph.set_input(op, slot, made[key])
         if requants:
@@ -141,8 +142,8 @@ class InsertConverts(Pass):
                 return None
             name = producer.inputs[0]
 
-    def _qdq(self, graph: Graph, name: str, enc: Encoding, bitwidth: int) -> str:
-        qp = enc.qparams()
+    def _qdq(self, graph: Graph, name: str, enc: Encoding, bitwidth: int, portable: bool) -> str:
+        qp = stored_qparams(enc, portable)
         label = f"{name}_int{bitwidth}"
         scale = graph.add_initializer(graph.unique_name(f"{label}_scale"), qp.scale.astype(np.float32)).name
         zp = graph.unique_name(f"{label}_zero_point")

@@ -4,6 +4,7 @@
   (graph outputs included, by renaming the producer's output) reads the dequantized value;
 - data-movement outputs reuse their input's scale/zero point (shared initializers);
 - weights and float params are stored already quantized (int8/int4/uint8...) + DequantizeLinear;
+  8-bit tensors as uint8 when the target asks for portable storage (``int_storage``);
 - biases of Conv/ConvTranspose/Gemm are stored as int32 with scale = s_in x s_w (the weight
   scale is raised where the int32 range would overflow, never lowered).
 
@@ -21,8 +22,9 @@ from onnx import helper
 
 from graph_ir import Graph
 from qpasses.context import PassContext
-from qpasses.encodings import Encoding, bias_encoding, compute, quantize
+from qpasses.encodings import Encoding, bias_encoding, compute
 from qpasses.encodings_io import EncodingsFile
+from qpasses.int_storage import stored_integers, stored_qparams, uint8_storage
 from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.opset_upgrade import upgrade_opset
 from qpasses.precision import op_precision
@@ -69,6 +71,7 @@ class QDQLowering(Pass):
             self.remarks.applied(f"raised opset {before} -> {graph.opset()} for the Q/DQ features used")
         plan = ctx.get(QuantPlan, graph).plan
         tensors = graph.tensors
+        self._portable = uint8_storage(ctx.target)
         act_enc = self._activation_encodings(graph, plan)
         missing = [n for n in plan.activations if n not in act_enc]
         if missing:
@@ -100,7 +103,8 @@ class QDQLowering(Pass):
 
         params: dict[str, Encoding] = {}
         for name, enc in {**weight_enc, **bias_enc}.items():
-            self._quantize_constant(graph, name, enc)
+            # Narrow biases keep the spec's signed storage (no fused kernel reads them).
+            self._quantize_constant(graph, name, enc, self._portable and name not in bias_enc)
             params[name] = enc
         graph.remove_dead_ops()
         ctx.state["encodings"] = EncodingsFile(activations=activations, params=params)
@@ -170,7 +174,7 @@ class QDQLowering(Pass):
 
     # --- rewriting -----------------------------------------------------------------------------------
     def _qparam_initializers(self, graph: Graph, root: str, enc: Encoding) -> tuple[str, str]:
-        qp = enc.qparams()
+        qp = stored_qparams(enc, self._portable)
         scale = graph.add_initializer(graph.unique_name(f"{root}_scale"), qp.scale.astype(np.float32))
         zp_name = graph.unique_name(f"{root}_zero_point")
         graph.add_initializer(zp_name, _tensor_proto(zp_name, qp.zero_point, qp.elem_type))
@@ -204,11 +208,11 @@ class QDQLowering(Pass):
         for op, slot in readers:
             graph.replace_use(op, slot, dq.outputs[0])
 
-    def _quantize_constant(self, graph: Graph, name: str, enc: Encoding) -> None:
+    def _quantize_constant(self, graph: Graph, name: str, enc: Encoding, portable: bool) -> None:
         t = graph.tensors[name]
         data = t.data
-        qp = enc.qparams()
-        q = quantize(data, enc)
+        qp = stored_qparams(enc, portable)
+        q = stored_integers(data, enc, portable)
         axis = enc.axis
         if axis is not None and data.ndim == 1:
             axis = 0
