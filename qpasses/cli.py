@@ -110,6 +110,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     if not Path(args.model).is_file():
         raise QPassesError(f"model file not found: {args.model}")
+    if args.target is None and args.runtime is None:
+        raise QPassesError("check needs --target NAME|FILE (conformance) and/or --runtime ort (runtime parity)")
+    status = 0
+    if args.runtime is not None:
+        status = _check_runtime(args)
+    if args.target is None:
+        return status
     options = PrecisionOptions(act_bw=args.act_bw, weight_bw=args.weight_bw, bias_bw=args.bias_bw,
                                float_bw=args.float_bw, float_bias_bw=args.float_bias_bw, calibrated=not args.no_calib)
     findings = check_model(args.model, args.target, overrides=args.overrides, options=options,
@@ -120,7 +127,34 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(findings)} ops cannot run on target {args.target} as annotated")
         return EXIT_FINDINGS
     print(f"every op conforms to target {args.target}")
-    return 0
+    return status
+
+
+def _check_runtime(args: argparse.Namespace) -> int:
+    """Runtime parity of an already-quantized model (ours or any tool's): exit 1 when it diverges."""
+    import itertools
+
+    import graph_ir
+    from qpasses.calibration_data import CalibrationData
+    from qpasses.runtime_parity import check_parity, range_feeds
+
+    model = graph_ir.read_model(args.model)
+    if args.calib is not None:
+        data = CalibrationData.from_source(args.calib, model, batch_size=args.batch_size)
+        feeds = [dict(f) for f in itertools.islice(iter(data), args.batches)]
+        source = str(args.calib)
+    else:
+        feeds = [range_feeds(model, batch=args.batch_size, seed=i) for i in range(args.batches)]
+        source = "random inputs spanning each input's quantization range (give --calib for real data)"
+    try:
+        report = check_parity(model, feeds, tolerance_db=args.tolerance_db)
+    except Exception as exc:  # onnxruntime refusing the model is the user's input problem
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise QPassesError(f"onnxruntime cannot run {args.model}: {str(exc).splitlines()[0]}") from None
+        raise
+    print(f"inputs: {source}")
+    print(report.format())
+    return 0 if report.ok else EXIT_FINDINGS
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -217,9 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
-    c = sub.add_parser("check", help="list ops a target cannot run as annotated (exit 1 when there are any)")
+    c = sub.add_parser("check", help="list ops a target cannot run as annotated; with --runtime ort, check that "
+                                     "onnxruntime runs a QDQ model as its QDQ semantics say (exit 1 on findings)")
     c.add_argument("model")
-    c.add_argument("--target", required=True, help="target descriptor: a name (see list-targets) or a JSON/YAML file")
+    c.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
+    c.add_argument("--runtime", choices=["ort"],
+                   help="runtime parity of a QDQ model: default onnxruntime session vs exact QDQ semantics, "
+                        "plus the x86 non-VNNI kernels replayed")
+    c.add_argument("--calib", help="data for --runtime (.npz or input list; default: random inputs in range)")
+    c.add_argument("--batches", type=int, default=4, help="batches for --runtime (default 4)")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--tolerance-db", type=float, default=1.0,
+                   help="SQNR the runtime may lose vs exact QDQ semantics before it counts as diverging")
     c.add_argument("--overrides", help="encodings / mixed-precision JSON applied as overrides")
     c.add_argument("--act-bw", type=int, choices=[8, 16], help="default activation bitwidth (target default)")
     c.add_argument("--weight-bw", type=int, help="default weight bitwidth, 4..16 (target default)")

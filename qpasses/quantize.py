@@ -3,8 +3,8 @@
 Pipeline: inline-functions -> [user passes] -> fold-batchnorm -> [cle] -> apply-overrides
 -> annotate-precision -> [check-target] -> int32-overrides -> [seq-mse] -> encode-weights -> calibrate
 -> [bias-correction] -> quantize
--> insert-converts. Every step is a registered pass, so the same flow can be written as a
-pipeline string instead.
+-> insert-converts -> [runtime-parity, with calibration data]. Every step is a registered pass, so
+the same flow can be written as a pipeline string instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from qpasses.passes.apply_overrides import tensor_specs
 from qpasses.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.quant_config import QuantConfig
 from qpasses.registry import Registry, default_registry
+from qpasses.runtime_parity import ParityReport
 from targets import resolve_target
 
 
@@ -38,6 +39,7 @@ class QuantizeResult:
     encodings: EncodingsFile
     report: PipelineReport
     config: QuantConfig
+    parity: ParityReport | None = None  # the runtime parity check (None: not run)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -50,9 +52,10 @@ class QuantizeResult:
         n_par = len(entries) - n_float - n_act
         missed = [r for r in self.report.remarks if r.kind == "missed"]
         floats = f"; {n_float} tensors kept float" if n_float else ""
-        return (f"quantized {n_act} activations and {n_par} weights/biases/params "
+        text = (f"quantized {n_act} activations and {n_par} weights/biases/params "
                 f"(W{self.config.weight_bw}A{self.config.act_bw}, "
                 f"{'per-channel' if self.config.per_channel else 'per-tensor'}){floats}; {len(missed)} missed remarks")
+        return text if self.parity is None else f"{text}\n{self.parity.format()}"
 
     def save(self, outdir: str | os.PathLike[str], *, encodings_version: encodings_io.Version = "0.6.1") -> Path:
         """Write ``model.qdq.onnx``, ``encodings.json`` and ``report.txt`` (each atomically)."""
@@ -87,6 +90,7 @@ def quantize_model(
     progress: bool = True,
     verify: Verify = "checker",
     registry: Registry | None = None,
+    runtime_check: bool = True,
 ) -> QuantizeResult:
     """Quantize a model to QDQ. ``calibration_data``: iterable/callable of feed dicts, ``.npz``
     path, or QNN input-list path. Without calibration data, activations without an override stay
@@ -116,6 +120,8 @@ def quantize_model(
     if cle:
         passes.append(registry.create_pass("cle"))
     ctx = PassContext(target=target, calibration_data=calibration_data)
+    if runtime_check and calibration_data is not None:
+        ctx.state["fp32_reference"] = graph.to_onnx()
     original_specs = tensor_specs(graph) if overrides is not None else {}
     # Structural passes first: an overrides file may name tensors they create (e.g. the
     # biases that batch-norm folding adds, as in an encodings.json this tool exported).
@@ -149,8 +155,10 @@ def quantize_model(
         passes.append(registry.create_pass("bias-correction", batch_size=batch_size))
     passes.append(registry.create_pass("quantize", bias_bw=config.bias_bw))
     passes.append(registry.create_pass("insert-converts"))
+    if runtime_check and calibration_data is not None:
+        passes.append(registry.create_pass("runtime-parity", batch_size=batch_size))
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
     encodings = ctx.state.get("encodings")
     if encodings is None or not (encodings.activations or encodings.params):
         raise QPassesError("quantization produced no encodings (nothing quantizable in the model?)")
-    return QuantizeResult(graph, encodings, report, config)
+    return QuantizeResult(graph, encodings, report, config, ctx.state.get("runtime_parity"))

@@ -291,3 +291,26 @@ def _localize(model: onnx.ModelProto, exact: dict[str, np.ndarray], runtime: dic
         if len(found) >= limit:
             break
     return found
+
+
+def range_feeds(model: onnx.ModelProto, *, batch: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a QDQ model without data: a float input read by a QuantizeLinear is drawn
+    uniformly over that quantizer's whole range (what saturation needs to show), others ~ N(0, 1)."""
+    feeds = verification.random_feeds(model, batch=batch, seed=seed)
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    rng = np.random.default_rng(seed + 1)
+    for node in model.graph.node:
+        name = node.input[0] if node.input else ""
+        if node.op_type != "QuantizeLinear" or name not in feeds or node.input[1] not in constants:
+            continue
+        scale = float(np.asarray(constants[node.input[1]]).reshape(-1)[0])
+        zp_arr = constants.get(node.input[2]) if len(node.input) > 2 else None
+        zp = np.asarray(zp_arr if zp_arr is not None else np.uint8(0))
+        info = np.iinfo(zp.dtype) if np.issubdtype(zp.dtype, np.integer) else None
+        if info is None:
+            continue
+        z = int(zp.reshape(-1)[0])
+        lo, hi = scale * (info.min - z), scale * (info.max - z)
+        x = feeds[name]
+        feeds[name] = rng.uniform(lo, hi, x.shape).astype(x.dtype)
+    return feeds

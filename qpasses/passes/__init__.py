@@ -17,6 +17,7 @@ from qpasses.passes.opset_upgrade import UpgradeOpset
 from qpasses.passes.portable_storage import PortableStorage
 from qpasses.passes.qdq_lowering import QDQLowering
 from qpasses.passes.rewrite_script import RewriteScript
+from qpasses.passes.runtime_parity_check import RuntimeParityCheck
 from qpasses.passes.seq_mse import SeqMSE
 from qpasses.passes.shape_inference import InferShapes
 
@@ -28,6 +29,8 @@ BUILTIN_PASSES = (
     # quantization: annotate, encode, calibrate, lower
     ApplyOverrides, AnnotatePrecision, CheckTarget, Int32Overrides, SeqMSE, EncodeWeights, Calibrate,
     BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
+    # checks
+    RuntimeParityCheck,
 )
 
 __all__ = ["BUILTIN_PASSES"]
