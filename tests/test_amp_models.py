@@ -11,8 +11,9 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from qpasses.verification import exact_session
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -98,4 +99,4 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
 
 def run(model: onnx.ModelProto | bytes | str, feed: dict[str, np.ndarray]) -> np.ndarray:
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return exact_session(source).run(None, feed)[0]

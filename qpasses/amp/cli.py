@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qpasses.amp.errors import AmpWarning
     from qpasses.amp.evaluation import script_callbacks
     from qpasses.amp.mixed_precision import choose_mixed_precision
     from qpasses.cli import default_calibration
@@ -74,18 +77,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"using calibration data {calib}")
     phase1, phase2 = script_callbacks(args.eval_script)
     config = QuantConfig(per_channel=args.per_channel, act_mode=args.act_mode, weight_mode=args.weight_mode)
-    result = choose_mixed_precision(
-        args.model, calib, args.candidates, phase1, phase2, args.allowed_drop, args.output, not args.resume,
-        config=config, target=args.target, use_all_amp_candidates=args.use_all_candidates,
-        phase2_reverse=args.reverse, algorithm=args.algorithm, reduce_converts=not args.no_reduce_converts,
-        executor=args.executor, workers=args.workers, ray_address=args.ray_address, simulate=not args.no_simulate,
-        bias_correction=not args.no_bias_correction, batch_size=args.batch_size, progress=not args.quiet)
+    with warnings.catch_warnings():  # printed below as "warning: ...", once
+        warnings.simplefilter("ignore", AmpWarning)
+        result = choose_mixed_precision(
+            args.model, calib, args.candidates, phase1, phase2, args.allowed_drop, args.output, not args.resume,
+            config=config, target=args.target, use_all_amp_candidates=args.use_all_candidates,
+            phase2_reverse=args.reverse, algorithm=args.algorithm, reduce_converts=not args.no_reduce_converts,
+            executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+            simulate=not args.no_simulate, bias_correction=not args.no_bias_correction, batch_size=args.batch_size,
+            progress=not args.quiet)
     for message in result.messages:
-        print(f"note: {message}")
+        if message not in result.warnings:
+            print(f"note: {message}")
     if result.promotions is not None:
         print(f"demotion: {len(result.promotions)} groups stay high: {', '.join(result.promotions) or '(none)'}")
     for group, candidate in result.assignment.items():
         print(f"  {group:<40} {candidate}")
     print(result.summary())
     print(f"wrote {', '.join(p.name for p in result.files)} in {args.output}")
+    for text in result.warnings:  # last, so they are not lost above the table
+        print(f"warning: {text}", file=sys.stderr)
     return 0

@@ -5,3 +5,7 @@ from qpasses.errors import QPassesError
 
 class AmpError(QPassesError):
     """A user-facing automatic-mixed-precision failure."""
+
+
+class AmpWarning(UserWarning):
+    """The saved model does not behave as AMP measured it (``warnings.warn`` category; the CLI prints ``warning:``)."""

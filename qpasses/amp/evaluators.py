@@ -5,8 +5,12 @@ Two ways to get a session for an assignment:
 - ``SimulationScorer``: one fake-quant session built once; an assignment is new input values
   (``qpasses.amp.simulation``). No model is lowered and no session is built per evaluation.
 - ``RebuildScorer``: the real thing each time, ``quantize_model`` (calibration included) and a
-  new ``InferenceSession``. Used where the simulation cannot stand in (float candidates), for
-  the final check of the chosen model, and as the benchmark's reference point.
+  new session with exact QDQ semantics (like the simulation: the search never depends on which
+  fused integer kernels this CPU's onnxruntime picks). Used where the simulation cannot stand in
+  (float candidates) and as the benchmark's reference point.
+
+``ModelScorer`` scores a fixed model: the FP32 reference, and the final check of the chosen
+model, once in the session users get by default and once with exact QDQ semantics.
 
 A ``ScorerSpec`` is the picklable recipe of either, so process and Ray workers build their own.
 """
@@ -30,7 +34,7 @@ from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.simulation import SimulationModel
 from qpasses.amp.statistics import CalibrationTables
 from qpasses.quant_config import QuantConfig
-from qpasses.verification import session_options
+from qpasses.verification import exact_session, runtime_session
 from targets.descriptor import from_dict
 
 Phase = Literal["phase1", "phase2"]
@@ -131,9 +135,7 @@ class RebuildScorer:
         result = quantize_assignment(self._graph, self.spec.partition, assignment, self.spec.feeds, self.spec.config,
                                      target=self._target, bias_correction=self.spec.bias_correction,
                                      batch_size=self.spec.batch_size)
-        sess = ort.InferenceSession(result.model.SerializeToString(),
-                                    session_options(intra_op_threads=self.spec.intra_op_threads),
-                                    providers=["CPUExecutionProvider"])
+        sess = exact_session(result.model.SerializeToString(), intra_op_threads=self.spec.intra_op_threads)
         self.stats.session_builds += 1
         self.stats.build_seconds += time.perf_counter() - start
         return sess
@@ -149,16 +151,22 @@ class RebuildScorer:
 
 @dataclass
 class ModelScorer:
-    """Scores a fixed model (the FP32 reference, a saved QDQ model) with a callback."""
+    """Scores a fixed model (the FP32 reference, a saved QDQ model) with a callback.
+
+    By default in the session a user gets (``runtime_session``: graph optimizations on, so
+    onnxruntime fuses QDQ Conv/Gemm/MatMul into integer kernels whose results depend on the CPU);
+    ``exact=True`` scores it with exact QDQ semantics (``exact_session``: Q/DQ run as written).
+    """
 
     model: bytes
     intra_op_threads: int = 0
     stats: ScorerStats = field(default_factory=ScorerStats)
+    exact: bool = False
 
     def score_with(self, fn: EvalFn, where: str) -> float:
         start = time.perf_counter()
-        sess = ort.InferenceSession(self.model, session_options(intra_op_threads=self.intra_op_threads),
-                                    providers=["CPUExecutionProvider"])
+        factory = exact_session if self.exact else runtime_session
+        sess = factory(self.model, intra_op_threads=self.intra_op_threads)
         self.stats.session_builds += 1
         mid = time.perf_counter()
         self.stats.build_seconds += mid - start

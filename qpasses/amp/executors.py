@@ -46,8 +46,9 @@ def _shippable(spec: ScorerSpec, executor: str) -> ScorerSpec:
     return spec
 
 
-def _bar(total: int, progress: bool, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="eval", file=sys.stderr, disable=not progress, leave=False)
+def progress_bar(total: int | None, progress: bool, desc: str, *, unit: str = "eval") -> tqdm:
+    """AMP's progress bars: on stderr, gone when done, off when ``progress`` is false."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False)
 
 
 def _delta(before: ScorerStats, after: ScorerStats) -> ScorerStats:
@@ -65,7 +66,7 @@ class LocalExecutor:
             progress: bool, desc: str) -> list[Result]:
         scorer = local()
         out: list[Result] = []
-        with _bar(len(tasks), progress, desc) as bar:
+        with progress_bar(len(tasks), progress, desc) as bar:
             for assignment, phase in tasks:
                 before = ScorerStats(**vars(scorer.stats))
                 value = scorer.score(assignment, phase)
@@ -114,7 +115,7 @@ class ProcessExecutor:
         ctx = multiprocessing.get_context("spawn")
         out: list[Result | None] = [None] * len(tasks)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(recipe,)) as pool, \
-                _bar(len(tasks), progress, desc) as bar:
+                progress_bar(len(tasks), progress, desc) as bar:
             futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
             for future in as_completed(futures):
                 out[futures[future]] = future.result()
@@ -151,7 +152,7 @@ class RayExecutor:
             actor = ray.remote(num_cpus=1)(_RayScorer)
             pool = ActorPool([actor.remote(recipe) for _ in range(count)])
             out: list[Result] = []
-            with _bar(len(tasks), progress, desc) as bar:
+            with progress_bar(len(tasks), progress, desc) as bar:
                 for result in pool.map(lambda a, task: a.run.remote(task), list(tasks)):
                     out.append(result)
                     bar.update()

@@ -9,7 +9,9 @@ Flow (AIMET's, see ``shared/reference/aimet-amp-api.txt``):
 3. phase 1 (sensitivity, through an executor), phase 2 (pareto search), phase 3 (converts);
    or, with ``algorithm="demotion"``, the demotion search from all-high;
 4. the chosen assignment lowered by the real pipeline (``insert-converts`` included) and scored
-   again on that model: the reported score is the saved model's.
+   again on that model, in onnxruntime's default session (the reported score: what users run;
+   a miss steps back along the curve) and with exact QDQ semantics; the two diverging, or the
+   simulation diverging from the real model, is a loud warning (``qpasses.amp.verify``).
 
 Scores come from the one-session simulation where it is exact (int candidates) and from rebuilt
 QDQ models otherwise. Every score is cached in ``results_dir/.cache``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,10 +44,10 @@ from qpasses.amp.candidates import (
 )
 from qpasses.amp.convert_reduction import Phase3Result, conversions, reduce_converts
 from qpasses.amp.demotion import demotion_search
-from qpasses.amp.errors import AmpError
+from qpasses.amp.errors import AmpError, AmpWarning
 from qpasses.amp.evaluation import EvalFn
 from qpasses.amp.evaluators import ModelScorer, Phase, Scorer, ScorerSpec, ScorerStats
-from qpasses.amp.executors import Executor, Task, make_executor
+from qpasses.amp.executors import Executor, Task, make_executor, progress_bar
 from qpasses.amp.groups import GroupPartition, find_groups
 from qpasses.amp.overrides import precision_overrides, quantize_assignment
 from qpasses.amp.pareto import ParetoPoint, forward_steps, reverse_steps, run_phase2
@@ -53,6 +56,7 @@ from qpasses.amp.search import ALGORITHMS
 from qpasses.amp.sensitivity import make_entry, phase1_tasks, sort_accuracy_list, with_group
 from qpasses.amp.simulation import unsupported_reason
 from qpasses.amp.statistics import CalibrationTables, calibrate_once
+from qpasses.amp.verify import PointKind, VerifiedPoint, divergence_tolerance, fallback_messages, verification_warnings
 from qpasses.analyses import Shapes
 from qpasses.calibration_data import CalibrationData
 from qpasses.context import PassContext
@@ -156,13 +160,14 @@ class _Run:
         self.cache.put(key, value)
         return value
 
-    def score_model(self, model: bytes, key: str, where: str) -> float:
+    def score_model(self, model: bytes, key: str, where: str, *, exact: bool = False) -> float:
+        """A fixed model's phase-2 score: in the default (runtime) session, or with exact QDQ semantics."""
         stats = self.phase(where)
         cached = self.cache.get(key)
         if cached is not None:
             stats.cache_hits += 1
             return cached
-        scorer = ModelScorer(model)
+        scorer = ModelScorer(model, exact=exact)
         value = scorer.score_with(self.callbacks["phase2"], where)
         stats.add(scorer.stats)
         self.cache.put(key, value)
@@ -272,17 +277,24 @@ def choose_mixed_precision(
 
     # Reference points: FP32, every candidate on every group, the lowest assignment.
     start = time.perf_counter()
-    fp32 = run.score_model(run.model_bytes, "fp32|phase2", "reference")
     uniform: dict[str, tuple[Candidate, dict[str, Candidate], float]] = {}
-    for c in cands:
-        assignment = uniform_assignment(partition, group_cands, c)
-        uniform[str(c)] = (c, assignment, run.score(assignment, "phase2", "reference"))
+    with progress_bar(len(cands) + 2, progress, "AMP reference") as bar:
+        bar.set_postfix_str("FP32")
+        fp32 = run.score_model(run.model_bytes, "fp32|phase2", "reference")
+        bar.update()
+        for c in cands:
+            bar.set_postfix_str(f"all {c}")
+            assignment = uniform_assignment(partition, group_cands, c)
+            uniform[str(c)] = (c, assignment, run.score(assignment, "phase2", "reference"))
+            bar.update()
+        bar.set_postfix_str("lowest")
+        lowest = {g: group_cands[g][0] for g in partition.names}
+        lowest_score = run.score(lowest, "phase2", "reference")
+        bar.update()
     if baseline_rule == "best":  # AIMET: the candidate scoring best on every group
         baseline_cand, baseline, baseline_score = max(uniform.values(), key=lambda u: (u[2], u[0].sort_key))
     else:  # the issue's: everything at the highest candidate
         baseline_cand, baseline, baseline_score = uniform[str(cands[-1])]
-    lowest = {g: group_cands[g][0] for g in partition.names}
-    lowest_score = run.score(lowest, "phase2", "reference")
     reference = fp32 if math.isfinite(fp32) else baseline_score
     if not math.isfinite(fp32):
         run.messages.append(f"FP32 score is {fp32}: the allowed drop is measured from the baseline instead")
@@ -347,31 +359,59 @@ def choose_mixed_precision(
         chosen = dict(phase3.assignment)
         run.phase("phase3").seconds += time.perf_counter() - start
 
-    # The real model of the chosen point, scored as saved; step back if it misses the target.
+    # The real model of the chosen point, scored as saved: in onnxruntime's default session (what users run:
+    # the target and the fallback follow it) and with exact QDQ semantics, beside its simulated score. When the
+    # runtime score misses the target, step back along the curve (cheapest first), then to the baseline.
     start = time.perf_counter()
-    fallbacks = sorted((p for p in points if p.score >= goal and p.assignment != chosen), key=lambda p: p.bitops)
-    tried = [chosen, *(p.assignment for p in fallbacks), baseline]
-    quantized, final_score = None, -math.inf
-    for assignment in tried:
-        quantized = quantize_assignment(graph, partition, assignment, feeds, config, target=target_desc,
-                                        bias_correction=bias_correction, batch_size=batch_size)
-        final_score = run.score_model(quantized.model.SerializeToString(), f"verify|{signature(assignment)}", "verify")
-        if final_score >= goal or assignment is baseline:
-            if assignment is not chosen:
-                run.messages.append(f"the chosen point scored {final_score:.4f} on the real QDQ model, below "
-                                    f"{goal:.4f}: took the next point that meets it")
-            chosen = dict(assignment)
-            break
+    tolerance = divergence_tolerance(reference)
+    base_bits = macs.bitops(baseline)
+    fallbacks = sorted((p for p in points if p.score >= goal and p.assignment not in (chosen, baseline)),
+                       key=lambda p: p.bitops)
+    todo: list[tuple[str, PointKind, dict[str, Candidate]]] = [("the chosen point", "chosen", chosen)]
+    todo += [(f"pareto point {p.index}", "pareto", p.assignment) for p in fallbacks]
+    todo.append((f"the baseline ({baseline_cand} on every group)", "baseline", baseline))
+    unique: dict[str, tuple[str, PointKind, dict[str, Candidate]]] = {}
+    for item in todo:  # the chosen point may be the baseline, or equal a pareto point
+        unique.setdefault(signature(item[2]), item)
+    verified: list[VerifiedPoint] = []
+    quantized = None
+    with progress_bar(len(unique), progress, "AMP verify", unit="point") as bar:
+        for label, kind, assignment in unique.values():
+            quantized = quantize_assignment(graph, partition, assignment, feeds, config, target=target_desc,
+                                            bias_correction=bias_correction, batch_size=batch_size)
+            blob, sig = quantized.model.SerializeToString(), signature(assignment)
+            runtime = run.score_model(blob, f"verify|{sig}", "verify")
+            exact = run.score_model(blob, f"verify-exact|{sig}", "verify", exact=True)
+            simulated = run.score(assignment, "phase2", "verify")
+            bits = macs.bitops(assignment)
+            relative = bits / base_bits if base_bits else math.nan
+            verified.append(VerifiedPoint(label, kind, dict(assignment), bits, relative, simulated, runtime, exact,
+                                          runtime >= goal))
+            bar.update()
+            if runtime >= goal:
+                break
+    final = verified[-1]
+    chosen = dict(final.assignment)
+    run.messages += fallback_messages(verified, goal, tolerance)
+    reference_name = "FP32 score" if math.isfinite(fp32) else "baseline score"
+    warns = verification_warnings(verified, reference=reference, reference_name=reference_name,
+                                  tolerance=tolerance, simulated=run.sim_reason is None,
+                                  saved_model=str(Path(results_dir) / "model.qdq.onnx"))
+    for text in warns:
+        run.messages.append(text)
+        warnings.warn(text, AmpWarning, stacklevel=2)
     run.phase("verify").seconds += time.perf_counter() - start
     run.phase("total").seconds = time.perf_counter() - wall
 
     result = AmpResult(
         partition=partition, candidates=group_cands, fp32_score=fp32, baseline=baseline_cand,
         baseline_score=baseline_score, uniform_scores={k: v[2] for k, v in uniform.items()}, target=goal,
-        assignment=chosen, score=final_score, bitops=macs.bitops(chosen), baseline_bitops=macs.bitops(baseline),
+        assignment=chosen, score=final.runtime_score, bitops=macs.bitops(chosen), baseline_bitops=base_bits,
         bitops_per_group=macs.per_group(chosen), phase1=phase1_entries, pareto=points, phase3=phase3,
         demotion=demotion, conversions=len(conversions(partition, chosen)), quantized=quantized,
-        simulated=run.sim_reason is None, messages=run.messages, stats=run.stats)
+        simulated=run.sim_reason is None, messages=run.messages, stats=run.stats,
+        simulated_score=final.simulated_score, runtime_score=final.runtime_score, exact_score=final.exact_score,
+        divergence_tolerance=tolerance, verification=verified, warnings=warns)
     write_results(result, results_dir, precision_overrides(partition, chosen))
     return result
 

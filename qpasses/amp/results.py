@@ -2,7 +2,8 @@
 
 ``results_dir`` gets ``pareto.json`` (one entry per scored point: BitOps, score, precision of
 each group), ``pareto.csv``, ``pareto.png`` (when matplotlib is installed: ``qpasses[plot]``),
-``phase1.json`` (the sorted sensitivity list), ``groups.json``, ``amp_info.json`` (scores,
+``phase1.json`` (the sorted sensitivity list), ``groups.json``, ``amp_info.json`` (scores, the
+final check's simulated / runtime-session / exact-QDQ scores of each point it lowered, warnings,
 BitOps per group, conversions, timings), and for the chosen point ``model.qdq.onnx``,
 ``encodings.json``, ``overrides.json`` (the precision-only file to re-run ``qpasses quantize``
 with) and ``report.txt``.
@@ -26,6 +27,7 @@ from qpasses.amp.evaluators import ScorerStats
 from qpasses.amp.groups import GroupPartition
 from qpasses.amp.pareto import ParetoPoint
 from qpasses.amp.sensitivity import SensitivityEntry
+from qpasses.amp.verify import VerifiedPoint
 from qpasses.quantize import QuantizeResult
 
 
@@ -56,7 +58,8 @@ class AmpResult:
     target: float
     assignment: dict[str, Candidate]
     score: float
-    """The chosen model's phase-2 score, measured on the real QDQ model."""
+    """The chosen model's phase-2 score, measured on the real QDQ model in onnxruntime's default session
+    (``runtime_score``: what users run)."""
     bitops: float
     baseline_bitops: float
     bitops_per_group: dict[str, float]
@@ -70,6 +73,18 @@ class AmpResult:
     messages: list[str] = field(default_factory=list)
     stats: dict[str, PhaseStats] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    simulated_score: float = math.nan
+    """The saved point's score in the search (phase 2/3: the simulation, or rebuilt models without it)."""
+    runtime_score: float = math.nan
+    """The saved model in onnxruntime's default session (fused integer kernels: CPU dependent); = ``score``."""
+    exact_score: float = math.nan
+    """The saved model with exact QDQ semantics (``qpasses.verification.exact_session``)."""
+    divergence_tolerance: float = math.nan
+    """How far two of those scores may differ before it is a warning (0.5% of |FP32 score|)."""
+    verification: list[VerifiedPoint] = field(default_factory=list)
+    """Every point lowered and scored in the final check: the chosen one first, the saved one last."""
+    warnings: list[str] = field(default_factory=list)
+    """The loud subset of ``messages`` (also raised as ``AmpWarning``; the CLI prints ``warning: ...``)."""
 
     @property
     def promotions(self) -> list[str] | None:
@@ -84,7 +99,11 @@ class AmpResult:
         return {
             "fp32_score": self.fp32_score, "baseline_candidate": str(self.baseline),
             "baseline_score": self.baseline_score, "uniform_scores": self.uniform_scores, "target": self.target,
-            "final_score": self.score, "bitops": self.bitops, "baseline_bitops": self.baseline_bitops,
+            "final_score": self.score, "simulated_score": self.simulated_score,
+            "runtime_score": self.runtime_score, "exact_score": self.exact_score,
+            "divergence_tolerance": self.divergence_tolerance,
+            "verification": [v.to_dict() for v in self.verification],
+            "bitops": self.bitops, "baseline_bitops": self.baseline_bitops,
             "relative_bitops": self.bitops / self.baseline_bitops if self.baseline_bitops else math.nan,
             "bitops_per_group": self.bitops_per_group, "conversions": self.conversions,
             "precisions": {g: str(c) for g, c in self.assignment.items()},
@@ -93,7 +112,7 @@ class AmpResult:
                 "converts_before": self.phase3.converts_before, "converts_after": self.phase3.converts_after,
                 "flips": [f.to_dict() for f in self.phase3.flips]},
             "demotion": None if self.demotion is None else self.demotion.to_dict(),
-            "simulated": self.simulated, "messages": self.messages,
+            "simulated": self.simulated, "messages": self.messages, "warnings": self.warnings,
             "stats": {k: vars(v) for k, v in self.stats.items()},
         }
 
@@ -102,7 +121,9 @@ class AmpResult:
         lowered = sum(1 for c in self.assignment.values() if c != self.baseline)
         evals = sum(s.evaluations for s in self.stats.values())
         builds = sum(s.session_builds for s in self.stats.values())
-        return (f"AMP: score {self.score:.4f} (FP32 {self.fp32_score:.4f}, baseline {self.baseline} "
+        search = "simulated" if self.simulated else "search"
+        return (f"AMP: score {self.score:.4f} in onnxruntime's default session (exact QDQ {self.exact_score:.4f}, "
+                f"{search} {self.simulated_score:.4f}; FP32 {self.fp32_score:.4f}, baseline {self.baseline} "
                 f"{self.baseline_score:.4f}, target {self.target:.4f}); {lowered}/{len(self.assignment)} groups below "
                 f"baseline; BitOps {self.bitops:.4g} = {rel:.3f} x baseline; {self.conversions} conversions; "
                 f"{evals} evaluations, {builds} session builds")
