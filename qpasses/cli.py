@@ -146,8 +146,9 @@ def _check_runtime(args: argparse.Namespace) -> int:
     else:
         feeds = [range_feeds(model, batch=args.batch_size, seed=i) for i in range(args.batches)]
         source = "random inputs spanning each input's quantization range (give --calib for real data)"
+    reference = graph_ir.read_model(args.reference) if args.reference else None
     try:
-        report = check_parity(model, feeds, tolerance_db=args.tolerance_db)
+        report = check_parity(model, feeds, reference=reference, tolerance_db=args.tolerance_db)
     except Exception as exc:  # onnxruntime refusing the model is the user's input problem
         if type(exc).__module__.startswith("onnxruntime"):
             raise QPassesError(f"onnxruntime cannot run {args.model}: {str(exc).splitlines()[0]}") from None
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime parity of a QDQ model: default onnxruntime session vs exact QDQ semantics, "
                         "plus the x86 non-VNNI kernels replayed")
     c.add_argument("--calib", help="data for --runtime (.npz or input list; default: random inputs in range)")
+    c.add_argument("--reference", help="the FP32 model, for SQNR figures vs FP32 (default: the QDQ model with "
+                                       "its activation Q/DQ removed)")
     c.add_argument("--batches", type=int, default=4, help="batches for --runtime (default 4)")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--tolerance-db", type=float, default=1.0,
