@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from qpasses.verification import exact_session
 
 # The spec's full override: conv1 and conv3 INT8 (8-bit biases too), conv2 FP32.
 SPEC_FULL = {
@@ -71,7 +72,7 @@ def three_conv_feeds(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = exact_session(model)
     return sess.run(None, feeds)[0]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -14,15 +13,13 @@ from qpasses.pass_manager import PassManager
 from qpasses.quant_config import QuantConfig
 from qpasses.quantize import quantize_model
 from qpasses.registry import default_registry
+from qpasses.verification import exact_session
 
 RNG = np.random.default_rng(0)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+    return exact_session(model).run(None, {"x": x})[0]
 
 
 def _model(kind: str) -> onnx.ModelProto:

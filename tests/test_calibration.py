@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -25,6 +24,7 @@ from qpasses.passes.calibrate import Calibrate
 from qpasses.quant_plan import QuantPlan
 from qpasses.registry import default_registry
 from qpasses.statistics import Histogram, HistogramObserver, MinMaxObserver
+from qpasses.verification import runtime_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -47,13 +47,15 @@ def reference(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The digits model's ``names`` on all calibration samples, from a hand-built session.
 
     It exposes exactly ``names``, like calibration does: onnxruntime fuses differently (and rounds
-    differently in the last bit) depending on which tensors must stay visible.
+    differently in the last bit) depending on which tensors must stay visible. Calibration runs
+    with every graph optimization on, so this reference does too (``runtime_session``): the model
+    is FP32 (no integer kernels) and the statistics must match bit for bit.
     """
     model = onnx.load(DIGITS)
     outputs = {o.name for o in model.graph.output}
     fetch = [n for n in names if n != "input"]
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in fetch if n not in outputs)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = runtime_session(model)
     values = dict(zip(fetch, session.run(fetch, {"input": calib_x()}), strict=True))
     values["input"] = calib_x()
     return values

@@ -12,7 +12,6 @@ import cle_models
 import model_zoo
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -23,6 +22,7 @@ from qpasses.pass_manager import PassManager, PipelineReport
 from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
 from qpasses.passes.fold_batchnorm import FoldBatchNorm
 from qpasses.remarks import Remark
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_test.npz"
@@ -42,9 +42,7 @@ def run_passes(model: onnx.ModelProto, *, fold_first: bool = True, verify: str =
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return exact_session(model).run(None, feeds)
 
 
 def feeds_for(model: onnx.ModelProto, seed: int = 0, batch: int = 3) -> dict[str, np.ndarray]:

@@ -12,10 +12,10 @@ from pathlib import Path
 import model_zoo
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from qpasses.cli import main
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT = MODELS / "digits_cnn.onnx"
@@ -33,7 +33,7 @@ def _digest(path: Path) -> str:
 
 
 def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return exact_session(str(path)).run(None, {"input": x})[0]
 
 
 def test_run_empty_pipeline_is_round_trip(model, tmp_path):

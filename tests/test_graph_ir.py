@@ -8,21 +8,19 @@ from pathlib import Path
 import model_zoo
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
 from qpasses.errors import GraphError, ModelLoadError
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = sorted(MODELS.glob("*.onnx"))
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return exact_session(model).run(None, feeds)
 
 
 def _assert_bit_identical(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from qpasses.verification import exact_session
+
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # opset11_model's initializers-as-inputs warn by design
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    # exact_session is quiet: opset11_model's initializers-as-inputs warn by design
+    return exact_session(str(model) if isinstance(model, Path) else model)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

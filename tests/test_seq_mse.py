@@ -26,6 +26,7 @@ from qpasses.passes.seq_mse import constant_bias, layer_output, make_kernel
 from qpasses.quant_config import QuantConfig
 from qpasses.quantize import quantize_model
 from qpasses.registry import default_registry
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 REGISTRY = default_registry()
@@ -36,7 +37,7 @@ FEEDS = [{"input": CALIB[i * BATCH:(i + 1) * BATCH]} for i in range(NUM_BATCHES)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return exact_session(model)
 
 
 def _single_op(op_type: str, x_shape: list[int], weight: np.ndarray, bias: np.ndarray | None = None,

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+
+from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MODEL_FILES = ["digits_cnn.onnx", "digits_cnn_relu6.onnx", "digits_cnn_residual.onnx"]
@@ -51,7 +52,7 @@ def test_model_checks_and_interface(name: str) -> None:
 def test_model_accuracy(name: str) -> None:
     """Each model runs in onnxruntime (CPU) and classifies the test split well."""
     x, labels = load_split("digits_test.npz")
-    sess = ort.InferenceSession(str(MODELS / name), providers=["CPUExecutionProvider"])
+    sess = exact_session(str(MODELS / name))
     (logits,) = sess.run(["logits"], {"input": x})
     assert logits.shape == (len(x), 10)
     acc = float((logits.argmax(axis=1) == labels).mean())
