@@ -24,8 +24,11 @@ from qpasses.evaluation import sqnr_db
 from qpasses.kernel_emulation import FusedMac, MacEmulation, emulate_mac, fused_macs, runtime_saturates
 
 DEFAULT_TOLERANCE_DB = 1.0
-# Fused kernels round differently from Q/DQ (one step here and there): 8-bit models agree with exact
-# semantics far above this; a runtime output closer than this to noise is wrong whatever the reference.
+# Fused kernels requantize with their own rounding: a step here and there, which keeps the runtime
+# within ~40 dB of exact semantics on 8-bit models. Below NOISE_DB the difference counts once it also
+# costs more than the tolerance against the reference; below MIN_AGREEMENT_DB it counts regardless
+# (a reference that is itself poor can hide the loss).
+NOISE_DB = 35.0
 MIN_AGREEMENT_DB = 30.0
 
 
@@ -92,9 +95,9 @@ class ParityReport:
 
     @property
     def diverged(self) -> bool:
-        """The runtime on this CPU loses more than the tolerance on some output, or its output is
-        not within MIN_AGREEMENT_DB of exact semantics (a reference that is itself poor hides the loss)."""
-        return any(o.loss_db > self.tolerance_db or o.runtime_vs_exact_db < MIN_AGREEMENT_DB for o in self.outputs)
+        """Some output of the runtime on this CPU differs from exact semantics beyond quantization noise."""
+        return any(o.runtime_vs_exact_db < MIN_AGREEMENT_DB
+                   or (o.runtime_vs_exact_db < NOISE_DB and o.loss_db > self.tolerance_db) for o in self.outputs)
 
     @property
     def emulation_diverges(self) -> list[MacEmulation]:
@@ -216,7 +219,7 @@ def check_parity(
     out_names = [o.name for o in model.graph.output]
     exact_sess = verification.exact_session(_with_outputs(model, taps))
     runtime_sess = verification.runtime_session(_with_outputs(model, taps))
-    ref_sess = verification.runtime_session(ref_model)
+    ref_sess = verification.exact_session(ref_model)
     ref_names = [o.name for o in ref_model.graph.output]
     refs: list[list[np.ndarray]] = [[] for _ in out_names]
     exacts: list[list[np.ndarray]] = [[] for _ in out_names]
