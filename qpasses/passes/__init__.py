@@ -6,6 +6,7 @@ from qpasses.passes.bias_correction import BiasCorrection
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.check_target import CheckTarget
 from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
+from qpasses.passes.data_independent import KeepDataIndependentFloat
 from qpasses.passes.dead_code import DeadCodeElimination
 from qpasses.passes.encode_weights import EncodeWeights
 from qpasses.passes.fold_batchnorm import FoldBatchNorm
@@ -13,6 +14,7 @@ from qpasses.passes.identity_elimination import IdentityElimination
 from qpasses.passes.inline_functions import InlineFunctions
 from qpasses.passes.insert_converts import InsertConverts
 from qpasses.passes.int32_overrides import Int32Overrides
+from qpasses.passes.non_finite_constants import KeepNonFiniteFloat
 from qpasses.passes.opset_upgrade import UpgradeOpset
 from qpasses.passes.portable_storage import PortableStorage
 from qpasses.passes.qdq_lowering import QDQLowering
@@ -27,7 +29,8 @@ BUILTIN_PASSES = (
     # FP32-preserving rewrites
     FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
-    ApplyOverrides, AnnotatePrecision, CheckTarget, Int32Overrides, SeqMSE, EncodeWeights, Calibrate,
+    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, AnnotatePrecision, CheckTarget, Int32Overrides,
+    SeqMSE, EncodeWeights, Calibrate,
     BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
     # checks
     RuntimeParityCheck,

@@ -59,8 +59,12 @@ class EncodeWeights(Pass):
             if t.meta.get("encoding_source") == "override":
                 kept += 1
                 continue
-            t.encoding = compute(t.data, _annotated_bitwidth(t, o.param_bw), "tf" if o.mode == "adjusted" else o.mode,
-                                 role="weight")
+            try:
+                t.encoding = compute(t.data, _annotated_bitwidth(t, o.param_bw),
+                                     "tf" if o.mode == "adjusted" else o.mode, role="weight")
+            except EncodingError as exc:
+                readers = ", ".join(f"{op.op_type} '{op.name}'" for op in graph.consumers(name)) or "no op"
+                raise EncodingError(f"parameter {name} read by {readers}: {exc}") from None
             t.meta["encoding_source"] = "weights"
             done += 1
         layout = "per-channel" if per_channel else "per-tensor"

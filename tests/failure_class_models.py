@@ -1,0 +1,104 @@
+"""Small generated models, one per failure class seen in real exported models.
+
+Each reproduces the structure that broke quantization (not the whole real model): a -inf masking
+constant, PaddlePaddle's "?" dims, shape arithmetic feeding data (YOLO's anchor grid), an output
+concatenating boxes with scores, decomposed LayerNorm / GELU blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 13)]
+
+
+def _model(nodes, inputs, outputs, inits, opset=OPSET) -> onnx.ModelProto:  # noqa: ANN001
+    graph = helper.make_graph(nodes, "failure_class", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=opset)
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _conv(rng: np.random.Generator, name: str, x: str, cin: int, cout: int, out: str) -> tuple[list, list]:
+    w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+    b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")]
+    return [helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [out], name=name, pads=[1, 1, 1, 1])], inits
+
+
+def neg_inf_mask(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Max(x, -inf) ... -> Where(mask, x, -inf) -> ReduceMax: masking constants."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv(rng, "conv", "x", 3, 4, "c")
+    mask = np.ones((1, 4, 8, 8), bool)
+    mask[..., :2] = False
+    inits += [numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+              numpy_helper.from_array(mask, "mask")]
+    nodes += [helper.make_node("Relu", ["c"], ["r"], name="relu"),
+              helper.make_node("Max", ["r", "neg_inf"], ["m"], name="max_neg_inf"),
+              helper.make_node("Where", ["mask", "m", "neg_inf"], ["w"], name="where_mask"),
+              helper.make_node("ReduceMax", ["w"], ["y"], name="reduce", axes=[2, 3], keepdims=0)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+
+
+def question_mark_dims(seed: int = 0) -> onnx.ModelProto:
+    """PaddlePaddle export style: every unknown dim is dim_param "?" (not one symbol)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv(rng, "conv", "x", 3, 4, "c")
+    nodes += [helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4, "?", "?"])], inits)
+
+
+def anchor_grid(seed: int = 0, *, dynamic: bool = False) -> onnx.ModelProto:
+    """YOLO-style decoding: a grid from Shape -> Gather -> Cast -> Range added to the conv output."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv(rng, "conv", "x", 3, 2, "c")
+    inits += [numpy_helper.from_array(np.array(3, np.int64), "w_axis"),
+              numpy_helper.from_array(np.array(0.5, np.float32), "start"),
+              numpy_helper.from_array(np.array(1.0, np.float32), "delta"),
+              numpy_helper.from_array(np.array(8.0, np.float32), "stride")]
+    nodes += [helper.make_node("Shape", ["c"], ["shape"], name="shape"),
+              helper.make_node("Gather", ["shape", "w_axis"], ["width_i"], name="gather_w", axis=0),
+              helper.make_node("Cast", ["width_i"], ["width"], name="cast_w", to=TensorProto.FLOAT),
+              helper.make_node("Add", ["width", "start"], ["limit"], name="limit"),
+              helper.make_node("Range", ["start", "limit", "delta"], ["grid"], name="range"),
+              helper.make_node("Mul", ["grid", "stride"], ["grid_px"], name="grid_px"),
+              helper.make_node("Add", ["c", "grid_px"], ["y"], name="decode")]
+    shape = ["N", 3, 8, 16] if dynamic else [1, 3, 8, 16]
+    out_shape = ["N", 2, 8, 16] if dynamic else [1, 2, 8, 16]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+
+
+def boxes_and_scores(seed: int = 0) -> onnx.ModelProto:
+    """A detector head: box coordinates (0-320 px) concatenated with class scores (0-1) in one output."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv(rng, "box_conv", "x", 3, 4, "box_raw")
+    n2, i2 = _conv(rng, "cls_conv", "x", 3, 2, "cls_raw")
+    nodes += n2
+    inits += i2 + [numpy_helper.from_array(np.array(160.0, np.float32), "scale_px"),
+                   numpy_helper.from_array(np.array(160.0, np.float32), "offset_px"),
+                   numpy_helper.from_array(np.array([1, 0, 64], np.int64), "flat")]
+    nodes += [helper.make_node("Tanh", ["box_raw"], ["box_t"], name="box_tanh"),
+              helper.make_node("Mul", ["box_t", "scale_px"], ["box_s"], name="box_scale"),
+              helper.make_node("Add", ["box_s", "offset_px"], ["boxes"], name="box_offset"),
+              helper.make_node("Sigmoid", ["cls_raw"], ["scores"], name="cls_sigmoid"),
+              helper.make_node("Reshape", ["boxes", "flat"], ["boxes_f"], name="boxes_flat"),
+              helper.make_node("Reshape", ["scores", "flat"], ["scores_f"], name="scores_flat"),
+              helper.make_node("Concat", ["boxes_f", "scores_f"], ["y"], name="head_concat", axis=1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 64])], inits)
+
+
+def feeds(model: onnx.ModelProto, n: int, seed: int = 1, batch: int = 1, shape: tuple[int, ...] | None = None
+          ) -> list[dict[str, np.ndarray]]:
+    """Deterministic image-like feeds for the single float input."""
+    rng = np.random.default_rng(seed)
+    (inp,) = model.graph.input
+    dims = shape or tuple(d.dim_value if d.HasField("dim_value") else batch for d in inp.type.tensor_type.shape.dim)
+    return [{inp.name: rng.uniform(0, 1, dims).astype(np.float32)} for _ in range(n)]

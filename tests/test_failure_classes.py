@@ -1,0 +1,91 @@
+"""Failure classes of real exported models, handled by default (one generated model each)."""
+
+from __future__ import annotations
+
+import failure_class_models as fc
+import numpy as np
+import onnx
+import pytest
+
+from qpasses import verification
+from qpasses.evaluation import sqnr_db
+from qpasses.quant_config import QuantConfig
+from qpasses.quantize import quantize_model
+
+
+def _quantize(model: onnx.ModelProto, calib: list, **kw: object):
+    return quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, **kw)
+
+
+def _remarks(result, pass_name: str) -> list[str]:
+    return [f"{r.message} {r.reason}" for r in result.report.remarks if r.pass_name == pass_name]
+
+
+def _quantized_inputs(model: onnx.ModelProto) -> set[str]:
+    """FP32 tensor names that pass through a QuantizeLinear."""
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def _close(fp32: onnx.ModelProto, qdq: onnx.ModelProto, feeds: list[dict]) -> float:
+    ref = np.concatenate([verification.exact_session(fp32).run(None, f)[0].ravel() for f in feeds])
+    got = np.concatenate([verification.exact_session(qdq).run(None, f)[0].ravel() for f in feeds])
+    assert np.array_equal(np.isinf(ref), np.isinf(got)), "masked (-inf) positions changed"
+    finite = np.isfinite(ref)
+    return sqnr_db(ref[finite], got[finite])
+
+
+def test_non_finite_constants_stay_float_and_masks_survive() -> None:
+    model = fc.neg_inf_mask()
+    result = _quantize(model, fc.feeds(model, 8))
+    qdq = result.model
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    assert "neg_inf" in inits and np.isneginf(inits["neg_inf"])  # stored as is, not quantized
+    assert "neg_inf" not in _quantized_inputs(qdq)
+    assert any("holds inf/NaN" in r for r in _remarks(result, "keep-nonfinite-float"))
+    assert _close(model, qdq, fc.feeds(model, 4, seed=9)) > 25
+    # The conv before the mask is still quantized.
+    assert {"x", "c"} & _quantized_inputs(qdq) or "r" in _quantized_inputs(qdq)
+
+
+def test_encoding_error_names_the_tensor_and_op() -> None:
+    """Without the keep-float pass, encode-weights meets the -inf param and names it and its reader."""
+    import graph_ir
+    from qpasses.context import PassContext
+    from qpasses.errors import QPassesError
+    from qpasses.pass_manager import PassManager
+    from qpasses.registry import default_registry
+
+    reg = default_registry()
+    graph = graph_ir.load(fc.neg_inf_mask())
+    passes = [reg.create_pass("annotate-precision"), reg.create_pass("encode-weights")]
+    with pytest.raises(QPassesError, match=r"parameter neg_inf read by .*Max 'max_neg_inf'.*NaN or infinite"):
+        PassManager(passes).run(graph, PassContext())
+
+
+def test_question_mark_dims_are_not_cross_checked() -> None:
+    """PaddlePaddle's "?" dims: (16, 3, 48, 192) is accepted as onnxruntime accepts it."""
+    model = fc.question_mark_dims()
+    calib = fc.feeds(model, 2, shape=(4, 3, 12, 20))
+    result = _quantize(model, calib)
+    assert result.parity is not None and result.parity.ok
+    assert _close(model, result.model, calib) > 30
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_shape_arithmetic_is_never_quantized(dynamic: bool) -> None:
+    model = fc.anchor_grid(dynamic=dynamic)
+    calib = fc.feeds(model, 4, batch=1)
+    result = _quantize(model, calib)
+    qdq = result.model
+    ops = {n.op_type for n in qdq.graph.node}
+    quantized = _quantized_inputs(qdq)
+    assert not {"grid", "grid_px", "width", "limit"} & quantized
+    assert "y" not in quantized and "y_fp" not in quantized  # the op where the grid meets data is float
+    assert "c" in quantized or "x" in quantized  # the conv itself is still quantized
+    if dynamic:
+        assert "Range" in ops
+        assert any("dynamic shape" in r for r in _remarks(result, "keep-data-independent-float"))
+    else:
+        assert not {"Range", "Shape", "Gather"} & ops  # folded
+        assert any("constant-folded" in r for r in _remarks(result, "keep-data-independent-float"))
+    assert _close(model, qdq, fc.feeds(model, 2, seed=5)) > 30
