@@ -1,8 +1,8 @@
 """``quantize_model``: the whole FP32 -> QDQ flow as one call (what ``qpasses quantize`` runs).
 
 Pipeline: inline-functions -> [user passes] -> fold-batchnorm -> [cle] -> apply-overrides
--> keep-nonfinite-float -> keep-data-independent-float -> annotate-precision -> [check-target]
--> int32-overrides -> [seq-mse] -> encode-weights -> calibrate
+-> keep-nonfinite-float -> keep-data-independent-float -> [keep-mixed-ranges-float] -> annotate-precision
+-> [check-target] -> int32-overrides -> [seq-mse] -> encode-weights -> calibrate
 -> [bias-correction] -> quantize
 -> insert-converts -> [runtime-parity, with calibration data]. Every step is a registered pass, so
 the same flow can be written as a pipeline string instead.
@@ -134,6 +134,8 @@ def quantize_model(
         passes.append(registry.create_pass("apply-overrides"))
     # Tensors 8 bits cannot carry stay float (int16 on quantized-only targets); user overrides win.
     passes += [registry.create_pass("keep-nonfinite-float"), registry.create_pass("keep-data-independent-float")]
+    if calibration_data is not None:
+        passes.append(registry.create_pass("keep-mixed-ranges-float", act_bw=config.act_bw, batch_size=batch_size))
     passes.append(registry.create_pass(
         "annotate-precision", act_bw=config.act_bw, weight_bw=config.weight_bw, bias_bw=config.bias_bw,
         float_bw=config.float_bw, float_bias_bw=config.float_bias_bw, calibrated=calibration_data is not None))

@@ -89,3 +89,31 @@ def test_shape_arithmetic_is_never_quantized(dynamic: bool) -> None:
         assert not {"Range", "Shape", "Gather"} & ops  # folded
         assert any("constant-folded" in r for r in _remarks(result, "keep-data-independent-float"))
     assert _close(model, qdq, fc.feeds(model, 2, seed=5)) > 30
+
+
+def test_boxes_and_scores_concat_stays_float_and_parts_stay_quantized() -> None:
+    model = fc.boxes_and_scores()
+    calib = fc.feeds(model, 4)
+    result = _quantize(model, calib)
+    qdq = result.model
+    quantized = _quantized_inputs(qdq)
+    assert "y" not in quantized and "y_fp" not in quantized  # the joined output is float
+    assert "boxes" in quantized and "scores" in quantized  # each part on its own grid
+    assert any("head_concat joins parts" in r for r in _remarks(result, "keep-mixed-ranges-float"))
+    test = fc.feeds(model, 4, seed=3)
+    ref = np.concatenate([verification.exact_session(model).run(None, f)[0] for f in test])
+    got = np.concatenate([verification.exact_session(qdq).run(None, f)[0] for f in test])
+    # The scores (channels 4-5) keep their resolution: ~1/255 of their own range, not of 320 px
+    # (one joined 8-bit grid would give them a step of 1.25).
+    assert np.abs(ref[:, 4:] - got[:, 4:]).mean() < 0.005
+    assert sqnr_db(ref[:, 4:], got[:, 4:]) > 30
+
+
+def test_mixed_ranges_without_the_pass_collapse_the_scores() -> None:
+    """The case the pass exists for: one 8-bit grid for boxes and scores destroys the scores."""
+    from qpasses.encodings import compute, fake_quantize
+
+    boxes, scores = np.linspace(0, 320, 256), np.linspace(0, 1, 64)
+    joined = np.concatenate([boxes, scores])
+    enc = compute(joined, 8, "tf")
+    assert sqnr_db(scores, fake_quantize(scores, enc)) < 10
