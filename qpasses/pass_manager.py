@@ -42,6 +42,10 @@ class PipelineReport:
     def modified(self) -> bool:
         return any(r.modified for r in self.records)
 
+    def add_remark(self, kind: str, step: str, message: str, nodes: Sequence[str] = (), reason: str = "") -> None:
+        """A remark from a step outside the pass list (e.g. quantize's automatic fallback)."""
+        self.records.append(PassRecord(step, False, 0.0, [Remark(kind, step, message, tuple(nodes), reason)]))  # type: ignore[arg-type]
+
     def format(self) -> str:
         lines = []
         for rec in self.records:

@@ -10,9 +10,10 @@ the same flow can be written as a pipeline string instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ from graph_ir import Graph
 from qpasses import encodings_io
 from qpasses.context import PassContext
 from qpasses.encodings_io import EncodingsFile
-from qpasses.errors import QPassesError
+from qpasses.errors import CalibrationDataError, QPassesError
 from qpasses.pass_base import Pass
 from qpasses.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.passes.apply_overrides import tensor_specs
 from qpasses.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.quant_config import QuantConfig
+from qpasses.quant_sensitivity import Sensitivity, fallback_tensors
 from qpasses.registry import Registry, default_registry
 from qpasses.runtime_parity import ParityReport
 from targets import resolve_target
@@ -41,6 +43,8 @@ class QuantizeResult:
     report: PipelineReport
     config: QuantConfig
     parity: ParityReport | None = None  # the runtime parity check (None: not run)
+    fallback: list[Sensitivity] = field(default_factory=list)  # tensors the automatic fallback kept higher
+    reference: onnx.ModelProto | None = field(default=None, repr=False)  # the FP32 model as loaded
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -79,6 +83,55 @@ def quantize_model(
     calibration_data: Any = None,
     config: QuantConfig | dict[str, Any] | None = None,
     *,
+    auto_fallback: bool = True,
+    sqnr_floor_db: float = 20.0,
+    max_fallback_tensors: int = 8,
+    fallback_batches: int = 4,
+    **options: Any,
+) -> QuantizeResult:
+    """Quantize a model to QDQ. ``calibration_data``: iterable/callable of feed dicts, ``.npz``
+    path, or QNN input-list path. Without calibration data, activations without an override stay
+    float (float fallback) and only weights are quantized. Keyword options: those of
+    ``quantize_once`` (overrides, pipeline, fold_batchnorm, cle, seq_mse, target, runtime_check...).
+
+    Automatic fallback (with calibration data, unless ``auto_fallback=False``): when an output's
+    SQNR vs FP32 on the first calibration batches is below ``sqnr_floor_db``, the activation
+    quantizers costing the most (each measured alone) are kept in higher precision, at most
+    ``max_fallback_tensors``, and the model is quantized again; ``result.fallback`` names them.
+    """
+    result = quantize_once(model, calibration_data, config, **options)
+    if calibration_data is None or not auto_fallback or result.reference is None:
+        return result
+    batch_size = int(options.get("batch_size", 16))
+    try:
+        from qpasses.passes.calibrate import calibration_feeds
+
+        data = calibration_feeds(calibration_data, result.graph, batch_size)
+        feeds = [dict(f) for f in itertools.islice(iter(data), fallback_batches)]
+    except CalibrationDataError as exc:
+        result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
+        return result
+    chosen, before, after = fallback_tensors(result.model, result.reference, feeds, sqnr_floor_db,
+                                             max_fallback_tensors)
+    if not chosen:
+        return result
+    outputs = {o.name for o in result.reference.graph.output}
+    # A graph output's quantizer reads the producer's renamed result (<name>_fp): keep <name>.
+    names = [s.tensor[:-3] if s.tensor.endswith("_fp") and s.tensor[:-3] in outputs else s.tensor for s in chosen]
+    again = quantize_once(model, calibration_data, config, keep_float_tensors=names, **options)
+    again.fallback = chosen
+    detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
+    again.report.add_remark("applied", "auto-fallback", f"kept {len(names)} tensors in higher precision",
+                            tuple(names), reason=f"worst output SQNR vs FP32 {before:.1f} dB < floor "
+                            f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}")
+    return again
+
+
+def quantize_once(
+    model: str | os.PathLike[str] | onnx.ModelProto | Graph,
+    calibration_data: Any = None,
+    config: QuantConfig | dict[str, Any] | None = None,
+    *,
     overrides: str | os.PathLike[str] | None = None,
     pipeline: str | Sequence[PassSpec] | Sequence[Pass] | None = None,
     fold_batchnorm: bool = True,
@@ -92,11 +145,13 @@ def quantize_model(
     verify: Verify = "checker",
     registry: Registry | None = None,
     runtime_check: bool = True,
+    keep_float_tensors: Sequence[str] = (),
 ) -> QuantizeResult:
-    """Quantize a model to QDQ. ``calibration_data``: iterable/callable of feed dicts, ``.npz``
-    path, or QNN input-list path. Without calibration data, activations without an override stay
-    float (float fallback) and only weights are quantized. ``seq_mse`` searches the weight
-    encodings on the calibration data first (options of the ``seq-mse`` pass in ``seq_mse_options``).
+    """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
+    ``seq_mse`` searches the weight encodings on the calibration data first (options of the
+    ``seq-mse`` pass in ``seq_mse_options``). ``runtime_check`` (with calibration data) runs the
+    final model in onnxruntime's default session and with exact QDQ semantics on a few calibration
+    batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
     """
     if seq_mse and calibration_data is None:
         raise QPassesError("SeqMSE needs calibration data: pass calibration_data (or --calib), or drop seq_mse")
@@ -121,7 +176,7 @@ def quantize_model(
     if cle:
         passes.append(registry.create_pass("cle"))
     ctx = PassContext(target=target, calibration_data=calibration_data)
-    if runtime_check and calibration_data is not None:
+    if calibration_data is not None:
         ctx.state["fp32_reference"] = graph.to_onnx()
     original_specs = tensor_specs(graph) if overrides is not None else {}
     # Structural passes first: an overrides file may name tensors they create (e.g. the
@@ -136,6 +191,9 @@ def quantize_model(
     passes += [registry.create_pass("keep-nonfinite-float"), registry.create_pass("keep-data-independent-float")]
     if calibration_data is not None:
         passes.append(registry.create_pass("keep-mixed-ranges-float", act_bw=config.act_bw, batch_size=batch_size))
+    if keep_float_tensors:
+        passes.append(registry.create_pass("keep-float", tensors="|".join(keep_float_tensors),
+                                           reason="automatic fallback: this quantizer cost an output the most"))
     passes.append(registry.create_pass(
         "annotate-precision", act_bw=config.act_bw, weight_bw=config.weight_bw, bias_bw=config.bias_bw,
         float_bw=config.float_bw, float_bias_bw=config.float_bias_bw, calibrated=calibration_data is not None))
@@ -166,4 +224,5 @@ def quantize_model(
     encodings = ctx.state.get("encodings")
     if encodings is None or not (encodings.activations or encodings.params):
         raise QPassesError("quantization produced no encodings (nothing quantizable in the model?)")
-    return QuantizeResult(graph, encodings, report, config, ctx.state.get("runtime_parity"))
+    return QuantizeResult(graph, encodings, report, config, ctx.state.get("runtime_parity"),
+                          reference=ctx.state.get("fp32_reference"))

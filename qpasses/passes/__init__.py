@@ -14,6 +14,7 @@ from qpasses.passes.identity_elimination import IdentityElimination
 from qpasses.passes.inline_functions import InlineFunctions
 from qpasses.passes.insert_converts import InsertConverts
 from qpasses.passes.int32_overrides import Int32Overrides
+from qpasses.passes.keep_float_tensors import KeepFloat
 from qpasses.passes.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.non_finite_constants import KeepNonFiniteFloat
 from qpasses.passes.opset_upgrade import UpgradeOpset
@@ -30,7 +31,7 @@ BUILTIN_PASSES = (
     # FP32-preserving rewrites
     FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
-    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepMixedRangesFloat, AnnotatePrecision,
+    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepMixedRangesFloat, KeepFloat, AnnotatePrecision,
     CheckTarget, Int32Overrides,
     SeqMSE, EncodeWeights, Calibrate,
     BiasCorrection, QDQLowering, InsertConverts, PortableStorage,

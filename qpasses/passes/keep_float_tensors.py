@@ -1,0 +1,31 @@
+"""Keep named tensors out of 8-bit quantization (what the automatic fallback of ``quantize`` uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graph_ir import Graph
+from qpasses.context import PassContext
+from qpasses.keep_float import keep_float
+from qpasses.pass_base import Pass, PassResult
+
+
+class KeepFloat(Pass):
+    name = "keep-float"
+    description = "keep the named tensors float (int16 on quantized-only targets); names separated by '|'"
+    preserves_semantics = True
+
+    @dataclass
+    class Options:
+        tensors: str = ""
+        reason: str = "requested"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        names = [n for n in self.options.tensors.split("|") if n]
+        unknown = [n for n in names if n not in graph.tensors]
+        if unknown:
+            self.remarks.missed("not kept float", unknown[:10], reason="no such tensor at this point of the pipeline")
+        marked = keep_float(graph, names, self.options.reason, ctx.target)
+        if marked:
+            self.remarks.applied(f"kept {len(marked)} tensors in higher precision", marked, reason=self.options.reason)
+        return self.result(False)
