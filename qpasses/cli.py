@@ -88,7 +88,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                             seq_mse=args.seq_mse, seq_mse_options=seq_mse_options,
                             cle=args.cle, fold_batchnorm=not args.no_fold_batchnorm, target=args.target,
                             bias_correction=False if args.no_bias_correction else None,
-                            batch_size=args.batch_size, progress=not args.quiet, verify=args.verify)
+                            batch_size=args.batch_size, progress=not args.quiet, verify=args.verify,
+                            auto_fallback=not args.no_auto_fallback, sqnr_floor_db=args.sqnr_floor)
     quality = None
     if args.eval:  # before saving: bad evaluation data must not leave half the outputs behind
         import graph_ir
@@ -238,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "symqt quantized model so far, symfp FP32")
     q.add_argument("--seq-mse-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument("--no-fold-batchnorm", action="store_true")
+    q.add_argument("--no-auto-fallback", action="store_true",
+                   help="don't keep the quantizers that push an output below --sqnr-floor in higher precision")
+    q.add_argument("--sqnr-floor", type=float, default=20.0,
+                   help="output SQNR vs FP32 (dB, on calibration batches) below which the fallback acts (default 20)")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="skip empirical bias correction (on by default with calibration data, off with --seq-mse)")
     q.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")

@@ -24,6 +24,23 @@ def kept_precision(target: Any) -> Precision:
     return FLOAT32
 
 
+def with_readers(graph: Graph, names: list[str]) -> list[str]:
+    """``names`` and the outputs of the ops reading them (through data-movement ops): an integer
+    reader would re-quantize a float tensor on its own range, which is what keeping it float avoids."""
+    from qpasses.quant_plan import DATA_MOVEMENT
+
+    out = dict.fromkeys(names)
+    todo = list(names)
+    while todo:
+        for op in graph.consumers(todo.pop()):
+            for o in op.outputs:
+                if o and o not in out and not graph.tensors[o].is_constant:
+                    out[o] = None
+                    if op.op_type in DATA_MOVEMENT:
+                        todo.append(o)
+    return list(out)
+
+
 def user_override(graph: Graph, name: str) -> bool:
     t = graph.tensors[name]
     return t.meta.get("precision_source") == "override" and "auto_precision" not in t.meta

@@ -102,3 +102,18 @@ def feeds(model: onnx.ModelProto, n: int, seed: int = 1, batch: int = 1, shape: 
     (inp,) = model.graph.input
     dims = shape or tuple(d.dim_value if d.HasField("dim_value") else batch for d in inp.type.tensor_type.shape.dim)
     return [{inp.name: rng.uniform(0, 1, dims).astype(np.float32)} for _ in range(n)]
+
+
+def outlier_intermediate(seed: int = 0) -> onnx.ModelProto:
+    """A tensor that carries a huge constant spike and takes it back out: no 8-bit grid of its range
+    keeps the small signal riding on it (what transformer internals and badly scaled heads do)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv(rng, "conv", "x", 3, 4, "c")
+    spike = np.zeros((1, 4, 8, 8), np.float32)
+    spike[0, 0, 0, 0] = 1e4
+    inits += [numpy_helper.from_array(spike, "spike")]
+    nodes += [helper.make_node("Add", ["c", "spike"], ["lifted"], name="lift"),
+              helper.make_node("Sub", ["lifted", "spike"], ["back"], name="drop"),
+              helper.make_node("Relu", ["back"], ["y"], name="relu")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)

@@ -117,3 +117,24 @@ def test_mixed_ranges_without_the_pass_collapse_the_scores() -> None:
     joined = np.concatenate([boxes, scores])
     enc = compute(joined, 8, "tf")
     assert sqnr_db(scores, fake_quantize(scores, enc)) < 10
+
+
+def test_auto_fallback_keeps_the_quantizer_that_breaks_the_output() -> None:
+    model = fc.outlier_intermediate()
+    calib = fc.feeds(model, 4)
+    test = fc.feeds(model, 4, seed=11)
+    plain = _quantize(model, calib, auto_fallback=False)
+    assert _close(model, plain.model, test) < 10  # collapses: 'lifted' on a 0..1e4 grid
+    result = _quantize(model, calib)
+    assert [s.tensor for s in result.fallback] == ["lifted"]
+    assert result.fallback[0].alone_db < 10
+    assert "lifted" not in _quantized_inputs(result.model)
+    assert "c" in _quantized_inputs(result.model) or "x" in _quantized_inputs(result.model)
+    assert _close(model, result.model, test) > 25
+    assert any("kept 1 tensors" in r for r in _remarks(result, "auto-fallback"))
+
+
+def test_auto_fallback_leaves_healthy_models_alone() -> None:
+    model = fc.question_mark_dims()
+    calib = fc.feeds(model, 2, shape=(2, 3, 8, 8))
+    assert _quantize(model, calib).fallback == []

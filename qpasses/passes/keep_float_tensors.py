@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from graph_ir import Graph
 from qpasses.context import PassContext
-from qpasses.keep_float import keep_float
+from qpasses.keep_float import keep_float, with_readers
 from qpasses.pass_base import Pass, PassResult
 
 
@@ -19,12 +19,16 @@ class KeepFloat(Pass):
     class Options:
         tensors: str = ""
         reason: str = "requested"
+        with_readers: bool = True  # the ops reading them run float too (else they re-quantize them)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         names = [n for n in self.options.tensors.split("|") if n]
         unknown = [n for n in names if n not in graph.tensors]
         if unknown:
             self.remarks.missed("not kept float", unknown[:10], reason="no such tensor at this point of the pipeline")
+        names = [n for n in names if n in graph.tensors]
+        if self.options.with_readers:
+            names = with_readers(graph, names)
         marked = keep_float(graph, names, self.options.reason, ctx.target)
         if marked:
             self.remarks.applied(f"kept {len(marked)} tensors in higher precision", marked, reason=self.options.reason)

@@ -19,7 +19,7 @@ from graph_ir import Graph
 from qpasses.calibration import iterate_tensors
 from qpasses.context import PassContext
 from qpasses.errors import CalibrationDataError
-from qpasses.keep_float import keep_float
+from qpasses.keep_float import keep_float, with_readers
 from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.calibrate import calibration_feeds
 
@@ -74,7 +74,8 @@ class KeepMixedRangesFloat(Pass):
             if levels < o.min_levels:
                 found.append(MixedRange(joined, op, tuple(zip(parts, part_ranges, strict=True)), levels))  # type: ignore[arg-type]
         for m in found:
-            if keep_float(graph, [m.tensor], "joins parts with very different ranges", ctx.target):
+            if keep_float(graph, with_readers(graph, [m.tensor]), "joins parts with very different ranges",
+                          ctx.target):
                 detail = ", ".join(f"{p} {r:.3g}" for p, r in m.parts)
                 self.remarks.applied("kept float", [m.tensor], reason=f"{m.op} joins parts of range {detail}: on one "
                                      f"{o.act_bw}-bit grid the smallest gets {m.levels:.1f} levels; parts "
