@@ -189,6 +189,7 @@ def quantize_once(
         passes.append(registry.create_pass("apply-overrides"))
     # Tensors 8 bits cannot carry stay float (int16 on quantized-only targets); user overrides win.
     passes += [registry.create_pass("keep-nonfinite-float"), registry.create_pass("keep-data-independent-float")]
+    passes.append(registry.create_pass("keep-decomposed-blocks-float"))  # LayerNorm/GELU/... internals
     if calibration_data is not None:
         passes.append(registry.create_pass("keep-mixed-ranges-float", act_bw=config.act_bw, batch_size=batch_size))
     if keep_float_tensors:

@@ -8,6 +8,7 @@ from qpasses.passes.check_target import CheckTarget
 from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
 from qpasses.passes.data_independent import KeepDataIndependentFloat
 from qpasses.passes.dead_code import DeadCodeElimination
+from qpasses.passes.decomposed_blocks import KeepDecomposedBlocksFloat
 from qpasses.passes.encode_weights import EncodeWeights
 from qpasses.passes.fold_batchnorm import FoldBatchNorm
 from qpasses.passes.identity_elimination import IdentityElimination
@@ -31,7 +32,8 @@ BUILTIN_PASSES = (
     # FP32-preserving rewrites
     FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
-    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepMixedRangesFloat, KeepFloat, AnnotatePrecision,
+    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
+    KeepFloat, AnnotatePrecision,
     CheckTarget, Int32Overrides,
     SeqMSE, EncodeWeights, Calibrate,
     BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
