@@ -19,7 +19,8 @@ logic, so ``cle`` alone is a complete pipeline and its statistics reach high-bia
 
 High-bias absorption moves ``c`` (per channel) out of ``b1`` into ``b2 += W2 . c``, where
 ``c = max(0, beta - 3|gamma|)`` if a Relu sits between and ``c = beta`` otherwise, from the
-folded BN's ``(gamma, beta)`` (kept in ``ctx.state["folded_bn"]``, scaled with the layer).
+folded BN's ``(gamma, beta)`` (kept in ``ctx.state["folded_bn"]``, scaled with the layer); into a
+Gemm it is ``b2 += alpha W2 . c`` (Gemm computes ``alpha W2 x + beta C``).
 Exactness: through linear glue (pools, Flatten, Identity) it is exact. Through a Relu it
 is exact for every input whose pre-activation stays >= ``beta - 3|gamma|`` (the DFQ
 assumption, 99.87% of a Gaussian); inputs below that change the output, so the pass is
@@ -332,7 +333,9 @@ class CrossLayerEqualization(Pass):
                                                 "border outputs (absorb_into_padded=true allows it)"))
                     continue
                 l1.add_bias(-c)
-                l2.add_bias(l2.response(c))
+                # Gemm computes alpha * W2 . x + beta * C; LinearLayer's bias is already beta * C,
+                # but its weight is W2 without alpha, so the shift W2 . c reaches the output times alpha.
+                l2.add_bias(_gemm_alpha(l2) * l2.response(c))
                 # beta - c, written so that a second run computes c = 0 exactly (idempotence)
                 l1.stats = (gamma, np.minimum(beta, 3 * np.abs(gamma)) if through_relu else np.zeros_like(beta))
                 how = "beta - 3|gamma| through Relu" if through_relu else "beta, no activation"
@@ -372,6 +375,11 @@ class CrossLayerEqualization(Pass):
                                         "outputs are unchanged while activations stay below 6")
             changed = True
         return changed
+
+
+def _gemm_alpha(layer: LinearLayer) -> float:
+    """The factor a layer applies to ``W . x`` beyond its weight: Gemm's ``alpha``, 1 for the others."""
+    return float(layer.op.attr("alpha", 1.0)) if layer.op.op_type == "Gemm" else 1.0
 
 
 def _spread(link: Link) -> str:
