@@ -11,7 +11,8 @@ from pathlib import Path
 from qpasses.errors import QPassesError
 
 EXIT_USER_ERROR = 2
-EXIT_FINDINGS = 1  # `check`: the model has ops the target cannot run
+EXIT_FINDINGS = 1  # `check`: the model has ops the target cannot run, or the runtime diverges
+EXIT_INTERNAL_ERROR = 1  # a bug in qpasses
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,6 +31,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     graph = graph_ir.load(args.model)
     instrumentations = []
     if args.dump_after:
+        unknown = sorted(set(args.dump_after) - {p.name for p in passes} - {"all"})
+        if unknown:
+            raise QPassesError(f"--dump-after {', '.join(unknown)}: not in the pipeline "
+                               f"({', '.join(p.name for p in passes) or 'empty'})")
         dump_dir = Path(args.dump_dir or Path(args.output).with_suffix("").as_posix() + ".dumps")
         names = () if args.dump_after == ["all"] else tuple(args.dump_after)
         instrumentations.append(DumpAfter(dump_dir, names))
@@ -61,6 +66,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     if not Path(args.model).is_file():
         raise QPassesError(f"model file not found: {args.model}")
+    if args.no_calib and args.calib is not None:
+        raise QPassesError("--no-calib and --calib contradict each other: give one")
+    _check_output_dir(args.model, args.output)
     config = QuantConfig(act_bw=args.act_bw, weight_bw=args.weight_bw, bias_bw=args.bias_bw,
                          per_channel=args.per_channel, act_mode=args.act_mode, weight_mode=args.weight_mode,
                          float_bw=args.float_bw, float_bias_bw=args.float_bias_bw)
@@ -185,8 +193,47 @@ def _cmd_list_targets(args: argparse.Namespace) -> int:
 
 
 def _check_output_path(model: str, output: str) -> None:
-    if Path(output).resolve() == Path(model).resolve():
+    """A model file to write: not the input, not a directory, in a writable directory (checked
+    before any work, so a long run never ends on an unwritable path)."""
+    path = Path(output)
+    if path.exists() and path.resolve() == Path(model).resolve():
         raise QPassesError(f"output {output} is the input model; the input is never overwritten, choose another path")
+    if path.is_dir() or output.endswith(("/", "\\")):
+        raise QPassesError(f"output {output} is a directory; give a file path such as {path / 'model.onnx'}")
+    _check_writable_dir(path.parent if str(path.parent) else Path("."), output)
+
+
+def _check_output_dir(model: str, output: str) -> None:
+    """An output folder: not an existing file, and its parent (or itself) writable."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise QPassesError(f"output {output} exists and is not a folder; -o takes a folder (outputs go inside it)")
+    existing = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    _check_writable_dir(existing, output)
+
+
+def _check_writable_dir(directory: Path, output: str) -> None:
+    import os
+
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QPassesError(f"cannot write {output}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QPassesError(f"cannot write {output}: folder {probe} is not writable")
+
+
+def _write_traceback(exc: BaseException) -> str:
+    """The full traceback of a bug, written where the user can attach it to a report."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="qpasses-crash-", suffix=".txt")
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(f"qpasses {' '.join(sys.argv[1:])}\n\n")
+        f.write("".join(traceback.format_exception(exc)))
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pipeline-file", help="YAML/JSON pipeline with per-pass options")
     run.add_argument("--script", help="Python file defining rewrite(graph), run after the pipeline")
     run.add_argument("-o", "--output", required=True)
-    run.add_argument("--verify", choices=["none", "checker", "numeric"], default="checker")
+    run.add_argument("--verify", choices=["none", "checker", "numeric"], default="numeric",
+                     help="after each pass: onnx.checker, plus FP32 equivalence for semantics-preserving passes "
+                          "(numeric, default); checker is the fast opt-out")
     run.add_argument("--fixed-point", action="store_true", help="repeat the pipeline until nothing changes")
     run.add_argument("--dump-after", action="append", metavar="PASS", help="save the model after PASS ('all')")
     run.add_argument("--dump-dir")
@@ -253,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--eval", metavar="NPZ", help="report SQNR vs FP32 (and top-1 with 'labels') on this data")
     q.add_argument("--encodings-version", default="0.6.1", choices=["0.6.1", "1.0.0"])
-    q.add_argument("--verify", choices=["none", "checker", "numeric"], default="checker")
+    q.add_argument("--verify", choices=["none", "checker", "numeric"], default="numeric",
+                   help="per-pass verification (default numeric; checker is the fast opt-out)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
@@ -303,6 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qpasses: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in qpasses (InternalError from a pass, or anything else)
+        if args.verbose:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not text.startswith("internal error"):
+            text = f"internal error: {type(exc).__name__}: {text}"
+        print(f"qpasses: {text} (a bug in qpasses; full traceback written to {_write_traceback(exc)})",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

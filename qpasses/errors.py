@@ -1,7 +1,8 @@
 """One exception hierarchy for every user-facing failure.
 
 The CLI catches ``QPassesError`` and prints its message on one line with exit code 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug in qpasses: one line "internal error ..." with exit code 1, the full
+traceback written to a file.
 """
 
 
@@ -39,3 +40,18 @@ class CalibrationDataError(QPassesError):
 
 class TargetError(QPassesError):
     """Unknown target or a target descriptor that cannot be loaded."""
+
+
+class InternalError(Exception):
+    """A bug in qpasses, not the user's input: a pass crashed or left an invalid model.
+
+    Deliberately not a ``QPassesError``: it must never be reported as the user's mistake.
+    """
+
+    def __init__(self, message: str, pass_name: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+
+
+class NumericCheckUnavailable(Exception):
+    """onnxruntime cannot run the model a pass started from (custom ops...): nothing to compare."""

@@ -14,7 +14,7 @@ import onnx
 from graph_ir import Graph, save
 from qpasses import verification
 from qpasses.context import PassContext
-from qpasses.errors import PassError, QPassesError
+from qpasses.errors import InternalError, NumericCheckUnavailable, QPassesError, VerificationError
 from qpasses.pass_base import Pass, PassResult
 from qpasses.remarks import Remark
 
@@ -85,16 +85,20 @@ class DumpAfter(Instrumentation):
 class PassManager:
     """``PassManager([FoldBatchNorm(), CLE()], verify="checker").run(graph)``.
 
-    ``verify="numeric"`` also compares onnxruntime outputs before/after every pass that
-    declares ``preserves_semantics``. ``fixed_point=True`` repeats the whole pipeline
-    until no pass modifies the graph (at most ``max_iterations`` times).
+    ``verify="numeric"`` (the default) runs onnx.checker after every pass that modified the
+    graph and compares onnxruntime outputs before/after every pass that declares
+    ``preserves_semantics`` (tolerance scaled to the model's float type); ``"checker"`` is the
+    fast opt-out. A pass that crashes or leaves an invalid model is an ``InternalError`` (a bug in
+    qpasses), never reported as the user's mistake; a ``QPassesError`` it raises is the user's.
+    ``fixed_point=True`` repeats the whole pipeline until no pass modifies the graph (at most
+    ``max_iterations`` times).
     """
 
     def __init__(
         self,
         passes: Sequence[Pass],
         *,
-        verify: Verify = "none",
+        verify: Verify = "numeric",
         fixed_point: bool = False,
         max_iterations: int = 10,
         instrumentations: Sequence[Instrumentation] = (),
@@ -121,6 +125,16 @@ class PassManager:
     def _run(self, graph: Graph, ctx: PassContext) -> PipelineReport:
         report = PipelineReport()
         done: list[str] = []
+        self._input_invalid: str | None = None
+        if self.verify != "none" and self.passes:
+            # Judge a pass only by what it changed: a model that already fails onnx.checker (yet
+            # runs in onnxruntime, e.g. opset-7 models listing initializers as inputs) is not its fault.
+            try:
+                verification.check_model(graph.to_onnx(), "(input)")
+            except VerificationError as exc:
+                self._input_invalid = str(exc).split(": ", 1)[-1]
+                report.add_remark("analysis", "verify", "onnx.checker verification off for this model",
+                                  reason=f"the input model already fails it: {self._input_invalid}")
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             changed = False
             for p in self.passes:
@@ -145,23 +159,37 @@ class PassManager:
             result = p.run(graph, ctx)
         except QPassesError as exc:
             raise type(exc)(f"pass '{p.name}' failed{_after(done)}: {exc}") from exc
+        except (KeyboardInterrupt, MemoryError):
+            raise
         except Exception as exc:
-            raise PassError(f"pass '{p.name}' crashed{_after(done)}: {type(exc).__name__}: {exc}") from exc
+            raise InternalError(f"internal error in pass '{p.name}'{_after(done)}: {type(exc).__name__}: {exc}",
+                                p.name) from exc
         seconds = time.perf_counter() - start
         modified = result.modified or graph.version != version
         if modified:
             ctx.preserve(p.preserves, graph)
         if self.verify != "none" and modified:
-            after = graph.to_onnx()
-            verification.check_model(after, p.name)
+            self._verify(p, graph, ctx, before, result)
+        for inst in self.instrumentations:
+            inst.after_pass(p, graph, ctx, result)
+        return PassRecord(p.name, modified, seconds, result.remarks, iteration)
+
+
+    def _verify(self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None,
+                result: PassResult) -> None:
+        after = graph.to_onnx()
+        try:
+            if self._input_invalid is None:
+                verification.check_model(after, p.name)
             if before is not None and result.exact:
                 verification.assert_equivalent(before, after, p.name, rtol=self.rtol, seed=ctx.seed)
             elif before is not None:
                 result.remarks.append(Remark("analysis", p.name, "numeric verification skipped",
                                              reason="the pass reported an approximate rewrite"))
-        for inst in self.instrumentations:
-            inst.after_pass(p, graph, ctx, result)
-        return PassRecord(p.name, modified, seconds, result.remarks, iteration)
+        except NumericCheckUnavailable as exc:
+            result.remarks.append(Remark("analysis", p.name, "numeric verification skipped", reason=str(exc)))
+        except VerificationError as exc:
+            raise InternalError(f"internal error in pass '{p.name}': {exc}", p.name) from exc
 
 
 def _after(done: list[str]) -> str:

@@ -25,6 +25,7 @@ from qpasses import encodings_io
 from qpasses.context import PassContext
 from qpasses.encodings_io import EncodingsFile
 from qpasses.errors import CalibrationDataError, QPassesError
+from qpasses.output_dir import staged_output_dir
 from qpasses.pass_base import Pass
 from qpasses.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.passes.apply_overrides import tensor_specs
@@ -63,19 +64,13 @@ class QuantizeResult:
         return text if self.parity is None else f"{text}\n{self.parity.format()}"
 
     def save(self, outdir: str | os.PathLike[str], *, encodings_version: encodings_io.Version = "0.6.1") -> Path:
-        """Write ``model.qdq.onnx``, ``encodings.json`` and ``report.txt`` (each atomically)."""
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        graph_ir.save(self.graph, out / "model.qdq.onnx")
-        encodings_io.save(out / "encodings.json", self.encodings, encodings_version)
-        _atomic_write_text(out / "report.txt", self.report.format() + "\n" + self.summary() + "\n")
-        return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        """Write ``model.qdq.onnx``, ``encodings.json`` and ``report.txt`` as one set: all three
+        replace the previous ones together, or (on any failure) none does."""
+        with staged_output_dir(outdir) as tmp:
+            graph_ir.save(self.graph, tmp / "model.qdq.onnx")
+            encodings_io.save(tmp / "encodings.json", self.encodings, encodings_version)
+            (tmp / "report.txt").write_text(self.report.format() + "\n" + self.summary() + "\n", encoding="utf-8")
+        return Path(outdir)
 
 
 def quantize_model(
@@ -142,7 +137,7 @@ def quantize_once(
     target: Any = None,
     batch_size: int = 16,
     progress: bool = True,
-    verify: Verify = "checker",
+    verify: Verify = "numeric",
     registry: Registry | None = None,
     runtime_check: bool = True,
     keep_float_tensors: Sequence[str] = (),

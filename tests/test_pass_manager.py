@@ -10,7 +10,7 @@ import pytest
 import graph_ir
 from qpasses.analyses import Analysis, TopologicalOrder
 from qpasses.context import PassContext
-from qpasses.errors import PassError, PipelineError, VerificationError
+from qpasses.errors import InternalError, PassError, PipelineError, QPassesError
 from qpasses.pass_base import Pass, PassResult
 from qpasses.pass_manager import DumpAfter, PassManager
 from qpasses.pipeline import build_passes, load_pipeline_file, parse_pipeline
@@ -128,15 +128,17 @@ def test_fixed_point_bounded():
     assert len(report.records) == 3
 
 
-def test_checker_verification_names_pass():
-    with pytest.raises(VerificationError, match="after pass 'breaks'"):
+def test_checker_verification_names_pass_as_an_internal_error():
+    """A pass that leaves an invalid model is a bug in qpasses, never the user's input error."""
+    with pytest.raises(InternalError, match="internal error in pass 'breaks'.*after pass 'breaks'") as err:
         PassManager([Breaks()], verify="checker").run(_graph())
+    assert not isinstance(err.value, QPassesError) and err.value.pass_name == "breaks"
 
 
 def test_numeric_verification_catches_semantic_change():
     # Negating the last op's input changes every output.
     g = _graph()
-    with pytest.raises(VerificationError, match="claims-equivalence"):
+    with pytest.raises(InternalError, match="claims-equivalence"):
         PassManager([ClaimsEquivalence()], verify="numeric").run(g)
 
 
@@ -156,7 +158,7 @@ def test_error_names_previous_passes():
         def run(self, graph, ctx):
             raise RuntimeError("boom")
 
-    with pytest.raises(PassError, match=r"pass 'crash' crashed \(after noop\).*boom"):
+    with pytest.raises(InternalError, match=r"internal error in pass 'crash' \(after noop\).*boom"):
         PassManager([NoOp(), Crash()]).run(_graph())
 
 

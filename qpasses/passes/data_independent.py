@@ -24,6 +24,9 @@ from qpasses.pass_base import Pass, PassResult
 
 # Ops whose output depends on the input's shape, not its values.
 SHAPE_OF = frozenset({"Shape", "Size"})
+# Quantization ops of an already-quantized model: their constant inputs are weights, not shape
+# arithmetic, and folding them would undo the quantization.
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # Ops with no data inputs whose values still change from run to run.
 RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                     "Bernoulli"})
@@ -42,7 +45,7 @@ def data_independent(graph: Graph) -> set[str]:
         if op.op_type in SHAPE_OF and op.is_standard:
             independent.update(outs)
         elif (any(n in dependent for n in reads) or op.subgraphs or not op.is_standard
-              or op.op_type in RANDOM):
+              or op.op_type in RANDOM or op.op_type in QUANT_OPS):
             dependent.update(outs)
         else:
             independent.update(outs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from graph_ir import Graph
 from graph_ir.graphsurgeon_bridge import from_graphsurgeon, to_graphsurgeon
@@ -39,18 +40,33 @@ class RewriteScript(Pass):
         if not callable(rewrite):
             raise PassError(f"rewrite script {path} does not define rewrite(graph)")
         api = namespace.get("REWRITE_API", "graphsurgeon")
+        if api not in ("ir", "graphsurgeon"):
+            raise PassError(f"rewrite script {path}: REWRITE_API must be 'graphsurgeon' or 'ir', not {api!r}")
         if api == "ir":
             before = graph.version
-            returned = rewrite(graph)
+            returned = _call(rewrite, graph, path)
             if isinstance(returned, Graph) and returned is not graph:
                 graph.adopt(returned)
             modified = graph.version != before
-        elif api == "graphsurgeon":
-            gs_graph = to_graphsurgeon(graph)
-            returned = rewrite(gs_graph)
-            graph.adopt(from_graphsurgeon(returned if returned is not None else gs_graph, template=graph))
-            modified = True
         else:
-            raise PassError(f"rewrite script {path}: REWRITE_API must be 'graphsurgeon' or 'ir', not {api!r}")
+            # graphsurgeon carries no annotations: keep them by tensor name across the round trip.
+            annotations = {name: (t.encoding, t.precision, dict(t.meta)) for name, t in graph.tensors.items()
+                           if t.encoding is not None or t.precision is not None or t.meta}
+            gs_graph = to_graphsurgeon(graph)
+            returned = _call(rewrite, gs_graph, path)
+            graph.adopt(from_graphsurgeon(returned if returned is not None else gs_graph, template=graph))
+            for name, (encoding, precision, meta) in annotations.items():
+                t = graph.tensors.get(name)
+                if t is not None:
+                    t.encoding, t.precision, t.meta = encoding, precision, meta
+            modified = True
         self.remarks.applied(f"ran rewrite script {path.name} ({api} API)")
         return self.result(modified)
+
+
+def _call(rewrite: Any, graph: Any, path: Path) -> Any:
+    """The user's function: what it raises is the script's error (exit 2), not a qpasses bug."""
+    try:
+        return rewrite(graph)
+    except Exception as exc:  # noqa: BLE001 - anything the user's code raises
+        raise PassError(f"rewrite script {path} raised {type(exc).__name__}: {exc}") from exc
