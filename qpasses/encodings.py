@@ -29,6 +29,10 @@ Source = ArrayLike | MinMaxObserver | HistogramObserver | Histogram
 MIN_RANGE: Final = 1e-4
 """The spec's minimum encoding range (max - min)."""
 
+FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
+FLOAT32_TINY: Final = float(np.finfo(np.float32).tiny)
+"""Q/DQ scales are float32: a scale outside [FLOAT32_TINY, FLOAT32_MAX] becomes inf, 0 or a denormal there."""
+
 ALLOWED_BITWIDTHS: Final[Mapping[str, tuple[int, ...]]] = MappingProxyType(
     {"weight": tuple(range(4, 17)), "activation": (8, 16), "bias": (8, 32)}
 )
@@ -120,6 +124,11 @@ class Encoding:
             raise EncodingError(f"channel axis must be a non-negative integer, got {self.axis!r}")
         if not all(math.isfinite(s) and s > 0 for s in scale):
             raise EncodingError(f"scales must be finite and positive, got {list(scale)}")
+        if not all(FLOAT32_TINY <= s <= FLOAT32_MAX for s in scale):
+            raise EncodingError(
+                f"scales must be finite and positive in float32 (the type of Q/DQ scales: "
+                f"{FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {list(scale)}"
+            )
         if not all(-self.levels <= o <= 0 for o in offset):
             raise EncodingError(
                 f"offsets must lie in [-{self.levels}, 0] for {bitwidth} bits (zero on the grid), got {list(offset)}"
@@ -374,7 +383,8 @@ def from_min_max(
         raise EncodingError(f"min {lo_arr.tolist()} is greater than max {hi_arr.tolist()}")
     bitwidth = _check_bitwidth(bitwidth)
     grid = _symmetric_grid if symmetric else _tf_grid
-    scale, offset = grid(lo_arr, hi_arr, bitwidth)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing range is rejected by Encoding
+        scale, offset = grid(lo_arr, hi_arr, bitwidth)
     return Encoding(bitwidth, tuple(scale), tuple(offset), symmetric, axis)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qpasses.encodings import ALLOWED_BITWIDTHS, Encoding, Role, from_min_max, validate_bitwidth
+from qpasses.encodings import ALLOWED_BITWIDTHS, FLOAT32_MAX, Encoding, Role, from_min_max, validate_bitwidth
 from qpasses.errors import EncodingError
 
 Version = Literal["0.6.1", "1.0.0"]
@@ -146,6 +146,24 @@ def _number(value: object, key: str) -> float:
     return float(value)
 
 
+def _float32_number(value: object, key: str) -> float:
+    """A finite number a float32 tensor can hold (encoding ranges describe float32 values)."""
+    number = _number(value, key)
+    if abs(number) > FLOAT32_MAX:
+        raise EncodingError(f"'{key}' {number!r} is outside the float32 range (+-{FLOAT32_MAX:.4g})")
+    return number
+
+
+def _check_float32_grid(enc: Encoding) -> Encoding:
+    """The grid's ends must be float32 values too, or dequantized extremes become inf."""
+    for i, (lo, hi) in enumerate(zip(enc.min, enc.max, strict=True)):
+        if max(abs(lo), abs(hi)) > FLOAT32_MAX:
+            where = f" (channel {i})" if enc.num_channels > 1 else ""
+            raise EncodingError(f"the grid [{lo:.4g}, {hi:.4g}] of scale {enc.scale[i]!r} and offset {enc.offset[i]} "
+                                f"overflows float32 (+-{FLOAT32_MAX:.4g}){where}")
+    return enc
+
+
 def _flag(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -224,8 +242,8 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     if not ranged:
         return PrecisionOverride(bitwidth, "int")
 
-    lo = [_number(_required(e, "min"), "min") for e in entries]
-    hi = [_number(_required(e, "max"), "max") for e in entries]
+    lo = [_float32_number(_required(e, "min"), "min") for e in entries]
+    hi = [_float32_number(_required(e, "max"), "max") for e in entries]
     for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
         if a > b:
             where = f" (channel {i})" if len(entries) > 1 else ""
@@ -236,7 +254,7 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     stated = [e.get("scale") for e in entries]
     if all(_same_scale(s, r) for s, r in zip(stated, enc.scale, strict=True)):
         enc = Encoding(bitwidth, tuple(stated), enc.offset, False, axis)
-    return _checked_symmetry(enc, _flag(entries[0].get("is_symmetric", False), "is_symmetric"))
+    return _check_float32_grid(_checked_symmetry(enc, _flag(entries[0].get("is_symmetric", False), "is_symmetric")))
 
 
 def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
@@ -268,7 +286,7 @@ def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
         False,
         axis,
     )
-    return _checked_symmetry(enc, _flag(entry.get("is_sym", False), "is_sym"))
+    return _check_float32_grid(_checked_symmetry(enc, _flag(entry.get("is_sym", False), "is_sym")))
 
 
 def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -> list[tuple[str, Any]]:
