@@ -166,8 +166,14 @@ class Graph:
                 if indeg[j] == 0:
                     heapq.heappush(heap, j)
         if len(order) != len(self._ops):
-            stuck = sorted(self._ops[i].name for i, d in indeg.items() if d > 0)[:5]
-            raise GraphError(f"graph has a cycle through ops {stuck}")
+            stuck = [i for i, d in indeg.items() if d > 0]
+            try:
+                cycle = [u for u, _, *_ in nx.find_cycle(self.nx.subgraph(stuck))]
+            except nx.NetworkXNoCycle:  # pragma: no cover - Kahn's leftovers always hold a cycle
+                cycle = stuck
+            names = [self._ops[i].name or f"{self._ops[i].op_type}(->{','.join(self._ops[i].outputs)})" for i in cycle]
+            raise GraphError(f"graph has a cycle: {' -> '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                             f" -> back to {names[0]}")
         self._topo = (self.version, order)
         return order
 

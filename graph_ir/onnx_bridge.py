@@ -122,8 +122,19 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
     for vi in src.output:
         g.add_tensor(vi.name).value_info = vi
         g.outputs.append(vi.name)
+    _check_dangling(g, ops)
     g.version = 0
     return g
+
+
+def _check_dangling(g: Graph, ops: list[Op]) -> None:
+    """Every input an op reads must come from somewhere (onnxruntime refuses the model otherwise)."""
+    for op in ops:
+        for name in op.inputs:
+            if name and g.producer(name) is None and name not in g.inputs and g.tensors[name].initializer is None:
+                who = f"{op.op_type} '{op.name}'" if op.name else f"an unnamed {op.op_type}"
+                raise ModelLoadError(f"model is invalid: {who} reads '{name}', which no node, graph input or "
+                                     "initializer provides")
 
 
 def _copy_field(msg, name: str, value) -> None:
@@ -149,6 +160,10 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     for t in tensors.values():
         if t.initializer is not None:
             g.initializer.append(t.initializer)
+            if model.ir_version < 4 and t.name not in io:
+                # IR < 4: every initializer is also a graph input (a default value); passes add new ones.
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.initializer.data_type,
+                                                                  list(t.initializer.dims)))
     for op in graph.topological_order():
         n = g.node.add()
         n.op_type = op.op_type

@@ -44,24 +44,34 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 def evaluate_npz(fp32: onnx.ModelProto, quantized: onnx.ModelProto, path: str | Path) -> QualityReport:
     """Run both models on an .npz (arrays keyed by input name, optional ``labels``)."""
+    from qpasses.calibration_data import input_specs, validate_feed
+
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
+        data = np.load(path, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
         raise CalibrationDataError(f"cannot read evaluation data {path}: {exc}") from None
-    names = [i.name for i in fp32.graph.input if i.name not in {t.name for t in fp32.graph.initializer}]
-    missing = [n for n in names if n not in data.files]
+    specs = input_specs(fp32)
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
     if missing:
         raise CalibrationDataError(f"evaluation data {path} has no array for input(s) {missing} "
-                                   f"(arrays: {data.files})")
-    feeds = {n: data[n] for n in names}
+                                   f"(arrays: {sorted(arrays)})")
+    feeds = dict(validate_feed({n: arrays[n] for n in names}, specs, f"evaluation data {path}"))
+    samples = len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 0
+    if samples == 0:
+        raise CalibrationDataError(f"evaluation data {path} holds no samples")
+    labels = arrays.get("labels")
+    if labels is not None and (labels.ndim != 1 or len(labels) != samples
+                               or not np.issubdtype(labels.dtype, np.integer)):
+        raise CalibrationDataError(f"evaluation data {path}: 'labels' must be {samples} integers (one per sample), "
+                                   f"got {labels.dtype} {list(labels.shape)}")
     ref = verification.session(fp32).run(None, feeds)
     exact = verification.exact_session(quantized).run(None, feeds)
     runtime = verification.runtime_session(quantized).run(None, feeds)
-    samples = len(next(iter(feeds.values())))
     sqnr = [sqnr_db(r, g) for r, g in zip(ref, exact, strict=True)]
     runtime_sqnr = [sqnr_db(r, g) for r, g in zip(ref, runtime, strict=True)]
-    if "labels" in data.files and ref[0].ndim == 2:
-        labels = data["labels"]
+    if labels is not None and ref[0].ndim == 2:
 
         def top1(logits: np.ndarray) -> float:
             return float(np.mean(logits.argmax(1) == labels))

@@ -73,6 +73,23 @@ class QuantizeResult:
         return Path(outdir)
 
 
+def _why_nothing_quantizable(graph: Graph) -> str:
+    """The likely reason a model got no encodings, for the error message."""
+    from onnx import TensorProto
+
+    from qpasses.quant_plan import COMPUTE, DATA_MOVEMENT
+
+    types = {t.dtype for t in graph.tensors.values() if t.dtype}
+    if TensorProto.FLOAT not in types and types & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}:
+        kinds = ", ".join(sorted(TensorProto.DataType.Name(t).lower() for t in types
+                                 & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}))
+        return (f"the model computes in {kinds}, and quantization starts from float32 tensors; convert the "
+                "model to float32 first (e.g. onnxconverter-common's convert_float16_to_float32 / a float32 export)")
+    if not any(op.op_type in COMPUTE or op.op_type in DATA_MOVEMENT for op in graph.ops):
+        return "the model has no op with an integer form (Conv, Gemm, MatMul, Add, ...)"
+    return "every tensor was kept float (overrides, float-only target, or no calibration data for activations)"
+
+
 def quantize_model(
     model: str | os.PathLike[str] | onnx.ModelProto | Graph,
     calibration_data: Any = None,
@@ -219,6 +236,6 @@ def quantize_once(
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
     encodings = ctx.state.get("encodings")
     if encodings is None or not (encodings.activations or encodings.params):
-        raise QPassesError("quantization produced no encodings (nothing quantizable in the model?)")
+        raise QPassesError(f"nothing was quantized: {_why_nothing_quantizable(graph)}")
     return QuantizeResult(graph, encodings, report, config, ctx.state.get("runtime_parity"),
                           reference=ctx.state.get("fp32_reference"))
