@@ -3,6 +3,11 @@
 A file read here is a set of quantization overrides (QNN ``--quantization_overrides``). Every
 problem is an ``EncodingError`` naming the file, the section and the tensor, because these files
 are hand-edited and a bare "bad bitwidth" is useless in a file with thousands of entries.
+
+Nothing in a file is silently ignored: keys outside the entry's layout (a 1.0.0 entry's min/max,
+a 0.6.1 entry's bw/name), 0.6.1 scale/offset without min/max (the spec recomputes them from
+bitwidth, min and max, and its own examples disagree on the offset's sign, so min/max are
+required), duplicate JSON keys, and a ``version`` that contradicts the layout are all errors.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +32,13 @@ FLOAT_BITWIDTHS = (16, 32)
 # tolerance: (max - min) / (2^bw - 1) differs from the written scale in the last bit for ~4% of
 # encodings, and keeping the written one makes export -> import exact.
 _SCALE_RTOL = 1e-9
+# The keys each layout defines for one encoding. Anything else is an error rather than ignored: a
+# 1.0.0 entry's min/max (or a 0.6.1 entry's bw/name) silently dropped turns a range into a bare
+# bitwidth override, and the tensor is recalibrated while the report says the override applied.
+_LEGACY_KEYS = frozenset({"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"})
+_V1_KEYS = frozenset({"name", "enc_type", "dtype", "bw", "is_sym", "scale", "offset",
+                      "block_size", "compressed_bw", "per_block_int_scale"})
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,26 @@ def _check_float32_grid(enc: Encoding) -> Encoding:
     return enc
 
 
+def _duplicates(obj: object) -> tuple[str, ...]:
+    """Keys a JSON object listed more than once (``load`` records them; the last value won)."""
+    return getattr(obj, "duplicates", ())
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: frozenset[str], other: frozenset[str], layout: str,
+                hint: str) -> None:
+    for key in _duplicates(entry):
+        raise EncodingError(f"key '{key}' is given more than once in one encoding (JSON keeps only the last)")
+    unknown = sorted(set(entry) - allowed)
+    if not unknown:
+        return
+    foreign = [k for k in unknown if k in other]
+    shown = ", ".join(f"'{k}'" for k in unknown)
+    if foreign:
+        other_layout = "1.0.0" if layout == "0.6.1" else "0.6.1"
+        raise EncodingError(f"{other_layout}-layout key(s) {shown} in a {layout} entry ({hint})")
+    raise EncodingError(f"unknown key(s) {shown} ({hint})")
+
+
 def _flag(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -226,6 +259,10 @@ def _same_scale(stated: object, recomputed: float) -> bool:
 def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise EncodingError("expected a non-empty list of encoding objects")
+    for e in entries:
+        _check_keys(e, _LEGACY_KEYS, _V1_KEYS, "0.6.1",
+                    "0.6.1 entries have 'bitwidth', 'dtype', 'min', 'max' and optionally 'scale', 'offset', "
+                    "'is_symmetric'")
     bitwidths = {_int(_required(e, "bitwidth"), "bitwidth") for e in entries}
     dtypes = {str(e.get("dtype", "int")) for e in entries}
     if len(bitwidths) != 1 or len(dtypes) != 1:
@@ -234,14 +271,20 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     if dtype not in ("int", "float"):
         raise EncodingError(f'\'dtype\' must be "int" or "float", got {dtype!r}')
     if dtype == "float":
+        if any(k in e for e in entries for k in ("min", "max", "scale", "offset")):
+            raise EncodingError("a float entry keeps the tensor float: it takes no 'min'/'max'/'scale'/'offset'")
         return _float_override(bitwidth)
-    ranged = len(entries) > 1 or "min" in entries[0] or "max" in entries[0]
+    ranged = len(entries) > 1 or any(k in entries[0] for k in ("min", "max", "scale", "offset"))
     if not ranged and _int32_override(bitwidth, section, spec):
         return PrecisionOverride(32, "int")
     _int_bitwidth(bitwidth, spec.role if spec else None, section)
     if not ranged:
         return PrecisionOverride(bitwidth, "int")
 
+    if not all("min" in e or "max" in e for e in entries):
+        raise EncodingError(
+            "0.6.1 entries need 'min' and 'max' ('scale'/'offset' alone are not read: the spec recomputes them from "
+            "bitwidth, min and max); give min/max, or write a 1.0.0 file with 'scale'/'offset' lists")
     lo = [_float32_number(_required(e, "min"), "min") for e in entries]
     hi = [_float32_number(_required(e, "max"), "max") for e in entries]
     for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
@@ -258,6 +301,9 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
 
 
 def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
+    _check_keys(entry, _V1_KEYS, _LEGACY_KEYS, "1.0.0",
+                "1.0.0 entries have 'name', 'dtype', 'bw', 'enc_type', 'is_sym' and 'scale'/'offset' lists; "
+                "min/max are not read")
     bitwidth = _int(_required(entry, "bw"), "bw")
     dtype = str(_required(entry, "dtype")).upper()
     if dtype not in ("INT", "FLOAT"):
@@ -292,6 +338,8 @@ def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
 def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -> list[tuple[str, Any]]:
     """(name, raw entry) pairs of one section in either layout."""
     if isinstance(raw, dict):
+        for name in _duplicates(raw):
+            raise EncodingError(f"{source}: {section} '{name}': listed more than once (JSON keeps only the last)")
         return list(raw.items())
     pairs: list[tuple[str, Any]] = []
     for index, entry in enumerate(raw):
@@ -304,6 +352,20 @@ def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -
     return pairs
 
 
+def _check_version(version: object, lists: bool, empty: bool, source: str) -> None:
+    """A stated version must be known and match the layout: 0.x has objects, 1.0.0 lists."""
+    match = _VERSION.match(version) if isinstance(version, str) else None
+    if match is None or (int(match.group(1)) >= 1 and version != "1.0.0"):
+        raise EncodingError(f"{source}: unsupported encodings 'version' {version!r} (expected a string: "
+                            "\"0.6.1\" or another 0.x for the object layout, \"1.0.0\" for the list layout)")
+    v1 = version == "1.0.0"
+    if v1 != lists and not empty:
+        stated = "lists of named entries (1.0.0 layout)" if v1 else "objects keyed by tensor name (0.6.1 layout)"
+        found = "lists (1.0.0 layout)" if lists else "objects (0.6.1 layout)"
+        raise EncodingError(f"{source}: 'version' is {version!r}, whose sections are {stated}, "
+                            f"but this file's sections are {found}")
+
+
 def from_json(
     data: object, *, source: str = "<encodings>", tensors: Mapping[str, TensorSpec] | None = None
 ) -> EncodingsFile:
@@ -313,6 +375,8 @@ def from_json(
     """
     if not isinstance(data, dict):
         raise EncodingError(f"{source}: top level must be a JSON object")
+    for key in _duplicates(data):
+        raise EncodingError(f"{source}: top-level key '{key}' appears more than once (JSON keeps only the last)")
     for key in SECTIONS:
         if key not in data:
             raise EncodingError(f"{source}: missing required section '{key}'")
@@ -323,6 +387,8 @@ def from_json(
         parse = _parse_v1
     else:
         raise EncodingError(f"{source}: sections must both be objects (0.6.1 layout) or both lists (1.0.0 layout)")
+    if "version" in data:
+        _check_version(data["version"], parse is _parse_v1, not any(raw_sections), source)
 
     result = EncodingsFile()
     for key, raw, target in zip(SECTIONS, raw_sections, (result.activations, result.params), strict=True):
@@ -337,6 +403,24 @@ def from_json(
     return result
 
 
+class _JsonObject(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers which keys it listed more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject()
+    repeated: dict[str, None] = {}
+    for key, value in pairs:
+        if key in obj:
+            repeated[key] = None
+        obj[key] = value
+    if repeated:
+        obj.duplicates = tuple(repeated)
+    return obj
+
+
 def load(path: str | os.PathLike[str], *, tensors: Mapping[str, TensorSpec] | None = None) -> EncodingsFile:
     """Read an encodings/overrides file (either layout); see ``from_json`` for validation."""
     source = Path(path)
@@ -345,7 +429,7 @@ def load(path: str | os.PathLike[str], *, tensors: Mapping[str, TensorSpec] | No
     except OSError as exc:
         raise EncodingError(f"{source}: cannot read encodings file: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
         raise EncodingError(f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     return from_json(data, source=str(source), tensors=tensors)
