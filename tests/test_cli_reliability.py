@@ -227,3 +227,8 @@ def test_float64_eval_data_is_converted(tmp_path, capsys) -> None:
     np.savez(data, input=test["input"][:20].astype(np.float64), labels=test["labels"][:20])
     assert main(["quantize", DIGITS, "--calib", CALIB, "--eval", str(data), "-o", str(tmp_path / "q"), "-q"]) == 0
     assert "evaluated on 20 samples" in capsys.readouterr().out
+
+
+def test_rewrite_script_without_a_path_says_so(tmp_path, capsys) -> None:
+    assert main(["run", DIGITS, "--pipeline", "rewrite-script", "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "needs its script" in _err(capsys)

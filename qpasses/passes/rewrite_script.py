@@ -29,6 +29,8 @@ class RewriteScript(Pass):
         path: str = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if not self.options.path:
+            raise PassError("pass 'rewrite-script' needs its script: rewrite-script{path=FILE.py} or --script FILE")
         path = Path(self.options.path)
         if not path.is_file():
             raise PassError(f"rewrite script not found: {path}")
