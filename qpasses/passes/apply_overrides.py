@@ -3,6 +3,11 @@
 Overridden tensors are marked ``meta["encoding_source"] = "override"`` so calibration and
 weight encoding keep them; everything else is computed as usual (partial overrides). An
 encoding given for a data-movement output goes to the tensor it shares its encoding with.
+
+The quantization plan reads precisions (a float32 weight gets no encoding), so when a precision
+override changes one the graph is touched: the cached ``QuantPlan`` is recomputed by the next pass
+that asks for it, while the structural analyses are declared preserved. Range overrides alone do
+not change the plan and leave the cache as it is.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from dataclasses import dataclass
 
 from graph_ir import Graph
 from qpasses import encodings_io
+from qpasses.analyses import ConstantData, Shapes, TopologicalOrder
 from qpasses.context import PassContext
 from qpasses.encodings import Encoding
 from qpasses.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec
 from qpasses.pass_base import Pass, PassResult
+from qpasses.precision_type import Precision, tensor_precision
 from qpasses.quant_plan import QuantPlan, weight_channel_axis
 
 
@@ -49,6 +56,9 @@ def load_overrides(path: str, graph: Graph) -> EncodingsFile:
 class ApplyOverrides(Pass):
     name = "apply-overrides"
     description = "apply an encodings/overrides JSON file (AIMET 0.6.1 or 1.0.0 layout)"
+    uses = (QuantPlan,)
+    # Precision overrides change what QuantPlan computes (not the graph's structure): it is left out.
+    preserves = (TopologicalOrder, Shapes, ConstantData)
 
     @dataclass
     class Options:
@@ -60,6 +70,7 @@ class ApplyOverrides(Pass):
             overrides = load_overrides(self.options.path, graph)
         plan = ctx.get(QuantPlan, graph).plan
         applied = 0
+        precisions_changed = False
         for name, entry in [*overrides.activations.items(), *overrides.params.items()]:
             t = graph.tensors.get(name)
             if t is None:
@@ -67,6 +78,7 @@ class ApplyOverrides(Pass):
                                     "(removed by an earlier pass such as fold-batchnorm)")
                 continue
             if isinstance(entry, PrecisionOverride):
+                precisions_changed |= tensor_precision(t) != Precision.of(entry)
                 t.precision = entry
                 t.meta["precision_source"] = "override"
                 applied += 1
@@ -87,5 +99,7 @@ class ApplyOverrides(Pass):
             t.encoding = entry
             t.meta["encoding_source"] = "override"
             applied += 1
+        if precisions_changed:
+            graph.touch()  # the cached QuantPlan was computed from the old precisions
         self.remarks.applied(f"applied {applied} overrides")
         return self.result(applied > 0)
