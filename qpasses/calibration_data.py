@@ -4,13 +4,23 @@ Users bring data as Python iterables or callables, ``.npz`` archives, or QNN-sty
 lists. Passes only ever see ``dict[str, np.ndarray]`` feeds that already match the model,
 so a mismatch is reported once, naming the input, the shapes and the sample/file/line that
 caused it, instead of surfacing as an opaque onnxruntime error mid-calibration.
-Input lists and iterables are streamed: only the current feed is held in memory.
+Input lists, re-iterable iterables and callables are streamed: only the current feed is held in memory.
+
+A one-shot iterator (a generator) can be read only once, yet several passes read the calibration
+data (seq-mse, calibrate, bias-correction, the automatic fallback...), each wrapping the same source
+again. So a one-shot source is recorded as it is first read (``_Replay``) and every later wrapping
+of the same iterator object replays the record, then continues reading the source where the
+record ends: every pass sees all of the data, and the source is read exactly once. Recorded feeds
+are copies (a generator may refill one buffer); past ``REPLAY_MEMORY_BYTES`` they go to
+uncompressed ``.npz`` files in a temporary directory, removed when the iterator is garbage.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -24,6 +34,8 @@ from onnx import helper
 from qpasses.errors import CalibrationDataError
 
 DEFAULT_BATCH_SIZE = 16
+REPLAY_MEMORY_BYTES = 256 << 20
+"""Bytes of a one-shot source's recorded feeds kept in memory; later feeds are spilled to disk."""
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -428,6 +440,128 @@ def _npz_plan(
 _BatchFactory = Callable[[], Iterator[tuple[str, Any]]]
 
 
+def _copied(raw: Any) -> Any:
+    """A feed's arrays copied (the source may reuse its buffers); anything odd is kept for validation to report."""
+    if not isinstance(raw, Mapping):
+        return raw
+    try:
+        return {k: np.array(v) for k, v in raw.items()}
+    except (ValueError, TypeError):
+        return raw
+
+
+def _nbytes(feed: Any) -> int:
+    if not isinstance(feed, Mapping):
+        return 0
+    return sum(v.nbytes for v in feed.values() if isinstance(v, np.ndarray))
+
+
+def _spillable(feed: Any) -> bool:
+    return isinstance(feed, Mapping) and all(
+        isinstance(k, str) and isinstance(v, np.ndarray) and not v.dtype.hasobject for k, v in feed.items())
+
+
+class _Replay:
+    """A one-shot iterator of feeds, recorded as it is read so that it can be read again any number of times.
+
+    Iterations may interleave: each replays the record up to where it is, then pulls the next feed
+    from the source (recording it). Only a weak reference to the source is kept, so a cache keyed
+    by the source does not keep it alive; ``CalibrationData`` holds the source while it needs it.
+    """
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._source: weakref.ref[Iterator[Any]] | Iterator[Any]
+        try:
+            self._source = weakref.ref(source)
+        except TypeError:
+            self._source = source
+        self._items: list[Any] = []  # feeds in memory, or the Path of a spilled one
+        self._in_memory = 0
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.complete = False
+
+    @property
+    def directory(self) -> Path | None:
+        return None if self._tmp is None else Path(self._tmp.name)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _pull(self) -> bool:
+        """Read and record the source's next feed; False once it is exhausted."""
+        source = self._source() if isinstance(self._source, weakref.ref) else self._source
+        if source is None:  # cannot happen while a CalibrationData holds it; be explicit if it does
+            raise CalibrationDataError("the calibration data iterator was garbage-collected before it was read")
+        try:
+            raw = next(source)
+        except StopIteration:
+            self.complete = True
+            self._source = lambda: None  # drop the (weak) reference; nothing more to read
+            return False
+        feed = _copied(raw)
+        size = _nbytes(feed)
+        if self._in_memory + size > REPLAY_MEMORY_BYTES and _spillable(feed):
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="qpasses-calib-replay-")
+                weakref.finalize(self, self._tmp.cleanup)
+            path = Path(self._tmp.name) / f"feed_{len(self._items):06d}.npz"
+            np.savez(path, **feed)
+            self._items.append(path)
+        else:
+            self._in_memory += size
+            self._items.append(feed)
+        return True
+
+    def _item(self, i: int) -> Any:
+        item = self._items[i]
+        if isinstance(item, Path):
+            with np.load(item, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        i = 0
+        while i < len(self._items) or (not self.complete and self._pull()):
+            yield self._item(i)
+            i += 1
+
+
+# One record per one-shot source object, shared by every CalibrationData wrapping it. Weak keys, so
+# a finished generator (and its record, spilled files included) goes away with the last reference.
+_REPLAYS: weakref.WeakKeyDictionary[Any, _Replay] = weakref.WeakKeyDictionary()
+# Iterators that take no weak references (list_iterator, map...): the few most recent, held strongly.
+_STRONG_REPLAYS: dict[int, tuple[Any, _Replay]] = {}
+_STRONG_LIMIT = 4
+
+
+def _replay_for(source: Iterator[Any]) -> _Replay:
+    try:
+        replay = _REPLAYS.get(source)
+        if replay is None:
+            replay = _REPLAYS[source] = _Replay(source)
+        return replay
+    except TypeError:  # not weak-referenceable (or unhashable)
+        pass
+    hit = _STRONG_REPLAYS.get(id(source))
+    if hit is not None and hit[0] is source:
+        return hit[1]
+    replay = _Replay(source)
+    _STRONG_REPLAYS[id(source)] = (source, replay)
+    while len(_STRONG_REPLAYS) > _STRONG_LIMIT:
+        del _STRONG_REPLAYS[next(iter(_STRONG_REPLAYS))]
+    return replay
+
+
+def replay_directory(source: Any) -> Path | None:
+    """Where a one-shot source's spilled feeds are stored (None: nothing spilled, or not a one-shot source)."""
+    try:
+        replay = _REPLAYS.get(source)
+    except TypeError:
+        hit = _STRONG_REPLAYS.get(id(source))
+        replay = hit[1] if hit is not None and hit[0] is source else None
+    return None if replay is None else replay.directory
+
+
 class CalibrationData:
     """A re-iterable stream of validated feeds from any supported source.
 
@@ -444,7 +578,7 @@ class CalibrationData:
         num_batches: int | None = None,
         num_samples: int | None = None,
         requested_outputs: Sequence[str] = (),
-        one_shot: bool = False,
+        keep_alive: Any = None,
     ) -> None:
         self._batches = batches
         self.specs: list[InputSpec] = list(specs)
@@ -452,8 +586,7 @@ class CalibrationData:
         self._num_batches = num_batches
         self._num_samples = num_samples
         self.requested_outputs: list[str] = list(requested_outputs)
-        self._one_shot = one_shot
-        self._consumed = False
+        self._keep_alive = keep_alive  # a one-shot source: its replay holds it only weakly
 
     # --- constructors -------------------------------------------------------------------
 
@@ -503,17 +636,22 @@ class CalibrationData:
     def from_iterable(
         cls, source: Iterable[Mapping[str, Any]], specs: Sequence[InputSpec] | onnx.ModelProto | Any
     ) -> CalibrationData:
-        """Feeds from an iterable. A one-shot iterator/generator can be iterated only once."""
+        """Feeds from an iterable. A one-shot iterator/generator is recorded on first read and replayed
+        afterwards (see the module docstring), so it reads as all of its feeds every time."""
         specs = _coerce_specs(specs)
         one_shot = iter(source) is source
+        feeds: Iterable[Any] = _replay_for(source) if one_shot else source  # type: ignore[arg-type]
 
         def batches() -> Iterator[tuple[str, Any]]:
-            for i, feed in enumerate(source):
+            for i, feed in enumerate(feeds):
                 yield f"calibration feed {i}", feed
 
-        size = len(source) if isinstance(source, Sized) and not one_shot else None
-        return cls(batches, specs, description=f"{type(source).__name__} of feeds",
-                   num_batches=size, one_shot=one_shot)
+        if one_shot:
+            size = len(feeds) if feeds.complete else None  # type: ignore[attr-defined]
+        else:
+            size = len(source) if isinstance(source, Sized) else None
+        return cls(batches, specs, description=f"{type(source).__name__} of feeds", num_batches=size,
+                   keep_alive=source if one_shot else None)
 
     @classmethod
     def from_callable(
@@ -655,13 +793,6 @@ class CalibrationData:
     # --- iteration ----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Feed]:
-        if self._one_shot:
-            if self._consumed:
-                raise CalibrationDataError(
-                    f"the {self.description} was already consumed; pass a list or a callable "
-                    f"returning a fresh iterable so calibration can read the data again"
-                )
-            self._consumed = True
         return self._iterate()
 
     def _iterate(self) -> Iterator[Feed]:
