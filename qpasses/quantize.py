@@ -25,6 +25,7 @@ from qpasses import encodings_io
 from qpasses.context import PassContext
 from qpasses.encodings_io import EncodingsFile
 from qpasses.errors import CalibrationDataError, QPassesError
+from qpasses.model_checks import check_quantizable
 from qpasses.output_dir import staged_output_dir
 from qpasses.pass_base import Pass
 from qpasses.pass_manager import PassManager, PipelineReport, Verify
@@ -173,6 +174,7 @@ def quantize_once(
     registry = registry or default_registry()
     target = resolve_target(target, registry)
     graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
+    check_quantizable(graph, str(model) if isinstance(model, (str, os.PathLike)) else None)
 
     # Ops inside model-local functions are invisible to every pass: inline them first.
     passes: list[Pass] = [registry.create_pass("inline-functions")]

@@ -56,8 +56,6 @@ def test_valid_models_pass() -> None:
     exact_session(model)  # and onnxruntime agrees
 
 
-@pytest.mark.xfail(reason="needs quantize_once to call qpasses.model_checks.check_quantizable on the loaded graph "
-                          "(quantize.py belongs to the lead)", strict=False)
 def test_quantize_refuses_a_model_without_outputs() -> None:
     with pytest.raises(ModelCheckError, match="no graph outputs"):
         quantize_model(_model([]), _feeds(), progress=False)
