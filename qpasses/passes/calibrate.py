@@ -3,12 +3,24 @@
 Only the annotation changes (``tensor.encoding``): the graph structure and every analysis stay
 valid. Encodings from a user's overrides file are kept; tensors the user pinned to float
 (a float precision override) are not calibrated; an integer precision override sets the bitwidth.
+
+Outliers: the same pass over the data tracks each tensor's per-sample extremes (``SampleExtremes``).
+When a few samples set a range more than ``OUTLIER_RATIO`` times the other samples' range beyond it
+(one corrupt 1e30 in one image), a ``CalibrationOutlierWarning`` and a ``missed`` remark name the
+tensors and the samples. tf/symmetric keep the true min/max (that is what they mean); percentile and
+enhanced leave those samples out: a second pass, for the affected tensors only, collects their
+histogram on the other samples' range (``FixedHistogramObserver``), so one value cannot stretch the
+bins until every other value shares the first one, and their input means for bias correction.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
+
+from numpy.typing import ArrayLike
 
 from graph_ir import Graph
 from qpasses.analyses import ConstantData, Shapes, TopologicalOrder
@@ -21,7 +33,15 @@ from qpasses.errors import CalibrationDataError, EncodingError, PassError
 from qpasses.pass_base import Pass, PassResult
 from qpasses.precision_type import encoding_bitwidth
 from qpasses.quant_plan import QuantPlan, weighted_layer_inputs
-from qpasses.statistics import ChannelMeans
+from qpasses.statistics import (
+    OUTLIER_RATIO,
+    CalibrationOutlierWarning,
+    ChannelMeans,
+    FixedHistogramObserver,
+    Outliers,
+    SampleExtremes,
+    SkipSamples,
+)
 
 MODES: Final = ("tf", "enhanced", "percentile", "symmetric")
 _HISTOGRAM_MODES: Final = ("enhanced", "percentile")
@@ -35,6 +55,23 @@ def calibration_feeds(source: Any, graph: Graph, batch_size: int) -> Calibration
             "{input name: array} feeds, an .npz file or a QNN input list), or use --calib on the command line"
         )
     return CalibrationData.from_source(source, graph, batch_size=batch_size)
+
+
+class _Taps:
+    """Several observers fed every value of one tensor, through ``collect_statistics``' ``channel_means`` hook."""
+
+    def __init__(self, *observers: Any) -> None:
+        self.observers = observers
+
+    def update(self, values: ArrayLike) -> None:
+        for observer in self.observers:
+            observer.update(values)
+
+
+def _taps(*groups: Mapping[str, Any]) -> dict[str, ChannelMeans]:
+    names = dict.fromkeys(name for group in groups for name in group)
+    taps = {name: _Taps(*(group[name] for group in groups if name in group)) for name in names}
+    return cast(dict[str, ChannelMeans], taps)  # anything with update(values) serves the hook
 
 
 class Calibrate(Pass):
@@ -84,10 +121,22 @@ class Calibrate(Pass):
         # Input means of weighted layers ride along for bias correction (one pass over the data:
         # a generator of feeds can only be read once).
         means = {name: ChannelMeans() for name in weighted_layer_inputs(graph)}
-        observers = collect_statistics(model, list(bitwidths), data, histogram=o.mode in _HISTOGRAM_MODES,
-                                       progress=o.progress, channel_means=means)
-        ctx.state["channel_means"] = (graph.version, {n: m.mean for n, m in means.items() if m.mean is not None})
+        extremes = {name: SampleExtremes() for name in dict.fromkeys([*bitwidths, *means])}
+        observers: dict[str, Any] = collect_statistics(
+            model, list(bitwidths), data, histogram=o.mode in _HISTOGRAM_MODES, progress=o.progress,
+            channel_means=_taps(means, extremes))
 
+        outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
+        if outliers:
+            self._report_outliers(graph, {n: v for n, v in outliers.items() if n in bitwidths}, o.mode)
+            if o.mode in _HISTOGRAM_MODES:
+                histograms, clean_means = self._without_outliers(
+                    model, data, {n: v for n, v in outliers.items() if n in observers},
+                    {n: v for n, v in outliers.items() if n in means})
+                observers.update(histograms)
+                means.update(clean_means)
+
+        ctx.state["channel_means"] = (graph.version, {n: m.mean for n, m in means.items() if m.mean is not None})
         reasons = unavailable_tensors(model, bitwidths)
         calibrated: list[str] = []
         for name, bw in bitwidths.items():
@@ -110,3 +159,37 @@ class Calibrate(Pass):
         )
         # Encodings are annotations: the graph version is untouched, so the analyses stay valid.
         return self.result(bool(calibrated))
+
+    def _report_outliers(self, graph: Graph, outliers: dict[str, Outliers], mode: str) -> None:
+        """One warning and one remark per set of outlier samples, naming the tensors (graph inputs first)."""
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for name in sorted(outliers, key=lambda n: n not in graph.inputs):
+            groups.setdefault(outliers[name].samples, []).append(name)
+        robust = mode in _HISTOGRAM_MODES
+        for samples, names in groups.items():
+            shown = "; ".join(f"{'input ' if n in graph.inputs else ''}'{n}': {outliers[n].describe()}"
+                              for n in names[:4])
+            more = f"; and {len(names) - 4} more tensors" if len(names) > 4 else ""
+            which = f"sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))}"
+            effect = (f"{mode} leaves {'them' if len(samples) > 1 else 'it'} out of these tensors' statistics"
+                      if robust else f"{mode} keeps the full range, so every other value gets few levels: fix the "
+                      "data, or calibrate with mode percentile or enhanced, which leave such samples out")
+            reason = (f"{which} of the calibration data (counting from 0 in reading order) reach more than "
+                      f"{OUTLIER_RATIO:g}x the other samples' range beyond it: {shown}{more}; {effect}")
+            self.remarks.missed(f"calibration outlier: {which} set{'' if len(samples) > 1 else 's'} the range of "
+                                f"{len(names)} tensors", names, reason=reason)
+            warnings.warn(f"calibrate: {reason}", CalibrationOutlierWarning, stacklevel=2)
+
+    def _without_outliers(self, model: Any, data: CalibrationData, ranged: dict[str, Outliers],
+                          averaged: dict[str, Outliers]) -> tuple[dict[str, Any], dict[str, ChannelMeans]]:
+        """Histograms on the other samples' range and input means, without the outlier samples (a second pass)."""
+        fixed = {name: FixedHistogramObserver(found.rest_min, found.rest_max, frozenset(found.samples))
+                 for name, found in ranged.items()}
+        means = {name: ChannelMeans() for name in averaged}
+        skipping = {name: SkipSamples(means[name], frozenset(found.samples)) for name, found in averaged.items()}
+        collect_statistics(model, [], data, progress=self.options.progress, channel_means=_taps(fixed, skipping))
+        changed = sorted(name for name, obs in fixed.items() if obs.dropped)
+        if changed:
+            self.remarks.analysis("calibration data changed between reads", changed,
+                                  reason="values outside the range measured in the first read were left out")
+        return {name: obs.histogram for name, obs in fixed.items()}, means
