@@ -92,6 +92,16 @@ def test_robust_modes_are_not_moved_by_one_value(mode: str) -> None:
             assert t.encoding.scale[0] == pytest.approx(reference.tensors[name].encoding.scale[0], rel=0.05), name
 
 
+def test_outlier_samples_are_left_for_later_steps() -> None:
+    """Steps that score on calibration batches (runtime parity, fallback) can tell which samples are corrupt."""
+    graph = graph_ir.load(str(MODEL))
+    ctx = PassContext(calibration_data=_feeds(_calib()))
+    with pytest.warns(CalibrationOutlierWarning, match=r"sample 37 of the calibration data .* reaches more"):
+        PassManager([default_registry().create_pass("calibrate", progress=False)], verify="none").run(graph, ctx)
+    found = ctx.state["calibration_outliers"]
+    assert found["input"].samples == (BAD_SAMPLE,) and (found["input"].rest_min, found["input"].rest_max) == (0, 1)
+
+
 def test_clean_data_gives_no_warning() -> None:
     for mode in ("tf", "percentile"):
         _, remarks, caught = _calibrate(_calib(None), mode)

@@ -127,6 +127,8 @@ class Calibrate(Pass):
             channel_means=_taps(means, extremes))
 
         outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
+        # For later steps that score on calibration batches (parity, fallback): which samples are corrupt.
+        ctx.state["calibration_outliers"] = outliers
         if outliers:
             self._report_outliers(graph, {n: v for n, v in outliers.items() if n in bitwidths}, o.mode)
             if o.mode in _HISTOGRAM_MODES:
@@ -174,8 +176,9 @@ class Calibrate(Pass):
             effect = (f"{mode} leaves {'them' if len(samples) > 1 else 'it'} out of these tensors' statistics"
                       if robust else f"{mode} keeps the full range, so every other value gets few levels: fix the "
                       "data, or calibrate with mode percentile or enhanced, which leave such samples out")
-            reason = (f"{which} of the calibration data (counting from 0 in reading order) reach more than "
-                      f"{OUTLIER_RATIO:g}x the other samples' range beyond it: {shown}{more}; {effect}")
+            reason = (f"{which} of the calibration data (counting from 0 in reading order) reach"
+                      f"{'' if len(samples) > 1 else 'es'} more than {OUTLIER_RATIO:g}x the other samples' range "
+                      f"beyond it: {shown}{more}; {effect}")
             self.remarks.missed(f"calibration outlier: {which} set{'' if len(samples) > 1 else 's'} the range of "
                                 f"{len(names)} tensors", names, reason=reason)
             warnings.warn(f"calibrate: {reason}", CalibrationOutlierWarning, stacklevel=2)
