@@ -1,7 +1,8 @@
-"""Calibration: streaming statistics from one onnxruntime session, and the ``calibrate`` pass.
+"""Calibration: streaming statistics from onnxruntime sessions, the per-run cap, and the ``calibrate`` pass.
 
 References are computed independently: a model exposing the tensors built with onnx.helper, run
-by onnxruntime on all samples in one batch, and encodings computed from the raw values.
+by onnxruntime on all samples in one batch, and encodings computed from the raw values (histograms:
+the one-shot histogram of all values on the canonical grid, computed here with numpy).
 """
 
 from __future__ import annotations
@@ -15,16 +16,23 @@ import pytest
 from onnx import TensorProto, helper
 
 import graph_ir
-from qpasses.calibration import collect_statistics, iterate_tensors, unavailable_tensors
+from qpasses.calibration import (
+    DEFAULT_MAX_BYTES_PER_RUN,
+    TensorTap,
+    calibration_session,
+    collect_statistics,
+    iterate_chunks,
+    iterate_tensors,
+    unavailable_tensors,
+)
 from qpasses.context import PassContext
 from qpasses.encodings import Encoding, compute
 from qpasses.encodings_io import PrecisionOverride
-from qpasses.errors import CalibrationDataError
+from qpasses.errors import CalibrationDataError, PassError
 from qpasses.passes.calibrate import Calibrate
 from qpasses.quant_plan import QuantPlan
 from qpasses.registry import default_registry
-from qpasses.statistics import Histogram, HistogramObserver, MinMaxObserver
-from qpasses.verification import runtime_session
+from qpasses.statistics import DEFAULT_BINS, Histogram, HistogramObserver, MinMaxObserver
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -47,15 +55,15 @@ def reference(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The digits model's ``names`` on all calibration samples, from a hand-built session.
 
     It exposes exactly ``names``, like calibration does: onnxruntime fuses differently (and rounds
-    differently in the last bit) depending on which tensors must stay visible. Calibration runs
-    with every graph optimization on, so this reference does too (``runtime_session``): the model
-    is FP32 (no integer kernels) and the statistics must match bit for bit.
+    differently in the last bit) depending on which tensors must stay visible. The session is
+    configured as calibration's (``calibration_session``: graph optimizations on but the NCHWc
+    layout): the model is FP32 (no integer kernels) and the statistics must match bit for bit.
     """
     model = onnx.load(DIGITS)
     outputs = {o.name for o in model.graph.output}
     fetch = [n for n in names if n != "input"]
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in fetch if n not in outputs)
-    session = runtime_session(model)
+    session = calibration_session(model)
     values = dict(zip(fetch, session.run(fetch, {"input": calib_x()}), strict=True))
     values["input"] = calib_x()
     return values
@@ -93,29 +101,54 @@ def test_min_max_encodings_equal_direct_computation(mode: str) -> None:
     assert applied == [f"calibrated {len(names)} activations ({mode}, 8-bit) on 256 samples in 16 batches"]
 
 
+def canonical_histogram(values: np.ndarray, bins: int = DEFAULT_BINS) -> Histogram:
+    """The documented grid, computed by brute force: the smallest power-of-two width ``2^e`` (edges at
+    multiples of it, and at least 2^-60 of the largest magnitude) whose bins cover [min, max] in
+    ``bins`` bins; exact counts of floor(x / 2^e)."""
+    x = np.asarray(values, np.float64).ravel()
+    lo, hi = float(x.min()), float(x.max())
+    e = max(np.frexp(max(abs(lo), abs(hi)))[1] - 60, -1000) if max(abs(lo), abs(hi)) else -1000
+    while np.floor(np.ldexp(hi, -e)) - np.floor(np.ldexp(lo, -e)) >= bins:
+        e += 1
+    index = np.floor(np.ldexp(x, -e)).astype(np.int64)
+    base = int(index.min())
+    counts = np.bincount(index - base, minlength=2)
+    return Histogram(float(np.ldexp(float(base), e)), float(np.ldexp(1.0, e)), counts, lo, hi)
+
+
+def assert_same_histogram(obs: object, expected: Histogram, name: str = "") -> None:
+    assert isinstance(obs, HistogramObserver), name
+    h = obs.histogram
+    assert (h.lo, h.width, h.min, h.max) == (expected.lo, expected.width, expected.min, expected.max), name
+    np.testing.assert_array_equal(h.counts, expected.counts, err_msg=name)
+
+
+@pytest.mark.parametrize("batch", [256, 16])
+def test_streaming_histograms_are_the_one_shot_histogram_on_the_canonical_grid(batch: int) -> None:
+    model = onnx.load(DIGITS)
+    names = activations(graph_ir.load(DIGITS))
+    stats = collect_statistics(model, names, feeds(batch), histogram=True, progress=False)
+    for name in names:
+        values = plan_values()[name]
+        assert_same_histogram(stats[name], canonical_histogram(values), name)
+        # More than bins / 2 and at most bins bins cover [min, max].
+        assert DEFAULT_BINS // 2 < len(stats[name].histogram.counts) <= DEFAULT_BINS, name
+
+
 @pytest.mark.parametrize("mode", ["enhanced", "percentile"])
 def test_histogram_encodings_equal_direct_computation(mode: str) -> None:
-    """One batch: the streaming histogram is the one-shot histogram of all the values."""
-    graph, _ = calibrated(mode, batch_size=256)
+    graph, _ = calibrated(mode, batch_size=16)
     for name in activations(graph):
         values = plan_values()[name]
-        assert graph.tensors[name].encoding == compute(Histogram.from_values(values), 8, mode), name
-        if mode == "enhanced":  # the raw-values path builds the same histogram itself
-            assert graph.tensors[name].encoding == compute(values, 8, mode), name
-        else:  # clipping the tails never widens the min/max range
-            enc, tf = graph.tensors[name].encoding, compute(values, 8, "tf")
-            assert tf.min[0] - tf.scale[0] <= enc.min[0] and enc.max[0] <= tf.max[0] + tf.scale[0], name
-
-
-@pytest.mark.parametrize("mode", ["enhanced", "percentile"])
-def test_streaming_histograms_equal_an_observer_fed_the_same_batches(mode: str) -> None:
-    graph, _ = calibrated(mode, batch_size=16)
-    x = calib_x()
-    for name in activations(graph):
-        obs = HistogramObserver()
-        for i in range(0, len(x), 16):
-            obs.update(plan_values()[name][i:i + 16])
-        assert graph.tensors[name].encoding == compute(obs, 8, mode), name
+        enc = graph.tensors[name].encoding
+        assert enc == compute(canonical_histogram(values), 8, mode), name
+        # Against the one-shot 2048-bin histogram spanning exactly [min, max] (another grid): close.
+        # tf_enhanced searches discrete steps, so a slightly different histogram may pick a neighbour.
+        one_shot, tf = compute(Histogram.from_values(values), 8, mode), compute(values, 8, "tf")
+        span = tf.max[0] - tf.min[0]
+        tolerance = 0.02 if mode == "enhanced" else 0.001
+        assert abs(enc.min[0] - one_shot.min[0]) <= tolerance * span, name
+        assert abs(enc.max[0] - one_shot.max[0]) <= tolerance * span, name
 
 
 def test_many_small_batches_equal_one_big_batch() -> None:
@@ -131,10 +164,18 @@ def test_many_small_batches_equal_one_big_batch() -> None:
             assert (obs.min, obs.max) == (one[name].min, one[name].max), name
             assert compute(obs, 8, "tf") == compute(one[name], 8, "tf")
         assert one[name].min[0] == plan_values()[name].min() and one[name].max[0] == plan_values()[name].max()
+    # Histograms too: the same rows as one batch, as many small ones, in another order.
+    x = calib_x()
+    order = np.random.default_rng(0).permutation(len(x))
+    one_h = collect_statistics(model, names, feeds(256), histogram=True, progress=False)
+    for data in (feeds(3), feeds(5, x[order])):
+        many_h = collect_statistics(model, names, data, histogram=True, progress=False)
+        for name in names:
+            assert_same_histogram(many_h[name], one_h[name].histogram, name)
 
 
-def test_fast_histogram_update_counts_like_the_observer() -> None:
-    """The chunked update must bin exactly like HistogramObserver.update, through range growth on both sides."""
+def test_grid_histogram_counts_exactly_through_range_growth() -> None:
+    """Growth on both sides, a value on the top edge, negative and tiny ranges: any batching, any order."""
     rng = np.random.default_rng(0)
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "g",
@@ -143,15 +184,19 @@ def test_fast_histogram_update_counts_like_the_observer() -> None:
         opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     batches = [rng.standard_normal(200_000).astype(np.float32) * s + c
                for s, c in [(1, 0), (0.1, 0), (5, 3), (1, -20), (30, 0), (0.5, 0.25)]]
-    batches.append(np.full(10, batches[0].max(), np.float32))  # lands exactly on the top edge
-    stats = collect_statistics(model, ["y"], [{"x": b} for b in batches], histogram=True, progress=False)
-    ours, expected = stats["y"], HistogramObserver()
-    for b in batches:
-        expected.update(b)
-    assert isinstance(ours, HistogramObserver)
-    a, b = ours.histogram, expected.histogram
-    assert (a.lo, a.width, a.min, a.max) == (b.lo, b.width, b.min, b.max)
-    np.testing.assert_array_equal(a.counts, b.counts)
+    batches.append(np.full(10, batches[4].max(), np.float32))  # exactly the overall max
+    everything = np.concatenate(batches)
+    for order in (range(len(batches)), reversed(range(len(batches)))):
+        data = [{"x": batches[i]} for i in order]
+        for cap in (None, 100_000):  # 100 kB: split into rows of the 1-D input
+            stats = collect_statistics(model, ["y"], data, histogram=True, progress=False, max_bytes_per_run=cap)
+            assert_same_histogram(stats["y"], canonical_histogram(everything))
+    for values in (np.zeros(7, np.float32), np.full(5, -3.5, np.float32), np.float32([1e-30, 3e-30, -2e-30]),
+                   np.float32([100.0, 100.00001, 99.99999])):
+        stats = collect_statistics(model, ["y"], [{"x": values[:2]}, {"x": values[2:]}], histogram=True,
+                                   progress=False)
+        assert_same_histogram(stats["y"], canonical_histogram(values))
+        assert compute(stats["y"], 8, "enhanced") == compute(canonical_histogram(values), 8, "enhanced")
 
 
 def test_iterate_tensors_streams_requested_tensors() -> None:
@@ -254,3 +299,145 @@ def test_non_finite_activations_are_rejected() -> None:
     x[5, 0, 3, 3] = np.nan
     with pytest.raises(CalibrationDataError, match="'input' has NaN or infinite values in batch 0"):
         collect_statistics(onnx.load(DIGITS), ["input", "logits"], feeds(32, x), progress=False)
+
+
+# --- the cap on the bytes one run returns --------------------------------------------------------------------
+
+
+class CountingTap(TensorTap):
+    """Records the bytes each onnxruntime run returns."""
+
+    def _run(self, *args: object, **kwargs: object) -> list[np.ndarray]:  # type: ignore[override]
+        values = super()._run(*args, **kwargs)  # type: ignore[arg-type]
+        self.returned = [*getattr(self, "returned", []), sum(v.nbytes for v in values)]
+        return values
+
+
+def gathered(model: onnx.ModelProto, names: list[str], data: list[dict[str, np.ndarray]],
+             cap: int | None) -> dict[str, np.ndarray]:
+    """Every piece ``iterate_chunks`` yields, put back together in row order."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for _, piece in iterate_chunks(model, names, data, cap):
+        for name, value in piece.items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+@pytest.mark.parametrize("model_file", ["digits_cnn.onnx", "digits_cnn_residual.onnx"])
+def test_encodings_do_not_depend_on_batch_size_or_cap(model_file: str) -> None:
+    """Batch sizes 1, 7, 16 x no cap, the default cap and a 1-byte cap (every run split as finely as
+    the model allows: one row, one segment between requested tensors): identical encodings in every mode."""
+    graph = graph_ir.load(MODELS / model_file)
+    model, names = graph.to_onnx(), activations(graph)
+    tiny = TensorTap(model, names, max_bytes_per_run=1)
+    plan = tiny._plan({"input": calib_x()[:16]})
+    assert plan.rows == 1 and plan.segments is not None and len(plan.segments) >= 5
+    x = calib_x()
+    modes = {False: ("tf", "symmetric"), True: ("enhanced", "percentile")}
+    for histogram, mode_names in modes.items():
+        expected = collect_statistics(model, names, feeds(16, x), histogram=histogram, progress=False,
+                                      max_bytes_per_run=None)
+        for batch in (1, 7, 16):
+            for cap in (None, DEFAULT_MAX_BYTES_PER_RUN, 1):
+                stats = collect_statistics(model, names, feeds(batch, x), histogram=histogram, progress=False,
+                                           max_bytes_per_run=cap)
+                assert list(stats) == list(expected)
+                for name in names:
+                    if histogram:  # the same histogram, so the same encodings (checked once: the search is slow)
+                        assert_same_histogram(stats[name], expected[name].histogram, name)
+                    if not histogram or (batch, cap) == (7, 1):
+                        for mode in mode_names:
+                            assert compute(stats[name], 8, mode) == compute(expected[name], 8, mode), (batch, cap, name)
+
+
+def test_calibrate_pass_encodings_do_not_depend_on_the_cap() -> None:
+    for mode in ("tf", "enhanced"):
+        default, _ = calibrated(mode)
+        for batch_size, cap in ((7, 1), (1, 0), (16, 50_000)):
+            graph, _ = calibrated(mode, batch_size=batch_size, max_bytes_per_run=cap)
+            for name in activations(graph):
+                assert graph.tensors[name].encoding == default.tensors[name].encoding, (mode, batch_size, cap, name)
+    with pytest.raises(PassError, match="max_bytes_per_run"):
+        calibrated("tf", max_bytes_per_run=-1)
+
+
+def test_capped_runs_deliver_every_value_once_and_bit_exact() -> None:
+    model = onnx.load(DIGITS)
+    names = activations(graph_ir.load(DIGITS))
+    expected = reference(tuple(names))
+    for batch, cap in ((16, 1), (7, 20_000), (256, 1 << 20)):
+        got = gathered(model, names, feeds(batch), cap)
+        assert sorted(got) == sorted(names)
+        for name in names:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{name} batch {batch} cap {cap}")
+
+
+def test_no_run_returns_more_than_the_cap() -> None:
+    graph = graph_ir.load(MODELS / "digits_cnn_residual.onnx")
+    model, names = graph.to_onnx(), activations(graph)
+    per_row = {n: v.nbytes // len(v) for n, v in gathered(model, names, feeds(256), None).items()}
+    total = sum(per_row.values())
+    for cap in (total * 5, total // 2, total // 4):  # one row per run; segments when a row is over the cap
+        tap = CountingTap(model, names, max_bytes_per_run=cap)
+        for piece in tap.chunks({"input": calib_x()[:16]}):
+            assert piece
+        assert tap.returned and max(tap.returned) <= cap, (cap, tap.returned)
+        plan = tap._plan({"input": calib_x()[:16]})
+        assert plan.rows == 1 and (plan.segments is None if cap > total else len(plan.segments or ()) >= 2)
+    uncapped = CountingTap(model, names, max_bytes_per_run=None)
+    list(uncapped.chunks({"input": calib_x()[:16]}))
+    assert uncapped.returned == [sum(per_row[n] for n in names if n != "input") * 16]
+
+
+def branchy_model() -> onnx.ModelProto:
+    """Fixed batch (no row split), a weight transposed by a node, a data-dependent shape and an If
+    whose branches read a tensor of the outer graph: what cutting into segments must get right."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [6, 4], rng.standard_normal((6, 4)).astype(np.float32).ravel())
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    then_branch = helper.make_graph([helper.make_node("Add", ["a", "one"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Sub", ["a", "one"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("NonZero", ["a"], ["nz"]),
+        helper.make_node("Cast", ["nz"], ["nzf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["a"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["branch"], then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Sigmoid", ["branch"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], [w, one, zero])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_segments_handle_subgraphs_constant_nodes_and_unknown_shapes() -> None:
+    model = branchy_model()
+    names = ["x", "h", "a", "nzf", "branch", "y"]
+    rng = np.random.default_rng(1)
+    data = [{"x": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(4)]
+    tap = TensorTap(model, names, max_bytes_per_run=1)
+    plan = tap._plan(data[0])
+    assert plan.rows is None and plan.segments is not None and len(plan.segments) >= 3
+    assert all("wt" not in s.inputs and "cond" not in s.inputs for s in plan.segments)  # never cut there
+    assert any("a" in s.inputs and s.requested == ("branch",) for s in plan.segments)  # the If reads 'a'
+    assert tap._sizes and max(tap._sizes.values())["nzf"] > 0  # measured by onnxruntime
+    pieces = {cap: [p for _, p in iterate_chunks(model, names, data, cap)] for cap in (1, None)}
+    assert len(pieces[1]) > len(pieces[None]) == 2 * len(data)  # the graph input, then one run per batch
+    for cap, parts in pieces.items():
+        values: dict[str, list[np.ndarray]] = {}
+        for part in parts:
+            for name, value in part.items():
+                values.setdefault(name, []).append(value)
+        pieces[cap] = values  # type: ignore[assignment]
+    np.testing.assert_equal(pieces[1], pieces[None])  # each feed's values, in feed order
+    for histogram in (False, True):
+        capped = collect_statistics(model, names, data, histogram=histogram, progress=False, max_bytes_per_run=1)
+        whole = collect_statistics(model, names, data, histogram=histogram, progress=False, max_bytes_per_run=None)
+        for name in names:
+            assert compute(capped[name], 8, "tf") == compute(whole[name], 8, "tf"), name

@@ -4,6 +4,9 @@ Only the annotation changes (``tensor.encoding``): the graph structure and every
 valid. Encodings from a user's overrides file are kept; tensors the user pinned to float
 (a float precision override) are not calibrated; an integer precision override sets the bitwidth.
 
+``max_bytes_per_run`` caps the bytes of the activations one onnxruntime run returns (default 64 MiB;
+0: no cap, one run per batch); the encodings do not depend on it (see ``qpasses.calibration``).
+
 Outliers: the same pass over the data tracks each tensor's per-sample extremes (``SampleExtremes``).
 When a few samples set a range more than ``OUTLIER_RATIO`` times the other samples' range beyond it
 (one corrupt 1e30 in one image), a ``CalibrationOutlierWarning`` and a ``missed`` remark name the
@@ -24,7 +27,7 @@ from numpy.typing import ArrayLike
 
 from graph_ir import Graph
 from qpasses.analyses import ConstantData, Shapes, TopologicalOrder
-from qpasses.calibration import collect_statistics, unavailable_tensors
+from qpasses.calibration import DEFAULT_MAX_BYTES_PER_RUN, collect_statistics, unavailable_tensors
 from qpasses.calibration_data import CalibrationData
 from qpasses.context import PassContext
 from qpasses.encodings import compute, validate_bitwidth
@@ -87,6 +90,7 @@ class Calibrate(Pass):
         percentile: float = 99.99
         batch_size: int = 16
         progress: bool = True
+        max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -94,6 +98,8 @@ class Calibrate(Pass):
             raise PassError(f"pass 'calibrate': unknown mode {o.mode!r} (expected one of {', '.join(MODES)})")
         if o.batch_size < 1:
             raise PassError(f"pass 'calibrate': batch_size must be >= 1, got {o.batch_size}")
+        if not isinstance(o.max_bytes_per_run, int) or o.max_bytes_per_run < 0:
+            raise PassError(f"pass 'calibrate': max_bytes_per_run must be >= 0 (0: no cap), got {o.max_bytes_per_run}")
         if o.mode == "percentile" and not 50.0 < o.percentile <= 100.0:
             raise PassError(f"pass 'calibrate': percentile must be in (50, 100], got {o.percentile}")
         validate_bitwidth(o.act_bw, "activation")
@@ -124,7 +130,7 @@ class Calibrate(Pass):
         extremes = {name: SampleExtremes() for name in dict.fromkeys([*bitwidths, *means])}
         observers: dict[str, Any] = collect_statistics(
             model, list(bitwidths), data, histogram=o.mode in _HISTOGRAM_MODES, progress=o.progress,
-            channel_means=_taps(means, extremes))
+            channel_means=_taps(means, extremes), max_bytes_per_run=o.max_bytes_per_run or None)
 
         outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
         # For later steps that score on calibration batches (parity, fallback): which samples are corrupt.
@@ -190,7 +196,8 @@ class Calibrate(Pass):
                  for name, found in ranged.items()}
         means = {name: ChannelMeans() for name in averaged}
         skipping = {name: SkipSamples(means[name], frozenset(found.samples)) for name, found in averaged.items()}
-        collect_statistics(model, [], data, progress=self.options.progress, channel_means=_taps(fixed, skipping))
+        collect_statistics(model, [], data, progress=self.options.progress, channel_means=_taps(fixed, skipping),
+                           max_bytes_per_run=self.options.max_bytes_per_run or None)
         changed = sorted(name for name, obs in fixed.items() if obs.dropped)
         if changed:
             self.remarks.analysis("calibration data changed between reads", changed,
