@@ -80,7 +80,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise QPassesError(f"no --calib given and no shipped calibration data beside {args.model} "
                                "(pass --calib DATA, or --no-calib to quantize weights only)")
         calib = str(found)
-        print(f"using calibration data {calib}")
+        print(f"using calibration data {calib}", file=sys.stderr if args.print_pipeline else sys.stdout)
     pipeline = args.pipeline
     if args.pipeline_file:
         from qpasses.pipeline import load_pipeline_file
@@ -92,6 +92,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ) if value is not None}
     if seq_mse_options and not args.seq_mse:
         raise QPassesError(f"--seq-mse-* options ({', '.join(seq_mse_options)}) need --seq-mse")
+    if args.print_pipeline:
+        from qpasses.pipeline import PassSpec, parse_pipeline
+        from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
+
+        user = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
+        flow = build_quantize_pipeline(config, QuantizeOptions(
+            calibrated=calib is not None, overrides=args.overrides, fold_batchnorm=not args.no_fold_batchnorm,
+            cle=args.cle, seq_mse=args.seq_mse, seq_mse_options=seq_mse_options,
+            bias_correction=False if args.no_bias_correction else None, target_given=args.target is not None,
+            batch_size=args.batch_size, progress=not args.quiet),
+            user_passes=[s if isinstance(s, PassSpec) else PassSpec(str(s)) for s in user])
+        print(flow.text())
+        return 0
     result = quantize_model(args.model, calib, config, overrides=args.overrides, pipeline=pipeline,
                             seq_mse=args.seq_mse, seq_mse_options=seq_mse_options,
                             cle=args.cle, fold_batchnorm=not args.no_fold_batchnorm, target=args.target,
@@ -288,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "symqt quantized model so far, symfp FP32")
     q.add_argument("--seq-mse-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument("--no-fold-batchnorm", action="store_true")
+    q.add_argument("--print-pipeline", action="store_true",
+                   help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
+                        "--target; identical model unless the automatic fallback acts)")
     q.add_argument("--no-auto-fallback", action="store_true",
                    help="don't keep the quantizers that push an output below --sqnr-floor in higher precision")
     q.add_argument("--sqnr-floor", type=float, default=20.0,

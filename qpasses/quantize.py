@@ -33,6 +33,7 @@ from qpasses.passes.apply_overrides import tensor_specs
 from qpasses.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.quant_config import QuantConfig
 from qpasses.quant_sensitivity import Sensitivity, fallback_tensors
+from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
 from qpasses.registry import Registry, default_registry
 from qpasses.runtime_parity import ParityReport
 from targets import resolve_target
@@ -159,12 +160,15 @@ def quantize_once(
     registry: Registry | None = None,
     runtime_check: bool = True,
     keep_float_tensors: Sequence[str] = (),
+    extensions: dict[str, Sequence[PassSpec]] | None = None,
 ) -> QuantizeResult:
     """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
     ``seq_mse`` searches the weight encodings on the calibration data first (options of the
     ``seq-mse`` pass in ``seq_mse_options``). ``runtime_check`` (with calibration data) runs the
     final model in onnxruntime's default session and with exact QDQ semantics on a few calibration
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
+    ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
+    The flow itself is ``build_quantize_pipeline``'s.
     """
     if seq_mse and calibration_data is None:
         raise QPassesError("SeqMSE needs calibration data: pass calibration_data (or --calib), or drop seq_mse")
@@ -176,65 +180,35 @@ def quantize_once(
     graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
     check_quantizable(graph, str(model) if isinstance(model, (str, os.PathLike)) else None)
 
-    # Ops inside model-local functions are invisible to every pass: inline them first.
-    passes: list[Pass] = [registry.create_pass("inline-functions")]
+    user_specs: list[PassSpec] = []
+    user_objects: list[Pass] = []
     if pipeline:
         if isinstance(pipeline, str):
-            passes += build_passes(parse_pipeline(pipeline), registry)
+            user_specs = parse_pipeline(pipeline)
         elif all(isinstance(p, PassSpec) for p in pipeline):
-            passes += build_passes(list(pipeline), registry)  # type: ignore[arg-type]
+            user_specs = list(pipeline)  # type: ignore[arg-type]
         else:
-            passes += list(pipeline)  # type: ignore[arg-type]
-    if fold_batchnorm:
-        passes.append(registry.create_pass("fold-batchnorm"))
-    if cle:
-        passes.append(registry.create_pass("cle"))
+            user_objects = list(pipeline)  # type: ignore[arg-type]
+    flow = build_quantize_pipeline(config, QuantizeOptions(
+        calibrated=calibration_data is not None, overrides=str(overrides) if overrides is not None else None,
+        fold_batchnorm=fold_batchnorm, cle=cle, seq_mse=seq_mse, seq_mse_options=seq_mse_options or {},
+        bias_correction=bias_correction, target_given=target is not None, batch_size=batch_size, progress=progress,
+        runtime_check=runtime_check, keep_float_tensors=tuple(keep_float_tensors)), user_passes=user_specs,
+        extensions=extensions)
+    structural = build_passes(flow.structural, registry)
+    structural[1:1] = user_objects  # Pass objects given directly run right after inline-functions
     ctx = PassContext(target=target, calibration_data=calibration_data)
     if calibration_data is not None:
         ctx.state["fp32_reference"] = graph.to_onnx()
     original_specs = tensor_specs(graph) if overrides is not None else {}
     # Structural passes first: an overrides file may name tensors they create (e.g. the
     # biases that batch-norm folding adds, as in an encodings.json this tool exported).
-    report = PassManager(passes, verify=verify).run(graph, ctx)
-    passes = []
+    report = PassManager(structural, verify=verify).run(graph, ctx)
     if overrides is not None:
         specs = {**original_specs, **tensor_specs(graph)}
         ctx.state["overrides"] = encodings_io.load(overrides, tensors=specs)
-        passes.append(registry.create_pass("apply-overrides"))
-    # Tensors 8 bits cannot carry stay float (int16 on quantized-only targets); user overrides win.
-    passes += [registry.create_pass("keep-nonfinite-float"), registry.create_pass("keep-data-independent-float")]
-    passes.append(registry.create_pass("keep-decomposed-blocks-float"))  # LayerNorm/GELU/... internals
-    if calibration_data is not None:
-        passes.append(registry.create_pass("keep-mixed-ranges-float", act_bw=config.act_bw, batch_size=batch_size))
-    if keep_float_tensors:
-        passes.append(registry.create_pass("keep-float", tensors="|".join(keep_float_tensors),
-                                           reason="automatic fallback: this quantizer cost an output the most"))
-    passes.append(registry.create_pass(
-        "annotate-precision", act_bw=config.act_bw, weight_bw=config.weight_bw, bias_bw=config.bias_bw,
-        float_bw=config.float_bw, float_bias_bw=config.float_bias_bw, calibrated=calibration_data is not None))
-    if target is not None:
-        passes.append(registry.create_pass("check-target"))
-    passes.append(registry.create_pass("int32-overrides"))
-    if seq_mse:
-        # Before encode-weights, which keeps the searched encodings; weight layout/bitwidth from the config.
-        seq_options = {"weight_bw": config.weight_bw, "per_channel": config.per_channel, "batch_size": batch_size,
-                       "progress": progress, **(seq_mse_options or {})}
-        passes.append(registry.create_pass("seq-mse", **seq_options))
-    passes.append(registry.create_pass("encode-weights", weight_bw=config.weight_bw, per_channel=config.per_channel,
-                                       mode=config.weight_mode))
-    if calibration_data is not None:
-        passes.append(registry.create_pass("calibrate", act_bw=config.act_bw, mode=config.act_mode,
-                                           percentile=config.percentile, batch_size=batch_size, progress=progress))
-    if bias_correction is None:
-        # SeqMSE's asym search already absorbs the mean error into its choice of ranges; a second,
-        # FP32-mean based correction on top measured worse (digits W4A8: 16.4 -> 12.7 dB).
-        bias_correction = not seq_mse
-    if calibration_data is not None and bias_correction:
-        passes.append(registry.create_pass("bias-correction", batch_size=batch_size))
-    passes.append(registry.create_pass("quantize", bias_bw=config.bias_bw))
-    passes.append(registry.create_pass("insert-converts"))
-    if runtime_check and calibration_data is not None:
-        passes.append(registry.create_pass("runtime-parity", batch_size=batch_size))
+        ctx.state["overrides_path"] = str(overrides)
+    passes = build_passes(flow.main, registry)
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
     encodings = ctx.state.get("encodings")
     if encodings is None or not (encodings.activations or encodings.params):

@@ -232,3 +232,25 @@ def test_float64_eval_data_is_converted(tmp_path, capsys) -> None:
 def test_rewrite_script_without_a_path_says_so(tmp_path, capsys) -> None:
     assert main(["run", DIGITS, "--pipeline", "rewrite-script", "-o", str(tmp_path / "o.onnx")]) == 2
     assert "needs its script" in _err(capsys)
+
+
+# --- one declarative pipeline: --print-pipeline text through `qpasses run` is the same model -------------
+
+
+@pytest.mark.parametrize("flags", [
+    ["--per-channel"],
+    ["--per-channel", "--cle", "--act-mode", "enhanced"],
+    ["--act-bw", "16", "--weight-bw", "4", "--target", "htp"],
+    ["--seq-mse", "--seq-mse-candidates", "5", "--no-bias-correction"],
+    ["--no-fold-batchnorm", "--weight-mode", "tf", "--target", "ort-vnni"],
+], ids=["per-channel", "cle-enhanced", "a16w4-htp", "seq-mse", "no-fold-ort-vnni"])
+def test_printed_pipeline_through_run_gives_the_same_model(tmp_path, capsys, flags) -> None:
+    base = ["quantize", DIGITS, "--calib", CALIB, *flags, "-o", str(tmp_path / "q"), "-q", "--no-auto-fallback"]
+    assert main([*base, "--print-pipeline"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert "\n" not in text and text.startswith("inline-functions")
+    assert main(base) == 0
+    target = flags[flags.index("--target") + 1] if "--target" in flags else None
+    run = ["run", DIGITS, "--pipeline", text, "--calib", CALIB, "-o", str(tmp_path / "run.onnx")]
+    assert main(run + (["--target", target] if target else [])) == 0
+    assert (tmp_path / "run.onnx").read_bytes() == (tmp_path / "q" / "model.qdq.onnx").read_bytes()

@@ -20,6 +20,7 @@ from qpasses.analyses import ConstantData, Shapes, TopologicalOrder
 from qpasses.context import PassContext
 from qpasses.encodings import Encoding
 from qpasses.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec
+from qpasses.errors import PassError
 from qpasses.pass_base import Pass, PassResult
 from qpasses.precision_type import Precision, tensor_precision
 from qpasses.quant_plan import QuantPlan, weight_channel_axis
@@ -66,7 +67,9 @@ class ApplyOverrides(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         overrides = ctx.state.get("overrides")
-        if overrides is None or self.options.path:
+        if overrides is None or (self.options.path and self.options.path != ctx.state.get("overrides_path")):
+            if not self.options.path:
+                raise PassError("pass 'apply-overrides' needs its file: apply-overrides{path=FILE.json}")
             overrides = load_overrides(self.options.path, graph)
         plan = ctx.get(QuantPlan, graph).plan
         applied = 0
