@@ -1,5 +1,7 @@
 """Built-in passes. Each module holds one pass; this tuple is what the registry loads."""
 
+from qpasses.passes.adaround import AdaRound
+from qpasses.passes.adascale import AdaScale
 from qpasses.passes.annotate_precision import AnnotatePrecision
 from qpasses.passes.apply_overrides import ApplyOverrides
 from qpasses.passes.bias_correction import BiasCorrection
@@ -35,7 +37,7 @@ BUILTIN_PASSES = (
     ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
     KeepFloat, AnnotatePrecision,
     CheckTarget, Int32Overrides,
-    SeqMSE, EncodeWeights, Calibrate,
+    SeqMSE, AdaRound, AdaScale, EncodeWeights, Calibrate,
     BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
     # checks
     RuntimeParityCheck,

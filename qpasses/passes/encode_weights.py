@@ -12,8 +12,9 @@ from qpasses.pass_base import Pass, PassResult
 from qpasses.precision_type import tensor_precision
 from qpasses.quant_plan import QuantPlan
 
-# Encodings decided before this pass that it must keep: a user's overrides, SeqMSE's search.
-_KEPT_SOURCES = frozenset({"override", "seq-mse"})
+# Encodings decided before this pass that it must keep: a user's overrides, SeqMSE's search,
+# AdaRound's / AdaScale's learned grids (whose weights already lie on them).
+_KEPT_SOURCES = frozenset({"override", "seq-mse", "adaround", "adascale"})
 
 
 class EncodeWeights(Pass):

@@ -1,0 +1,336 @@
+"""What AdaRound and AdaScale learn, found on the IR (no torch here).
+
+- ``learnable_layers``: Conv/ConvTranspose/Gemm/MatMul ops with a constant float weight the plan
+  quantizes, with the grid each starts from (SeqMSE's when ``seq-mse`` ran first, otherwise what
+  ``encode-weights`` would compute); the others get a 'missed' remark saying why;
+- ``find_blocks`` / ``named_block``: single-input single-output regions of the graph (AdaScale's
+  blocks), from the tensors that are the only live activation at some point of the topological
+  order (a residual block is one region: its skip tensor is live alongside the body);
+- ``SwappedWeights`` / ``capture``: the model with some weights replaced (the quantized model so far)
+  and per-batch values of tensors from onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_ir import Graph, Op
+from qpasses.calibration import Feed, iterate_tensors
+from qpasses.encodings import Encoding, compute, fake_quantize
+from qpasses.errors import EncodingError, PassError
+from qpasses.precision_type import tensor_precision
+from qpasses.quant_plan import WeightSpec
+from qpasses.remarks import RemarkCollector
+
+SUPPORTED: Final = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATIONS: Final = ("Relu", "Clip")
+_FLOATS: Final = frozenset({0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                            onnx.TensorProto.DOUBLE})
+
+
+@dataclass
+class Layer:
+    """One weighted op to learn: its weight, the grid it starts from, the data input."""
+
+    op: Op
+    weight: str
+    data: np.ndarray  # float32 FP32 weight
+    encoding: Encoding  # the starting grid (min-max / the mode's, or SeqMSE's)
+    source: str  # where the starting grid came from: "min-max" (the mode) or "seq-mse"
+    channel_axis: int  # the weight's output-channel axis (per-channel encodings run along it)
+
+    @property
+    def input(self) -> str:
+        return self.op.inputs[0]
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    @property
+    def bitwidth(self) -> int:
+        return self.encoding.bitwidth
+
+
+def starting_encoding(data: np.ndarray, bits: int, per_channel: bool, mode: str, axis: int) -> Encoding:
+    """The encoding ``encode-weights`` computes for this weight (same per-channel / mode rules)."""
+    if per_channel:
+        return compute(data, bits, "tf" if mode in ("symmetric", "adjusted") else mode,  # type: ignore[arg-type]
+                       axis=axis, role="weight")
+    mode = mode if mode != "adjusted" or bits == 8 else "symmetric"
+    return compute(data, bits, mode, role="weight")  # type: ignore[arg-type]
+
+
+def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, WeightSpec], remarks: RemarkCollector,
+                     *, weight_bw: int, per_channel: bool, mode: str, exclude: Iterable[str] = ()) -> list[Layer]:
+    """Supported ops in topological order; the others get a 'missed' remark with the reason."""
+    excluded = set(exclude)
+    unknown = excluded - {op.name for op in order}
+    if unknown:
+        remarks.missed("excluded ops not found", sorted(unknown), reason="no op of that name")
+    layers: list[Layer] = []
+    for op in order:
+        if op.op_type not in SUPPORTED or not op.is_standard or len(op.inputs) < 2:
+            continue
+        name = op.inputs[1]
+        spec = weights.get(name)
+        if spec is None:
+            continue  # no constant float weight the plan quantizes
+        t = graph.tensors[name]
+        precision = tensor_precision(t)
+        bits = precision.bitwidth if precision is not None and not precision.is_float else weight_bw
+        reason = ""
+        if op.name in excluded:
+            reason = "excluded by the exclude option"
+        elif spec.op != op.name or len(graph.consumers(name)) > 1:
+            reason = f"weight '{name}' is shared by several ops (its rounding would be learned for one of them)"
+        elif t.meta.get("encoding_source") == "override":
+            reason = "weight encoding given by the overrides file"
+        elif t.meta.get("encoding_source") in ("adaround", "adascale"):
+            reason = f"weight already learned by {t.meta['encoding_source']}"
+        elif precision is not None and precision.is_float:
+            reason = f"the weight is annotated {precision}"
+        elif not 4 <= bits <= 16:
+            reason = f"{bits}-bit weights are outside the 4-16 bit grids"
+        elif not op.inputs[0] or graph.tensors[op.inputs[0]].is_constant:
+            reason = "no data input"
+        elif any(c.op_type == "BatchNormalization" for out in op.outputs[:1] for c in graph.consumers(out)):
+            reason = "a BatchNormalization follows: run fold-batchnorm first (folding later rescales the weight)"
+        if reason:
+            remarks.missed("not learned", [op.name], reason=reason)
+            continue
+        data = np.asarray(t.data, dtype=np.float32)
+        if not np.isfinite(data).all():
+            remarks.missed("not learned", [op.name], reason="the weight holds NaN or infinite values")
+            continue
+        if t.meta.get("encoding_source") == "seq-mse" and isinstance(t.encoding, Encoding):
+            encoding, source = t.encoding, "seq-mse"
+        else:
+            try:
+                encoding = starting_encoding(data, bits, per_channel, mode, spec.axis)
+            except EncodingError as exc:
+                raise EncodingError(f"weight {name} of {op.name}: {exc}") from None
+            source = "min-max" if mode in ("symmetric", "tf") else mode
+        layers.append(Layer(op, name, data, encoding, source, spec.axis))
+    return layers
+
+
+def activation_after(graph: Graph, op: Op) -> Op | None:
+    """A Relu or Clip (constant bounds) that alone reads the op's output: its loss is taken after it."""
+    out = op.outputs[0] if op.outputs else ""
+    if not out or graph.is_graph_output(out):
+        return None
+    readers = graph.consumers(out)
+    if len(readers) != 1:
+        return None
+    act = readers[0]
+    if act.op_type not in ACTIVATIONS or not act.is_standard or act.inputs[0] != out:
+        return None
+    if any(name and not graph.tensors[name].is_constant for name in act.inputs[1:]):
+        return None
+    return act
+
+
+# --- blocks -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """A single-input single-output region: ``ops`` compute ``output`` from ``input`` and constants."""
+
+    input: str
+    output: str
+    ops: list[Op]
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.input} -> {self.output}"
+
+
+def _is_activation(graph: Graph, name: str, dtypes: dict[str, int]) -> bool:
+    t = graph.tensors.get(name)
+    return t is not None and not t.is_constant and dtypes.get(name, t.dtype) in _FLOATS
+
+
+def cut_points(graph: Graph, order: Sequence[Op], dtypes: dict[str, int]) -> list[tuple[int, str]]:
+    """(position, tensor): after the op at ``position`` (-1: before the first op) only ``tensor`` is live."""
+    position = {op.id: i for i, op in enumerate(order)}
+    end = len(order)
+    born: dict[int, list[str]] = {}
+    dies: dict[int, list[str]] = {}
+
+    def track(name: str, start: int) -> None:
+        if not _is_activation(graph, name, dtypes):
+            return
+        last = max((position[op.id] for op in graph.consumers(name) if op.id in position), default=start)
+        if graph.is_graph_output(name):
+            last = end
+        if last > start:
+            born.setdefault(start, []).append(name)
+            dies.setdefault(last, []).append(name)
+
+    for name in graph.inputs:
+        track(name, -1)
+    for op in order:
+        for name in op.outputs:
+            if name:
+                track(name, position[op.id])
+    live: dict[str, None] = {}
+    cuts: list[tuple[int, str]] = []
+    for i in range(-1, end):
+        for name in dies.get(i, ()):
+            live.pop(name, None)
+        for name in born.get(i, ()):
+            live[name] = None
+        if len(live) == 1:
+            cuts.append((i, next(iter(live))))
+    return cuts
+
+
+def find_blocks(graph: Graph, order: Sequence[Op], layers: Sequence[Layer], dtypes: dict[str, int],
+                layers_per_block: int = 1) -> tuple[list[Block], list[Layer]]:
+    """Blocks between cut points, each holding at least ``layers_per_block`` layers (fewer at the end).
+
+    A block ends where the next region with a layer begins, so the ops after a layer (activation,
+    pooling, a residual Add...) belong to its block and its loss is taken after them. Layers outside
+    every block (before the first cut point) are returned as the second item.
+    """
+    by_op = {layer.op.id: layer for layer in layers}
+    cuts = cut_points(graph, order, dtypes)
+    blocks: list[Block] = []
+    current: Block | None = None
+    placed: set[int] = set()
+    for (start, source), (stop, target) in zip(cuts, cuts[1:], strict=False):
+        ops = list(order[start + 1:stop + 1])
+        found = [by_op[op.id] for op in ops if op.id in by_op]
+        if current is not None and found and len(current.layers) >= layers_per_block:
+            blocks.append(current)
+            current = None
+        if current is None:
+            if not found:
+                continue
+            current = Block(source, target, [])
+        current.ops += ops
+        current.output = target
+        current.layers += found
+        placed.update(layer.op.id for layer in found)
+    if current is not None:
+        blocks.append(current)
+    return blocks, [layer for layer in layers if layer.op.id not in placed]
+
+
+def named_block(graph: Graph, order: Sequence[Op], spec: str, layers: Sequence[Layer]) -> Block:
+    """The block ``"start->end"`` named by the user, checked to be single-input single-output."""
+    if "->" not in spec:
+        raise PassError(f"pass 'adascale': block {spec!r} is not written start->end (two tensor names)")
+    start, end = (s.strip() for s in spec.split("->", 1))
+    for name in (start, end):
+        if name not in graph.tensors or graph.tensors[name].is_constant:
+            raise PassError(f"pass 'adascale': block {spec!r}: '{name}' is not an activation tensor of the model")
+    # Ops that depend on start and that end depends on.
+    after: set[str] = {start}
+    downstream: set[int] = set()
+    for op in order:
+        if any(n in after for n in op.inputs if n):
+            downstream.add(op.id)
+            after.update(n for n in op.outputs if n)
+    needed: set[int] = set()
+    wanted = {end}
+    for op in reversed(order):
+        if any(n in wanted for n in op.outputs if n) and op.id in downstream:
+            needed.add(op.id)
+            wanted.update(n for n in op.inputs if n)
+    ops = [op for op in order if op.id in needed]
+    if not ops:
+        raise PassError(f"pass 'adascale': block {spec!r}: '{end}' is not computed from '{start}'")
+    inside = {n for op in ops for n in op.outputs if n}
+    for op in ops:
+        for name in op.inputs:
+            if name and name != start and name not in inside and not graph.tensors[name].is_constant:
+                raise PassError(f"pass 'adascale': block {spec!r} is not single-input: {op.op_type} '{op.name}' "
+                                f"also reads '{name}' from outside the block")
+    for name in inside - {end}:
+        outside = [op.name for op in graph.consumers(name) if op.id not in needed]
+        if outside or graph.is_graph_output(name):
+            who = f"op '{outside[0]}'" if outside else "a graph output"
+            raise PassError(f"pass 'adascale': block {spec!r} is not single-output: '{name}' is also read by {who}")
+    members = {op.id for op in ops}
+    return Block(start, end, ops, [layer for layer in layers if layer.op.id in members])
+
+
+# --- the quantized model so far, and captures -----------------------------------------------------------
+
+
+@dataclass
+class SwappedWeights:
+    """One ModelProto whose weights are replaced in place (the model with learned weights so far)."""
+
+    model: onnx.ModelProto
+    _where: dict[str, onnx.TensorProto] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._where = {t.name: t for t in self.model.graph.initializer}
+        for node in self.model.graph.node:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value":
+                        self._where.setdefault(node.output[0], a.t)
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        proto = self._where.get(name)
+        if proto is None:  # pragma: no cover - plan weights are initializers or Constant values
+            raise PassError(f"weight '{name}' not found in the model")
+        proto.CopyFrom(numpy_helper.from_array(np.asarray(array, np.float32), name=proto.name))
+
+
+def quantized_so_far(graph: Graph, weights: Iterable[str]) -> SwappedWeights:
+    """The model as quantized before any layer is learned: weights with overridden encodings fake-quantized
+    (the others stay FP32 until learned; activations stay float, as they are calibrated afterwards)."""
+    swapped = SwappedWeights(graph.to_onnx())
+    for name in weights:
+        t = graph.tensors[name]
+        if t.meta.get("encoding_source") == "override" and isinstance(t.encoding, Encoding):
+            try:
+                swapped.set(name, fake_quantize(np.asarray(t.data, np.float32), t.encoding))
+            except EncodingError:
+                pass  # a layout mismatch is reported by the lowering
+    return swapped
+
+
+def per_channel_weights(requested: bool, target: object, remarks: RemarkCollector) -> bool:
+    """Per-channel grids unless the target runs per-tensor weights only (then a 'missed' remark)."""
+    allowed = target is None or getattr(target, "per_channel_weights", True)
+    if requested and not allowed:
+        remarks.missed("per-channel grids disabled", reason=f"target {getattr(target, 'name', target)} is "
+                       "per-tensor only")
+    return requested and allowed
+
+
+def count_samples(feeds: Sequence[Feed]) -> int:
+    """Samples in ``feeds``: rows of each feed's first input (1 for a scalar)."""
+    total = 0
+    for feed in feeds:
+        first = next(iter(feed.values()), None)
+        total += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+    return total
+
+
+def capture(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
+    """Per-batch values of ``names`` from one onnxruntime session over ``feeds``."""
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in iterate_tensors(model, list(dict.fromkeys(names)), feeds):
+        for n in names:
+            out[n].append(values[n])
+    return out
+
+
+__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "SwappedWeights", "activation_after", "capture",
+           "count_samples", "cut_points", "find_blocks", "learnable_layers", "named_block", "per_channel_weights",
+           "quantized_so_far", "starting_encoding"]
