@@ -191,6 +191,8 @@ def test_torch_mapping_has_gradients_and_names_unsupported_ops() -> None:
     w = torch.tensor(g.tensors["w"].data, requires_grad=True)
     program({"x": torch.from_numpy(feeds["x"])}, {"w": w})[0].pow(2).sum().backward()
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
+    # the work estimate that picks torch's thread count: Conv out [3, 6, 6, 7] x 2*3*3, Gemm out [3, 5] x 6
+    assert program.macs({"x": torch.from_numpy(feeds["x"])}) == 3 * 6 * 6 * 7 * 18 + 3 * 5 * 6
     bad = _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_vi("x", [2, 5])],
                  [_vi("v", None), _vi("i", None, TensorProto.INT64)], [_init("k", np.array([2], np.int64))])
     with pytest.raises(Unsupported, match="TopK 'topk'"):

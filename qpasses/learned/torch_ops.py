@@ -630,6 +630,28 @@ class TorchProgram:
         return [env[name] for name in self.outputs]
 
 
+    def macs(self, feeds: Mapping[str, Value], weights: Mapping[str, Value] | None = None) -> int:
+        """Multiply-accumulates of one call on ``feeds`` (Conv, ConvTranspose, Gemm, MatMul), measured by running it."""
+        total = 0
+        env: dict[str, Value] = dict(self.constants)
+        env.update(weights or {})
+        env.update(feeds)
+        with torch.no_grad():
+            for op in self.ops:
+                args = [env[name] if name else None for name in op.inputs]
+                out = OPS[op.op_type](op, args, self.opset)
+                env[op.outputs[0]] = out
+                if op.op_type == "Conv":
+                    total += out.numel() * math.prod(args[1].shape[1:])
+                elif op.op_type == "ConvTranspose":
+                    total += args[0].numel() * math.prod(args[1].shape[1:])
+                elif op.op_type in ("Gemm", "MatMul"):
+                    a = args[0]
+                    inner = a.shape[0] if op.op_type == "Gemm" and op.attr("transA", 0) else a.shape[-1]
+                    total += out.numel() * int(inner)
+        return int(total)
+
+
 def whole_graph(graph: Graph) -> TorchProgram:
     """The program of the whole graph: inputs are the non-constant graph inputs."""
     inputs = [n for n in graph.inputs if not graph.tensors[n].is_constant]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -222,7 +221,7 @@ def batch_order(steps: int, batches: int, generator: torch.Generator) -> list[in
     return order[:steps]
 
 
-_MULTI_THREAD_STEP_SECONDS: Final = 0.02
+MULTI_THREAD_MACS: Final = 50_000_000  # per forward; a step (forward + backward) is about 3x that
 
 
 @contextmanager
@@ -236,33 +235,17 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def pick_threads(requested: int, probe: Callable[[], None], trials: int = 3) -> int:
-    """``requested`` when > 0; otherwise 1, or torch's default when that runs ``probe`` clearly faster.
+def pick_threads(requested: int, macs: int) -> int:
+    """``requested`` when > 0; otherwise 1 for steps under ``MULTI_THREAD_MACS`` multiply-accumulates, else
+    torch's default.
 
-    Small layers run faster on one thread, and on a busy machine torch's threads waiting on each
-    other can make a step 40x slower; only a step that takes a while on one thread (a large layer)
-    is worth the default's threads, and only if they measurably help.
+    Layers of small models run several times faster on one thread (and dozens of times faster on a
+    busy machine, where torch's threads wait on each other); large layers gain from all cores. The
+    choice depends only on the layer's shapes, so a run is reproducible on a machine.
     """
     if requested > 0:
         return requested
-    default = torch.get_num_threads()
-    if default <= 1:
-        return 1
-
-    def median_seconds(count: int) -> float:
-        with torch_threads(count):
-            probe()  # warm up
-            times = []
-            for _ in range(trials):
-                start = time.perf_counter()
-                probe()
-                times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    one = median_seconds(1)
-    if one < _MULTI_THREAD_STEP_SECONDS:
-        return 1
-    return default if median_seconds(default) < 0.75 * one else 1
+    return 1 if macs < MULTI_THREAD_MACS else max(torch.get_num_threads(), 1)
 
 
 def gain_db(before: float, after: float) -> float:

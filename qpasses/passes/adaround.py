@@ -97,7 +97,7 @@ class AdaRound(Pass):
         per_channel: bool = True
         mode: str = "symmetric"  # weight encoding mode, as encode-weights
         exclude: list[str] = field(default_factory=list)
-        threads: int = 0  # torch intra-op threads; 0: 1, or torch's default where a probe finds it clearly faster
+        threads: int = 0  # torch intra-op threads; 0: 1 for small layers, torch's default for large ones
         progress: bool = True
 
     def _check_options(self) -> None:
@@ -201,11 +201,8 @@ class AdaRound(Pass):
         def forward(i: int, weight: torch.Tensor) -> torch.Tensor:
             return program({layer.input: inputs[i]}, {layer.weight: weight})[0]
 
-        def probe() -> None:
-            training.reconstruction_loss(forward(0, quantizer()), targets[0]).backward()
-            quantizer.v.grad = None
-
-        with training.torch_threads(training.pick_threads(o.threads, probe)):
+        threads = training.pick_threads(o.threads, program.macs({layer.input: inputs[0]}, {layer.weight: nearest_t}))
+        with training.torch_threads(threads):
             before = training.evaluate(lambda i: forward(i, nearest_t), targets)
             optimizer = torch.optim.Adam([quantizer.v], lr=o.lr)
             steps = training.batch_order(o.iterations, len(inputs), generator)

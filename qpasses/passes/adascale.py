@@ -92,7 +92,7 @@ class AdaScale(Pass):
         per_channel: bool = True
         mode: str = "symmetric"  # weight encoding mode, as encode-weights
         exclude: list[str] = field(default_factory=list)
-        threads: int = 0  # torch intra-op threads; 0: 1, or torch's default where a probe finds it clearly faster
+        threads: int = 0  # torch intra-op threads; 0: 1 for small blocks, torch's default for large ones
         progress: bool = True
 
     def _check_options(self) -> None:
@@ -225,12 +225,8 @@ class AdaScale(Pass):
         def learned() -> dict[str, torch.Tensor]:
             return {name: q() for name, q in quantizers.items()}
 
-        def probe() -> None:
-            training.reconstruction_loss(run(0, learned()), targets[0]).backward()
-            for p in (*clip, *scale):
-                p.grad = None
-
-        with training.torch_threads(training.pick_threads(o.threads, probe)):
+        threads = training.pick_threads(o.threads, program.macs({block.input: inputs[0]}, start))
+        with training.torch_threads(threads):
             before = training.evaluate(lambda i: run(i, start), targets)
             optimizer = torch.optim.Adam([g for g in ({"params": clip, "lr": o.clip_lr},
                                                       {"params": scale, "lr": o.scale_lr}) if g["lr"] > 0])
