@@ -92,6 +92,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ) if value is not None}
     if seq_mse_options and not args.seq_mse:
         raise QPassesError(f"--seq-mse-* options ({', '.join(seq_mse_options)}) need --seq-mse")
+    learned = {"adaround": args.adaround, "adaround_options": {key: value for key, value in (
+        ("iterations", args.adaround_iterations), ("num_batches", args.adaround_batches),
+        ("input_from", args.adaround_inputs), ("exclude", args.adaround_exclude),
+    ) if value is not None}, "adascale": args.adascale, "adascale_options": {key: value for key, value in (
+        ("num_epochs", args.adascale_epochs), ("num_batches", args.adascale_batches),
+        ("blocks", args.adascale_block), ("exclude", args.adascale_exclude),
+    ) if value is not None}}
+    for flag in ("adaround", "adascale"):
+        if learned[f"{flag}_options"] and not learned[flag]:
+            raise QPassesError(f"--{flag}-* options ({', '.join(learned[f'{flag}_options'])}) need --{flag}")
     if args.print_pipeline:
         from qpasses.pipeline import PassSpec, parse_pipeline
         from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
@@ -99,14 +109,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         user = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
         flow = build_quantize_pipeline(config, QuantizeOptions(
             calibrated=calib is not None, overrides=args.overrides, fold_batchnorm=not args.no_fold_batchnorm,
-            cle=args.cle, seq_mse=args.seq_mse, seq_mse_options=seq_mse_options,
+            cle=args.cle, seq_mse=args.seq_mse, seq_mse_options=seq_mse_options, **learned,
             bias_correction=False if args.no_bias_correction else None, target_given=args.target is not None,
             batch_size=args.batch_size, progress=not args.quiet),
             user_passes=[s if isinstance(s, PassSpec) else PassSpec(str(s)) for s in user])
         print(flow.text())
         return 0
     result = quantize_model(args.model, calib, config, overrides=args.overrides, pipeline=pipeline,
-                            seq_mse=args.seq_mse, seq_mse_options=seq_mse_options,
+                            seq_mse=args.seq_mse, seq_mse_options=seq_mse_options, **learned,
                             cle=args.cle, fold_batchnorm=not args.no_fold_batchnorm, target=args.target,
                             bias_correction=False if args.no_bias_correction else None,
                             batch_size=args.batch_size, progress=not args.quiet, verify=args.verify,
@@ -300,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SeqMSE layer inputs: asym quantized inputs vs FP32 outputs (default), "
                         "symqt quantized model so far, symfp FP32")
     q.add_argument("--seq-mse-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
+    q.add_argument("--adaround", action="store_true",
+                   help="learn each weight's rounding layer by layer (AdaRound; needs data and torch: "
+                        'pip install "qpasses[learn]")')
+    q.add_argument("--adaround-iterations", type=int, metavar="N", help="AdaRound steps per layer (1000)")
+    q.add_argument("--adaround-batches", type=int, metavar="N", help="AdaRound calibration batches (16)")
+    q.add_argument("--adaround-inputs", choices=["quantized", "fp32"],
+                   help="AdaRound layer inputs: the model with earlier layers rounded (default) or FP32")
+    q.add_argument("--adaround-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
+    q.add_argument("--adascale", action="store_true",
+                   help="learn weight clipping/scaling per block (AdaScale; needs data and torch: "
+                        'pip install "qpasses[learn]")')
+    q.add_argument("--adascale-epochs", type=int, metavar="N", help="AdaScale passes over the batches per block (60)")
+    q.add_argument("--adascale-batches", type=int, metavar="N", help="AdaScale calibration batches (16)")
+    q.add_argument("--adascale-block", action="append", metavar="START->END",
+                   help="a block by its input and output tensor names (repeatable; default: found automatically)")
+    q.add_argument("--adascale-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument("--no-fold-batchnorm", action="store_true")
     q.add_argument("--print-pipeline", action="store_true",
                    help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
@@ -309,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sqnr-floor", type=float, default=20.0,
                    help="output SQNR vs FP32 (dB, on calibration batches) below which the fallback acts (default 20)")
     q.add_argument("--no-bias-correction", action="store_true",
-                   help="skip empirical bias correction (on by default with calibration data, off with --seq-mse)")
+                   help="skip empirical bias correction (on by default with calibration data, off with "
+                        "--seq-mse/--adaround/--adascale)")
     q.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
     q.add_argument("--float-bw", type=int, choices=[16, 32],
                    help="precision of float tensors; without --calib, 16 converts the whole model to FP16")

@@ -2,7 +2,7 @@
 
 Pipeline: inline-functions -> [user passes] -> fold-batchnorm -> [cle] -> apply-overrides
 -> keep-nonfinite-float -> keep-data-independent-float -> [keep-mixed-ranges-float] -> annotate-precision
--> [check-target] -> int32-overrides -> [seq-mse] -> encode-weights -> calibrate
+-> [check-target] -> int32-overrides -> [seq-mse] -> [adascale] -> [adaround] -> encode-weights -> calibrate
 -> [bias-correction] -> quantize
 -> insert-converts -> [runtime-parity, with calibration data]. Every step is a registered pass, so
 the same flow can be written as a pipeline string instead.
@@ -153,6 +153,10 @@ def quantize_once(
     seq_mse: bool = False,
     bias_correction: bool | None = None,
     seq_mse_options: dict[str, Any] | None = None,
+    adaround: bool = False,
+    adaround_options: dict[str, Any] | None = None,
+    adascale: bool = False,
+    adascale_options: dict[str, Any] | None = None,
     target: Any = None,
     batch_size: int = 16,
     progress: bool = True,
@@ -172,6 +176,10 @@ def quantize_once(
     """
     if seq_mse and calibration_data is None:
         raise QPassesError("SeqMSE needs calibration data: pass calibration_data (or --calib), or drop seq_mse")
+    for flag, on in (("adaround", adaround), ("adascale", adascale)):
+        if on and calibration_data is None:
+            raise QPassesError(f"{flag} learns on calibration data: pass calibration_data (or --calib), "
+                               f"or drop {flag}")
     if isinstance(config, dict):
         config = QuantConfig.from_dict(config)
     config = config or QuantConfig()
@@ -192,6 +200,8 @@ def quantize_once(
     flow = build_quantize_pipeline(config, QuantizeOptions(
         calibrated=calibration_data is not None, overrides=str(overrides) if overrides is not None else None,
         fold_batchnorm=fold_batchnorm, cle=cle, seq_mse=seq_mse, seq_mse_options=seq_mse_options or {},
+        adaround=adaround, adaround_options=adaround_options or {}, adascale=adascale,
+        adascale_options=adascale_options or {},
         bias_correction=bias_correction, target_given=target is not None, batch_size=batch_size, progress=progress,
         runtime_check=runtime_check, keep_float_tensors=tuple(keep_float_tensors)), user_passes=user_specs,
         extensions=extensions)

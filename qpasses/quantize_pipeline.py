@@ -28,7 +28,11 @@ class QuantizeOptions:
     cle: bool = False
     seq_mse: bool = False
     seq_mse_options: Mapping[str, Any] = field(default_factory=dict)
-    bias_correction: bool | None = None  # None: on with calibration data unless seq_mse
+    adaround: bool = False
+    adaround_options: Mapping[str, Any] = field(default_factory=dict)
+    adascale: bool = False
+    adascale_options: Mapping[str, Any] = field(default_factory=dict)
+    bias_correction: bool | None = None  # None: on with calibration data unless seq_mse/adaround/adascale
     target_given: bool = False
     batch_size: int = 16
     progress: bool = True
@@ -90,9 +94,17 @@ def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = Quan
         encode.append(PassSpec("seq-mse", {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
                                            "batch_size": o.batch_size, "progress": o.progress,
                                            **dict(o.seq_mse_options)}))
+    # AdaScale / AdaRound learn on SeqMSE's grid (or the mode's) and freeze weights on their learned grids,
+    # which encode-weights keeps; a layer one of them learned is left alone by the other.
+    for name, on, extra in (("adascale", o.adascale, o.adascale_options), ("adaround", o.adaround, o.adaround_options)):
+        if on:
+            encode.append(PassSpec(name, {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
+                                          "mode": c.weight_mode, "batch_size": o.batch_size, "progress": o.progress,
+                                          **dict(extra)}))
     encode.append(PassSpec("encode-weights", {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
                                               "mode": c.weight_mode}))
-    bias_correction = (not o.seq_mse) if o.bias_correction is None else o.bias_correction
+    learned = o.seq_mse or o.adaround or o.adascale  # learned weights lie on their grids: nothing to correct
+    bias_correction = (not learned) if o.bias_correction is None else o.bias_correction
     if o.calibrated:
         stages["calibrate"].append(PassSpec("calibrate", {"act_bw": c.act_bw, "mode": c.act_mode,
                                                           "percentile": c.percentile, "batch_size": o.batch_size,
