@@ -42,6 +42,21 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
 
 
+# What an output whose shape differs from the reference's scores (a decoder Loop that stopped at
+# another step): far below any real SQNR, yet finite so searches can still compare.
+SHAPE_MISMATCH_DB = -100.0
+
+
+def pooled_sqnr_db(reference: list[np.ndarray], test: list[np.ndarray]) -> float:
+    """SQNR over batches pooled, finite values only; ``SHAPE_MISMATCH_DB`` when shapes differ."""
+    if len(reference) != len(test) or any(np.shape(r) != np.shape(t) for r, t in zip(reference, test, strict=True)):
+        return SHAPE_MISMATCH_DB
+    r = np.concatenate([np.asarray(x, np.float64).ravel() for x in reference]) if reference else np.zeros(0)
+    t = np.concatenate([np.asarray(x, np.float64).ravel() for x in test]) if test else np.zeros(0)
+    finite = np.isfinite(r) & np.isfinite(t)
+    return sqnr_db(r[finite], t[finite])
+
+
 def evaluate_npz(fp32: onnx.ModelProto, quantized: onnx.ModelProto, path: str | Path) -> QualityReport:
     """Run both models on an .npz (arrays keyed by input name, optional ``labels``)."""
     from qpasses.calibration_data import input_specs, validate_feed

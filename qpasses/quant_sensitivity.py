@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qpasses import verification
-from qpasses.evaluation import sqnr_db
+from qpasses.evaluation import SHAPE_MISMATCH_DB, pooled_sqnr_db
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,12 @@ class SwitchableQDQ:
 
 
 def worst_output_db(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """The lowest SQNR over the float outputs, all feeds pooled."""
+    """The lowest SQNR over the float outputs, all feeds pooled (shape mismatches score very low)."""
     worst = float("inf")
     for j in range(len(reference[0])):
-        r = np.concatenate([np.asarray(b[j], np.float64).ravel() for b in reference])
         if not np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating):
             continue
-        g = np.concatenate([np.asarray(b[j], np.float64).ravel() for b in got])
-        finite = np.isfinite(r) & np.isfinite(g)
-        worst = min(worst, sqnr_db(r[finite], g[finite]))
+        worst = min(worst, pooled_sqnr_db([b[j] for b in reference], [b[j] for b in got]))
     return worst
 
 
@@ -100,15 +97,18 @@ def fallback_tensors(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Seque
         return [], float("inf"), float("inf")
     ref_sess = verification.exact_session(fp32)
     reference = [ref_sess.run(None, dict(f)) for f in feeds]
+    scorer = _Scorer(reference)
 
-    def worst(on: Sequence[str]) -> float:
-        return worst_output_db(reference, [switchable.run(f, on) for f in feeds])
+    def worst(on: Sequence[str], upto: int = len(feeds)) -> float:
+        return scorer.worst([switchable.run(f, on) for f in feeds[:upto]])
 
     everything = list(switchable.tensors)
     before = current = worst(everything)
     if current >= floor_db:
         return [], before, current
-    alone = [Sensitivity(t, worst([t])) for t in everything]
+    # Each quantizer alone on the first batch only (one forward pass each); the greedy steps, which
+    # decide, use every batch.
+    alone = [Sensitivity(t, worst([t], upto=1)) for t in everything]
     ranked = sorted((s for s in alone if s.alone_db < floor_db + 3.0), key=lambda s: s.alone_db)
     chosen: list[Sensitivity] = []
     for s in ranked[:max_tensors]:
@@ -121,3 +121,31 @@ def fallback_tensors(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Seque
         if current >= floor_db:
             break
     return chosen, before, current
+
+
+class _Scorer:
+    """Worst pooled SQNR of float outputs vs fixed references, with the references prepared once."""
+
+    def __init__(self, reference: list[list[np.ndarray]]) -> None:
+        self.outputs = [j for j in range(len(reference[0]))
+                        if np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating)]
+        self.reference = reference
+        self.flat = {(b, j): np.asarray(reference[b][j], np.float64).ravel()
+                     for b in range(len(reference)) for j in self.outputs}
+
+    def worst(self, got: list[list[np.ndarray]]) -> float:
+        worst = float("inf")
+        for j in self.outputs:
+            signal = noise = 0.0
+            for b, batch in enumerate(got):
+                if np.shape(batch[j]) != np.shape(self.reference[b][j]):
+                    return SHAPE_MISMATCH_DB
+                r, g = self.flat[(b, j)], np.asarray(batch[j], np.float64).ravel()
+                finite = np.isfinite(r) & np.isfinite(g)
+                if not finite.all():
+                    r, g = r[finite], g[finite]
+                signal += float(r @ r)
+                d = r - g
+                noise += float(d @ d)
+            worst = min(worst, float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise))
+        return worst
