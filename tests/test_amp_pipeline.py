@@ -153,17 +153,22 @@ def test_simulation_scores_match_the_real_qdq_model(which):
                             bias_correction=True, batch_size=16)
     model = graph.to_onnx().SerializeToString()
     callbacks = {"phase1": metric, "phase2": metric}
-    sim = SimulationScorer(ScorerSpec(model, part, config, callbacks, tables))
+    sim = SimulationScorer(ScorerSpec(model, part, config, callbacks, tables, prune=False))
+    pruned = SimulationScorer(ScorerSpec(model, part, config, callbacks, tables, prune=True))
     real = RebuildScorer(ScorerSpec(model, part, config, callbacks, None, feeds))
     rng = np.random.default_rng(3)
     assignments = [{g: c for g in part.names} for c in cands[:2]]
     assignments += [{g: cands[rng.integers(len(cands))] for g in part.names} for _ in range(3)]
+    layouts = set()
     for a in assignments:
-        s, r = sim.score(a, "phase2"), real.score(a, "phase2")
+        s, p, r = sim.score(a, "phase2"), pruned.score(a, "phase2"), real.score(a, "phase2")
         # The rebuilt model runs with exact QDQ semantics (no fused integer kernel), so the scores agree
         # (bit-exact here; float rounding order aside): not one test sample / not 1e-6 of the SQNR apart.
         assert s == pytest.approx(r, rel=1e-6, abs=1e-9), (a, s, r)
+        assert p == s, (a, p, s)  # the pruned session of the assignment's layout: the same outputs
+        layouts.add(pruned.model.plan_feeds(a)[1])
     assert sim.stats.session_builds == 1 and real.stats.session_builds == len(assignments)
+    assert pruned.stats.session_builds == 1 + len(layouts)  # one pruned session per layout, reused
 
 
 def test_process_pool_gives_the_same_phase1_list(tmp_path, evals):

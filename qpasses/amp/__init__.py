@@ -7,8 +7,9 @@ reduction) or a demotion search; ``qpasses amp`` is its command line. Module map
 - ``bitops``: MACs and BitOps; ``statistics``: what calibration gives once; ``simulation``: the
   one-session fake-quant model; ``overrides``: an assignment as overrides, lowered for real;
 - ``evaluation``: ready callbacks; ``evaluators``: scoring an assignment; ``executors``: where phase 1 runs;
-- ``sensitivity`` (phase 1), ``search`` + ``pareto`` (phase 2), ``convert_reduction`` (phase 3),
-  ``demotion``; ``cache``, ``results``; ``mixed_precision``: the flow.
+- ``sensitivity`` (phase 1), ``proxy`` (phase 1 without the metric), ``search`` + ``pareto`` (phase 2),
+  ``blockers`` (phase 2 on a proxy-ranked list), ``convert_reduction`` (phase 3), ``demotion``;
+  ``cache``, ``results``; ``mixed_precision``: the flow.
 """
 
 from __future__ import annotations

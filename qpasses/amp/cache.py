@@ -75,6 +75,12 @@ class AmpCache:
         self.scores[key] = value
         _write_json(self.dir / "scores.json", self.scores)
 
+    def put_many(self, values: Mapping[str, float]) -> None:
+        """Several scores, one write (a batch that arrives at once)."""
+        if values:
+            self.scores.update(values)
+            _write_json(self.dir / "scores.json", self.scores)
+
     def save(self, name: str, data: Any) -> None:
         _write_json(self.dir / name, data)
 

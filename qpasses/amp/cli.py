@@ -38,6 +38,12 @@ def add_parser(sub: Any) -> None:
                         "picks its cheapest point")
     a.add_argument("--algorithm", default="binary", choices=["binary", "interpolation", "brute-force", "demotion"])
     a.add_argument("--reverse", action="store_true", help="phase 2 starts at the lowest candidates and promotes")
+    a.add_argument("--phase1", default="auto", choices=["auto", "exhaustive", "proxy"],
+                   help="exhaustive: the eval script scores every group at every lower candidate; proxy: rank them "
+                        "by output SQNR on a few calibration samples in the simulation, the script only checks the "
+                        "steps that stop phase 2; auto (default): proxy from 24 phase-1 evaluations on")
+    a.add_argument("--proxy-samples", type=int, default=2, metavar="N",
+                   help="calibration samples the phase-1 proxy runs on (default 2)")
     a.add_argument("--executor", default="local", choices=["local", "process", "ray"],
                    help="where phase-1 evaluations run (ray: pip install 'qpasses[ray]')")
     a.add_argument("--workers", type=int, help="process/ray workers (default: CPUs)")
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, calib, args.candidates, phase1, phase2, args.allowed_drop, args.output, not args.resume,
             config=config, target=args.target, use_all_amp_candidates=args.use_all_candidates,
             phase2_reverse=args.reverse, algorithm=args.algorithm, reduce_converts=not args.no_reduce_converts,
+            phase1=args.phase1, proxy_samples=args.proxy_samples,
             executor=args.executor, workers=args.workers, ray_address=args.ray_address,
             simulate=not args.no_simulate, bias_correction=not args.no_bias_correction, batch_size=args.batch_size,
             progress=not args.quiet)

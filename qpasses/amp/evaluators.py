@@ -3,7 +3,11 @@
 Two ways to get a session for an assignment:
 
 - ``SimulationScorer``: one fake-quant session built once; an assignment is new input values
-  (``qpasses.amp.simulation``). No model is lowered and no session is built per evaluation.
+  (``qpasses.amp.simulation``). No model is lowered. Where an evaluation costs more than
+  ``PRUNE_FACTOR`` session builds (a real metric on a real model), the assignment's layout gets its
+  own pruned session (identity quantizers removed: the same values, about half the work), kept
+  for every later assignment of that layout; cheap evaluations (small test metrics, the phase-1
+  proxy) stay on the one session.
 - ``RebuildScorer``: the real thing each time, ``quantize_model`` (calibration included) and a
   new session with exact QDQ semantics (like the simulation: the search never depends on which
   fused integer kernels this CPU's onnxruntime picks). Used where the simulation cannot stand in
@@ -13,11 +17,14 @@ Two ways to get a session for an assignment:
 model, once in the session users get by default and once with exact QDQ semantics.
 
 A ``ScorerSpec`` is the picklable recipe of either, so process and Ray workers build their own.
+Phase ``"proxy"`` is not a user callback: the output SQNR against the proxy baseline on a few
+samples (``qpasses.amp.proxy``); it counts as ``proxy_runs``, not ``evaluations``.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -26,34 +33,42 @@ import onnx
 import onnxruntime as ort
 
 import graph_ir
-from qpasses.amp.candidates import Assignment
+from qpasses.amp.candidates import Assignment, Candidate
 from qpasses.amp.errors import AmpError
 from qpasses.amp.evaluation import EvalFn
 from qpasses.amp.groups import GroupPartition
 from qpasses.amp.overrides import quantize_assignment
-from qpasses.amp.simulation import SimulationModel
+from qpasses.amp.proxy import OutputSqnr
+from qpasses.amp.simulation import Layout, SimulatedSession, SimulationModel
 from qpasses.amp.statistics import CalibrationTables
 from qpasses.quant_config import QuantConfig
 from qpasses.verification import exact_session, runtime_session
 from targets.descriptor import from_dict
 
-Phase = Literal["phase1", "phase2"]
+Phase = Literal["phase1", "phase2", "proxy"]
 
 
 @dataclass
 class ScorerStats:
-    """Work done: evaluations run, sessions built, and seconds spent in each."""
+    """Work done: evaluations (user callback calls), proxy runs, sessions built, and seconds spent in each."""
 
     evaluations: int = 0
     session_builds: int = 0
     eval_seconds: float = 0.0
     build_seconds: float = 0.0
+    proxy_runs: int = 0
+    proxy_seconds: float = 0.0
 
     def add(self, other: ScorerStats) -> None:
-        self.evaluations += other.evaluations
-        self.session_builds += other.session_builds
-        self.eval_seconds += other.eval_seconds
-        self.build_seconds += other.build_seconds
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def since(self, before: ScorerStats) -> ScorerStats:
+        """The work done since the snapshot ``before``."""
+        return ScorerStats(**{name: value - getattr(before, name) for name, value in vars(self).items()})
+
+    def snapshot(self) -> ScorerStats:
+        return ScorerStats(**vars(self))
 
 
 class Scorer(Protocol):
@@ -84,6 +99,12 @@ class ScorerSpec:
     bias_correction: bool = True
     batch_size: int = 16
     intra_op_threads: int = 0
+    proxy_feeds: Sequence[Mapping[str, Any]] = ()
+    """Samples the phase-1 proxy runs on."""
+    proxy_baseline: Mapping[str, Candidate] | None = None
+    """The assignment the proxy compares outputs with (phase 1's baseline)."""
+    prune: bool | None = None
+    """Pruned per-layout sessions: None decides by cost, True always, False never (simulation only)."""
 
     @property
     def simulated(self) -> bool:
@@ -96,8 +117,22 @@ class ScorerSpec:
         return SimulationScorer(self) if self.simulated else RebuildScorer(self)
 
 
+def _proxy_callback(spec: ScorerSpec, outputs: Any) -> OutputSqnr:
+    """The proxy callback, its reference computed by ``outputs(baseline assignment, callback)``."""
+    if spec.proxy_baseline is None or not spec.proxy_feeds:
+        raise AmpError("the phase-1 proxy needs proxy_feeds and proxy_baseline in the scorer spec")
+    proxy = OutputSqnr([dict(f) for f in spec.proxy_feeds])
+    proxy.reference = outputs(spec.proxy_baseline, proxy)
+    return proxy
+
+
 class SimulationScorer:
-    """One simulation session for every assignment."""
+    """One simulation session for every assignment (plus pruned sessions where evaluations are dear)."""
+
+    PRUNE_FACTOR = 3.0
+    """A new pruned session is built when the phase's last evaluation took this many session builds."""
+    PRUNED_SESSIONS = 8
+    """Pruned sessions kept (least recently used dropped)."""
 
     def __init__(self, spec: ScorerSpec) -> None:
         self.spec = spec
@@ -108,16 +143,73 @@ class SimulationScorer:
         assert spec.tables is not None
         self.model = SimulationModel(graph, spec.partition, spec.tables, spec.config,
                                      per_channel_weights=target is None or target.per_channel_weights)
+        built = time.perf_counter()
         self.session = self.model.session(intra_op_threads=spec.intra_op_threads)
         self.stats.session_builds += 1
         self.stats.build_seconds += time.perf_counter() - start
+        self._full_build = time.perf_counter() - built  # onnxruntime's part: a pruned build costs less
+        self._pruned: OrderedDict[Layout, SimulatedSession] = OrderedDict()
+        self._build_estimate: float | None = None  # seconds of one pruned build (measured on the first)
+        self._last_eval: dict[str, float] = {}  # phase -> seconds of its last evaluation
+        self._proxy: OutputSqnr | None = None
+
+    def _worth_pruning(self, phase: str) -> bool:
+        if self.spec.prune is not None:
+            return self.spec.prune
+        last = self._last_eval.get(phase)
+        if last is None:
+            return False  # the first evaluation of a phase measures what one costs
+        estimate = self._build_estimate if self._build_estimate is not None else self._full_build
+        return last > self.PRUNE_FACTOR * estimate
+
+    def session_for(self, layout: Layout, phase: str) -> SimulatedSession:
+        """The pruned session of ``layout`` when there is one or it pays off, else the full session."""
+        if self.spec.prune is False:
+            return self.session
+        cached = self._pruned.get(layout)
+        if cached is not None:
+            self._pruned.move_to_end(layout)
+            return cached
+        if not self._worth_pruning(phase):
+            return self.session
+        start = time.perf_counter()
+        sess = self.model.session(intra_op_threads=self.spec.intra_op_threads, layout=layout)
+        seconds = time.perf_counter() - start
+        self._build_estimate = seconds
+        self.stats.session_builds += 1
+        self.stats.build_seconds += seconds
+        self._pruned[layout] = sess
+        while len(self._pruned) > self.PRUNED_SESSIONS:
+            self._pruned.popitem(last=False)
+        return sess
+
+    def _prepared(self, assignment: Assignment, phase: str) -> SimulatedSession:
+        feeds, layout = self.model.plan_feeds(assignment)
+        sess = self.session_for(layout, phase)
+        sess.set_feeds(feeds)
+        return sess
+
+    def _callback(self, phase: Phase) -> Any:
+        if phase != "proxy":
+            return self.spec.callbacks[phase]
+        if self._proxy is None:
+            self._proxy = _proxy_callback(self.spec, lambda a, p: p.outputs(self._prepared(a, "proxy")))
+        return self._proxy
 
     def score(self, assignment: Assignment, phase: Phase) -> float:
         start = time.perf_counter()
-        self.session.extra = self.model.feeds(assignment)
-        value = check_score(self.spec.callbacks[phase](self.session), phase)
-        self.stats.evaluations += 1
-        self.stats.eval_seconds += time.perf_counter() - start
+        fn = self._callback(phase)
+        sess = self._prepared(assignment, phase)
+        began = time.perf_counter()
+        value = check_score(fn(sess), phase)
+        self._last_eval[phase] = time.perf_counter() - began
+        seconds = time.perf_counter() - start
+        if phase == "proxy":
+            self.stats.proxy_runs += 1
+            self.stats.proxy_seconds += seconds
+        else:
+            self.stats.evaluations += 1
+            self.stats.eval_seconds += seconds
         return value
 
 
@@ -129,6 +221,7 @@ class RebuildScorer:
         self.stats = ScorerStats()
         self._graph = graph_ir.from_onnx(onnx.load_from_string(spec.model))
         self._target = spec.target_descriptor()
+        self._proxy: OutputSqnr | None = None
 
     def session(self, assignment: Assignment) -> ort.InferenceSession:
         start = time.perf_counter()
@@ -141,11 +234,21 @@ class RebuildScorer:
         return sess
 
     def score(self, assignment: Assignment, phase: Phase) -> float:
+        if phase == "proxy":
+            if self._proxy is None:
+                self._proxy = _proxy_callback(self.spec, lambda a, p: p.outputs(self.session(a)))
+            fn: Any = self._proxy
+        else:
+            fn = self.spec.callbacks[phase]
         sess = self.session(assignment)
         start = time.perf_counter()
-        value = check_score(self.spec.callbacks[phase](sess), phase)
-        self.stats.evaluations += 1
-        self.stats.eval_seconds += time.perf_counter() - start
+        value = check_score(fn(sess), phase)
+        if phase == "proxy":
+            self.stats.proxy_runs += 1
+            self.stats.proxy_seconds += time.perf_counter() - start
+        else:
+            self.stats.evaluations += 1
+            self.stats.eval_seconds += time.perf_counter() - start
         return value
 
 

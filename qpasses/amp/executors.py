@@ -52,8 +52,7 @@ def progress_bar(total: int | None, progress: bool, desc: str, *, unit: str = "e
 
 
 def _delta(before: ScorerStats, after: ScorerStats) -> ScorerStats:
-    return ScorerStats(after.evaluations - before.evaluations, after.session_builds - before.session_builds,
-                       after.eval_seconds - before.eval_seconds, after.build_seconds - before.build_seconds)
+    return after.since(before)
 
 
 @dataclass
@@ -68,7 +67,7 @@ class LocalExecutor:
         out: list[Result] = []
         with progress_bar(len(tasks), progress, desc) as bar:
             for assignment, phase in tasks:
-                before = ScorerStats(**vars(scorer.stats))
+                before = scorer.stats.snapshot()
                 value = scorer.score(assignment, phase)
                 out.append((value, _delta(before, scorer.stats)))
                 bar.update()
@@ -84,12 +83,12 @@ class _WorkerSlot:
 
 def _init_worker(spec: ScorerSpec) -> None:
     _WorkerSlot.scorer = spec.build()
-    _WorkerSlot.fresh = ScorerStats(**vars(_WorkerSlot.scorer.stats))  # the session build, reported once
+    _WorkerSlot.fresh = _WorkerSlot.scorer.stats.snapshot()  # the session build, reported once
 
 
 def _run_task(task: Task) -> Result:
     scorer = _WorkerSlot.scorer
-    before = ScorerStats(**vars(scorer.stats))
+    before = scorer.stats.snapshot()
     value = scorer.score(*task)
     stats = _delta(before, scorer.stats)
     if _WorkerSlot.fresh is not None:
@@ -167,10 +166,10 @@ class _RayScorer:
 
     def __init__(self, spec: ScorerSpec) -> None:
         self.scorer = spec.build()
-        self.fresh: ScorerStats | None = ScorerStats(**vars(self.scorer.stats))
+        self.fresh: ScorerStats | None = self.scorer.stats.snapshot()
 
     def run(self, task: Task) -> Result:
-        before = ScorerStats(**vars(self.scorer.stats))
+        before = self.scorer.stats.snapshot()
         value = self.scorer.score(*task)
         stats = _delta(before, self.scorer.stats)
         if self.fresh is not None:

@@ -6,15 +6,18 @@ Flow (AIMET's, see ``shared/reference/aimet-amp-api.txt``):
 2. FP32 score, and each candidate applied to every group: the best is the *baseline*, the cheapest
    the *lowest*; the target is ``FP32 - allowed_accuracy_drop`` (early exits when the baseline
    already misses it or the lowest already meets it);
-3. phase 1 (sensitivity, through an executor), phase 2 (pareto search), phase 3 (converts);
-   or, with ``algorithm="demotion"``, the demotion search from all-high;
+3. phase 1 (sensitivity, through an executor: the user's metric per (group, candidate), or with
+   ``phase1="proxy"`` the output SQNR on a few samples, ranked per BitOps saved), phase 2 (pareto
+   search; after a proxy, each step that stops it is checked with the metric, ``blockers``), phase 3
+   (converts, in batches); or, with ``algorithm="demotion"``, the demotion search from all-high;
 4. the chosen assignment lowered by the real pipeline (``insert-converts`` included) and scored
    again on that model, in onnxruntime's default session (the reported score: what users run;
    a miss steps back along the curve) and with exact QDQ semantics; the two diverging, or the
    simulation diverging from the real model, is a loud warning (``qpasses.amp.verify``).
 
-Scores come from the one-session simulation where it is exact (int candidates) and from rebuilt
-QDQ models otherwise. Every score is cached in ``results_dir/.cache``.
+Scores come from the one-session simulation where it is exact (int candidates; pruned per-layout
+sessions where an evaluation is dear) and from rebuilt QDQ models otherwise. Every score, proxy
+ones included, is cached in ``results_dir/.cache``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import onnx
 import graph_ir
 from graph_ir import Graph
 from qpasses.amp.bitops import MacTable, mac_table
+from qpasses.amp.blockers import DEFAULT_MAX_REPAIRS, BlockerCheck, phase2_with_blocker_checks
 from qpasses.amp.cache import AmpCache, fingerprint
 from qpasses.amp.candidates import (
     Assignment,
@@ -51,6 +55,7 @@ from qpasses.amp.executors import Executor, Task, make_executor, progress_bar
 from qpasses.amp.groups import GroupPartition, find_groups
 from qpasses.amp.overrides import precision_overrides, quantize_assignment
 from qpasses.amp.pareto import ParetoPoint, forward_steps, reverse_steps, run_phase2
+from qpasses.amp.proxy import DEFAULT_SAMPLES, sample_feeds
 from qpasses.amp.results import AmpResult, PhaseStats, write_results
 from qpasses.amp.search import ALGORITHMS
 from qpasses.amp.sensitivity import make_entry, phase1_tasks, sort_accuracy_list, with_group
@@ -67,6 +72,16 @@ from qpasses.registry import default_registry
 from targets import resolve_target
 
 ALL_ALGORITHMS = (*ALGORITHMS, "demotion")
+PHASE1_MODES = ("auto", "exhaustive", "proxy")
+AUTO_PROXY_MIN_TASKS = 24
+"""``phase1="auto"`` uses the proxy from this many phase-1 evaluations on (and only with the simulation)."""
+
+
+def phase1_mode(requested: str, tasks: int, simulated: bool) -> str:
+    """``exhaustive`` or ``proxy`` for a ``phase1`` option (``auto``: the proxy for many tasks, when simulated)."""
+    if requested == "auto":
+        return "proxy" if simulated and tasks >= AUTO_PROXY_MIN_TASKS else "exhaustive"
+    return requested
 
 
 def prepare_graph(model: Any, *, fold_batchnorm: bool = True, cle: bool = False) -> Graph:
@@ -106,7 +121,7 @@ class _Run:
     def __init__(self, graph: Graph, partition: GroupPartition, macs: MacTable,
                  group_candidates: dict[str, list[Candidate]], feeds: list[dict[str, Any]], config: QuantConfig,
                  target: Any, callbacks: dict[str, EvalFn], cache: AmpCache, *, simulate: bool,
-                 bias_correction: bool, batch_size: int, progress: bool) -> None:
+                 bias_correction: bool, batch_size: int, progress: bool, prune: bool | None = None) -> None:
         self.graph, self.partition, self.macs = graph, partition, macs
         self.group_candidates, self.feeds, self.config, self.target = group_candidates, feeds, config, target
         self.callbacks, self.cache = callbacks, cache
@@ -119,6 +134,21 @@ class _Run:
         self.sim_reason = unsupported_reason(partition, plan, has_float) if simulate else "simulate=False"
         self._tables: CalibrationTables | None = None
         self._scorer: Scorer | None = None
+        self.prune = prune
+        self.proxy_feeds: list[dict[str, Any]] = []
+        self.proxy_baseline: dict[str, Candidate] | None = None
+
+    def set_proxy(self, baseline: Assignment, samples: int) -> str:
+        """Phase-1 proxy on the first ``samples`` calibration samples against ``baseline``; returns the cache key."""
+        dims = {name: (self.graph.tensors[name].shape or (None,))[0] for name in self.graph.inputs
+                if name in self.graph.tensors}
+        self.proxy_feeds = sample_feeds(self.feeds, samples, dims)
+        self.proxy_baseline = dict(baseline)
+        if self._scorer is not None:
+            spec = self._scorer.spec  # type: ignore[attr-defined]
+            spec.proxy_feeds, spec.proxy_baseline = self.proxy_feeds, self.proxy_baseline
+        rows = sum(min((len(v) for v in f.values()), default=1) for f in self.proxy_feeds)
+        return f"proxy{rows}"
 
     def phase(self, name: str) -> PhaseStats:
         return self.stats.setdefault(name, PhaseStats())
@@ -136,7 +166,8 @@ class _Run:
         return ScorerSpec(self.model_bytes, self.partition, self.config, self.callbacks,
                           self._tables if simulated else None, () if simulated else self.feeds,
                           self.target.to_dict() if self.target is not None else None, self.bias_correction,
-                          self.batch_size)
+                          self.batch_size, proxy_feeds=self.proxy_feeds, proxy_baseline=self.proxy_baseline,
+                          prune=self.prune)
 
     def scorer(self) -> Scorer:
         if self._scorer is None:
@@ -153,10 +184,9 @@ class _Run:
             stats.cache_hits += 1
             return cached
         scorer = self.scorer()
-        before = ScorerStats(**vars(scorer.stats))
+        before = scorer.stats.snapshot()
         value = scorer.score(assignment, phase)
-        after = scorer.stats
-        stats.add(ScorerStats(after.evaluations - before.evaluations, after.session_builds - before.session_builds))
+        stats.add(scorer.stats.since(before))
         self.cache.put(key, value)
         return value
 
@@ -173,10 +203,11 @@ class _Run:
         self.cache.put(key, value)
         return value
 
-    def run_tasks(self, tasks: list[Task], executor: Executor, where: str) -> list[float]:
-        """Phase-1 style batch: cached scores answered here, the rest through the executor."""
+    def run_tasks(self, tasks: list[Task], executor: Executor, where: str, key: str | None = None) -> list[float]:
+        """Phase-1 style batch: cached scores answered here, the rest through the executor (cache keys:
+        ``key``, default the phase, then the assignment)."""
         stats = self.phase(where)
-        keys = [f"{phase}|{signature(a)}" for a, phase in tasks]
+        keys = [f"{key or phase}|{signature(a)}" for a, phase in tasks]
         values: list[float | None] = [self.cache.get(k) for k in keys]
         stats.cache_hits += sum(v is not None for v in values)
         missing = [i for i, v in enumerate(values) if v is None]
@@ -186,7 +217,7 @@ class _Run:
             for i, (value, worker_stats) in zip(missing, results, strict=True):
                 values[i] = value
                 stats.add(worker_stats)
-                self.cache.put(keys[i], value)
+            self.cache.put_many({keys[i]: float(values[i]) for i in missing})  # type: ignore[arg-type]
         return [float(v) for v in values if v is not None]
 
 
@@ -219,6 +250,10 @@ def choose_mixed_precision(
     demotion_threshold: float = 0.5,
     demotion_seed: int = 1,
     baseline_rule: str = "highest",
+    phase1: str = "auto",
+    proxy_samples: int = DEFAULT_SAMPLES,
+    max_proxy_repairs: int = DEFAULT_MAX_REPAIRS,
+    prune_sessions: bool | None = None,
 ) -> AmpResult:
     """Choose a precision per quantizer group so the model stays within ``allowed_accuracy_drop`` of FP32.
 
@@ -230,6 +265,14 @@ def choose_mixed_precision(
     ``process`` or ``ray`` (``ray_address`` connects to a cluster, else a local one starts).
     ``baseline_rule``: phase 1 holds the other groups at the ``highest`` candidate, or (AIMET) at the
     candidate scoring ``best`` when applied everywhere.
+
+    ``phase1``: ``exhaustive`` scores every (group, lower candidate) with the phase-1 callback (AIMET);
+    ``proxy`` ranks them by the output SQNR against the baseline on ``proxy_samples`` calibration samples
+    in the simulation (no callback call), then checks with the phase-2 callback each step that stops
+    phase 2, moving up to ``max_proxy_repairs`` individually sensitive ones to the end of the list
+    (``qpasses.amp.blockers``); ``auto`` (default) is the proxy from ``AUTO_PROXY_MIN_TASKS`` phase-1
+    evaluations on when the simulation scores, else exhaustive. ``prune_sessions``: per-layout pruned
+    simulation sessions (None: where an evaluation costs several session builds; see ``evaluators``).
     """
     wall = time.perf_counter()
     if algorithm not in ALL_ALGORITHMS:
@@ -238,6 +281,12 @@ def choose_mixed_precision(
         raise AmpError(f"allowed_accuracy_drop must be a non-negative number or None, got {allowed_accuracy_drop!r}")
     if baseline_rule not in ("highest", "best"):
         raise AmpError(f"baseline_rule must be 'highest' or 'best', got {baseline_rule!r}")
+    if phase1 not in PHASE1_MODES:
+        raise AmpError(f"phase1 must be one of {', '.join(PHASE1_MODES)}, got {phase1!r}")
+    if isinstance(proxy_samples, bool) or not isinstance(proxy_samples, int) or proxy_samples < 1:
+        raise AmpError(f"proxy_samples must be a positive integer, got {proxy_samples!r}")
+    if isinstance(max_proxy_repairs, bool) or not isinstance(max_proxy_repairs, int) or max_proxy_repairs < 0:
+        raise AmpError(f"max_proxy_repairs must be a non-negative integer, got {max_proxy_repairs!r}")
     if algorithm == "demotion" and allowed_accuracy_drop is None:
         raise AmpError("the demotion search needs a target: give allowed_accuracy_drop")
     if not callable(eval_callback_for_phase2):
@@ -268,7 +317,8 @@ def choose_mixed_precision(
                         simulate=simulate, groups=partition.names)
     cache = AmpCache(results_dir, stamp, clean_start)
     run = _Run(graph, partition, macs, group_cands, feeds, config, target_desc, callbacks, cache,
-               simulate=simulate, bias_correction=bias_correction, batch_size=batch_size, progress=progress)
+               simulate=simulate, bias_correction=bias_correction, batch_size=batch_size, progress=progress,
+               prune=prune_sessions)
     run.messages += cache.messages
     if run.sim_reason is not None:
         run.messages.append(f"scoring with rebuilt QDQ models: {run.sim_reason}")
@@ -302,6 +352,7 @@ def choose_mixed_precision(
     run.phase("reference").seconds += time.perf_counter() - start
 
     phase1_entries, points, phase3, demotion = [], [], None, None
+    mode, checks, exhausted = None, [], False
     chosen: dict[str, Candidate] = dict(baseline)
     if algorithm == "demotion":
         start = time.perf_counter()
@@ -330,20 +381,46 @@ def choose_mixed_precision(
     else:
         start = time.perf_counter()
         tasks = phase1_tasks(partition.names, group_cands, baseline)
-        scores = run.run_tasks([(with_group(baseline, g, c), "phase1") for g, c in tasks], pool, "phase1")
-        phase1_entries = sort_accuracy_list(
-            [make_entry(g, c, s, baseline, macs) for (g, c), s in zip(tasks, scores, strict=True)], partition.names)
+        mode = phase1_mode(phase1, len(tasks), run.sim_reason is None)
+        if mode == "proxy":
+            key = run.set_proxy(baseline, proxy_samples)
+            proxies = run.run_tasks([(with_group(baseline, g, c), "proxy") for g, c in tasks], pool, "phase1", key)
+            phase1_entries = sort_accuracy_list(
+                [make_entry(g, c, math.nan, baseline, macs, proxy=p) for (g, c), p in zip(tasks, proxies, strict=True)],
+                partition.names, by="proxy")
+            run.messages.append(f"phase 1: {len(tasks)} (group, candidate) pairs ranked by the proxy (output SQNR vs "
+                                f"the baseline on {key[5:]} calibration samples, per BitOps saved) instead of "
+                                f"{len(tasks)} metric calls")
+        else:
+            scores = run.run_tasks([(with_group(baseline, g, c), "phase1") for g, c in tasks], pool, "phase1")
+            phase1_entries = sort_accuracy_list(
+                [make_entry(g, c, s, baseline, macs) for (g, c), s in zip(tasks, scores, strict=True)],
+                partition.names)
         cache.save("phase1.json", [e.to_dict() for e in phase1_entries])
         run.phase("phase1").seconds += time.perf_counter() - start
 
         start = time.perf_counter()
-        if phase2_reverse:
-            steps, first, first_score = reverse_steps(phase1_entries, baseline, lowest), lowest, lowest_score
+
+        def phase2_score(a: Assignment) -> float:
+            return run.score(a, "phase2", "phase2")
+
+        if mode == "proxy" and not phase2_reverse and allowed_accuracy_drop is not None:
+            repaired = phase2_with_blocker_checks(
+                phase1_entries, baseline, baseline_score, phase2_score,
+                lambda g, c: run.score(with_group(baseline, g, c), "phase2", "phase2"), macs, macs.bitops(baseline),
+                goal, algorithm=algorithm, max_repairs=max_proxy_repairs, progress=progress)
+            result2, checks, exhausted = repaired.result, repaired.checks, repaired.exhausted
+            phase1_entries = repaired.order
+            cache.save("phase1.json", [e.to_dict() for e in phase1_entries])
+            run.messages += proxy_check_messages(checks, exhausted, max_proxy_repairs)
         else:
-            steps, first, first_score = forward_steps(phase1_entries, baseline), baseline, baseline_score
-        result2 = run_phase2(steps, first, first_score, lambda a: run.score(a, "phase2", "phase2"), macs,
-                             macs.bitops(baseline), goal, algorithm=algorithm, reverse=phase2_reverse,
-                             full=allowed_accuracy_drop is None, progress=progress)
+            if phase2_reverse:
+                steps, first, first_score = reverse_steps(phase1_entries, baseline, lowest), lowest, lowest_score
+            else:
+                steps, first, first_score = forward_steps(phase1_entries, baseline), baseline, baseline_score
+            result2 = run_phase2(steps, first, first_score, phase2_score, macs, macs.bitops(baseline), goal,
+                                 algorithm=algorithm, reverse=phase2_reverse, full=allowed_accuracy_drop is None,
+                                 progress=progress)
         points = result2.points
         cache.save("pareto.json", [p.to_dict() for p in points])
         if result2.chosen is None:
@@ -409,11 +486,31 @@ def choose_mixed_precision(
         assignment=chosen, score=final.runtime_score, bitops=macs.bitops(chosen), baseline_bitops=base_bits,
         bitops_per_group=macs.per_group(chosen), phase1=phase1_entries, pareto=points, phase3=phase3,
         demotion=demotion, conversions=len(conversions(partition, chosen)), quantized=quantized,
-        simulated=run.sim_reason is None, messages=run.messages, stats=run.stats,
+        simulated=run.sim_reason is None, messages=run.messages, stats=run.stats, phase1_mode=mode,
+        proxy_checks=checks,
         simulated_score=final.simulated_score, runtime_score=final.runtime_score, exact_score=final.exact_score,
         divergence_tolerance=tolerance, verification=verified, warnings=warns)
     write_results(result, results_dir, precision_overrides(partition, chosen))
     return result
+
+
+def proxy_check_messages(checks: Sequence[BlockerCheck], exhausted: bool, max_repairs: int) -> list[str]:
+    """What the metric said about the proxy's order (one line per moved blocker, one for the last check)."""
+    out = []
+    for c in checks:
+        rank = f"phase-1 position {c.position}, proxy {c.proxy:.1f} dB" if c.proxy is not None else \
+            f"phase-1 position {c.position}"
+        if c.moved:
+            out.append(f"proxy check: {c.group} at {c.candidate} alone scores {c.score:.4f} (drop {c.drop:.4f}; "
+                       f"{rank}): misranked, moved to the end of the phase-1 list")
+        elif exhausted:
+            out.append(f"proxy check: {c.group} at {c.candidate} alone scores {c.score:.4f} (drop {c.drop:.4f}; "
+                       f"{rank}) and stops phase 2, but the {max_repairs} repairs are used: the proxy misranks "
+                       "this model; phase1='exhaustive' (--phase1 exhaustive) may demote more groups")
+        else:
+            out.append(f"proxy check: the step that stops phase 2, {c.group} at {c.candidate}, alone scores "
+                       f"{c.score:.4f} (drop {c.drop:.4f}): the loss accumulated, the proxy's order holds")
+    return out
 
 
 def reduce_converts_step(run: _Run, chosen: Assignment, current: float, goal: float, max_increase: float

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from qpasses.amp.bitops import MacTable
 from qpasses.amp.candidates import Assignment, Candidate, parse_candidate
-from qpasses.amp.search import SEARCHES, full_scan
+from qpasses.amp.search import SEARCHES, full_scan, gallop_search
 from qpasses.amp.sensitivity import SensitivityEntry
 
 
@@ -106,10 +106,16 @@ class Phase2Result:
 def run_phase2(
     steps: Sequence[Step], start: Assignment, start_score: float, score: Callable[[Assignment], float],
     macs: MacTable, reference_bitops: float, target: float, *, algorithm: str = "binary", reverse: bool = False,
-    full: bool = False, progress: bool = True,
+    full: bool = False, progress: bool = True, resume_after: int | None = None,
+    known: Mapping[int, ParetoPoint] | None = None,
 ) -> Phase2Result:
-    """Search the cumulative sequence for the lowest-BitOps point meeting ``target``."""
-    evaluated: dict[int, ParetoPoint] = {}
+    """Search the cumulative sequence for the lowest-BitOps point meeting ``target``.
+
+    ``resume_after``: point ``i`` (forward sequences only; -1 is the start) is known to meet the target,
+    so only the points after it are searched (``gallop_search``); ``known`` are points already scored
+    (the same first steps), reported again without scoring them.
+    """
+    evaluated: dict[int, ParetoPoint] = dict(known or {})
     bar = tqdm(total=len(steps), desc="AMP phase 2", unit="point", file=sys.stderr, disable=not progress,
                leave=False)
 
@@ -130,8 +136,15 @@ def run_phase2(
         if not steps:
             return Phase2Result([first], first if start_score >= target else None, [])
         values = [lambda i=i: point(i).score for i in range(len(steps))]
-        search = full_scan if full else SEARCHES[algorithm]
-        index = search(values, target, reverse)
+        if resume_after is not None and not (full or reverse):
+            if resume_after < 0 and values[0]() < target:
+                index = 0  # nothing after the start meets the target: as the searches answer it
+            else:
+                index = gallop_search(values, target, max(resume_after, 0),
+                                      brute_force=algorithm == "brute-force")
+        else:
+            search = full_scan if full else SEARCHES[algorithm]
+            index = search(values, target, reverse)
         hit = point(index)
     points = [first, *(evaluated[i] for i in sorted(evaluated))]
     chosen: ParetoPoint | None = hit if hit.score >= target else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qpasses.amp.blockers import BlockerCheck
 from qpasses.amp.candidates import Candidate
 from qpasses.amp.convert_reduction import Phase3Result
 from qpasses.amp.demotion import DemotionResult
@@ -33,16 +34,19 @@ from qpasses.quantize import QuantizeResult
 
 @dataclass
 class PhaseStats:
-    """Evaluations and sessions of one phase (cache hits cost neither), and its wall time."""
+    """Evaluations (user callback calls) and sessions of one phase (cache hits cost neither), and its wall time."""
 
     evaluations: int = 0
     cache_hits: int = 0
     session_builds: int = 0
     seconds: float = 0.0
+    proxy_runs: int = 0
+    """Phase-1 proxy passes (simulation runs on a few samples; not calls of the user's callback)."""
 
     def add(self, stats: ScorerStats) -> None:
         self.evaluations += stats.evaluations
         self.session_builds += stats.session_builds
+        self.proxy_runs += stats.proxy_runs
 
 
 @dataclass
@@ -85,6 +89,10 @@ class AmpResult:
     """Every point lowered and scored in the final check: the chosen one first, the saved one last."""
     warnings: list[str] = field(default_factory=list)
     """The loud subset of ``messages`` (also raised as ``AmpWarning``; the CLI prints ``warning: ...``)."""
+    phase1_mode: str | None = None
+    """``exhaustive`` or ``proxy``; None when phase 1 did not run (early exit, demotion)."""
+    proxy_checks: list[BlockerCheck] = field(default_factory=list)
+    """With the proxy: each step that stopped phase 2, scored alone with the metric (``qpasses.amp.blockers``)."""
 
     @property
     def promotions(self) -> list[str] | None:
@@ -112,7 +120,9 @@ class AmpResult:
                 "converts_before": self.phase3.converts_before, "converts_after": self.phase3.converts_after,
                 "flips": [f.to_dict() for f in self.phase3.flips]},
             "demotion": None if self.demotion is None else self.demotion.to_dict(),
-            "simulated": self.simulated, "messages": self.messages, "warnings": self.warnings,
+            "simulated": self.simulated, "phase1_mode": self.phase1_mode,
+            "proxy_checks": [c.to_dict() for c in self.proxy_checks],
+            "messages": self.messages, "warnings": self.warnings,
             "stats": {k: vars(v) for k, v in self.stats.items()},
         }
 
@@ -121,12 +131,14 @@ class AmpResult:
         lowered = sum(1 for c in self.assignment.values() if c != self.baseline)
         evals = sum(s.evaluations for s in self.stats.values())
         builds = sum(s.session_builds for s in self.stats.values())
+        proxies = sum(s.proxy_runs for s in self.stats.values())
         search = "simulated" if self.simulated else "search"
         return (f"AMP: score {self.score:.4f} in onnxruntime's default session (exact QDQ {self.exact_score:.4f}, "
                 f"{search} {self.simulated_score:.4f}; FP32 {self.fp32_score:.4f}, baseline {self.baseline} "
                 f"{self.baseline_score:.4f}, target {self.target:.4f}); {lowered}/{len(self.assignment)} groups below "
                 f"baseline; BitOps {self.bitops:.4g} = {rel:.3f} x baseline; {self.conversions} conversions; "
-                f"{evals} evaluations, {builds} session builds")
+                f"{evals} evaluations" + (f" (phase 1 by proxy: {proxies} proxy runs)" if proxies else "") +
+                f", {builds} session builds")
 
 
 def pareto_csv(points: list[ParetoPoint], groups: list[str]) -> str:

@@ -81,6 +81,33 @@ def full_scan(values: Values, target: float, reverse: bool = False) -> int:
     return brute_force_search([lambda s=s: s for s in scores], target, reverse)
 
 
+def gallop_search(values: Values, target: float, good: int, *, brute_force: bool = False) -> int:
+    """Falling sequence, ``values[good]`` known to meet ``target``: the last index meeting it after ``good``.
+
+    Steps 1, 2, 4... past ``good`` until a miss, then bisects (``brute_force``: steps of 1, stopping at
+    the first miss). About ``2 log2(d)`` evaluations for an answer ``d`` steps away, so a search that
+    resumes next to where an earlier one stopped stays cheap.
+    """
+    last = len(values) - 1
+    step = 1
+    while good < last:
+        probe = min(good + step, last)
+        if values[probe]() < target:
+            bad = probe
+            break
+        good = probe
+        step = 1 if brute_force else step * 2
+    else:
+        return good
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if values[mid]() >= target:
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
 SEARCHES: dict[str, Callable[[Values, float, bool], int]] = {
     "binary": binary_search, "interpolation": interpolation_search, "brute-force": brute_force_search,
 }

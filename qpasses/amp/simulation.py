@@ -4,9 +4,20 @@ Every quantizer of the lowered QDQ model becomes ``Clip(DequantizeLinear(Quantiz
 16-bit grid, with scale, zero point and the clamp bounds as graph inputs: an 8-bit quantizer is
 the same ops with a narrower clamp. Weights and biases are inputs too, fed already fake-quantized
 by the same numpy code the lowering uses. A bitwidth change is then just other input values: one
-session serves every assignment. (The price: onnxruntime cannot prepack fed Conv weights, so one
-simulated evaluation costs about what the real QDQ model's does, 1-2x; the rebuild it replaces
-costs more than either.)
+session serves every assignment. (The price: onnxruntime runs fed Conv weights with its plain
+kernel, as the lowered model with exact QDQ semantics does, not in the blocked layout it gives
+constant FP32 weights.)
+
+Most of those quantizers are the identity for a given assignment: a convert between two groups
+of the same bitwidth requantizes onto the grid the values are already on, and a data-movement
+output (MaxPool, Reshape, Split...) re-quantized on its input's grid is its input; a 16-bit
+quantizer's clamp is the 16-bit saturation. ``pruned(layout)`` writes the model of one assignment's
+*layout* (which quantizers run, at which bitwidth) without them: identities removed, each
+remaining quantizer as the real model's own ``Q -> DQ`` on an 8- or 16-bit integer type (no
+clamp). The values are the same bit for bit; the work is what the lowered model does. A pruned
+model costs one session build (about a third of the full model's), so the scorer uses one only
+where an evaluation costs much more than that (``qpasses.amp.evaluators``); every assignment
+with the same layout (every weight-only change, every uniform assignment) shares it.
 
 The feeds reproduce what ``quantize_model`` + ``insert-converts`` build for the assignment:
 
@@ -33,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from graph_ir import Graph
 from qpasses.amp.candidates import Assignment
@@ -46,10 +57,29 @@ from qpasses.passes.opset_upgrade import upgrade_opset
 from qpasses.precision import activation_slots
 from qpasses.precision_type import requantized
 from qpasses.quant_config import QuantConfig
-from qpasses.quant_plan import QuantPlanData, build_plan
+from qpasses.quant_plan import DATA_MOVEMENT, QuantPlanData, build_plan
 from qpasses.verification import session_options
 
 _SUFFIXES = ("scale", "zp", "lo", "hi")
+_IDENTITY = 0  # a layout entry: the quantizer passes its input through
+_GENERIC = -1  # a layout entry: kept as Clip(DQ(Q(x))) on the 16-bit type (bitwidths other than 8 and 16)
+Layout = tuple[int, ...]
+"""Per quantizer of ``SimulationModel.quantizers``: 0 (identity), 8 or 16 (native Q -> DQ), or -1 (generic)."""
+
+
+@dataclass(frozen=True)
+class FakeQuantizer:
+    """One ``Clip(DQ(Q(x)))`` of the simulation model: its ops, tensors and parameter inputs."""
+
+    prefix: str
+    ops: tuple[str, str, str]
+    """Names of the QuantizeLinear, DequantizeLinear and Clip ops."""
+    x: str
+    y: str
+    edge: tuple[str, str] | None = None
+    """(source tensor, reading group) of a convert; None for an activation quantizer."""
+    follows: bool = False
+    """A data-movement output re-quantized on its input's grid: the identity for every assignment."""
 
 
 def weight_encoding(data: np.ndarray, bitwidth: int, axis: int, *, per_channel: bool, mode: str) -> Encoding:
@@ -94,18 +124,61 @@ class SimulatedSession:
     """An ``InferenceSession`` look-alike for eval callbacks: the model's own inputs and outputs only.
 
     ``run`` adds the quantizer feeds of the current assignment; ``get_inputs``/``get_outputs``
-    hide them, so an eval written for the real QDQ model runs unchanged.
+    hide them, so an eval written for the real QDQ model runs unchanged. The feeds are bound once
+    per assignment (``io_binding``): ``InferenceSession.run`` would convert and check thousands of
+    them on every call (its input check is quadratic in their number: ~90 ms a call on a YOLOv8n,
+    more than the model itself on one image).
     """
 
     session: ort.InferenceSession
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    accepts: frozenset[str] | None = None
+    """The session's inputs (a pruned model reads fewer than the feeds give); None: all of them."""
+    narrow: Mapping[str, Any] = field(default_factory=dict)
+    """Zero-point inputs stored on 8 bits in a pruned model -> their numpy type."""
+    _binding: Any = field(default=None, repr=False)
+    _bound: Any = field(default=None, repr=False)  # the ``extra`` the binding holds
+    _bound_values: dict[str, Any] = field(default_factory=dict, repr=False)
+    _held: list[Any] = field(default_factory=list, repr=False)  # arrays the binding points into
+
+    def set_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """The quantizer feeds of an assignment, adapted to this session's model."""
+        if self.accepts is None:
+            self.extra = dict(feeds)
+            return
+        self.extra = {k: (v.astype(self.narrow[k]) if k in self.narrow else v)
+                      for k, v in feeds.items() if k in self.accepts}
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
             ) -> list[np.ndarray]:
-        feed = {**self.extra, **input_feed}
-        return self.session.run(list(output_names) if output_names else list(self.output_names), feed, run_options)
+        missing = [n for n in self.input_names if n not in input_feed]
+        if missing:
+            raise ValueError(f"Required inputs ({missing}) are missing from input feed ({list(input_feed)}).")
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+        if self._bound is not self.extra:  # rebind what changed (feeds are memoized: most values are the same)
+            for name, value in self.extra.items():
+                if self._bound_values.get(name) is not value:
+                    self._binding.bind_cpu_input(name, value)
+                    self._bound_values[name] = value
+            self._bound = self.extra
+        binding = self._binding
+        held = []
+        for name, value in input_feed.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                array = np.ascontiguousarray(value)
+                binding.bind_cpu_input(name, array)
+            held.append(value if isinstance(value, ort.OrtValue) else array)
+        self._held = held
+        binding.clear_binding_outputs()
+        for name in (list(output_names) if output_names else self.output_names):
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding, run_options)
+        return binding.copy_outputs_to_cpu()
 
     def get_inputs(self) -> list[Any]:
         return [i for i in self.session.get_inputs() if i.name in self.input_names]
@@ -139,6 +212,7 @@ class SimulationModel:
         self._data = {name: graph.tensors[name].data for name in (*self.plan.weights, *self.plan.biases)}
         self._cache: dict[Any, Any] = {}
         self.edges: list[tuple[str, str]] = []  # (source tensor, reading group)
+        self.quantizers: list[FakeQuantizer] = []
         self.roots = sorted({self.plan.root(t) for t in partition.owner})
         self.readers = {t: [g.name for g in partition if t in g.reads] for t in partition.float_sources}
         work = graph.copy()
@@ -147,7 +221,8 @@ class SimulationModel:
         self.model = self._build(work)
 
     # --- construction --------------------------------------------------------------------------
-    def _fake_quant(self, graph: Graph, x: str, prefix: str, out: str | None = None) -> str:
+    def _fake_quant(self, graph: Graph, x: str, prefix: str, out: str | None = None, *,
+                    edge: tuple[str, str] | None = None, follows: bool = False) -> str:
         """``Clip(DQ(Q(x)))`` on a 16-bit grid: every bitwidth up to 16 is the same ops, other inputs.
 
         Clamping the dequantized value to ``[(qmin - zp) s, (qmax - zp) s]`` equals clamping the
@@ -163,22 +238,27 @@ class SimulationModel:
         scale, zp, lo, hi = names
         base = graph.unique_name(f"{x}_amp")
         q = graph.add_op("QuantizeLinear", [x, scale, zp], [graph.unique_name(f"{base}_q")],
-                         name=graph.unique_name(f"{base}_Q")).outputs[0]
-        dq = graph.add_op("DequantizeLinear", [q, scale, zp], [graph.unique_name(f"{base}_dq")],
-                          name=graph.unique_name(f"{base}_DQ")).outputs[0]
+                         name=graph.unique_name(f"{base}_Q"))
+        dq = graph.add_op("DequantizeLinear", [q.outputs[0], scale, zp], [graph.unique_name(f"{base}_dq")],
+                          name=graph.unique_name(f"{base}_DQ"))
         result = out if out is not None else graph.unique_name(f"{base}_fq")
-        graph.add_op("Clip", [dq, lo, hi], [result], name=graph.unique_name(f"{base}_Clip"))
+        clip = graph.add_op("Clip", [dq.outputs[0], lo, hi], [result], name=graph.unique_name(f"{base}_Clip"))
+        self.quantizers.append(FakeQuantizer(prefix, (q.name, dq.name, clip.name), x, result, edge, follows))
         return result
 
     def _quantize_tensor(self, graph: Graph, name: str, prefix: str) -> str:
         """Fake-quantize an activation where it is produced; every reader (and a graph output) sees it."""
+        producer = graph.producer(name)
+        # Data movement keeps values (Pad may add a constant): its output is on its input's grid already.
+        follows = (self.plan.root(name) != name and producer is not None and producer.op_type in DATA_MOVEMENT
+                   and producer.op_type != "Pad")
         if graph.is_graph_output(name):
             pre = graph.rename_tensor(name, graph.unique_name(f"{name}_fp")).name
             graph.outputs = [name if o == pre else o for o in graph.outputs]
-            self._fake_quant(graph, pre, prefix, out=name)
+            self._fake_quant(graph, pre, prefix, out=name, follows=follows)
             return name
         readers = graph.uses(name)
-        fq = self._fake_quant(graph, name, prefix)
+        fq = self._fake_quant(graph, name, prefix, follows=follows)
         for op, slot in readers:
             graph.replace_use(op, slot, fq)
         return fq
@@ -206,7 +286,9 @@ class SimulationModel:
                     for slot in activation_slots(op):
                         if slot < len(op.inputs) and op.inputs[slot] == current:
                             if edge is None:
-                                edge = self._fake_quant(graph, current, f"amp.e.{source}.{group.name}")
+                                # A convert of a quantized tensor; a float source's only quantizer is this one.
+                                key = (source, group.name) if source in fq else None
+                                edge = self._fake_quant(graph, current, f"amp.e.{source}.{group.name}", edge=key)
                                 self.edges.append((source, group.name))
                             graph.set_input(op, slot, edge)
         # Weights and biases become inputs fed fake-quantized; other constants are fake-quantized in place.
@@ -238,18 +320,6 @@ class SimulationModel:
             raise KeyError(f"no calibrated encoding for activation {root!r} at {bitwidth} bits")
         return enc
 
-    def _qparams(self, enc: Encoding) -> tuple[np.ndarray, ...]:
-        key = ("q", enc)
-        if key not in self._cache:
-            self._cache[key] = quantizer_inputs(enc)
-        return self._cache[key]
-
-    def _weight(self, name: str, enc: Encoding, data: np.ndarray | None = None, tag: int = 0) -> np.ndarray:
-        key = ("w", name, enc, tag)
-        if key not in self._cache:
-            self._cache[key] = dequantized(self._data[name] if data is None else data, enc)
-        return self._cache[key]
-
     def _weight_enc(self, name: str, bitwidth: int) -> Encoding:
         key = ("we", name, bitwidth)
         if key not in self._cache:
@@ -258,55 +328,170 @@ class SimulationModel:
                                                mode=self.config.weight_mode)
         return self._cache[key]
 
-    def source_encoding(self, tensor: str, assignment: Assignment) -> Encoding:
-        """The encoding a quantized activation carries under ``assignment`` (float sources: widest reader)."""
+    def _source(self, tensor: str, assignment: Assignment) -> tuple[str, int]:
+        """(root, bitwidth) of the grid a quantized activation is on under ``assignment``."""
         root = self.plan.root(tensor)
         owner = self.partition.owner.get(root)
         if owner is not None:
-            return self._act(root, assignment[owner].act.bitwidth)
-        return self._act(root, max(assignment[g].act.bitwidth for g in self.readers[root]))
+            return root, assignment[owner].act.bitwidth
+        return root, max(assignment[g].act.bitwidth for g in self.readers[root])
 
-    def feeds(self, assignment: Assignment) -> dict[str, np.ndarray]:
-        """Every quantizer input of the simulation model for one assignment."""
-        out: dict[str, np.ndarray] = {}
+    def source_encoding(self, tensor: str, assignment: Assignment) -> Encoding:
+        """The encoding a quantized activation carries under ``assignment`` (float sources: widest reader)."""
+        return self._act(*self._source(tensor, assignment))
 
-        def put(prefix: str, enc: Encoding) -> None:
-            for suffix, value in zip(_SUFFIXES, self._qparams(enc), strict=True):
-                out[f"{prefix}.{suffix}"] = value
+    def _grid(self, root: str, bitwidth: int, target: int | None = None) -> tuple[Encoding, tuple[np.ndarray, ...]]:
+        """The encoding of ``root`` at ``bitwidth`` (requantized to ``target`` bits) and its quantizer inputs."""
+        key = ("g", root, bitwidth, target)
+        if key not in self._cache:
+            enc = self._act(root, bitwidth)
+            if target is not None:
+                enc = requantized(enc, target)
+            self._cache[key] = (enc, quantizer_inputs(enc))
+        return self._cache[key]
 
-        for root in self.roots:
-            put(f"amp.a.{root}", self.source_encoding(root, assignment))
-        for source, group in self.edges:
-            put(f"amp.e.{source}.{group}", requantized(self.source_encoding(source, assignment),
-                                                      assignment[group].act.bitwidth))
-        weight_enc: dict[str, Encoding] = {}
-        for group in self.partition:
-            for name in group.weights:
-                weight_enc[name] = self._weight_enc(name, assignment[group.name].param.bitwidth)
-        for name, spec in self.plan.biases.items():
-            group = self.group_of[spec.op]
-            op_bw = assignment[group].act.bitwidth
-            in_enc = requantized(self.source_encoding(spec.input, assignment), op_bw)
-            w_enc = weight_enc[spec.weight]
-            param_bw = assignment[group].param.bitwidth
+    def _bias(self, key: tuple[Any, ...]) -> tuple[np.ndarray, Encoding]:
+        """The fake-quantized bias of ``key`` = (bias, input (root, bitwidth), op bitwidth, weight bitwidth,
+        key of the previous bias of the same weight or None), and the weight encoding it leaves (an int32
+        bias may raise the weight's scale; the next bias of a shared weight starts from that)."""
+        if key not in self._cache:
+            name, source, op_bw, param_bw, previous = key
+            spec = self.plan.biases[name]
+            in_enc = self._grid(*source, op_bw)[0]
+            w_enc = self._weight_enc(spec.weight, param_bw) if previous is None else self._bias(previous)[1]
             corrected = self.tables.bias(name, param_bw)
             data = self._data[name] if corrected is None else corrected
             if self.config.bias_bw < 32:
-                b_enc = compute(data.astype(np.float64), self.config.bias_bw, "symmetric", role="bias")
+                b_enc, after = compute(data.astype(np.float64), self.config.bias_bw, "symmetric", role="bias"), w_enc
             else:
-                b_enc, w_enc = bias_encoding(data.astype(np.float64), in_enc.scale[0], w_enc, self.config.bias_bw)
-                weight_enc[spec.weight] = w_enc
-            out[f"amp.p.{name}"] = self._weight(name, b_enc, data, param_bw if corrected is not None else 0)
-        for name, enc in weight_enc.items():
-            out[f"amp.p.{name}"] = self._weight(name, enc)
-        return out
+                b_enc, after = bias_encoding(data.astype(np.float64), in_enc.scale[0], w_enc, self.config.bias_bw)
+            self._cache[key] = (dequantized(data, b_enc), after)
+        return self._cache[key]
 
-    def session(self, *, intra_op_threads: int = 0) -> SimulatedSession:
-        """A fresh onnxruntime session of the simulation model (build once, reuse for every assignment)."""
-        sess = ort.InferenceSession(self.model.SerializeToString(),
-                                    session_options(intra_op_threads=intra_op_threads),
-                                    providers=["CPUExecutionProvider"])
-        return SimulatedSession(sess, self.input_names, self.output_names)
+    def feeds(self, assignment: Assignment) -> dict[str, np.ndarray]:
+        """Every quantizer input of the simulation model for one assignment."""
+        return self.plan_feeds(assignment)[0]
+
+    def plan_feeds(self, assignment: Assignment) -> tuple[dict[str, np.ndarray], Layout]:
+        """The feeds of one assignment and its layout (what each quantizer does; see ``pruned``).
+
+        Memoized per quantizer, bias and weight (keyed by root and bitwidths), so an assignment costs
+        dictionary lookups, not encodings: phase 1 and the proxy score hundreds of them.
+        """
+        out: dict[str, np.ndarray] = {}
+        bits: dict[str, int] = {}  # quantizer prefix -> bitwidth, or 0 for a convert onto the same grid
+
+        def put(prefix: str, params: tuple[np.ndarray, ...]) -> None:
+            for suffix, value in zip(_SUFFIXES, params, strict=True):
+                out[f"{prefix}.{suffix}"] = value
+
+        sources: dict[str, tuple[str, int]] = {}
+        for root in self.roots:
+            sources[root] = source = self._source(root, assignment)
+            enc, params = self._grid(*source)
+            put(f"amp.a.{root}", params)
+            bits[f"amp.a.{root}"] = enc.bitwidth
+        for source, group in self.edges:
+            root, bw = sources.get(source) or self._source(source, assignment)
+            reader = assignment[group].act.bitwidth
+            enc, params = self._grid(root, bw, reader)
+            prefix = f"amp.e.{source}.{group}"
+            put(prefix, params)
+            bits[prefix] = _IDENTITY if reader == bw else enc.bitwidth  # requantized() keeps a same-width grid
+        weight_bw: dict[str, int] = {}
+        last_bias: dict[str, tuple[Any, ...] | None] = {}  # weight -> key of its last bias (its grid after it)
+        for group in self.partition:
+            for name in group.weights:
+                weight_bw[name] = assignment[group.name].param.bitwidth
+                last_bias[name] = None
+        for name, spec in self.plan.biases.items():
+            group = assignment[self.group_of[spec.op]]
+            key = (name, self._source(spec.input, assignment), group.act.bitwidth, group.param.bitwidth,
+                   last_bias[spec.weight])
+            out[f"amp.p.{name}"] = self._bias(key)[0]
+            last_bias[spec.weight] = key
+        for name, bw in weight_bw.items():
+            previous = last_bias[name]
+            cache_key = ("w", name, bw, previous)
+            if cache_key not in self._cache:
+                enc = self._weight_enc(name, bw) if previous is None else self._bias(previous)[1]
+                self._cache[cache_key] = dequantized(self._data[name], enc)
+            out[f"amp.p.{name}"] = self._cache[cache_key]
+        layout = tuple(_IDENTITY if q.follows or (q.edge is not None and bits[q.prefix] == _IDENTITY)
+                       else bits[q.prefix] if bits[q.prefix] in (8, 16) else _GENERIC for q in self.quantizers)
+        return out, layout
+
+    def pruned(self, layout: Layout) -> onnx.ModelProto:
+        """The simulation model of one layout: identity quantizers gone, the rest native ``Q -> DQ``.
+
+        An 8-bit quantizer becomes Q/DQ on (u)int8, whose saturation is the clamp; a 16-bit one keeps
+        the 16-bit type and drops the Clip (the same saturation). Values equal the full model's bit for
+        bit. Inputs no op reads any more are removed; ``pruned_feeds`` adapts the feeds.
+        """
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        graph = model.graph
+        nodes = {n.name: n for n in graph.node}
+        outputs = set(self.output_names)
+        drop: set[str] = set()
+        rename: dict[str, str] = {}
+        passthrough: list[onnx.NodeProto] = []
+        narrow: set[str] = set()  # zero-point inputs of 8-bit quantizers
+        for q, kind in zip(self.quantizers, layout, strict=True):
+            if kind == _GENERIC:
+                continue
+            q_op, dq_op, clip_op = q.ops
+            drop.add(clip_op)
+            if kind == _IDENTITY:
+                drop.update((q_op, dq_op))
+                if q.y in outputs:
+                    passthrough.append(helper.make_node("Identity", [q.x], [q.y], name=f"{clip_op}_pass"))
+                else:
+                    rename[q.y] = q.x
+                continue
+            nodes[dq_op].output[0] = q.y
+            if kind == 8:
+                narrow.add(f"{q.prefix}.zp")
+
+        def resolve(name: str) -> str:
+            while name in rename:
+                name = rename[name]
+            return name
+
+        kept = [n for n in graph.node if n.name not in drop]
+        for n in kept:
+            for i, name in enumerate(n.input):
+                if name in rename:
+                    n.input[i] = resolve(name)
+        for n in passthrough:
+            n.input[0] = resolve(n.input[0])
+        del graph.node[:]
+        graph.node.extend([*kept, *passthrough])
+        used = {name for n in graph.node for name in n.input} | outputs
+        inputs = [i for i in graph.input if i.name in used]
+        narrow_type = TensorProto.INT8 if self.zp_type == TensorProto.INT16 else TensorProto.UINT8
+        for i in inputs:
+            if i.name in narrow:
+                i.type.tensor_type.elem_type = narrow_type
+        del graph.input[:]
+        graph.input.extend(inputs)
+        return model
+
+    def session(self, *, intra_op_threads: int = 0, layout: Layout | None = None) -> SimulatedSession:
+        """A fresh onnxruntime session of the simulation model (build once, reuse for every assignment),
+        or of the pruned model of one ``layout`` (graph optimizations off: onnxruntime would otherwise
+        fuse its native Q/DQ pairs into integer kernels, which round differently)."""
+        if layout is None:
+            model, opts = self.model, session_options(intra_op_threads=intra_op_threads)
+        else:
+            model, opts = self.pruned(layout), session_options(intra_op_threads=intra_op_threads, optimize=False)
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        if layout is None:
+            return SimulatedSession(sess, self.input_names, self.output_names)
+        narrow = {i.name: np.int8 if i.type.tensor_type.elem_type == TensorProto.INT8 else np.uint8
+                  for i in model.graph.input if i.type.tensor_type.elem_type in (TensorProto.INT8, TensorProto.UINT8)}
+        return SimulatedSession(sess, self.input_names, self.output_names,
+                                accepts=frozenset(i.name for i in sess.get_inputs()), narrow=narrow)
 
 
 def unsupported_reason(partition: GroupPartition, plan: QuantPlanData, has_float_candidates: bool) -> str | None:
