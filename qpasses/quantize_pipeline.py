@@ -75,7 +75,8 @@ def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = Quan
     if o.overrides is not None:
         annotate.append(PassSpec("apply-overrides", {"path": str(o.overrides)}))
     # Tensors 8 bits cannot carry stay float (int16 on quantized-only targets); user overrides win.
-    annotate += [PassSpec("keep-nonfinite-float"), PassSpec("keep-data-independent-float"),
+    annotate += [PassSpec("keep-nonfinite-float"), PassSpec("keep-log-domain-inputs-float"),
+                 PassSpec("keep-data-independent-float"),
                  PassSpec("keep-decomposed-blocks-float")]
     if o.calibrated:
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))

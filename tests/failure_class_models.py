@@ -117,3 +117,59 @@ def outlier_intermediate(seed: int = 0) -> onnx.ModelProto:
               helper.make_node("Relu", ["back"], ["y"], name="relu")]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+
+
+def float_min_attention_mask(seed: int = 0) -> onnx.ModelProto:
+    """HF-style attention: scores + (1 - mask) * float32 min -> Softmax -> MatMul (unidic_tagger's ALBERT)."""
+    rng = np.random.default_rng(seed)
+    wq = (rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
+    wk = (rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
+    keep = np.ones((1, 1, 6), np.float32)
+    keep[..., 4:] = 0  # the last two positions are padding
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk"),
+             numpy_helper.from_array(keep, "keep"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "f32_min"),
+             numpy_helper.from_array(np.array([0, 2, 1], np.int64), "perm")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("Sub", ["one", "keep"], ["pad"], name="pad"),
+             helper.make_node("Mul", ["pad", "f32_min"], ["bias"], name="bias"),
+             helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask_add"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "x"], ["y"], name="context")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])], inits)
+
+
+def log_power_spectrum(seed: int = 0) -> onnx.ModelProto:
+    """DNSMOS-style front end: STFT as a MatMul, power = re^2 + im^2, log10(max(power, 1e-12)), then a layer."""
+    rng = np.random.default_rng(seed)
+    n = np.arange(16)
+    k = np.arange(9)[:, None]
+    re = np.cos(2 * np.pi * k * n / 16).T.astype(np.float32)
+    im = np.sin(2 * np.pi * k * n / 16).T.astype(np.float32)
+    w = (rng.standard_normal((9, 4)) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(re, "dft_re"), numpy_helper.from_array(im, "dft_im"),
+             numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+             numpy_helper.from_array(np.array(np.log(10), np.float32), "ln10"),
+             numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("MatMul", ["x", "dft_re"], ["re"], name="stft_re"),
+             helper.make_node("MatMul", ["x", "dft_im"], ["im"], name="stft_im"),
+             helper.make_node("Mul", ["re", "re"], ["re2"], name="re2"),
+             helper.make_node("Mul", ["im", "im"], ["im2"], name="im2"),
+             helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+             helper.make_node("Max", ["power", "eps"], ["floored"], name="floor"),
+             helper.make_node("Log", ["floored"], ["ln"], name="log"),
+             helper.make_node("Div", ["ln", "ln10"], ["logpow"], name="log10"),
+             helper.make_node("MatMul", ["logpow", "w"], ["y"], name="dense")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 4])], inits)
+
+
+def quiet_audio_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """Frames of audio whose loudness spans 60 dB: most powers are far below one 8-bit step of the loudest."""
+    rng = np.random.default_rng(seed)
+    gain = np.logspace(-3, 0, 20, dtype=np.float32)[None, :, None]
+    return [{"x": (rng.standard_normal((1, 20, 16)).astype(np.float32) * gain)} for _ in range(n)]

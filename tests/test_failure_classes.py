@@ -138,3 +138,44 @@ def test_auto_fallback_leaves_healthy_models_alone() -> None:
     model = fc.question_mark_dims()
     calib = fc.feeds(model, 2, shape=(2, 3, 8, 8))
     assert _quantize(model, calib).fallback == []
+
+
+def test_float_min_attention_mask_keeps_scores_float() -> None:
+    """unidic_tagger: a float32-min mask bias would give the masked scores a ~1e38 quantizer (scores -> 0)."""
+    model = fc.float_min_attention_mask()
+    calib = [{"x": np.random.default_rng(s).standard_normal((1, 6, 8)).astype(np.float32)} for s in range(8)]
+    result = _quantize(model, calib)
+    quantized = _quantized_inputs(result.model)
+    assert not {"f32_min", "bias", "masked"} & quantized  # neither the sentinel nor the masked scores
+    assert "probs" not in quantized or "q" in quantized  # the softmax reads the scores in float
+    assert any("masking sentinel" in r for r in _remarks(result, "keep-nonfinite-float"))
+    assert any("masked by 'f32_min'" in r for r in _remarks(result, "keep-nonfinite-float"))
+    for seed in (20, 21):
+        feed = {"x": np.random.default_rng(seed).standard_normal((1, 6, 8)).astype(np.float32)}
+        ref = verification.exact_session(model).run(None, feed)[0]
+        got = verification.exact_session(result.model).run(None, feed)[0]
+        assert sqnr_db(ref, got) > 20
+    # The masked positions get exactly zero attention: the context ignores the padding rows.
+    feed = {"x": np.random.default_rng(30).standard_normal((1, 6, 8)).astype(np.float32)}
+    padded = {"x": feed["x"].copy()}
+    padded["x"][:, 4:] = 100.0  # only the padding rows change
+    a = verification.exact_session(result.model).run(None, feed)[0]
+    b = verification.exact_session(result.model).run(None, padded)[0]
+    assert np.allclose(a[:, :4], b[:, :4], atol=1e-3), "a masked position leaked into the attention"
+
+
+def test_log_of_power_spectrum_stays_float() -> None:
+    """DNSMOS: a quantized power spectrum rounds quiet bins to 0 and log(0) floors at -27.6."""
+    model = fc.log_power_spectrum()
+    result = _quantize(model, fc.quiet_audio_feeds(8))
+    quantized = _quantized_inputs(result.model)
+    assert not {"x", "re", "im", "power", "floored", "ln"} & quantized
+    assert any("singular at 0" in r for r in _remarks(result, "keep-log-domain-inputs-float"))
+    test = fc.quiet_audio_feeds(4, seed=7)
+    sess_fp = verification.exact_session(model)
+    sess_q = verification.exact_session(result.model)
+    for f in test:
+        # The log-power itself is exact (computed in float) and the layer after it stays close.
+        ref, got = sess_fp.run(None, f)[0], sess_q.run(None, f)[0]
+        assert np.isfinite(got).all()
+        assert sqnr_db(ref, got) > 25

@@ -67,15 +67,9 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     ("w8a8", "ppocr_rec"): (AssertionError, "CTC recognizer (SVTR blocks: ReduceMean LayerNorm, Erf GELU) loses "
                                             ">15% of non-blank frames at W8A8 (0.84 with auto-fallback, 0.75 "
                                             "without; weights-only 0.91)"),
-    ("w8a8", "unidic_tagger"): (AssertionError, "attention-mask bias of float32 min (-3.4e38) sets the score "
-                                                "quantizer's range (scale 1.3e36): every attention score rounds "
-                                                "to 0 (tag agreement 0.60)"),
     ("w8a8", "slanet_plus"): (AssertionError, "the Loop decoder (HardSwish, attention) stops at other steps "
                                               "once quantized: structure-token similarity 0.84 < 0.9 (parity and "
                                               "auto-fallback score a length change as a mismatch, no crash)"),
-    ("w8a8", "dnsmos"): (AssertionError, "Log of a quantized power spectrum: powers below one step (0.44) round "
-                                         "to 0, log(0) = -inf; the log-power front end collapses (MOS MAE 0.85, "
-                                         "also at 16-bit activations)"),
 }
 
 

@@ -18,6 +18,7 @@ from qpasses.passes.inline_functions import InlineFunctions
 from qpasses.passes.insert_converts import InsertConverts
 from qpasses.passes.int32_overrides import Int32Overrides
 from qpasses.passes.keep_float_tensors import KeepFloat
+from qpasses.passes.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.non_finite_constants import KeepNonFiniteFloat
 from qpasses.passes.opset_upgrade import UpgradeOpset
@@ -34,7 +35,8 @@ BUILTIN_PASSES = (
     # FP32-preserving rewrites
     FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
-    ApplyOverrides, KeepNonFiniteFloat, KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
+    ApplyOverrides, KeepNonFiniteFloat, KeepLogDomainInputsFloat,
+    KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
     KeepFloat, AnnotatePrecision,
     CheckTarget, Int32Overrides,
     SeqMSE, AdaRound, AdaScale, EncodeWeights, Calibrate,
