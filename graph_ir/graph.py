@@ -44,6 +44,10 @@ class Graph:
         self._names = itertools.count()
         self.version = 0
         self._topo: tuple[int, list[Op]] | None = None
+        # graph.value_info entries of graph inputs/outputs and initializers, which the tensor's own
+        # value_info slot cannot hold: name -> (entry, the tensor's value_info/initializer at load).
+        # Lowered only while that anchor is unchanged, so an edited tensor never gets a stale entry.
+        self._value_info_extra: dict[str, tuple[onnx.ValueInfoProto, Any]] = {}
 
     # --- model-level properties ----------------------------------------------------
     @property

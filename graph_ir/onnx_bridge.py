@@ -95,6 +95,7 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
             _copy_field(sg, field.name, value)
 
     g = Graph(shell)
+    output_names = {vi.name for vi in src.output} if src.value_info else ()
     for init in src.initializer:
         g.add_tensor(init.name).initializer = init
     for vi in src.input:
@@ -102,8 +103,10 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
         g.inputs.append(vi.name)
     for vi in src.value_info:
         t = g.add_tensor(vi.name)
-        if t.initializer is None:
+        if t.initializer is None and t.value_info is None and vi.name not in output_names:
             t.value_info = vi
+        else:  # an input's, output's or initializer's entry: kept beside the tensor's own
+            g._value_info_extra[vi.name] = (vi, t)
     ops = []
     ids = g._ids
     for node in src.node:
@@ -112,10 +115,12 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
                 attribute_protos=fields.get("attribute", ()))
         op.inputs = list(fields.get("input", ()))
         op.outputs = list(fields.get("output", ()))
-        if len(fields) > 6 or not _NODE_EXTRA_FIELDS.isdisjoint(fields):
+        if len(fields) > 6 or not _NODE_EXTRA_FIELDS.isdisjoint(fields) or fields.get("domain") == "":
             extra = onnx.NodeProto()
             for name in _NODE_EXTRA_FIELDS.intersection(fields):
                 _copy_field(extra, name, fields[name])
+            if fields.get("domain") == "":
+                extra.domain = ""  # proto2: an explicitly set '' is serialized (keras2onnx writes it)
             op.extra = extra
         ops.append(op)
     g._bulk_insert(ops)
@@ -123,6 +128,9 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
         g.add_tensor(vi.name).value_info = vi
         g.outputs.append(vi.name)
     _check_dangling(g, ops)
+    if g._value_info_extra:  # anchor each entry to what it describes, as loaded
+        g._value_info_extra = {name: (vi, t.initializer if t.initializer is not None else t.value_info)
+                               for name, (vi, t) in g._value_info_extra.items()}
     g.version = 0
     return g
 
@@ -176,11 +184,19 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
         n.attribute.extend(op.attribute_protos())
         if op.extra is not None:
             n.MergeFrom(op.extra)
+            if op.domain:  # the extra may hold an explicit '' domain: a pass's new domain wins
+                n.domain = op.domain
+    extra = graph._value_info_extra
     for t in tensors.values():
         vi = t.value_info
-        if vi is not None and t.initializer is None and t.name not in io and vi.HasField("type"):
-            if graph.producer(t.name) is not None or graph.uses(t.name):
+        if t.initializer is None and t.name not in io:
+            if vi is not None and vi.HasField("type") and (graph.producer(t.name) is not None
+                                                            or graph.uses(t.name)):
                 g.value_info.append(vi)
+        elif extra and t.name in extra:
+            entry, anchor = extra[t.name]
+            if anchor is (t.initializer if t.initializer is not None else vi):
+                g.value_info.append(entry)
     for name in graph.outputs:
         g.output.append(_value_info(graph, name))
     return model

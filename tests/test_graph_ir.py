@@ -110,6 +110,47 @@ def test_optional_empty_slots_survive():
         assert list(a.input) == list(b.input)
 
 
+def _small_model(**graph_kw) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    nodes = [helper.make_node("Add", ["x", "w"], ["h"], name="add"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph(nodes, "g", [x], [y], [w], **graph_kw)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _assert_serialized_round_trip(model: onnx.ModelProto) -> graph_ir.Graph:
+    g = graph_ir.from_onnx(model)
+    assert g.to_onnx().SerializeToString() == model.SerializeToString()
+    return g
+
+
+def test_value_info_of_graph_output_survives():
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    g = _assert_serialized_round_trip(_small_model(value_info=[h, y]))
+    g.tensor("y").set_type(TensorProto.FLOAT16, [2, 3])  # an edited output: its stale entry is dropped
+    assert [vi.name for vi in g.to_onnx().graph.value_info] == ["h"]
+
+
+def test_explicit_empty_node_domain_survives():
+    model = _small_model()
+    model.graph.node[0].domain = ""  # proto2: set, so serialized
+    assert model.graph.node[0].HasField("domain") and not model.graph.node[1].HasField("domain")
+    g = _assert_serialized_round_trip(model)
+    g.ops[0].domain = "com.microsoft"  # a pass's domain wins over the kept ''
+    assert g.to_onnx().graph.node[0].domain == "com.microsoft"
+
+
+def test_value_info_of_initializer_survives():
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 3])
+    g = _assert_serialized_round_trip(_small_model(value_info=[w, h]))
+    g.tensor("w").set_data(np.ones((3, 2), np.float32))  # a replaced initializer: its stale entry is dropped
+    assert [vi.name for vi in g.to_onnx().graph.value_info] == ["h"]
+
+
 def test_if_capture_is_a_use_and_blocks_dead_code_removal():
     g = graph_ir.from_onnx(model_zoo.if_outer_scope())
     if_op = next(op for op in g.ops if op.op_type == "If")
