@@ -31,6 +31,10 @@ def _constant(graph: Graph, name: str) -> np.ndarray | None:
     return t.data if t is not None and t.is_constant else None
 
 
+# Divisors that normalizations compute (std = Sqrt(var + eps), softmax sums): never near zero.
+NORMALIZERS = frozenset({"Sqrt", "ReduceSum", "ReduceMean", "ReduceL2"})
+
+
 def singular_inputs(graph: Graph) -> list[tuple]:
     """(op, data input) of every op whose result blows up as that input nears zero."""
     found = []
@@ -38,9 +42,17 @@ def singular_inputs(graph: Graph) -> list[tuple]:
         ins = [n for n in op.inputs if n]
         if not ins:
             continue
-        if op.op_type in ("Log", "Reciprocal"):
+        if op.op_type == "Log":
+            data = ins[0]
+        elif op.op_type == "Reciprocal":
+            divisor = graph.producer(ins[0])
+            if divisor is not None and divisor.op_type in NORMALIZERS:
+                continue  # 1 / std of a normalization: bounded away from 0
             data = ins[0]
         elif op.op_type == "Div" and len(ins) == 2 and _constant(graph, ins[1]) is None:
+            divisor = graph.producer(ins[1])
+            if divisor is not None and divisor.op_type in NORMALIZERS:
+                continue  # a norm's std / a softmax's sum: bounded away from 0, keep-decomposed-blocks' domain
             data = ins[1]
         elif op.op_type == "Pow" and len(ins) == 2:
             exp = _constant(graph, ins[1])
