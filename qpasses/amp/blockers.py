@@ -32,7 +32,13 @@ DEFAULT_SHARE = 0.5
 
 @dataclass(frozen=True)
 class BlockerCheck:
-    """One blocker scored alone: ``moved`` when it cost more than the allowed share of the room."""
+    """One blocker scored alone, and the verdict:
+
+    - ``moved``: it alone cost more than the allowed share of the room: misranked, moved to the end;
+    - ``accumulated``: it alone costs little, the loss along the curve is what misses: the order holds;
+    - ``sensitive``: an entry already moved (individually sensitive): only sensitive steps are left;
+    - ``out of repairs``: misranked, but ``max_repairs`` blockers were moved already.
+    """
 
     group: str
     candidate: Candidate
@@ -41,11 +47,15 @@ class BlockerCheck:
     proxy: float | None
     score: float
     drop: float
-    moved: bool
+    verdict: str
+
+    @property
+    def moved(self) -> bool:
+        return self.verdict == "moved"
 
     def to_dict(self) -> dict[str, Any]:
         return {"group": self.group, "candidate": str(self.candidate), "position": self.position,
-                "proxy_db": self.proxy, "score_alone": self.score, "drop": self.drop, "moved": self.moved}
+                "proxy_db": self.proxy, "score_alone": self.score, "drop": self.drop, "verdict": self.verdict}
 
 
 @dataclass
@@ -55,7 +65,7 @@ class RepairedPhase2:
     """The phase-1 list as finally searched (moved blockers at the end)."""
     checks: list[BlockerCheck] = field(default_factory=list)
     exhausted: bool = False
-    """The last check moved a blocker and no repair was left."""
+    """The last check found a misranked blocker and no repair was left."""
 
 
 def phase2_with_blocker_checks(
@@ -86,13 +96,16 @@ def phase2_with_blocker_checks(
         entry = next(e for e in front + [m[1] for m in moved]
                      if e.group == blocker.group and e.candidate == blocker.candidate)
         position = order().index(entry)
-        misranked = entry in front and drop > share * room
-        if misranked and len([c for c in checks if c.moved]) >= max_repairs:
-            exhausted = True
-            checks.append(BlockerCheck(blocker.group, blocker.candidate, position, entry.proxy, value, drop, False))
-            break
-        checks.append(BlockerCheck(blocker.group, blocker.candidate, position, entry.proxy, value, drop, misranked))
-        if not misranked:
+        if entry not in front:
+            verdict = "sensitive"
+        elif drop <= share * room:
+            verdict = "accumulated"
+        elif sum(c.moved for c in checks) >= max_repairs:
+            verdict, exhausted = "out of repairs", True
+        else:
+            verdict = "moved"
+        checks.append(BlockerCheck(blocker.group, blocker.candidate, position, entry.proxy, value, drop, verdict))
+        if verdict != "moved":
             break
         front.remove(entry)
         moved.append((value, entry))

@@ -352,7 +352,7 @@ def choose_mixed_precision(
     run.phase("reference").seconds += time.perf_counter() - start
 
     phase1_entries, points, phase3, demotion = [], [], None, None
-    mode, checks, exhausted = None, [], False
+    mode, checks = None, []
     chosen: dict[str, Candidate] = dict(baseline)
     if algorithm == "demotion":
         start = time.perf_counter()
@@ -409,10 +409,10 @@ def choose_mixed_precision(
                 phase1_entries, baseline, baseline_score, phase2_score,
                 lambda g, c: run.score(with_group(baseline, g, c), "phase2", "phase2"), macs, macs.bitops(baseline),
                 goal, algorithm=algorithm, max_repairs=max_proxy_repairs, progress=progress)
-            result2, checks, exhausted = repaired.result, repaired.checks, repaired.exhausted
+            result2, checks = repaired.result, repaired.checks
             phase1_entries = repaired.order
             cache.save("phase1.json", [e.to_dict() for e in phase1_entries])
-            run.messages += proxy_check_messages(checks, exhausted, max_proxy_repairs)
+            run.messages += proxy_check_messages(checks, max_proxy_repairs)
         else:
             if phase2_reverse:
                 steps, first, first_score = reverse_steps(phase1_entries, baseline, lowest), lowest, lowest_score
@@ -494,22 +494,22 @@ def choose_mixed_precision(
     return result
 
 
-def proxy_check_messages(checks: Sequence[BlockerCheck], exhausted: bool, max_repairs: int) -> list[str]:
-    """What the metric said about the proxy's order (one line per moved blocker, one for the last check)."""
+def proxy_check_messages(checks: Sequence[BlockerCheck], max_repairs: int) -> list[str]:
+    """What the metric said about the proxy's order: one line per blocker checked."""
     out = []
     for c in checks:
-        rank = f"phase-1 position {c.position}, proxy {c.proxy:.1f} dB" if c.proxy is not None else \
-            f"phase-1 position {c.position}"
-        if c.moved:
-            out.append(f"proxy check: {c.group} at {c.candidate} alone scores {c.score:.4f} (drop {c.drop:.4f}; "
-                       f"{rank}): misranked, moved to the end of the phase-1 list")
-        elif exhausted:
-            out.append(f"proxy check: {c.group} at {c.candidate} alone scores {c.score:.4f} (drop {c.drop:.4f}; "
-                       f"{rank}) and stops phase 2, but the {max_repairs} repairs are used: the proxy misranks "
-                       "this model; phase1='exhaustive' (--phase1 exhaustive) may demote more groups")
+        head = (f"proxy check: {c.group} at {c.candidate} (phase-1 position {c.position}"
+                + (f", proxy {c.proxy:.1f} dB" if c.proxy is not None else "")
+                + f") alone scores {c.score:.4f} (drop {c.drop:.4f})")
+        if c.verdict == "moved":
+            out.append(f"{head}: misranked, moved to the end of the phase-1 list")
+        elif c.verdict == "accumulated":
+            out.append(f"{head} and stops phase 2 on the loss accumulated before it: the proxy's order holds")
+        elif c.verdict == "sensitive":
+            out.append(f"{head} and stops phase 2: only individually sensitive steps are left")
         else:
-            out.append(f"proxy check: the step that stops phase 2, {c.group} at {c.candidate}, alone scores "
-                       f"{c.score:.4f} (drop {c.drop:.4f}): the loss accumulated, the proxy's order holds")
+            out.append(f"{head} and stops phase 2, but the {max_repairs} repairs are used: the proxy misranks "
+                       "this model; phase1='exhaustive' (--phase1 exhaustive) may demote more groups")
     return out
 
 

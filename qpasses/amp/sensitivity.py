@@ -26,11 +26,12 @@ class SensitivityEntry:
     score: float
     bitops_reduction: float
     proxy: float | None = None
-    """Output SQNR (dB) of the proxy; None when phase 1 ran the metric."""
+    """Output SQNR (dB) of the proxy; None when phase 1 ran the metric (then ``score``; else ``score`` is NaN,
+    written as null)."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"group": self.group, "candidate": str(self.candidate), "score": self.score,
-               "bitops_reduction": self.bitops_reduction}
+        out = {"group": self.group, "candidate": str(self.candidate),
+               "score": None if math.isnan(self.score) else self.score, "bitops_reduction": self.bitops_reduction}
         if self.proxy is not None:
             out["proxy_db"] = self.proxy
         return out
@@ -38,7 +39,8 @@ class SensitivityEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensitivityEntry:
         proxy = data.get("proxy_db")
-        return cls(str(data["group"]), parse_candidate(data["candidate"]), float(data["score"]),
+        score = data.get("score")
+        return cls(str(data["group"]), parse_candidate(data["candidate"]), math.nan if score is None else float(score),
                    float(data["bitops_reduction"]), None if proxy is None else float(proxy))
 
 
