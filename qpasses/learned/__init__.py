@@ -12,11 +12,33 @@ import time except ``torch_ops`` and ``training``, which only the passes' ``run`
 
 from __future__ import annotations
 
+import typing
 from types import ModuleType
+from typing import Any
 
+from qpasses.encodings import validate_bitwidth
 from qpasses.errors import PassError
+from qpasses.quant_config import WeightMode
 
 INSTALL_HINT = 'pip install "qpasses[learn]"'
+INPUTS = ("quantized", "fp32")
+WEIGHT_MODES = typing.get_args(WeightMode)
+
+
+def check_common_options(pass_name: str, o: Any, counts: tuple[str, ...]) -> None:
+    """The options AdaRound and AdaScale share: where layer inputs come from, positive counts,
+    the weight encoding mode and bitwidth, the torch thread count."""
+    if o.input_from not in INPUTS:
+        raise PassError(f"pass '{pass_name}': unknown input_from {o.input_from!r} (expected one of "
+                        f"{', '.join(INPUTS)})")
+    for key in counts:
+        if getattr(o, key) < 1:
+            raise PassError(f"pass '{pass_name}': {key} must be >= 1, got {getattr(o, key)}")
+    if o.mode not in WEIGHT_MODES:
+        raise PassError(f"pass '{pass_name}': unknown mode {o.mode!r} ({', '.join(WEIGHT_MODES)})")
+    if o.threads < 0:
+        raise PassError(f"pass '{pass_name}': threads must be >= 0, got {o.threads}")
+    validate_bitwidth(o.weight_bw, "weight")
 
 
 def require_torch(pass_name: str) -> ModuleType:
@@ -29,4 +51,4 @@ def require_torch(pass_name: str) -> ModuleType:
     return torch
 
 
-__all__ = ["INSTALL_HINT", "require_torch"]
+__all__ = ["INPUTS", "INSTALL_HINT", "WEIGHT_MODES", "check_common_options", "require_torch"]

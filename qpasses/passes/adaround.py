@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +33,9 @@ from graph_ir import Graph
 from qpasses.analyses import Shapes, TopologicalOrder
 from qpasses.calibration import unavailable_tensors
 from qpasses.context import PassContext
-from qpasses.encodings import Encoding, fake_quantize, validate_bitwidth
+from qpasses.encodings import Encoding, fake_quantize
 from qpasses.errors import PassError
-from qpasses.learned import require_torch
+from qpasses.learned import check_common_options, require_torch
 from qpasses.learned.layers import (
     Layer,
     activation_after,
@@ -48,8 +48,6 @@ from qpasses.learned.layers import (
 from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.calibrate import calibration_feeds
 from qpasses.quant_plan import QuantPlan
-
-INPUTS: Final = ("quantized", "fp32")
 
 
 @dataclass(frozen=True)
@@ -102,21 +100,11 @@ class AdaRound(Pass):
 
     def _check_options(self) -> None:
         o = self.options
-        if o.input_from not in INPUTS:
-            raise PassError(f"pass 'adaround': unknown input_from {o.input_from!r} (expected one of "
-                            f"{', '.join(INPUTS)})")
-        for key in ("iterations", "num_batches", "batch_size"):
-            if getattr(o, key) < 1:
-                raise PassError(f"pass 'adaround': {key} must be >= 1, got {getattr(o, key)}")
+        check_common_options(self.name, o, ("iterations", "num_batches", "batch_size"))
         if not (o.lr > 0 and o.reg_param >= 0 and 0 <= o.warm_start < 1 and o.beta_start > 0 and o.beta_end > 0):
             raise PassError("pass 'adaround': lr, beta_start and beta_end must be > 0, reg_param >= 0 and "
                             f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
                             f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})")
-        if o.mode not in ("tf", "symmetric", "enhanced", "adjusted"):
-            raise PassError(f"pass 'adaround': unknown mode {o.mode!r} (tf, symmetric, enhanced, adjusted)")
-        if o.threads < 0:
-            raise PassError(f"pass 'adaround': threads must be >= 0, got {o.threads}")
-        validate_bitwidth(o.weight_bw, "weight")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +36,9 @@ from graph_ir import Graph, Op
 from qpasses.analyses import Shapes, TopologicalOrder
 from qpasses.calibration import unavailable_tensors
 from qpasses.context import PassContext
-from qpasses.encodings import Encoding, fake_quantize, validate_bitwidth
+from qpasses.encodings import Encoding, fake_quantize
 from qpasses.errors import PassError
-from qpasses.learned import require_torch
+from qpasses.learned import check_common_options, require_torch
 from qpasses.learned.layers import (
     Block,
     Layer,
@@ -53,8 +53,6 @@ from qpasses.learned.layers import (
 from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.calibrate import calibration_feeds
 from qpasses.quant_plan import QuantPlan
-
-INPUTS: Final = ("quantized", "fp32")
 
 
 @dataclass(frozen=True)
@@ -97,20 +95,10 @@ class AdaScale(Pass):
 
     def _check_options(self) -> None:
         o = self.options
-        if o.input_from not in INPUTS:
-            raise PassError(f"pass 'adascale': unknown input_from {o.input_from!r} (expected one of "
-                            f"{', '.join(INPUTS)})")
-        for key in ("num_epochs", "num_batches", "batch_size", "layers_per_block"):
-            if getattr(o, key) < 1:
-                raise PassError(f"pass 'adascale': {key} must be >= 1, got {getattr(o, key)}")
+        check_common_options(self.name, o, ("num_epochs", "num_batches", "batch_size", "layers_per_block"))
         if not (o.clip_lr >= 0 and o.scale_lr >= 0 and o.clip_lr + o.scale_lr > 0):
             raise PassError(f"pass 'adascale': clip_lr and scale_lr must be >= 0 and not both 0 "
                             f"(got {o.clip_lr}, {o.scale_lr})")
-        if o.mode not in ("tf", "symmetric", "enhanced", "adjusted"):
-            raise PassError(f"pass 'adascale': unknown mode {o.mode!r} (tf, symmetric, enhanced, adjusted)")
-        if o.threads < 0:
-            raise PassError(f"pass 'adascale': threads must be >= 0, got {o.threads}")
-        validate_bitwidth(o.weight_bw, "weight")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()
