@@ -712,6 +712,16 @@ def iterate_tensors(
         tap.close()
 
 
+def capture_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Feed]) -> dict[str, list[np.ndarray]]:
+    """Per-batch values of ``names`` (duplicates allowed) from one session over ``feeds``, kept in memory:
+    for passes that revisit a layer's captured inputs (SeqMSE, AdaRound, AdaScale)."""
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in iterate_tensors(model, list(dict.fromkeys(names)), feeds):
+        for n in out:
+            out[n].append(values[n])
+    return out
+
+
 def iterate_chunks(
     model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
     max_bytes_per_run: int | None = DEFAULT_MAX_BYTES_PER_RUN,

@@ -380,13 +380,13 @@ def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, s
     import qpasses.passes.seq_mse as seq_mse
 
     calls: list[list[str]] = []
-    real = seq_mse._capture
+    real = seq_mse.capture_tensors
 
     def counting(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
         calls.append(list(names))
         return real(model, names, feeds)
 
-    monkeypatch.setattr(seq_mse, "_capture", counting)
+    monkeypatch.setattr(seq_mse, "capture_tensors", counting)
     data = np.random.default_rng(4).standard_normal((32, 3, 6, 6)).astype(np.float32)
     feeds = [{"x": data[:16]}, {"x": data[16:]}]
     g_fp = graph_ir.load(_branches_model())
@@ -399,14 +399,14 @@ def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, s
 
 
 def test_quantized_model_swaps_constant_node_weights() -> None:
-    from qpasses.passes.seq_mse import _WeightSwap
+    from qpasses.weight_swap import SwappedWeights
 
     model = onnx.ModelProto()
     model.CopyFrom(graph_ir.load(MODELS / "digits_cnn.onnx").to_onnx())
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc.weight"))
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "fc.weight"))
     model.graph.node.insert(0, helper.make_node("Constant", [], ["fc.weight"], value=numpy_helper.from_array(w)))
-    swap = _WeightSwap(model)
+    swap = SwappedWeights(model)
     swap.set("fc.weight", np.zeros_like(w))
     logits = _session(swap.model).run(None, {"input": CALIB[:4]})[0]
     fc_bias = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc.bias"))

@@ -6,8 +6,7 @@
 - ``find_blocks`` / ``named_block``: single-input single-output regions of the graph (AdaScale's
   blocks), from the tensors that are the only live activation at some point of the topological
   order (a residual block is one region: its skip tensor is live alongside the body);
-- ``SwappedWeights`` / ``capture``: the model with some weights replaced (the quantized model so far)
-  and per-batch values of tensors from onnxruntime.
+- ``quantized_so_far``: the model with some weights replaced (``qpasses.weight_swap.SwappedWeights``).
 """
 
 from __future__ import annotations
@@ -18,15 +17,15 @@ from typing import Final
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from graph_ir import Graph, Op
-from qpasses.calibration import Feed, iterate_tensors
+from qpasses.calibration import Feed
 from qpasses.encodings import Encoding, compute, fake_quantize
 from qpasses.errors import EncodingError, PassError
 from qpasses.precision_type import tensor_precision
 from qpasses.quant_plan import WeightSpec
 from qpasses.remarks import RemarkCollector
+from qpasses.weight_swap import SwappedWeights
 
 SUPPORTED: Final = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATIONS: Final = ("Relu", "Clip")
@@ -265,29 +264,7 @@ def named_block(graph: Graph, order: Sequence[Op], spec: str, layers: Sequence[L
     return Block(start, end, ops, [layer for layer in layers if layer.op.id in members])
 
 
-# --- the quantized model so far, and captures -----------------------------------------------------------
-
-
-@dataclass
-class SwappedWeights:
-    """One ModelProto whose weights are replaced in place (the model with learned weights so far)."""
-
-    model: onnx.ModelProto
-    _where: dict[str, onnx.TensorProto] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._where = {t.name: t for t in self.model.graph.initializer}
-        for node in self.model.graph.node:
-            if node.op_type == "Constant" and node.output:
-                for a in node.attribute:
-                    if a.name == "value":
-                        self._where.setdefault(node.output[0], a.t)
-
-    def set(self, name: str, array: np.ndarray) -> None:
-        proto = self._where.get(name)
-        if proto is None:  # pragma: no cover - plan weights are initializers or Constant values
-            raise PassError(f"weight '{name}' not found in the model")
-        proto.CopyFrom(numpy_helper.from_array(np.asarray(array, np.float32), name=proto.name))
+# --- the quantized model so far ------------------------------------------------------------------------
 
 
 def quantized_so_far(graph: Graph, weights: Iterable[str]) -> SwappedWeights:
@@ -322,15 +299,6 @@ def count_samples(feeds: Sequence[Feed]) -> int:
     return total
 
 
-def capture(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
-    """Per-batch values of ``names`` from one onnxruntime session over ``feeds``."""
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for values in iterate_tensors(model, list(dict.fromkeys(names)), feeds):
-        for n in names:
-            out[n].append(values[n])
-    return out
-
-
-__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "SwappedWeights", "activation_after", "capture",
+__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "activation_after",
            "count_samples", "cut_points", "find_blocks", "learnable_layers", "named_block", "per_channel_weights",
            "quantized_so_far", "starting_encoding"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from graph_ir import Graph
 from qpasses.analyses import Shapes, TopologicalOrder
-from qpasses.calibration import unavailable_tensors
+from qpasses.calibration import capture_tensors, unavailable_tensors
 from qpasses.context import PassContext
 from qpasses.encodings import Encoding, fake_quantize
 from qpasses.errors import PassError
@@ -39,7 +39,6 @@ from qpasses.learned import check_common_options, require_torch
 from qpasses.learned.layers import (
     Layer,
     activation_after,
-    capture,
     count_samples,
     learnable_layers,
     per_channel_weights,
@@ -132,11 +131,11 @@ class AdaRound(Pass):
                 layer = task.layer
                 bar.set_postfix_str(layer.name[-40:])
                 if quantized is None:
-                    data = capture(model, [layer.input, task.output], feeds)
+                    data = capture_tensors(model, [layer.input, task.output], feeds)
                     inputs = data[layer.input]
                 else:  # the FP32 model's output, the input the model computes with earlier layers learned
-                    data = capture(model, [task.output], feeds)
-                    inputs = capture(quantized.model, [layer.input], feeds)[layer.input]
+                    data = capture_tensors(model, [task.output], feeds)
+                    inputs = capture_tensors(quantized.model, [layer.input], feeds)[layer.input]
                 res, weight = self._learn(task, training.as_tensors(inputs), training.as_tensors(data[task.output]),
                                           generator, training)
                 self._freeze(graph, layer, res, weight, training)

@@ -34,7 +34,7 @@ import numpy as np
 
 from graph_ir import Graph, Op
 from qpasses.analyses import Shapes, TopologicalOrder
-from qpasses.calibration import unavailable_tensors
+from qpasses.calibration import capture_tensors, unavailable_tensors
 from qpasses.context import PassContext
 from qpasses.encodings import Encoding, fake_quantize
 from qpasses.errors import PassError
@@ -42,7 +42,6 @@ from qpasses.learned import check_common_options, require_torch
 from qpasses.learned.layers import (
     Block,
     Layer,
-    capture,
     count_samples,
     find_blocks,
     learnable_layers,
@@ -126,9 +125,9 @@ class AdaScale(Pass):
         try:
             for block, program in tasks:
                 bar.set_postfix_str(block.output[-40:])
-                fp = capture(model, [block.input, block.output], feeds)
+                fp = capture_tensors(model, [block.input, block.output], feeds)
                 inputs = fp[block.input] if quantized is None else \
-                    capture(quantized.model, [block.input], feeds)[block.input]
+                    capture_tensors(quantized.model, [block.input], feeds)[block.input]
                 res, weights = self._learn(block, program, training.as_tensors(inputs),
                                            training.as_tensors(fp[block.output]), generator, training)
                 self._freeze(graph, block, res, weights, training)

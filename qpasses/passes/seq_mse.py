@@ -28,14 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import numpy_helper
 from tqdm import tqdm
 
 from graph_ir import Graph, Op
 from qpasses.analyses import ConstantData, Shapes, TopologicalOrder
-from qpasses.calibration import Feed, iterate_tensors, unavailable_tensors
+from qpasses.calibration import capture_tensors, unavailable_tensors
 from qpasses.context import PassContext
 from qpasses.encodings import MIN_RANGE, Encoding, fake_quantize, from_min_max, validate_bitwidth
 from qpasses.errors import EncodingError, PassError
@@ -43,6 +41,7 @@ from qpasses.pass_base import Pass, PassResult
 from qpasses.passes.calibrate import calibration_feeds
 from qpasses.precision_type import tensor_precision
 from qpasses.quant_plan import QuantPlan, WeightSpec
+from qpasses.weight_swap import SwappedWeights
 
 SYMMETRIES: Final = ("asym", "symfp", "symqt")
 LOSSES: Final = ("mse", "l1", "sqnr")
@@ -474,38 +473,7 @@ def _out_channels(kernel: Kernel, w: np.ndarray) -> int:
     return w.shape[1]
 
 
-# --- capture ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _WeightSwap:
-    """Edits one ModelProto's weights in place: the 'quantized model so far' for symqt/asym."""
-
-    model: onnx.ModelProto
-    _where: dict[str, onnx.TensorProto] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._where = {t.name: t for t in self.model.graph.initializer}
-        for node in self.model.graph.node:
-            if node.op_type == "Constant" and node.output:
-                for a in node.attribute:
-                    if a.name == "value":
-                        self._where.setdefault(node.output[0], a.t)
-
-    def set(self, name: str, array: np.ndarray) -> None:
-        proto = self._where.get(name)
-        if proto is None:  # pragma: no cover - plan weights are always initializers or Constants
-            raise PassError(f"pass 'seq-mse': weight '{name}' not found in the model")
-        proto.CopyFrom(numpy_helper.from_array(np.asarray(array, np.float32), name=proto.name))
-
-
-def _capture(model: onnx.ModelProto, names: Sequence[str], feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
-    """Per-batch values of ``names`` from one onnxruntime session over ``feeds``."""
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for values in iterate_tensors(model, list(names), feeds):
-        for n in names:
-            out[n].append(values[n])
-    return out
+# --- which layers a tensor depends on ---------------------------------------------------------------
 
 
 def _upstream_layers(graph: Graph, order: Sequence[Op], layers: Sequence[Layer]) -> dict[str, int]:
@@ -632,8 +600,8 @@ class SeqMSE(Pass):
         symmetry = o.inp_symmetry
         fp: dict[str, list[np.ndarray]] = {}
         if symmetry in ("symfp", "asym"):  # FP32 inputs do not depend on any choice: one capture for all
-            fp = _capture(model, list(dict.fromkeys(la.input for la in layers)), feeds)
-        quantized = _WeightSwap(model) if symmetry != "symfp" else None
+            fp = capture_tensors(model, list(dict.fromkeys(la.input for la in layers)), feeds)
+        quantized = SwappedWeights(model) if symmetry != "symfp" else None
         if quantized is not None:
             # Weights with overridden encodings are already decided: the quantized model uses them.
             for name in plan.weights:
@@ -659,7 +627,7 @@ class SeqMSE(Pass):
                 group = layers[start:stop]
                 captured: dict[str, list[np.ndarray]] = {}
                 if quantized is not None:
-                    captured = _capture(quantized.model, list(dict.fromkeys(la.input for la in group)), feeds)
+                    captured = capture_tensors(quantized.model, list(dict.fromkeys(la.input for la in group)), feeds)
                 for i, layer in enumerate(group, start):
                     if symmetry == "symqt":
                         x_fp, x_q = captured[layer.input], None
