@@ -60,6 +60,20 @@ def validate_bitwidth(bitwidth: int, role: Role) -> int:
     return int(bitwidth)
 
 
+def _integers(values: ArrayLike) -> tuple[int, ...]:
+    """Offsets as Python ints, element by element: ``np.asarray`` of an int beyond int64 is an object
+    array that numpy's rounding cannot handle, and the grid check should be the one to reject it."""
+    out = []
+    for value in np.atleast_1d(np.asarray(values, dtype=object)).ravel():
+        if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+            value = int(value)
+        if not _is_int(value):
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+            raise EncodingError(f"offsets must be integers, got {shown}")
+        out.append(int(value))
+    return tuple(out)
+
+
 def _check_bitwidth(bitwidth: int) -> int:
     if not _is_int(bitwidth) or not 2 <= int(bitwidth) <= 32:
         raise EncodingError(f"bitwidth {bitwidth!r} is not supported (allowed: 2-32)")
@@ -108,11 +122,11 @@ class Encoding:
 
     def __post_init__(self) -> None:
         bitwidth = _check_bitwidth(self.bitwidth)
-        scale = tuple(float(s) for s in np.atleast_1d(np.asarray(self.scale, dtype=np.float64)))
-        raw_offset = np.atleast_1d(np.asarray(self.offset))
-        if raw_offset.size and not np.array_equal(raw_offset, np.round(raw_offset)):
-            raise EncodingError(f"offsets must be integers, got {raw_offset.tolist()}")
-        offset = tuple(int(o) for o in raw_offset)
+        try:
+            scale = tuple(float(s) for s in np.atleast_1d(np.asarray(self.scale, dtype=np.float64)))
+        except OverflowError:  # a Python int beyond float range
+            raise EncodingError("scales must be finite and positive, got an integer beyond float range") from None
+        offset = _integers(self.offset)
         object.__setattr__(self, "bitwidth", bitwidth)
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "offset", offset)

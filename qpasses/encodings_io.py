@@ -147,16 +147,34 @@ def save(path: str | os.PathLike[str], encodings: EncodingsFile, version: Versio
 # --- import -----------------------------------------------------------------------------------------
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: a JSON number can have thousands of digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _int(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
-        raise EncodingError(f"'{key}' must be an integer, got {value!r}")
-    return int(value)
+    """An integral JSON number in int64 range; the exact range is the caller's rule (bitwidth set, offset grid)."""
+    if isinstance(value, float) and value.is_integer():  # inf/nan are not integers
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise EncodingError(f"'{key}' must be an integer, got {_shown(value)}")
+    if not -(2**63) <= value < 2**63:  # no bitwidth or offset comes near; keeps numpy and messages sane
+        raise EncodingError(f"'{key}' {_shown(value)} is out of range")
+    return value
 
 
 def _number(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise EncodingError(f"'{key}' must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)  # a JSON integer may be beyond float range
+        except OverflowError:
+            raise EncodingError(f"'{key}' must be a finite number, got {_shown(value)}") from None
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise EncodingError(f"'{key}' must be a finite number, got {_shown(value)}")
+    return value
 
 
 def _float32_number(value: object, key: str) -> float:
@@ -425,11 +443,28 @@ def load(path: str | os.PathLike[str], *, tensors: Mapping[str, TensorSpec] | No
     """Read an encodings/overrides file (either layout); see ``from_json`` for validation."""
     source = Path(path)
     try:
-        text = source.read_text(encoding="utf-8")
+        raw = source.read_bytes()
     except OSError as exc:
         raise EncodingError(f"{source}: cannot read encodings file: {exc.strerror or exc}") from None
+    return from_json(_parse_json(raw, source), source=str(source), tensors=tensors)
+
+
+def _parse_json(raw: bytes, source: Path) -> object:
+    """The JSON value of a UTF-8 file (JSON's encoding, RFC 8259); every way it can fail is an EncodingError."""
+    # JSON text never holds a raw NUL: one among the first bytes (or a UTF-16 byte order mark) means UTF-16/32.
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4]:
+        raise EncodingError(f"{source}: the file is UTF-16 or UTF-32 text, but encodings files are UTF-8 JSON: "
+                            "save it as UTF-8")
     try:
-        data = json.loads(text, object_pairs_hook=_json_object)
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte order mark (Windows editors) is harmless
+    except UnicodeDecodeError as exc:
+        raise EncodingError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                            "encodings files are UTF-8 JSON") from None
+    try:
+        return json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
         raise EncodingError(f"{source}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return from_json(data, source=str(source), tensors=tensors)
+    except RecursionError:
+        raise EncodingError(f"{source}: JSON nested too deeply to be an encodings file") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise EncodingError(f"{source}: unreadable JSON number: {str(exc).split(':')[0]}") from None

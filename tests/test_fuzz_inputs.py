@@ -49,21 +49,6 @@ def _write(tmp: Path, case: EncodingsCase) -> Path:
     return path
 
 
-# Library bugs this fuzzing found, by the exception they escape with: the properties count such a case
-# as "known bug" instead of failing, and the xfail(strict=True) tests below pin the minimal reproducer,
-# so a fix flips them to XPASS (then delete the entry here and the xfail marker).
-KNOWN_LOAD_BUGS: list[tuple[type[BaseException], str, str]] = [  # (exception, text in its message, bug)
-    (UnicodeDecodeError, "", "B1"),  # a non-UTF-8 file
-    (RecursionError, "", "B2"),  # deeply nested JSON
-    (OverflowError, "too large to convert to float", "B3"),  # an integer beyond float range
-    (TypeError, "rint", "B5"),  # an offset beyond int64
-]
-
-
-def known_bug(exc: BaseException) -> str | None:
-    return next((bug for kind, text, bug in KNOWN_LOAD_BUGS if isinstance(exc, kind) and text in str(exc)), None)
-
-
 def _same_grid(x: object, y: object) -> bool:
     """Equal, taking a one-channel per-channel encoding as the per-tensor one (0.6.1 cannot tell them apart)."""
     def canonical(e: object) -> object:
@@ -117,12 +102,6 @@ def test_encodings_files_load_or_fail_clearly(case: EncodingsCase, tmp_path_fact
         assert str(exc), "an empty error message"
         STATS.case(f"{'corrupted' if case.corrupted else 'generated'}: {type(exc).__name__}")
         return
-    except Exception as exc:
-        bug = known_bug(exc)
-        if bug is None:
-            raise
-        STATS.case(f"known bug {bug}")
-        return
     STATS.case(f"{'corrupted' if case.corrupted else 'generated'}: loaded")
     check_loaded(loaded, case, tmp)
 
@@ -163,39 +142,43 @@ def test_calibration_data_loads_or_fails_clearly(case: CalibrationCase,
 
 
 # ---------------------------------------------------------------------------------------------------
-# minimal reproducers of the bugs found (xfail until fixed)
+# minimal reproducers of the bugs this fuzzing found (B1-B5, fixed): each was a traceback instead of a
+# one-line EncodingError naming the file
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "B1: encodings_io.load catches OSError around read_text but not UnicodeDecodeError, so a file that is not "
-    "UTF-8 (here UTF-16 with BOM, as Windows Notepad saves 'Unicode') escapes as a traceback instead of an "
-    "EncodingError; reproducer: load(path) on b'\\xff\\xfe' + json text"))
-def test_b1_non_utf8_encodings_file_is_an_encoding_error(tmp_path: Path) -> None:
+EMPTY_DOC = '{"activation_encodings": {}, "param_encodings": {}}'
+
+
+@pytest.mark.parametrize("raw", [EMPTY_DOC.encode("utf-16"), EMPTY_DOC.encode("utf-16-be"),
+                                 EMPTY_DOC.replace("{}", '{"\xe9": []}', 1).encode("latin-1")],
+                         ids=["utf16-bom", "utf16-no-bom", "latin1"])
+def test_b1_non_utf8_encodings_file_is_an_encoding_error(tmp_path: Path, raw: bytes) -> None:
+    """B1: a file that is not UTF-8 (UTF-16 as Windows Notepad saves 'Unicode') escaped as UnicodeDecodeError."""
     path = tmp_path / "enc.json"
-    path.write_bytes('{"activation_encodings": {}, "param_encodings": {}}'.encode("utf-16"))
-    with pytest.raises(QPassesError):
+    path.write_bytes(raw)
+    with pytest.raises(QPassesError, match=r"enc\.json: .*UTF") as info:
         encodings_io.load(path)
+    assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "B2: encodings_io.load catches json.JSONDecodeError but not RecursionError, so deeply nested JSON "
-    "(here 100000 '[') escapes as a traceback instead of an EncodingError; reproducer: load(path) on "
-    "'{\"activation_encodings\": ' + '[' * 100000 + ']' * 100000 + ', \"param_encodings\": {}}'"))
+def test_utf8_bom_encodings_file_loads(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark (what some Windows editors write) is not an error."""
+    path = tmp_path / "enc.json"
+    path.write_bytes(EMPTY_DOC.encode("utf-8-sig"))
+    assert encodings_io.load(path) == encodings_io.EncodingsFile()
+
+
 def test_b2_deeply_nested_encodings_file_is_an_encoding_error(tmp_path: Path) -> None:
+    """B2: 100000-deep JSON escaped as RecursionError from json.loads."""
     path = tmp_path / "enc.json"
     path.write_text('{"activation_encodings": ' + "[" * 100_000 + "]" * 100_000 + ', "param_encodings": {}}')
     with pytest.raises(QPassesError):
         encodings_io.load(path)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "B3: encodings_io._int/_number call float()/math.isfinite() on JSON integers, which raise OverflowError for "
-    "integers beyond float range, so a file with e.g. \"bw\": 10**400 (or min/max/scale/offset/bitwidth) escapes as "
-    "a traceback instead of an EncodingError; reproducer: load(path) on "
-    "'{\"activation_encodings\": {\"a\": [{\"bitwidth\": 8, \"min\": -1' + '0' * 400 + ', \"max\": 1.0}]}, "
-    "\"param_encodings\": {}}'"))
 @pytest.mark.parametrize("field", ["bitwidth", "min", "scale"])
 def test_b3_huge_integer_in_encodings_file_is_an_encoding_error(tmp_path: Path, field: str) -> None:
+    """B3: JSON integers beyond float range escaped as OverflowError from float()/math.isfinite()."""
     huge = 10**400
     if field == "scale":
         doc = {"activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [huge], "offset": [0]}],
@@ -224,15 +207,36 @@ def test_loaded_encoding_saves_as_loadable_0_6_1(tmp_path: Path) -> None:
     encodings_io.load(tmp_path / "out.json")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "B5: encodings_io._int accepts any integral JSON number, and Encoding.__post_init__ then builds "
-    "np.asarray(offsets), an object array for an offset beyond int64, and np.round raises TypeError ('int' object "
-    "has no attribute 'rint'), a traceback instead of an EncodingError; reproducer: load a 1.0.0 file with "
-    "{\"name\": \"a\", \"bw\": 8, \"dtype\": \"INT\", \"scale\": [1.0], \"offset\": [-9223372036854775809]}"))
 def test_b5_offset_beyond_int64_is_an_encoding_error(tmp_path: Path) -> None:
+    """B5: an offset beyond int64 became an object array in Encoding, and np.round raised TypeError."""
     doc = {"activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [1.0],
                                      "offset": [-(2**63) - 1]}], "param_encodings": []}
     path = tmp_path / "enc.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(QPassesError):
         encodings_io.load(path)
+
+
+@pytest.mark.parametrize("offset", [-(2**63) - 1, -(10**30), 2**64])
+def test_b5_encoding_rejects_offsets_beyond_int64(offset: int) -> None:
+    """B5 at its root: ``Encoding`` itself checks such offsets against the grid instead of crashing in numpy."""
+    with pytest.raises(QPassesError, match="offsets must lie in"):
+        Encoding(8, (1.0,), (offset,))
+
+
+@pytest.mark.parametrize("raw", [EMPTY_DOC.encode("utf-16"),
+                                 ('{"activation_encodings": ' + "[" * 100_000 + "]" * 100_000
+                                  + ', "param_encodings": {}}').encode()], ids=["B1-utf16", "B2-nested"])
+def test_cli_bad_overrides_file_is_exit_2_with_one_line(tmp_path: Path, raw: bytes,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``qpasses quantize --overrides BAD.json``: the user's file, so exit 2 and one line naming it, no output."""
+    from qpasses.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(raw)
+    out = tmp_path / "out"
+    model = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "-q", "--no-calib", "--overrides", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.json" in err and "Traceback" not in err, err
+    assert not (out / "model.qdq.onnx").exists()
