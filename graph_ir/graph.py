@@ -20,8 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graph_ir.elements import Op, Tensor
+from graph_ir.errors import GraphError
 from graph_ir.subgraphs import captured_names, rename_captured
-from qpasses.errors import GraphError
 
 Use = tuple[Op, int]
 

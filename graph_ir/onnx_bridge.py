@@ -18,8 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graph_ir.elements import Op
+from graph_ir.errors import GraphError, ModelLoadError
 from graph_ir.graph import Graph
-from qpasses.errors import GraphError, ModelLoadError
 
 _EXTERNAL_THRESHOLD = 1_800_000_000  # bytes of weights beyond which we must use external data
 _GRAPH_SHELL_FIELDS = ("name", "doc_string", "sparse_initializer", "quantization_annotation", "metadata_props")

@@ -1,7 +1,7 @@
 """qpasses: quantize FP32 ONNX models through a pipeline of compiler passes.
 
 The common entry points are importable from the package; they load lazily so that
-``graph_ir`` (which imports ``qpasses.errors``) and the CLI start fast.
+``graph_ir`` (which imports ``qpasses.core.errors``) and the CLI start fast.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 _EXPORTS = {
     "quantize_model": "qpasses.quantize",
     "QuantizeResult": "qpasses.quantize",
-    "QuantConfig": "qpasses.quant_config",
-    "PassManager": "qpasses.pass_manager",
-    "PassContext": "qpasses.context",
-    "Pass": "qpasses.pass_base",
-    "PassResult": "qpasses.pass_base",
-    "default_registry": "qpasses.registry",
-    "QPassesError": "qpasses.errors",
+    "QuantConfig": "qpasses.quant.config",
+    "PassManager": "qpasses.core.pass_manager",
+    "PassContext": "qpasses.core.context",
+    "Pass": "qpasses.core.pass_base",
+    "PassResult": "qpasses.core.pass_base",
+    "default_registry": "qpasses.passes",
+    "QPassesError": "qpasses.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

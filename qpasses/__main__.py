@@ -1,5 +1,5 @@
 import sys
 
-from qpasses.cli import main
+from qpasses.cli.commands import main
 
 sys.exit(main())

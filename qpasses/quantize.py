@@ -21,22 +21,23 @@ import onnx
 
 import graph_ir
 from graph_ir import Graph
-from qpasses import encodings_io
-from qpasses.context import PassContext
-from qpasses.encodings_io import EncodingsFile
-from qpasses.errors import CalibrationDataError, QPassesError
-from qpasses.model_checks import check_quantizable
-from qpasses.output_dir import staged_output_dir
-from qpasses.pass_base import Pass
-from qpasses.pass_manager import PassManager, PipelineReport, Verify
-from qpasses.passes.apply_overrides import tensor_specs
-from qpasses.pipeline import PassSpec, build_passes, parse_pipeline
-from qpasses.quant_config import QuantConfig
-from qpasses.quant_sensitivity import Sensitivity, fallback_tensors
+from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError, QPassesError
+from qpasses.core.model_checks import check_quantizable
+from qpasses.core.output_dir import staged_output_dir
+from qpasses.core.pass_base import Pass
+from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
+from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
+from qpasses.core.registry import Registry
+from qpasses.passes import default_registry
+from qpasses.passes.quantize.apply_overrides import tensor_specs
+from qpasses.quant import encodings_io
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
-from qpasses.registry import Registry, default_registry
-from qpasses.runtime_parity import ParityReport
-from targets import resolve_target
+from qpasses.runtime.parity import ParityReport
+from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
+from qpasses.targets import resolve_target
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _why_nothing_quantizable(graph: Graph) -> str:
     """The likely reason a model got no encodings, for the error message."""
     from onnx import TensorProto
 
-    from qpasses.quant_plan import COMPUTE, DATA_MOVEMENT
+    from qpasses.quant.plan import COMPUTE, DATA_MOVEMENT
 
     types = {t.dtype for t in graph.tensors.values() if t.dtype}
     if TensorProto.FLOAT not in types and types & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}:
@@ -118,7 +119,7 @@ def quantize_model(
         return result
     batch_size = int(options.get("batch_size", 16))
     try:
-        from qpasses.passes.calibrate import calibration_feeds
+        from qpasses.passes.quantize.calibrate import calibration_feeds
 
         data = calibration_feeds(calibration_data, result.graph, batch_size)
         feeds = [dict(f) for f in itertools.islice(iter(data), fallback_batches)]

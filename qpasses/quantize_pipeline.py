@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qpasses.pipeline import PassSpec
-from qpasses.quant_config import QuantConfig
+from qpasses.core.pipeline import PassSpec
+from qpasses.quant.config import QuantConfig
 
 STAGES = ("structural", "annotate", "encode", "calibrate", "lower", "check")
 

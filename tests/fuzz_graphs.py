@@ -1089,7 +1089,7 @@ class EncodingsCase:
 
 @st.composite
 def encodings_documents(draw: Any) -> EncodingsCase:
-    from qpasses.encodings_io import TensorSpec
+    from qpasses.quant.encodings_io import TensorSpec
 
     version = draw(st.sampled_from(["0.6.1", "1.0.0"]))
     channels = {"w1": draw(st.integers(1, 4)), "w2": draw(st.integers(1, 4))}

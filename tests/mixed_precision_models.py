@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.verification import exact_session
+from qpasses.core.verification import exact_session
 
 # The spec's full override: conv1 and conv3 INT8 (8-bit biases too), conv2 FP32.
 SPEC_FULL = {

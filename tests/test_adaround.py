@@ -22,17 +22,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
 from graph_ir import Graph
-from qpasses.context import PassContext
-from qpasses.encodings import dequantize, fake_quantize, quantize
-from qpasses.errors import PassError, QPassesError
-from qpasses.evaluation import sqnr_db
+from qpasses.core.context import PassContext
+from qpasses.core.errors import PassError, QPassesError
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.verification import exact_session
+from qpasses.data.evaluation import sqnr_db
 from qpasses.learned.layers import starting_encoding
-from qpasses.pass_base import Pass, PassResult
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import dequantize, fake_quantize, quantize
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from qpasses.verification import exact_session
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason='needs torch: pip install "qpasses[learn]"')
@@ -228,9 +228,9 @@ def test_base_install_imports_without_torch() -> None:
     """Registry, CLI and both passes load with torch unimportable; running one gives the install hint."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import qpasses.cli\n"
-        "from qpasses.registry import default_registry\n"
-        "from qpasses.context import PassContext\n"
+        "import qpasses.cli.commands\n"
+        "from qpasses.passes import default_registry\n"
+        "from qpasses.core.context import PassContext\n"
         "import graph_ir\n"
         "reg = default_registry()\n"
         "p = reg.create_pass('adaround', progress=False); reg.create_pass('adascale')\n"

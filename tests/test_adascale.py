@@ -19,17 +19,17 @@ from onnx import TensorProto, helper, numpy_helper
 from test_adaround import WEIGHTS, Snapshot, generated_layers_model, needs_torch
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.encodings import dequantize, quantize
-from qpasses.errors import PassError, QPassesError
-from qpasses.evaluation import sqnr_db
+from qpasses.core.context import PassContext
+from qpasses.core.errors import PassError, QPassesError
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.remarks import RemarkCollector
+from qpasses.core.verification import exact_session
+from qpasses.data.evaluation import sqnr_db
 from qpasses.learned.layers import cut_points, find_blocks, learnable_layers
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import dequantize, quantize
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from qpasses.remarks import RemarkCollector
-from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CALIB_PATH = MODELS / "digits_calib.npz"
@@ -209,8 +209,8 @@ def _folded(name: str) -> graph_ir.Graph:
 
 
 def _layers(g: graph_ir.Graph):
-    from qpasses.analyses import Shapes
-    from qpasses.quant_plan import QuantPlan
+    from qpasses.core.analyses import Shapes
+    from qpasses.quant.plan import QuantPlan
 
     ctx = PassContext()
     plan = ctx.get(QuantPlan, g).plan

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.verification import exact_session
+from qpasses.core.verification import exact_session
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:

@@ -24,9 +24,9 @@ from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.pareto import forward_steps, reverse_steps, run_phase2
 from qpasses.amp.search import binary_search, brute_force_search, interpolation_search
 from qpasses.amp.sensitivity import make_entry, phase1_tasks, sort_accuracy_list, with_group
-from qpasses.precision_type import Precision
-from qpasses.quant_config import QuantConfig
-from targets.builtin import DSP, HTP
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.precision_type import Precision
+from qpasses.targets.builtin import DSP, HTP
 
 C88, C168, C1616, C84 = (parse_candidate(c) for c in ("8/8", "16/8", "16/16", "8/4"))
 

@@ -4,7 +4,7 @@ The runtime session (onnxruntime's defaults: QDQ fused into integer kernels) is 
 what the target and the fallback follow; exact QDQ semantics is the reference. A divergence between
 the two is forced here by patching the scorer of the final check, since on this machine (and with
 the portable model) onnxruntime's kernels agree with QDQ semantics. Independent re-measurements use
-``qpasses.verification.exact_session`` (reference) and ``runtime_session`` (what the runtime score is).
+``qpasses.core.verification.exact_session`` (reference) and ``runtime_session`` (what the runtime score is).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from qpasses.amp import choose_mixed_precision, parse_candidate, sqnr, top1_accu
 from qpasses.amp.errors import AmpWarning
 from qpasses.amp.evaluators import ModelScorer
 from qpasses.amp.verify import DIVERGENCE_RTOL, divergence_tolerance, diverges
-from qpasses.cli import main
-from qpasses.verification import exact_session, runtime_session
+from qpasses.cli.commands import main
+from qpasses.core.verification import exact_session, runtime_session
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "models" / "digits_cnn.onnx")

@@ -8,12 +8,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.verification import exact_session
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from qpasses.verification import exact_session
 
 RNG = np.random.default_rng(0)
 

@@ -16,7 +16,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import graph_ir
-from qpasses.calibration import (
+from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError, PassError
+from qpasses.data.calibration import (
     DEFAULT_MAX_BYTES_PER_RUN,
     TensorTap,
     calibration_session,
@@ -25,14 +27,12 @@ from qpasses.calibration import (
     iterate_tensors,
     unavailable_tensors,
 )
-from qpasses.context import PassContext
-from qpasses.encodings import Encoding, compute
-from qpasses.encodings_io import PrecisionOverride
-from qpasses.errors import CalibrationDataError, PassError
-from qpasses.passes.calibrate import Calibrate
-from qpasses.quant_plan import QuantPlan
-from qpasses.registry import default_registry
-from qpasses.statistics import DEFAULT_BINS, Histogram, HistogramObserver, MinMaxObserver
+from qpasses.passes import default_registry
+from qpasses.passes.quantize.calibrate import Calibrate
+from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.encodings_io import PrecisionOverride
+from qpasses.quant.plan import QuantPlan
+from qpasses.quant.range_statistics import DEFAULT_BINS, Histogram, HistogramObserver, MinMaxObserver
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_cnn.onnx"

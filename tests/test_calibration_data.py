@@ -12,7 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qpasses.calibration_data import (
+from qpasses.core.errors import CalibrationDataError, QPassesError
+from qpasses.data.sources import (
     DEFAULT_BATCH_SIZE,
     CalibrationData,
     InputSpec,
@@ -20,7 +21,6 @@ from qpasses.calibration_data import (
     parse_input_list,
     validate_feed,
 )
-from qpasses.errors import CalibrationDataError, QPassesError
 
 F32 = np.dtype(np.float32)
 IMG = (3, 16, 16)

@@ -16,13 +16,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 import graph_ir
-from qpasses.cli import main
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager, PipelineReport
-from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
-from qpasses.passes.fold_batchnorm import FoldBatchNorm
-from qpasses.remarks import Remark
-from qpasses.verification import exact_session
+from qpasses.cli.commands import main
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager, PipelineReport
+from qpasses.core.remarks import Remark
+from qpasses.core.verification import exact_session
+from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
+from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_test.npz"

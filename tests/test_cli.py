@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from qpasses.cli import main
-from qpasses.verification import exact_session
+from qpasses.cli.commands import main
+from qpasses.core.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT = MODELS / "digits_cnn.onnx"

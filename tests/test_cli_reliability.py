@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses import encodings_io
-from qpasses.cli import main
-from qpasses.passes.identity_elimination import IdentityElimination
-from qpasses.quant_config import QuantConfig
+from qpasses.cli.commands import main
+from qpasses.passes.cleanup.identity_elimination import IdentityElimination
+from qpasses.quant import encodings_io
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -57,10 +57,10 @@ def test_a_rewrite_script_that_raises_is_the_users_error(tmp_path, capsys) -> No
 
 def test_graphsurgeon_rewrite_keeps_annotations(tmp_path) -> None:
     import graph_ir
-    from qpasses.context import PassContext
-    from qpasses.encodings import compute
-    from qpasses.pass_manager import PassManager
-    from qpasses.registry import default_registry
+    from qpasses.core.context import PassContext
+    from qpasses.core.pass_manager import PassManager
+    from qpasses.passes import default_registry
+    from qpasses.quant.encodings import compute
 
     script = tmp_path / "rw.py"
     script.write_text("def rewrite(graph):\n    return graph\n")

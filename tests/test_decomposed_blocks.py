@@ -8,11 +8,11 @@ import onnx
 import pytest
 
 import graph_ir
-from qpasses import verification
-from qpasses.evaluation import sqnr_db
-from qpasses.pass_manager import PassManager
-from qpasses.passes.decomposed_blocks import KeepDecomposedBlocksFloat, find_blocks
-from qpasses.quant_config import QuantConfig
+from qpasses.core import verification
+from qpasses.core.pass_manager import PassManager
+from qpasses.data.evaluation import sqnr_db
+from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat, find_blocks
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
 PASS = "keep-decomposed-blocks-float"

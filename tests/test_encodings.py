@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from qpasses.encodings import (
+from qpasses.core.errors import EncodingError
+from qpasses.quant.encodings import (
     Encoding,
     bias_encoding,
     compute,
@@ -18,8 +19,7 @@ from qpasses.encodings import (
     unpack_int4,
     validate_bitwidth,
 )
-from qpasses.errors import EncodingError
-from qpasses.statistics import HistogramObserver, MinMaxObserver
+from qpasses.quant.range_statistics import HistogramObserver, MinMaxObserver
 
 # --- the spec's worked examples (qnn-quantization.txt, "Quantization Example") -------------------------
 

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from qpasses.encodings import Encoding, compute
-from qpasses.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec, from_json, load, save, to_json
-from qpasses.errors import EncodingError
+from qpasses.core.errors import EncodingError
+from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec, from_json, load, save, to_json
 
 # The override example from qnn-quantization.txt ("Quantization Overrides"), verbatim.
 SPEC_OVERRIDES = """

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from qpasses import verification
-from qpasses.evaluation import sqnr_db
-from qpasses.quant_config import QuantConfig
+from qpasses.core import verification
+from qpasses.data.evaluation import sqnr_db
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
 
@@ -50,10 +50,10 @@ def test_non_finite_constants_stay_float_and_masks_survive() -> None:
 def test_encoding_error_names_the_tensor_and_op() -> None:
     """Without the keep-float pass, encode-weights meets the -inf param and names it and its reader."""
     import graph_ir
-    from qpasses.context import PassContext
-    from qpasses.errors import QPassesError
-    from qpasses.pass_manager import PassManager
-    from qpasses.registry import default_registry
+    from qpasses.core.context import PassContext
+    from qpasses.core.errors import QPassesError
+    from qpasses.core.pass_manager import PassManager
+    from qpasses.passes import default_registry
 
     reg = default_registry()
     graph = graph_ir.load(fc.neg_inf_mask())
@@ -111,7 +111,7 @@ def test_boxes_and_scores_concat_stays_float_and_parts_stay_quantized() -> None:
 
 def test_mixed_ranges_without_the_pass_collapse_the_scores() -> None:
     """The case the pass exists for: one 8-bit grid for boxes and scores destroys the scores."""
-    from qpasses.encodings import compute, fake_quantize
+    from qpasses.quant.encodings import compute, fake_quantize
 
     boxes, scores = np.linspace(0, 320, 256), np.linspace(0, 1, 64)
     joined = np.concatenate([boxes, scores])

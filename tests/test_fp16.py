@@ -15,8 +15,8 @@ from conftest import MODELS
 from mixed_precision_models import run
 from onnx import TensorProto
 
-from qpasses.cli import main
-from qpasses.quant_config import QuantConfig
+from qpasses.cli.commands import main
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
 TEST = np.load(MODELS / "digits_test.npz")

@@ -23,7 +23,7 @@ from fuzz_graphs import (
 )
 from hypothesis import given
 
-from qpasses.verification import exact_session
+from qpasses.core.verification import exact_session
 
 
 @fuzz_settings(300)

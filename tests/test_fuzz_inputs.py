@@ -30,11 +30,11 @@ from fuzz_graphs import (
 )
 from hypothesis import given
 
-from qpasses import encodings_io
-from qpasses.calibration_data import CalibrationData
-from qpasses.encodings import Encoding
-from qpasses.encodings_io import PrecisionOverride
-from qpasses.errors import QPassesError
+from qpasses.core.errors import QPassesError
+from qpasses.data.sources import CalibrationData
+from qpasses.quant import encodings_io
+from qpasses.quant.encodings import Encoding
+from qpasses.quant.encodings_io import PrecisionOverride
 
 # ---------------------------------------------------------------------------------------------------
 # encodings files
@@ -230,7 +230,7 @@ def test_b5_encoding_rejects_offsets_beyond_int64(offset: int) -> None:
 def test_cli_bad_overrides_file_is_exit_2_with_one_line(tmp_path: Path, raw: bytes,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``qpasses quantize --overrides BAD.json``: the user's file, so exit 2 and one line naming it, no output."""
-    from qpasses.cli import main
+    from qpasses.cli.commands import main
 
     bad = tmp_path / "bad.json"
     bad.write_bytes(raw)

@@ -37,11 +37,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.pass_base import Pass, PassResult
-from qpasses.pass_manager import Instrumentation, PassManager
-from qpasses.registry import default_registry
-from qpasses.verification import exact_session
+from qpasses.core.context import PassContext
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.core.pass_manager import Instrumentation, PassManager
+from qpasses.core.verification import exact_session
+from qpasses.passes import default_registry
 
 REGISTRY = default_registry()
 # Random data makes the calibration outlier and runtime parity warnings expected here.

@@ -39,15 +39,15 @@ from hypothesis import strategies as st
 from numpy_reference import Grid
 
 import graph_ir
-from qpasses import encodings_io
-from qpasses.encodings import Encoding
-from qpasses.errors import CalibrationDataError, QPassesError
-from qpasses.pass_manager import PassManager
-from qpasses.passes.apply_overrides import tensor_specs
-from qpasses.quant_config import QuantConfig
+from qpasses.core.errors import CalibrationDataError, QPassesError
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.verification import exact_session
+from qpasses.passes import default_registry
+from qpasses.passes.quantize.apply_overrides import tensor_specs
+from qpasses.quant import encodings_io
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import Encoding
 from qpasses.quantize import QuantizeResult, quantize_model
-from qpasses.registry import default_registry
-from qpasses.verification import exact_session
 
 REGISTRY = default_registry()
 # Random data makes the calibration outlier and runtime parity warnings expected here.

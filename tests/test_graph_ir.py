@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.errors import GraphError, ModelLoadError
-from qpasses.verification import exact_session
+from qpasses.core.errors import GraphError, ModelLoadError
+from qpasses.core.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = sorted(MODELS.glob("*.onnx"))

@@ -12,7 +12,7 @@ import pytest
 from mixed_precision_models import data_path, int32_model, integer_feeds, op_counts, run, three_convs, write_json
 from onnx import TensorProto, numpy_helper
 
-from qpasses.errors import QPassesError
+from qpasses.core.errors import QPassesError
 from qpasses.quantize import quantize_model
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.integer_compute import integer_mac_share
+from qpasses.runtime.integer_compute import integer_mac_share
 
 RNG = np.random.default_rng(0)
 

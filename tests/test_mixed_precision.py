@@ -25,15 +25,15 @@ from mixed_precision_models import (
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.encodings_io import PrecisionOverride
-from qpasses.encodings_io import load as load_encodings
-from qpasses.pass_manager import PassManager
-from qpasses.passes.apply_overrides import load_overrides
-from qpasses.precision_type import FLOAT16, FLOAT32, INT8, INT16
-from qpasses.quant_config import QuantConfig
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.passes import default_registry
+from qpasses.passes.quantize.apply_overrides import load_overrides
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings_io import PrecisionOverride
+from qpasses.quant.encodings_io import load as load_encodings
+from qpasses.quant.precision_type import FLOAT16, FLOAT32, INT8, INT16
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 INT8_T, INT32_T, FLOAT_T, FLOAT16_T = TensorProto.INT8, TensorProto.INT32, TensorProto.FLOAT, TensorProto.FLOAT16

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from qpasses.verification import exact_session
+from qpasses.core.verification import exact_session
 
 
 def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:

@@ -8,13 +8,14 @@ import model_zoo
 import pytest
 
 import graph_ir
-from qpasses.analyses import Analysis, TopologicalOrder
-from qpasses.context import PassContext
-from qpasses.errors import InternalError, PassError, PipelineError, QPassesError
-from qpasses.pass_base import Pass, PassResult
-from qpasses.pass_manager import DumpAfter, PassManager
-from qpasses.pipeline import build_passes, load_pipeline_file, parse_pipeline
-from qpasses.registry import Registry, default_registry
+from qpasses.core.analyses import Analysis, TopologicalOrder
+from qpasses.core.context import PassContext
+from qpasses.core.errors import InternalError, PassError, PipelineError, QPassesError
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.core.pass_manager import DumpAfter, PassManager
+from qpasses.core.pipeline import build_passes, load_pipeline_file, parse_pipeline
+from qpasses.core.registry import Registry
+from qpasses.passes import default_registry
 
 
 class CountingAnalysis(Analysis):
@@ -143,7 +144,7 @@ def test_numeric_verification_catches_semantic_change():
 
 
 def test_numeric_verification_passes_for_true_equivalence():
-    from qpasses.passes.identity_elimination import IdentityElimination
+    from qpasses.passes.cleanup.identity_elimination import IdentityElimination
 
     g = _graph()
     g.insert_op_on_edge(g.inputs[0], "Identity")
@@ -217,7 +218,7 @@ def test_registry_unknown_pass_suggests():
 
 
 def test_entry_points_are_loaded(monkeypatch):
-    import qpasses.registry as registry_mod
+    import qpasses.core.registry as registry_mod
 
     class FakeEP:
         def __init__(self, obj):
@@ -226,7 +227,7 @@ def test_entry_points_are_loaded(monkeypatch):
         def load(self):
             return self.obj
 
-    from targets import TargetDescriptor
+    from qpasses.targets import TargetDescriptor
 
     npu = TargetDescriptor(name="my-npu", description="third party", needs_quantized=True)
 
@@ -234,7 +235,7 @@ def test_entry_points_are_loaded(monkeypatch):
         return {"qpasses.passes": [FakeEP(WithOptions)], "qpasses.targets": [FakeEP([npu])]}[group]
 
     monkeypatch.setattr(registry_mod, "entry_points", fake_entry_points)
-    reg = registry_mod.default_registry()
+    reg = default_registry()
     assert reg.pass_class("with-options") is WithOptions
     assert reg.target("my-npu") is npu
 
@@ -263,7 +264,7 @@ def test_numeric_verification_skipped_for_reported_approximation():
 def test_cle_numeric_verification_on_shipped_models():
     from pathlib import Path
 
-    from qpasses.registry import default_registry
+    from qpasses.passes import default_registry
 
     reg = default_registry()
     models = Path(__file__).resolve().parent.parent / "models"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from graph_ir import Graph, Op
-from qpasses.patterns import Match, NearMiss, Pattern, Step, single_reader
+from qpasses.core.patterns import Match, NearMiss, Pattern, Step, single_reader
 
 
 def chain(*op_types: str, outputs: tuple[str, ...] = ("y",)) -> tuple[Graph, list[Op]]:

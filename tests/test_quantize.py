@@ -23,10 +23,10 @@ import pytest
 from numpy_reference import Grid, QuantSpec, Reference, spec_encoding
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.cli import main
-from qpasses.errors import QPassesError
+from qpasses.cli.commands import main
+from qpasses.core.errors import QPassesError
+from qpasses.core.verification import exact_session
 from qpasses.quantize import QuantizeResult, quantize_model
-from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = ["digits_cnn", "digits_cnn_relu6", "digits_cnn_residual"]

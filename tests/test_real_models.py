@@ -24,9 +24,9 @@ import onnx
 import pytest
 
 import graph_ir
-from qpasses.quant_config import QuantConfig
+from qpasses.core.verification import exact_session
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
-from qpasses.verification import exact_session
 
 ROOT = Path(__file__).resolve().parents[1]
 

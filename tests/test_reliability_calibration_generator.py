@@ -16,11 +16,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses import calibration_data as calibration_data_module
-from qpasses.calibration_data import CalibrationData
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager, PipelineReport
-from qpasses.registry import default_registry
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager, PipelineReport
+from qpasses.data import sources as calibration_data_module
+from qpasses.data.sources import CalibrationData
+from qpasses.passes import default_registry
 
 BATCHES, ROWS = 8, 16
 

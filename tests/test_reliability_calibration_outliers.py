@@ -20,20 +20,20 @@ import numpy as np
 import pytest
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.encodings import compute
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
-from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from qpasses.statistics import (
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.verification import exact_session
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import compute
+from qpasses.quant.range_statistics import (
     CalibrationOutlierWarning,
     FixedHistogramObserver,
     Histogram,
     HistogramObserver,
     SampleExtremes,
 )
-from qpasses.verification import exact_session
+from qpasses.quantize import quantize_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MODEL = MODELS / "digits_cnn.onnx"

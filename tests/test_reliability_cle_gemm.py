@@ -15,11 +15,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager, PipelineReport
-from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
-from qpasses.passes.fold_batchnorm import FoldBatchNorm
-from qpasses.verification import exact_session
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager, PipelineReport
+from qpasses.core.verification import exact_session
+from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
+from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
 
 RTOL = 1e-4
 

@@ -19,9 +19,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.encodings import Encoding
-from qpasses.encodings_io import PrecisionOverride, TensorSpec, from_json, load
-from qpasses.errors import EncodingError
+from qpasses.core.errors import EncodingError
+from qpasses.quant.encodings import Encoding
+from qpasses.quant.encodings_io import PrecisionOverride, TensorSpec, from_json, load
 from qpasses.quantize import quantize_model
 
 KNOWN = {"act": TensorSpec("activation"), "w": TensorSpec("weight", channels=3), "b": TensorSpec("bias")}

@@ -15,9 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.encodings import Encoding, from_min_max
-from qpasses.encodings_io import TensorSpec, load
-from qpasses.errors import EncodingError
+from qpasses.core.errors import EncodingError
+from qpasses.quant.encodings import Encoding, from_min_max
+from qpasses.quant.encodings_io import TensorSpec, load
 from qpasses.quantize import quantize_model
 
 KNOWN = {"act": TensorSpec("activation"), "w": TensorSpec("weight", channels=3), "b": TensorSpec("bias")}

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.errors import QPassesError
-from qpasses.model_checks import ModelCheckError, check_quantizable
+from qpasses.core.errors import QPassesError
+from qpasses.core.model_checks import ModelCheckError, check_quantizable
+from qpasses.core.verification import exact_session
 from qpasses.quantize import quantize_model
-from qpasses.verification import exact_session
 
 
 def _model(outputs: list[str]) -> onnx.ModelProto:

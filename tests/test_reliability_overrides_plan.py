@@ -16,11 +16,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager
-from qpasses.pipeline import build_passes, parse_pipeline
-from qpasses.quant_plan import QuantPlan
-from qpasses.registry import default_registry
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.pipeline import build_passes, parse_pipeline
+from qpasses.passes import default_registry
+from qpasses.quant.plan import QuantPlan
 
 
 def _model() -> onnx.ModelProto:

@@ -17,9 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses import verification
-from qpasses.cli import main
-from qpasses.kernel_emulation import (
+from qpasses.cli.commands import main
+from qpasses.core import verification
+from qpasses.passes.quantize.portable_storage import PortableStorage
+from qpasses.passes.quantize.runtime_parity_check import RuntimeParityWarning
+from qpasses.quant.config import QuantConfig
+from qpasses.quantize import quantize_model
+from qpasses.runtime.kernel_emulation import (
     INT16_MAX,
     _rows_and_matrix,
     emulate_mac,
@@ -27,11 +31,7 @@ from qpasses.kernel_emulation import (
     runtime_saturates,
     saturation_probe_model,
 )
-from qpasses.passes.portable_storage import PortableStorage
-from qpasses.passes.runtime_parity_check import RuntimeParityWarning
-from qpasses.quant_config import QuantConfig
-from qpasses.quantize import quantize_model
-from qpasses.runtime_parity import check_parity, strip_activation_qdq
+from qpasses.runtime.parity import check_parity, strip_activation_qdq
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CALIB = np.load(MODELS / "digits_calib.npz")["input"]
@@ -209,11 +209,13 @@ def test_quantize_model_reports_parity_and_warns_on_divergence(monkeypatch) -> N
     assert "runtime parity" in result.summary()
     assert any(r.pass_name == "runtime-parity" and r.kind == "applied" for r in result.report.remarks)
 
-    import qpasses.runtime_parity as rp
+    import qpasses.runtime.parity as rp
 
     monkeypatch.setattr(rp, "runtime_saturates", lambda: False)
-    monkeypatch.setattr(rp, "emulate_mac", lambda mac, a, **kw: __import__(
-        "qpasses.kernel_emulation", fromlist=["MacEmulation"]).MacEmulation(mac.op, mac.op_type, "u8s8", 1, 0.5, 3.0))
+    from qpasses.runtime.kernel_emulation import MacEmulation
+
+    monkeypatch.setattr(rp, "emulate_mac",
+                        lambda mac, a, **kw: MacEmulation(mac.op, mac.op_type, "u8s8", 1, 0.5, 3.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), progress=False)

@@ -18,15 +18,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.cli import main
-from qpasses.context import PassContext
-from qpasses.errors import CalibrationDataError, PassError, QPassesError
-from qpasses.pass_manager import PassManager
-from qpasses.passes.seq_mse import constant_bias, layer_output, make_kernel
-from qpasses.quant_config import QuantConfig
+from qpasses.cli.commands import main
+from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError, PassError, QPassesError
+from qpasses.core.pass_manager import PassManager
+from qpasses.core.verification import exact_session
+from qpasses.passes import default_registry
+from qpasses.passes.quantize.seq_mse import constant_bias, layer_output, make_kernel
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from qpasses.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 REGISTRY = default_registry()
@@ -314,7 +314,7 @@ def test_excluded_ops_keep_minmax_encodings() -> None:
 
 def test_pipeline_option_text_and_missing_data() -> None:
     g = graph_ir.load(MODELS / "digits_cnn.onnx")
-    from qpasses.pipeline import build_passes, parse_pipeline
+    from qpasses.core.pipeline import build_passes, parse_pipeline
 
     passes = build_passes(parse_pipeline("fold-batchnorm,seq-mse{num_candidates=5,weight_bw=4,progress=false,"
                                          "exclude=fc;features.0.conv}"), REGISTRY)
@@ -377,7 +377,7 @@ def _branches_model() -> onnx.ModelProto:
 @pytest.mark.parametrize(("symmetry", "captures"), [("symqt", 2), ("symfp", 1), ("asym", 3)])
 def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, symmetry: str,
                                               captures: int) -> None:
-    import qpasses.passes.seq_mse as seq_mse
+    import qpasses.passes.quantize.seq_mse as seq_mse
 
     calls: list[list[str]] = []
     real = seq_mse.capture_tensors
@@ -399,7 +399,7 @@ def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, s
 
 
 def test_quantized_model_swaps_constant_node_weights() -> None:
-    from qpasses.weight_swap import SwappedWeights
+    from qpasses.data.weight_swap import SwappedWeights
 
     model = onnx.ModelProto()
     model.CopyFrom(graph_ir.load(MODELS / "digits_cnn.onnx").to_onnx())
@@ -414,7 +414,7 @@ def test_quantized_model_swaps_constant_node_weights() -> None:
 
 
 def test_annotated_weight_precisions_are_respected() -> None:
-    from qpasses.precision_type import Precision
+    from qpasses.quant.precision_type import Precision
 
     g = _folded_digits()
     g.tensors[g.op("fc").inputs[1]].precision = Precision("int", 8)

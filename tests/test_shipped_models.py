@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qpasses.verification import exact_session
+from qpasses.core.verification import exact_session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MODEL_FILES = ["digits_cnn.onnx", "digits_cnn_relu6.onnx", "digits_cnn_residual.onnx"]

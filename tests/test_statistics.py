@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qpasses.errors import CalibrationDataError
-from qpasses.statistics import Histogram, HistogramObserver, MinMaxObserver
+from qpasses.core.errors import CalibrationDataError
+from qpasses.quant.range_statistics import Histogram, HistogramObserver, MinMaxObserver
 
 
 def test_minmax_per_tensor_and_per_channel():

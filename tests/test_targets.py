@@ -11,13 +11,13 @@ import pytest
 from conftest import MODELS
 from onnx import TensorProto
 
-from qpasses.cli import main
-from qpasses.errors import TargetError
-from qpasses.precision_type import Precision
-from qpasses.quant_config import QuantConfig
+from qpasses.cli.commands import main
+from qpasses.core.errors import TargetError
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.precision_type import Precision
 from qpasses.quantize import quantize_model
-from qpasses.registry import default_registry
-from targets import BUILTIN_TARGETS, Kernel, TargetDescriptor, from_dict, load_target_file, resolve_target
+from qpasses.targets import BUILTIN_TARGETS, Kernel, TargetDescriptor, from_dict, load_target_file, resolve_target
 
 INT8, INT16, INT32 = Precision("int", 8), Precision("int", 16), Precision("int", 32)
 
@@ -99,7 +99,7 @@ def test_missing_name_and_unreadable_file(tmp_path):
 
 
 def test_entry_point_target_is_resolved_by_name(monkeypatch):
-    import qpasses.registry as registry_mod
+    import qpasses.core.registry as registry_mod
 
     npu = TargetDescriptor(name="ep-npu", needs_quantized=True, per_channel_weights=False)
 
@@ -109,7 +109,7 @@ def test_entry_point_target_is_resolved_by_name(monkeypatch):
 
     monkeypatch.setattr(registry_mod, "entry_points",
                         lambda group: [EntryPoint()] if group == "qpasses.targets" else [])
-    assert resolve_target("ep-npu", registry_mod.default_registry()) is npu
+    assert resolve_target("ep-npu", default_registry()) is npu
     assert npu.supported_kernels("Conv") == (Kernel(INT8, INT8, INT32),)  # a quantized target's default kernel
 
 

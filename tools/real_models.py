@@ -710,7 +710,7 @@ class CorpusModel:
 
     def run(self, model: Any = None, feeds: list[Feed] | None = None) -> Outputs:
         """Outputs of ``model`` (default: the FP32 model) on ``feeds`` (default: the test set), exact semantics."""
-        from qpasses.verification import exact_session
+        from qpasses.core.verification import exact_session
 
         sess = exact_session(str(self.path) if model is None else model)
         return [sess.run(None, feed) for feed in (self.test_feeds() if feeds is None else feeds)]
@@ -1206,7 +1206,7 @@ def _describe(m: CorpusModel) -> str:
 def _eval_row(m: CorpusModel) -> dict[str, Any]:
     import warnings
 
-    from qpasses.quant_config import QuantConfig
+    from qpasses.quant.config import QuantConfig
     from qpasses.quantize import quantize_model
 
     row: dict[str, Any] = {"model": m.name, "metric": m.metric_name}

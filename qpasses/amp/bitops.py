@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from graph_ir import Graph, Op
 from qpasses.amp.candidates import Assignment, Candidate, effective_bits
 from qpasses.amp.groups import MAC_OPS, GroupPartition
-from qpasses.analyses import Shapes
-from qpasses.context import PassContext
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
 
 
 def _dims(shape: tuple | None) -> list[int] | None:

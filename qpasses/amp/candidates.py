@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qpasses.amp.errors import AmpError
-from qpasses.errors import QPassesError
-from qpasses.precision_type import Precision
+from qpasses.core.errors import QPassesError
+from qpasses.quant.precision_type import Precision
 
 FLOAT_MULTIPLIER = math.sqrt(1.5)
 _TEXT = re.compile(r"^\s*(\d+)([fi]?)\s*/\s*(\d+)([fi]?)\s*$", re.IGNORECASE)

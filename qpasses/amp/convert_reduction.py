@@ -22,7 +22,7 @@ from tqdm import tqdm
 from qpasses.amp.bitops import MacTable
 from qpasses.amp.candidates import Assignment, Candidate, signature
 from qpasses.amp.groups import GroupPartition
-from qpasses.precision_type import FLOAT32, Precision
+from qpasses.quant.precision_type import FLOAT32, Precision
 
 
 def conversions(partition: GroupPartition, assignment: Assignment) -> set[tuple[str, str]]:

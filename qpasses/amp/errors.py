@@ -1,6 +1,6 @@
 """The AMP error: a bad candidate, option, callback or cache, named precisely (the CLI prints it, exit 2)."""
 
-from qpasses.errors import QPassesError
+from qpasses.core.errors import QPassesError
 
 
 class AmpError(QPassesError):

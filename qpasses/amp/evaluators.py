@@ -41,9 +41,9 @@ from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.proxy import OutputSqnr
 from qpasses.amp.simulation import Layout, SimulatedSession, SimulationModel
 from qpasses.amp.statistics import CalibrationTables
-from qpasses.quant_config import QuantConfig
-from qpasses.verification import exact_session, runtime_session
-from targets.descriptor import from_dict
+from qpasses.core.verification import exact_session, runtime_session
+from qpasses.quant.config import QuantConfig
+from qpasses.targets.descriptor import from_dict
 
 Phase = Literal["phase1", "phase2", "proxy"]
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graph_ir import Graph, Op
-from qpasses.analyses import Shapes
-from qpasses.context import PassContext
-from qpasses.precision import activation_slots, quantizable
-from qpasses.quant_plan import DATA_MOVEMENT, build_plan, fused_intermediates
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
+from qpasses.quant.plan import DATA_MOVEMENT, build_plan, fused_intermediates
+from qpasses.targets.precision import activation_slots, quantizable
 
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 

@@ -62,14 +62,14 @@ from qpasses.amp.sensitivity import make_entry, phase1_tasks, sort_accuracy_list
 from qpasses.amp.simulation import unsupported_reason
 from qpasses.amp.statistics import CalibrationTables, calibrate_once
 from qpasses.amp.verify import PointKind, VerifiedPoint, divergence_tolerance, fallback_messages, verification_warnings
-from qpasses.analyses import Shapes
-from qpasses.calibration_data import CalibrationData
-from qpasses.context import PassContext
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
-from qpasses.quant_plan import build_plan
-from qpasses.registry import default_registry
-from targets import resolve_target
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.data.sources import CalibrationData
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.plan import build_plan
+from qpasses.targets import resolve_target
 
 ALL_ALGORITHMS = (*ALGORITHMS, "demotion")
 PHASE1_MODES = ("auto", "exhaustive", "proxy")

@@ -18,7 +18,7 @@ from typing import Any
 from graph_ir import Graph
 from qpasses.amp.candidates import Assignment
 from qpasses.amp.groups import GroupPartition
-from qpasses.quant_config import QuantConfig
+from qpasses.quant.config import QuantConfig
 from qpasses.quantize import QuantizeResult, quantize_model
 
 

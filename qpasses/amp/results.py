@@ -82,7 +82,7 @@ class AmpResult:
     runtime_score: float = math.nan
     """The saved model in onnxruntime's default session (fused integer kernels: CPU dependent); = ``score``."""
     exact_score: float = math.nan
-    """The saved model with exact QDQ semantics (``qpasses.verification.exact_session``)."""
+    """The saved model with exact QDQ semantics (``qpasses.core.verification.exact_session``)."""
     divergence_tolerance: float = math.nan
     """How far two of those scores may differ before it is a warning (0.5% of |FP32 score|)."""
     verification: list[VerifiedPoint] = field(default_factory=list)

@@ -50,15 +50,15 @@ from graph_ir import Graph
 from qpasses.amp.candidates import Assignment
 from qpasses.amp.groups import GroupPartition
 from qpasses.amp.statistics import CalibrationTables
-from qpasses.analyses import Shapes
-from qpasses.context import PassContext
-from qpasses.encodings import Encoding, bias_encoding, compute, quantize
-from qpasses.passes.opset_upgrade import upgrade_opset
-from qpasses.precision import activation_slots
-from qpasses.precision_type import requantized
-from qpasses.quant_config import QuantConfig
-from qpasses.quant_plan import DATA_MOVEMENT, QuantPlanData, build_plan
-from qpasses.verification import session_options
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
+from qpasses.core.verification import session_options
+from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import Encoding, bias_encoding, compute, quantize
+from qpasses.quant.plan import DATA_MOVEMENT, QuantPlanData, build_plan
+from qpasses.quant.precision_type import requantized
+from qpasses.targets.precision import activation_slots
 
 _SUFFIXES = ("scale", "zp", "lo", "hi")
 _IDENTITY = 0  # a layout entry: the quantizer passes its input through

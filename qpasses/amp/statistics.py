@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from graph_ir import Graph
-from qpasses.analyses import Shapes
-from qpasses.calibration import collect_statistics
-from qpasses.context import PassContext
-from qpasses.encodings import Encoding, compute
-from qpasses.pass_manager import PassManager
-from qpasses.quant_config import QuantConfig
-from qpasses.quant_plan import build_plan
-from qpasses.registry import default_registry
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
+from qpasses.core.pass_manager import PassManager
+from qpasses.data.calibration import collect_statistics
+from qpasses.passes import default_registry
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.plan import build_plan
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ cheaper-first pareto points that met it in the search, then the baseline) AMP re
 - ``runtime_score``: the lowered model in onnxruntime's default session, what users run (graph
   optimizations on: QDQ Conv/Gemm/MatMul fused into integer kernels, whose results depend on the
   CPU). The target and the fallback follow this score;
-- ``exact_score``: the same model with exact QDQ semantics (``qpasses.verification.exact_session``).
+- ``exact_score``: the same model with exact QDQ semantics (``qpasses.core.verification.exact_session``).
 
 Two scores *diverge* when they differ by more than ``DIVERGENCE_RTOL`` (0.5%) of the reference
 score's magnitude (the FP32 score, or the baseline's when FP32 is not finite, as for SQNR), with

@@ -16,9 +16,9 @@ import typing
 from types import ModuleType
 from typing import Any
 
-from qpasses.encodings import validate_bitwidth
-from qpasses.errors import PassError
-from qpasses.quant_config import WeightMode
+from qpasses.core.errors import PassError
+from qpasses.quant.config import WeightMode
+from qpasses.quant.encodings import validate_bitwidth
 
 INSTALL_HINT = 'pip install "qpasses[learn]"'
 INPUTS = ("quantized", "fp32")

@@ -6,7 +6,7 @@
 - ``find_blocks`` / ``named_block``: single-input single-output regions of the graph (AdaScale's
   blocks), from the tensors that are the only live activation at some point of the topological
   order (a residual block is one region: its skip tensor is live alongside the body);
-- ``quantized_so_far``: the model with some weights replaced (``qpasses.weight_swap.SwappedWeights``).
+- ``quantized_so_far``: the model with some weights replaced (``qpasses.data.weight_swap.SwappedWeights``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import numpy as np
 import onnx
 
 from graph_ir import Graph, Op
-from qpasses.calibration import Feed
-from qpasses.encodings import Encoding, compute, fake_quantize
-from qpasses.errors import EncodingError, PassError
-from qpasses.precision_type import tensor_precision
-from qpasses.quant_plan import WeightSpec
-from qpasses.remarks import RemarkCollector
-from qpasses.weight_swap import SwappedWeights
+from qpasses.core.errors import EncodingError, PassError
+from qpasses.core.remarks import RemarkCollector
+from qpasses.data.calibration import Feed
+from qpasses.data.weight_swap import SwappedWeights
+from qpasses.quant.encodings import Encoding, compute, fake_quantize
+from qpasses.quant.plan import WeightSpec
+from qpasses.quant.precision_type import tensor_precision
 
 SUPPORTED: Final = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATIONS: Final = ("Relu", "Clip")

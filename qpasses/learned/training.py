@@ -1,6 +1,6 @@
 """Differentiable weight quantizers and the optimisation loop AdaRound and AdaScale share (torch).
 
-Grids follow ``qpasses.encodings``: ``w ~= scale * (q + offset)``, ``q`` in ``[0, 2^bw - 1]``, one
+Grids follow ``qpasses.quant.encodings``: ``w ~= scale * (q + offset)``, ``q`` in ``[0, 2^bw - 1]``, one
 (scale, offset) per channel along the encoding's axis. Each quantizer ends as an ordinary
 ``Encoding`` plus weight values that lie exactly on its grid, so the usual lowering (round to
 nearest) stores the learned integers.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qpasses.encodings import MIN_RANGE, Encoding, dequantize, from_min_max, quantize
+from qpasses.quant.encodings import MIN_RANGE, Encoding, dequantize, from_min_max, quantize
 
 ZETA: Final = 1.1
 GAMMA: Final = -0.1

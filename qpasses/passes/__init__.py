@@ -1,33 +1,35 @@
 """Built-in passes. Each module holds one pass; this tuple is what the registry loads."""
 
-from qpasses.passes.adaround import AdaRound
-from qpasses.passes.adascale import AdaScale
-from qpasses.passes.annotate_precision import AnnotatePrecision
-from qpasses.passes.apply_overrides import ApplyOverrides
-from qpasses.passes.bias_correction import BiasCorrection
-from qpasses.passes.calibrate import Calibrate
-from qpasses.passes.check_target import CheckTarget
-from qpasses.passes.cross_layer_equalization import CrossLayerEqualization
-from qpasses.passes.data_independent import KeepDataIndependentFloat
-from qpasses.passes.dead_code import DeadCodeElimination
-from qpasses.passes.decomposed_blocks import KeepDecomposedBlocksFloat
-from qpasses.passes.encode_weights import EncodeWeights
-from qpasses.passes.fold_batchnorm import FoldBatchNorm
-from qpasses.passes.identity_elimination import IdentityElimination
-from qpasses.passes.inline_functions import InlineFunctions
-from qpasses.passes.insert_converts import InsertConverts
-from qpasses.passes.int32_overrides import Int32Overrides
-from qpasses.passes.keep_float_tensors import KeepFloat
-from qpasses.passes.log_domain_inputs import KeepLogDomainInputsFloat
-from qpasses.passes.mixed_ranges import KeepMixedRangesFloat
-from qpasses.passes.non_finite_constants import KeepNonFiniteFloat
-from qpasses.passes.opset_upgrade import UpgradeOpset
-from qpasses.passes.portable_storage import PortableStorage
-from qpasses.passes.qdq_lowering import QDQLowering
-from qpasses.passes.rewrite_script import RewriteScript
-from qpasses.passes.runtime_parity_check import RuntimeParityCheck
-from qpasses.passes.seq_mse import SeqMSE
-from qpasses.passes.shape_inference import InferShapes
+from qpasses.core.registry import Registry, load_entry_points
+from qpasses.passes.cleanup.dead_code import DeadCodeElimination
+from qpasses.passes.cleanup.identity_elimination import IdentityElimination
+from qpasses.passes.cleanup.inline_functions import InlineFunctions
+from qpasses.passes.cleanup.opset_upgrade import UpgradeOpset
+from qpasses.passes.cleanup.rewrite_script import RewriteScript
+from qpasses.passes.cleanup.shape_inference import InferShapes
+from qpasses.passes.equalize.bias_correction import BiasCorrection
+from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
+from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
+from qpasses.passes.fallback.data_independent import KeepDataIndependentFloat
+from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
+from qpasses.passes.fallback.keep_float_tensors import KeepFloat
+from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
+from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
+from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
+from qpasses.passes.quantize.adaround import AdaRound
+from qpasses.passes.quantize.adascale import AdaScale
+from qpasses.passes.quantize.annotate_precision import AnnotatePrecision
+from qpasses.passes.quantize.apply_overrides import ApplyOverrides
+from qpasses.passes.quantize.calibrate import Calibrate
+from qpasses.passes.quantize.check_target import CheckTarget
+from qpasses.passes.quantize.encode_weights import EncodeWeights
+from qpasses.passes.quantize.insert_converts import InsertConverts
+from qpasses.passes.quantize.int32_overrides import Int32Overrides
+from qpasses.passes.quantize.portable_storage import PortableStorage
+from qpasses.passes.quantize.qdq_lowering import QDQLowering
+from qpasses.passes.quantize.runtime_parity_check import RuntimeParityCheck
+from qpasses.passes.quantize.seq_mse import SeqMSE
+from qpasses.targets import BUILTIN_TARGETS
 
 BUILTIN_PASSES = (
     # graph cleanup and interop
@@ -45,4 +47,20 @@ BUILTIN_PASSES = (
     RuntimeParityCheck,
 )
 
-__all__ = ["BUILTIN_PASSES"]
+
+
+def default_registry() -> Registry:
+    """Built-in passes and targets plus whatever installed packages register."""
+    reg = Registry()
+    for cls in BUILTIN_PASSES:
+        reg.add_pass(cls)
+    for t in BUILTIN_TARGETS:
+        reg.add_target(t)
+    for cls in load_entry_points("qpasses.passes"):
+        reg.add_pass(cls)
+    for t in load_entry_points("qpasses.targets"):
+        reg.add_target(t)
+    return reg
+
+
+__all__ = ["BUILTIN_PASSES", "default_registry"]

@@ -62,10 +62,10 @@ from qpasses.amp.groups import find_groups  # noqa: E402
 from qpasses.amp.mixed_precision import _op_kernels, prepare_graph  # noqa: E402
 from qpasses.amp.sensitivity import phase1_tasks  # noqa: E402
 from qpasses.amp.statistics import calibrate_once  # noqa: E402
-from qpasses.calibration_data import CalibrationData  # noqa: E402
-from qpasses.precision_type import Precision  # noqa: E402
-from qpasses.quant_config import QuantConfig  # noqa: E402
-from qpasses.verification import session_options  # noqa: E402
+from qpasses.core.verification import session_options  # noqa: E402
+from qpasses.data.sources import CalibrationData  # noqa: E402
+from qpasses.quant.config import QuantConfig  # noqa: E402
+from qpasses.quant.precision_type import Precision  # noqa: E402
 
 MODEL = str(ROOT / "models" / "digits_cnn.onnx")
 CALIB = str(ROOT / "models" / "digits_calib.npz")

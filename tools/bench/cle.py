@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import graph_ir  # noqa: E402
-from qpasses.evaluation import sqnr_db as sqnr  # noqa: E402
-from qpasses.quant_config import QuantConfig  # noqa: E402
+from qpasses.data.evaluation import sqnr_db as sqnr  # noqa: E402
+from qpasses.passes import default_registry  # noqa: E402
+from qpasses.quant.config import QuantConfig  # noqa: E402
 from qpasses.quantize import quantize_model  # noqa: E402
-from qpasses.registry import default_registry  # noqa: E402
 
 MODELS = ROOT / "models"
 CALIB = str(MODELS / "digits_calib.npz")

@@ -33,11 +33,11 @@ RANGE = (-4.0, 4.0)
 
 def time_qpasses(model: onnx.ModelProto) -> float:
     import graph_ir
-    from qpasses.context import PassContext
-    from qpasses.encodings import from_min_max
-    from qpasses.pass_manager import PassManager
-    from qpasses.quant_plan import QuantPlan
-    from qpasses.registry import default_registry
+    from qpasses.core.context import PassContext
+    from qpasses.core.pass_manager import PassManager
+    from qpasses.passes import default_registry
+    from qpasses.quant.encodings import from_min_max
+    from qpasses.quant.plan import QuantPlan
 
     reg = default_registry()
     start = time.perf_counter()

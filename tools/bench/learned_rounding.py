@@ -25,11 +25,11 @@ import onnx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from qpasses.evaluation import sqnr_db  # noqa: E402
-from qpasses.quant_config import QuantConfig  # noqa: E402
+from qpasses.core.verification import exact_session  # noqa: E402
+from qpasses.data.evaluation import sqnr_db  # noqa: E402
+from qpasses.passes import default_registry  # noqa: E402
+from qpasses.quant.config import QuantConfig  # noqa: E402
 from qpasses.quantize import quantize_model  # noqa: E402
-from qpasses.registry import default_registry  # noqa: E402
-from qpasses.verification import exact_session  # noqa: E402
 
 MODELS = ROOT / "models"
 CALIB = str(MODELS / "digits_calib.npz")

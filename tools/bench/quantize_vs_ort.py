@@ -23,8 +23,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from qpasses.evaluation import sqnr_db as sqnr  # noqa: E402
-from qpasses.quant_config import QuantConfig  # noqa: E402
+from qpasses.data.evaluation import sqnr_db as sqnr  # noqa: E402
+from qpasses.quant.config import QuantConfig  # noqa: E402
 from qpasses.quantize import quantize_model  # noqa: E402
 
 MODELS = ROOT / "models"

@@ -46,8 +46,8 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from qpasses import verification  # noqa: E402
-from qpasses.evaluation import sqnr_db  # noqa: E402
+from qpasses.core import verification  # noqa: E402
+from qpasses.data.evaluation import sqnr_db  # noqa: E402
 
 MODELS = ROOT / "models"
 DIGITS = ["digits_cnn", "digits_cnn_relu6", "digits_cnn_residual"]
@@ -216,7 +216,7 @@ def load_model(name: str) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 
 
 def qpasses_quantize(model: onnx.ModelProto, calib: np.ndarray, target: str) -> onnx.ModelProto:
-    from qpasses.quant_config import QuantConfig
+    from qpasses.quant.config import QuantConfig
     from qpasses.quantize import quantize_model
 
     feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
@@ -264,7 +264,7 @@ def _logits(sess, x: np.ndarray) -> np.ndarray:
 
 def eval_only(workdir: Path) -> None:
     """Child mode (run under qemu): default-session SQNR of every saved model; JSON on stdout."""
-    from qpasses.kernel_emulation import runtime_saturates
+    from qpasses.runtime.kernel_emulation import runtime_saturates
 
     manifest = json.loads((workdir / "manifest.json").read_text())
     result: dict[str, object] = {"saturates": runtime_saturates(), "sqnr": {}}
@@ -320,7 +320,7 @@ def main() -> None:
         eval_only(args.eval_only)
         return
 
-    from qpasses.runtime_parity import cpu_description, cpu_flags
+    from qpasses.runtime.parity import cpu_description, cpu_flags
 
     t0 = time.perf_counter()
     print(f"this CPU: {cpu_description()}")

@@ -1,0 +1,138 @@
+"""The pass contract: a small object with a name, typed options, and ``run``.
+
+    class MyPass(Pass):
+        name = "my-pass"
+        @dataclass
+        class Options:
+            threshold: float = 1.0
+        def run(self, graph, ctx) -> PassResult: ...
+
+Options arrive as keyword arguments (from Python, pipeline text or pipeline files) and
+are checked against the ``Options`` dataclass: unknown names and values of the wrong
+type are errors that name the pass and the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from graph_ir import Graph
+from qpasses.core.analyses import Analysis
+from qpasses.core.context import PassContext
+from qpasses.core.errors import PassError
+from qpasses.core.remarks import Remark, RemarkCollector
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    remarks: list[Remark] = field(default_factory=list)
+    # False when a pass that normally preserves FP32 outputs applied a documented approximation
+    # this time (e.g. CLE turning Relu6 into Relu): numeric verification is then skipped.
+    exact: bool = True
+
+
+class Pass:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    uses: ClassVar[tuple[type[Analysis], ...]] = ()
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()
+    # True when the pass must leave FP32 outputs unchanged (checked numerically on request).
+    preserves_semantics: ClassVar[bool] = False
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, **options: Any) -> None:
+        self.options = parse_options(self.name, self.Options, options)
+        self.remarks = RemarkCollector(self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
+        """Run outside a PassManager (fresh remarks each call)."""
+        self.remarks = RemarkCollector(self.name)
+        return self.run(graph, ctx or PassContext())
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def result(self, modified: bool, *, exact: bool = True) -> PassResult:
+        """Wrap up: the remarks collected during ``run`` go with the result."""
+        out = PassResult(modified, list(self.remarks.remarks), exact)
+        self.remarks = RemarkCollector(self.name)
+        return out
+
+
+def parse_options(pass_name: str, options_cls: type, given: dict[str, Any]) -> Any:
+    """Build the Options dataclass, coercing text values (from pipeline strings) to field types."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        norm = key.replace("-", "_")
+        if norm not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise PassError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
+        try:
+            values[norm] = _coerce(value, hints[norm])
+        except (TypeError, ValueError) as exc:
+            raise PassError(f"pass '{pass_name}': bad value {value!r} for option '{key}': {exc}") from None
+    return options_cls(**values)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        for a in allowed:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ValueError(f"expected one of {list(allowed)}")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.replace(";", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        items = [_coerce(v, item) for v in value]
+        return items if origin is list else tuple(items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise TypeError(f"expected a boolean, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,130 @@
+"""Checks a pass manager can run after each pass: onnx.checker and FP32 equivalence."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from qpasses.core.errors import NumericCheckUnavailable, VerificationError
+
+
+def check_model(model: onnx.ModelProto, after: str) -> None:
+    """onnx.checker (full, with shape inference) or a VerificationError naming the pass."""
+    try:
+        if model.ByteSize() < 2_000_000_000:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(f"model is invalid after pass '{after}': {str(exc).splitlines()[0]}") from None
+
+
+def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input (symbolic dims become ``batch``)."""
+    rng = np.random.default_rng(seed)
+    init_names = {t.name for t in model.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for vi in model.graph.input:
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[vi.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def session_options(*, intra_op_threads: int = 0, optimize: bool = True) -> ort.SessionOptions:
+    """Quiet CPU session options (onnxruntime's warnings about unused initializers are noise here)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = intra_op_threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def session(model: onnx.ModelProto | str | bytes, *, optimize: bool = True,
+            intra_op_threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; ``optimize=False`` gives exact QDQ semantics (see ``exact_session``)."""
+    source: str | bytes
+    if isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    else:
+        source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(optimize=optimize, intra_op_threads=intra_op_threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def exact_session(model: onnx.ModelProto | str | bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """Exact QDQ semantics: graph optimizations off, so Q/DQ run as written and no fused integer
+    kernel (whose results depend on the CPU) replaces them. What every reference comparison uses."""
+    return session(model, optimize=False, intra_op_threads=intra_op_threads)
+
+
+def runtime_session(model: onnx.ModelProto | str | bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """The session a user gets by default: all graph optimizations, QDQ fused into integer kernels."""
+    return session(model, optimize=True, intra_op_threads=intra_op_threads)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs with exact semantics (the same on every CPU: no fused integer kernels)."""
+    return exact_session(model).run(None, feeds)
+
+
+# Relative tolerance by the least precise float type a model computes in.
+_TYPE_RTOL = {onnx.TensorProto.FLOAT16: 2e-2, onnx.TensorProto.BFLOAT16: 5e-2}
+
+
+def model_rtol(model: onnx.ModelProto, rtol: float) -> float:
+    """``rtol``, widened for float16/bfloat16 models (their own precision is ~1e-3 / ~8e-3)."""
+    types = {vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output,
+                                                      *model.graph.value_info]}
+    types |= {t.data_type for t in model.graph.initializer}
+    return max([rtol, *(_TYPE_RTOL[t] for t in types if t in _TYPE_RTOL)])
+
+
+def assert_equivalent(
+    before: onnx.ModelProto, after: onnx.ModelProto, after_pass: str, *, rtol: float = 1e-4, seed: int = 0
+) -> float:
+    """Compare outputs on random inputs; returns the worst relative error.
+
+    Raises ``NumericCheckUnavailable`` when onnxruntime cannot run ``before`` (custom-domain ops,
+    missing kernels): nothing to compare against. ``rtol`` is widened for float16 models.
+    """
+    feeds = random_feeds(before, seed=seed)
+    try:
+        ref = run(before, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no useful base class
+        raise NumericCheckUnavailable(f"onnxruntime cannot run the model before the pass "
+                                      f"({str(exc).splitlines()[0][:160]})") from None
+    try:
+        got = run(after, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"pass '{after_pass}' left a model onnxruntime cannot run: "
+                                f"{str(exc).splitlines()[0][:200]}") from None
+    rtol = model_rtol(before, rtol)
+    worst = 0.0
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        if r.shape != g.shape:
+            raise VerificationError(f"pass '{after_pass}' changed output {i} shape {r.shape} -> {g.shape}")
+        if not np.issubdtype(r.dtype, np.floating):
+            if not np.array_equal(r, g):
+                raise VerificationError(f"pass '{after_pass}' changed integer output {i}")
+            continue
+        finite = np.isfinite(r)
+        if not np.array_equal(finite, np.isfinite(g)):
+            raise VerificationError(f"pass '{after_pass}' changed which values of output {i} are finite")
+        rf, gf = r[finite].astype(np.float64), g[finite].astype(np.float64)
+        scale = max(float(np.max(np.abs(rf))) if rf.size else 0.0, 1e-12)
+        err = float(np.max(np.abs(rf - gf))) / scale if rf.size else 0.0
+        worst = max(worst, err)
+        if err > rtol:
+            raise VerificationError(
+                f"pass '{after_pass}' changed FP32 output {i}: relative error {err:.3g} > {rtol:g}")
+    return worst

@@ -1,0 +1,233 @@
+"""AdaRound: learn whether each weight rounds up or down, layer by layer, on calibration data.
+
+Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization", as AIMET runs
+it. Rounding to nearest minimises each weight's own error, not the layer's output error. Per
+Conv/ConvTranspose/Gemm/MatMul with a constant weight, in topological order, on the grid
+``encode-weights`` would use (or SeqMSE's, when ``seq-mse`` ran first), each weight gets a rounding
+variable V: ``q = clamp(floor(w / s) + h(V) - offset, 0, 2^b - 1)`` with the rectified sigmoid
+``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, gamma -0.1). Adam minimises the
+layer's output error (after a following Relu/Clip, which the backend fuses) plus
+``reg_param * sum(1 - |2h - 1|^beta)``, beta annealed from 20 to 2 after a 20% warm start, which
+drives every h(V) to 0 or 1. Then each weight rounds up where V >= 0 (never more than one grid step
+from FP32) and the weight data is replaced by those grid values: the encoding is frozen
+(``meta["encoding_source"] = "adaround"``, kept by ``encode-weights``) and the lowered model stores
+the learned integers.
+
+Inputs (``input_from``): ``quantized`` (AIMET's way) feeds each layer what the model computes with
+the layers before it already rounded (activations float; they are calibrated afterwards), and
+compares with the FP32 model's output; ``fp32`` feeds both the FP32 inputs. onnxruntime captures
+the data; torch (an optional extra) computes the gradients through qpasses' own IR -> torch op
+mapping. If the learned rounding does not lower the layer's loss on the data, the layer keeps
+rounding to nearest.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graph_ir import Graph
+from qpasses.core.analyses import Shapes, TopologicalOrder
+from qpasses.core.context import PassContext
+from qpasses.core.errors import PassError
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.data.calibration import capture_tensors, unavailable_tensors
+from qpasses.learned import check_common_options, require_torch
+from qpasses.learned.layers import (
+    Layer,
+    activation_after,
+    count_samples,
+    learnable_layers,
+    per_channel_weights,
+    quantized_so_far,
+)
+from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.quant.encodings import Encoding, fake_quantize
+from qpasses.quant.plan import QuantPlan
+
+
+@dataclass(frozen=True)
+class AdaRoundResult:
+    """What AdaRound did to one layer (``ctx.state["adaround"]`` by op name)."""
+
+    weight: str
+    encoding: Encoding
+    loss_nearest: float  # reconstruction loss rounding to nearest on the same grid
+    loss: float  # with the learned rounding (== loss_nearest when nearest was kept)
+    mse_nearest: float
+    mse: float
+    flipped: float  # fraction of weights not rounded to nearest
+    kept_nearest: bool
+
+
+@dataclass
+class _Task:
+    """A layer with its torch program (the op, plus the activation the loss is taken after)."""
+
+    layer: Layer
+    program: Any
+    output: str
+
+
+class AdaRound(Pass):
+    name = "adaround"
+    description = "AdaRound: learned up/down rounding of Conv/Gemm/MatMul weights on calibration data (needs torch)"
+    uses = (QuantPlan,)
+    preserves = (TopologicalOrder, Shapes, QuantPlan)
+
+    @dataclass
+    class Options:
+        iterations: int = 1000  # Adam steps per layer (AIMET's default is 10000 at lr 1e-3)
+        num_batches: int = 16  # calibration batches captured per layer
+        batch_size: int = 16  # samples per batch; one batch per step
+        lr: float = 1e-2
+        reg_param: float = 0.01
+        beta_start: float = 20.0
+        beta_end: float = 2.0
+        warm_start: float = 0.2  # fraction of the iterations without the regularizer
+        input_from: str = "quantized"  # or fp32
+        activation: bool = True  # loss after a Relu/Clip that alone reads the layer's output
+        weight_bw: int = 8
+        per_channel: bool = True
+        mode: str = "symmetric"  # weight encoding mode, as encode-weights
+        exclude: list[str] = field(default_factory=list)
+        threads: int = 0  # torch intra-op threads; 0: 1 for small layers, torch's default for large ones
+        progress: bool = True
+
+    def _check_options(self) -> None:
+        o = self.options
+        check_common_options(self.name, o, ("iterations", "num_batches", "batch_size"))
+        if not (o.lr > 0 and o.reg_param >= 0 and 0 <= o.warm_start < 1 and o.beta_start > 0 and o.beta_end > 0):
+            raise PassError("pass 'adaround': lr, beta_start and beta_end must be > 0, reg_param >= 0 and "
+                            f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
+                            f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self._check_options()
+        torch = require_torch(self.name)
+        from qpasses.learned import training
+
+        o = self.options
+        plan = ctx.get(QuantPlan, graph).plan
+        per_channel = per_channel_weights(o.per_channel, ctx.target, self.remarks)
+        layers = learnable_layers(graph, ctx.get(TopologicalOrder, graph).order, plan.weights, self.remarks,
+                                  weight_bw=o.weight_bw, per_channel=per_channel, mode=o.mode, exclude=o.exclude)
+        model = graph.to_onnx()
+        tasks = self._tasks(graph, model, layers)
+        if not tasks:
+            self.remarks.analysis("no supported layers to learn")
+            return self.result(False)
+
+        feeds = list(itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size), o.num_batches))
+        quantized = quantized_so_far(graph, plan.weights) if o.input_from == "quantized" else None
+        generator = torch.Generator().manual_seed(ctx.seed)
+        results: dict[str, AdaRoundResult] = {}
+        bar = training.progress_bar(len(tasks), "adaround", o.progress, "layer")
+        try:
+            for task in tasks:
+                layer = task.layer
+                bar.set_postfix_str(layer.name[-40:])
+                if quantized is None:
+                    data = capture_tensors(model, [layer.input, task.output], feeds)
+                    inputs = data[layer.input]
+                else:  # the FP32 model's output, the input the model computes with earlier layers learned
+                    data = capture_tensors(model, [task.output], feeds)
+                    inputs = capture_tensors(quantized.model, [layer.input], feeds)[layer.input]
+                res, weight = self._learn(task, training.as_tensors(inputs), training.as_tensors(data[task.output]),
+                                          generator, training)
+                self._freeze(graph, layer, res, weight, training)
+                if quantized is not None:
+                    quantized.set(layer.weight, weight)
+                results[layer.name] = res
+                bar.update()
+        finally:
+            bar.close()
+        ctx.state["adaround"] = results
+        learned = sum(not r.kept_nearest for r in results.values())
+        self.remarks.applied(f"learned the rounding of {learned} of {len(results)} weights ({o.iterations} "
+                             f"iterations, inputs {o.input_from}) on {count_samples(feeds)} samples in "
+                             f"{len(feeds)} batches")
+        return self.result(bool(results))
+
+    def _tasks(self, graph: Graph, model: Any, layers: list[Layer]) -> list[_Task]:
+        """Torch programs per layer; layers the mapping or onnxruntime cannot serve get a 'missed' remark."""
+        from qpasses.learned.torch_ops import TorchProgram, Unsupported
+
+        tasks = []
+        for layer in layers:
+            act = activation_after(graph, layer.op) if self.options.activation else None
+            ops = [layer.op] if act is None else [layer.op, act]
+            output = ops[-1].outputs[0]
+            try:
+                tasks.append(_Task(layer, TorchProgram(graph, ops, [layer.input], [output]), output))
+            except Unsupported as exc:
+                self.remarks.missed("not learned", [layer.name], reason=str(exc))
+        missing = unavailable_tensors(model, [n for t in tasks for n in (t.layer.input, t.output)])
+        kept = []
+        for task in tasks:
+            name = next((n for n in (task.layer.input, task.output) if n in missing), None)
+            if name is None:
+                kept.append(task)
+            else:
+                self.remarks.missed("not learned", [task.layer.name], reason=f"'{name}' is {missing[name]}")
+        return kept
+
+    def _learn(self, task: _Task, inputs: list, targets: list, generator: Any,
+               training: Any) -> tuple[AdaRoundResult, np.ndarray]:
+        import torch
+
+        o = self.options
+        layer, program = task.layer, task.program
+        quantizer = training.AdaRoundWeight(layer.data, layer.encoding)
+        nearest = fake_quantize(layer.data, layer.encoding).astype(np.float32)
+        nearest_t = torch.from_numpy(nearest)
+
+        def forward(i: int, weight: torch.Tensor) -> torch.Tensor:
+            return program({layer.input: inputs[i]}, {layer.weight: weight})[0]
+
+        threads = training.pick_threads(o.threads, program.macs({layer.input: inputs[0]}, {layer.weight: nearest_t}))
+        with training.torch_threads(threads):
+            before = training.evaluate(lambda i: forward(i, nearest_t), targets)
+            optimizer = torch.optim.Adam([quantizer.v], lr=o.lr)
+            steps = training.batch_order(o.iterations, len(inputs), generator)
+            bar = training.progress_bar(o.iterations, f"  {layer.name[-30:]}", o.progress, "it")
+            try:
+                for step, b in enumerate(steps):
+                    loss = training.reconstruction_loss(forward(b, quantizer()), targets[b])
+                    beta = training.beta_at(step, o.iterations, (o.beta_start, o.beta_end), o.warm_start)
+                    if beta is not None and o.reg_param:
+                        loss = loss + o.reg_param * quantizer.regularizer(beta)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    bar.update()
+            finally:
+                bar.close()
+            encoding, weight, _ = quantizer.result()
+            after = training.evaluate(lambda i: forward(i, torch.from_numpy(weight)), targets)
+        kept = after.loss > before.loss
+        if kept:
+            weight, after = nearest, before
+        flipped = float(np.mean(weight != nearest))
+        return AdaRoundResult(layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped,
+                              kept), weight
+
+    def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
+        t = graph.tensors[layer.weight]
+        t.set_data(weight.astype(t.data.dtype))
+        t.encoding = res.encoding
+        t.meta["encoding_source"] = "adaround"
+        what = f"{layer.bitwidth}-bit {layer.op.op_type} weight on the {layer.source} grid"
+        if res.kept_nearest:
+            self.remarks.missed(f"{what} kept rounding to nearest", [layer.name],
+                                reason=f"learned rounding did not lower the output loss ({res.loss_nearest:.4g})")
+            return
+        self.remarks.applied(
+            f"{what}: output loss {res.loss_nearest:.4g} -> {res.loss:.4g} "
+            f"({training.gain_db(res.mse_nearest, res.mse):+.2f} dB MSE vs rounding to nearest); "
+            f"{res.flipped:.1%} of weights rounded the other way",
+            [layer.name],
+        )

@@ -1,0 +1,44 @@
+"""Pass ``annotate-precision``: give every float tensor its int/float precision (see ``qpasses.targets.precision``)."""
+
+from __future__ import annotations
+
+from graph_ir import Graph
+from qpasses.core.analyses import Shapes
+from qpasses.core.context import PassContext
+from qpasses.core.errors import PassError
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.quant.encodings import validate_bitwidth
+from qpasses.quant.precision_type import FLOAT_BITWIDTHS, Precision
+from qpasses.targets.precision import PrecisionOptions, annotate
+
+
+class AnnotatePrecision(Pass):
+    name = "annotate-precision"
+    description = "choose int8/int16/int32/float16/float32 per tensor: overrides, then defaults, then the target"
+
+    Options = PrecisionOptions  # the pass options are the annotation's options
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        for value, role in ((o.act_bw, "activation"), (o.weight_bw, "weight"), (o.bias_bw, "bias"),
+                            (o.param_bw, "weight")):
+            if value is not None:
+                validate_bitwidth(value, role)  # type: ignore[arg-type]
+        for key in ("float_bw", "float_bias_bw"):
+            value = getattr(o, key)
+            if value is not None and value not in FLOAT_BITWIDTHS:
+                raise PassError(f"pass '{self.name}': {key} must be 16 or 32, got {value}")
+        before = _snapshot(graph)
+        counts = annotate(graph, ctx.get(Shapes, graph), o, ctx.target, self.remarks)
+        changed = _snapshot(graph) != before
+        if changed:
+            graph.touch()  # the quantization plan reads precisions: cached plans are stale now
+        if counts:
+            shown = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
+            self.remarks.applied(f"annotated {sum(counts.values())} tensors ({shown})")
+        return self.result(changed)
+
+
+def _snapshot(graph: Graph) -> dict[str, tuple[object, ...]]:
+    return {n: (Precision.of(t.precision), t.meta.get("precision_source"), t.meta.get("encoding_bw"))
+            for n, t in graph.tensors.items() if t.precision is not None}

@@ -1,0 +1,72 @@
+"""Check that onnxruntime, as users run it, computes what the lowered QDQ model says.
+
+Runs last in ``quantize``: a few calibration batches through the model with exact QDQ semantics
+and in the default session (see ``qpasses.runtime.parity``). A divergence beyond the tolerance is a
+``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
+report itself is left in ``ctx.state["runtime_parity"]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+from graph_ir import Graph
+from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError, PassError
+from qpasses.core.pass_base import Pass, PassResult
+from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.quant.int_storage import uint8_storage
+from qpasses.runtime.parity import DEFAULT_TOLERANCE_DB, check_parity
+
+_PROTO_LIMIT = 1_800_000_000
+
+
+class RuntimeParityWarning(UserWarning):
+    """onnxruntime's default session diverges from the model's exact QDQ semantics."""
+
+
+class RuntimeParityCheck(Pass):
+    name = "runtime-parity"
+    description = "compare onnxruntime's default session with exact QDQ semantics on calibration batches"
+    preserves_semantics = True
+
+    @dataclass
+    class Options:
+        batches: int = 4
+        batch_size: int = 16
+        tolerance_db: float = DEFAULT_TOLERANCE_DB
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        if o.batches < 1 or o.batch_size < 1 or not o.tolerance_db >= 0:
+            raise PassError("pass 'runtime-parity': batches and batch_size must be >= 1, tolerance_db >= 0")
+        if not any(op.op_type == "QuantizeLinear" for op in graph.ops):
+            self.remarks.missed("runtime parity not checked", reason="the model has no QuantizeLinear")
+            return self.result(False)
+        model = graph.to_onnx()
+        if model.ByteSize() > _PROTO_LIMIT:
+            self.remarks.missed("runtime parity not checked", reason="model over 1.8 GB")
+            return self.result(False)
+        try:
+            data = calibration_feeds(ctx.calibration_data, graph, o.batch_size)
+            feeds = [dict(f) for f in itertools.islice(iter(data), o.batches)]
+        except CalibrationDataError as exc:
+            self.remarks.missed("runtime parity not checked", reason=str(exc))
+            return self.result(False)
+        # Replaying x86 without VNNI checks the portable promise; a target with int8 storage
+        # (ort-vnni, QNN backends) was chosen for CPUs where that kernel does not run.
+        emulate = None if uint8_storage(ctx.target) else False
+        report = check_parity(model, feeds, reference=ctx.state.get("fp32_reference"), tolerance_db=o.tolerance_db,
+                              emulate=emulate)
+        ctx.state["runtime_parity"] = report
+        self.remarks.analysis(report.figures() + f" (CPU {report.cpu})")
+        for problem in report.problems():
+            self.remarks.missed("runtime diverges from exact QDQ semantics",
+                                [d.producer for d in report.divergences[:5]], reason=problem)
+            warnings.warn(problem, RuntimeParityWarning, stacklevel=2)
+        if report.ok:
+            self.remarks.applied("runtime parity ok" + (f"; {len(report.emulated)} integer ops replayed for x86 "
+                                                        "without VNNI: no saturation" if report.emulated else ""))
+        return self.result(False)

@@ -1,0 +1,151 @@
+"""Which activation quantizers cost an output the most: per-tensor sensitivity in one session.
+
+Every activation Q/DQ pair of a lowered model gets a switch input ``m``: the reader sees
+``x + m * (DQ(Q(x)) - x)``, so ``m = 1`` quantizes the tensor and ``m = 0`` leaves it float. One
+onnxruntime session (exact semantics) then answers "only this tensor quantized" and "all but
+these" with one forward pass each, instead of one lowering and session per question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from qpasses.core import verification
+from qpasses.data.evaluation import SHAPE_MISMATCH_DB, pooled_sqnr_db
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    tensor: str  # the FP32 tensor the quantizer reads
+    alone_db: float  # worst output SQNR vs FP32 with only this tensor quantized
+
+
+class SwitchableQDQ:
+    """A lowered QDQ model whose activation quantizers can be switched on and off per run."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        g = out.graph
+        constants = {t.name for t in g.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        producers = {o: n for n in g.node for o in n.output}
+        self.tensors: list[str] = []
+        after: dict[int, list[onnx.NodeProto]] = {}  # the switch goes right after its DQ (stays sorted)
+        for node in list(g.node):
+            if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+                continue
+            src = producers.get(node.input[0])
+            if src is not None and src.op_type == "DequantizeLinear":
+                continue  # a conversion between two grids, not a quantizer of a float tensor
+            x = node.input[0]
+            dqs = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+            if not dqs or x in self.tensors:
+                continue
+            switch = f"{x}__qswitch"
+            self.tensors.append(x)
+            g.input.append(helper.make_tensor_value_info(switch, TensorProto.FLOAT, []))
+            for dq in dqs:
+                real = dq.output[0]
+                sim = f"{real}__quantized"
+                dq.output[0] = sim
+                after[id(dq)] = [helper.make_node("Sub", [sim, x], [f"{real}__delta"]),
+                                 helper.make_node("Mul", [f"{real}__delta", switch], [f"{real}__scaled"]),
+                                 helper.make_node("Add", [x, f"{real}__scaled"], [real])]
+        nodes = [m for n in g.node for m in (n, *after.get(id(n), ()))]
+        del g.node[:]
+        g.node.extend(nodes)
+        self.model = out
+        self._session = verification.exact_session(self.model) if self.tensors else None
+
+    def run(self, feed: Mapping[str, np.ndarray], on: Sequence[str]) -> list[np.ndarray]:
+        """Outputs with only the quantizers of ``on`` active."""
+        assert self._session is not None
+        active = set(on)
+        switches = {f"{t}__qswitch": np.array(1.0 if t in active else 0.0, np.float32) for t in self.tensors}
+        return self._session.run(None, {**feed, **switches})
+
+
+def worst_output_db(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
+    """The lowest SQNR over the float outputs, all feeds pooled (shape mismatches score very low)."""
+    worst = float("inf")
+    for j in range(len(reference[0])):
+        if not np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating):
+            continue
+        worst = min(worst, pooled_sqnr_db([b[j] for b in reference], [b[j] for b in got]))
+    return worst
+
+
+def fallback_tensors(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+                     floor_db: float, max_tensors: int) -> tuple[list[Sensitivity], float, float]:
+    """Greedy: drop the quantizer costing the most until every output is above ``floor_db``.
+
+    Only quantizers that alone bring an output within 3 dB of the floor are candidates (a model
+    whose loss comes from its weights or from many small errors gets none), and each must buy at
+    least 1 dB. Returns (tensors to keep in higher precision, worst SQNR before, after).
+    """
+    switchable = SwitchableQDQ(model)
+    if not switchable.tensors:
+        return [], float("inf"), float("inf")
+    ref_sess = verification.exact_session(fp32)
+    reference = [ref_sess.run(None, dict(f)) for f in feeds]
+    scorer = _Scorer(reference)
+
+    def worst(on: Sequence[str], upto: int = len(feeds)) -> float:
+        return scorer.worst([switchable.run(f, on) for f in feeds[:upto]])
+
+    everything = list(switchable.tensors)
+    before = current = worst(everything)
+    if current >= floor_db:
+        return [], before, current
+    # Each quantizer alone on the first batch only (one forward pass each); the greedy steps, which
+    # decide, use every batch.
+    alone = [Sensitivity(t, worst([t], upto=1)) for t in everything]
+    ranked = sorted((s for s in alone if s.alone_db < floor_db + 3.0), key=lambda s: s.alone_db)
+    chosen: list[Sensitivity] = []
+    for s in ranked[:max_tensors]:
+        kept = {c.tensor for c in chosen} | {s.tensor}
+        trial = worst([t for t in everything if t not in kept])
+        if trial < current + 1.0:
+            break
+        chosen.append(s)
+        current = trial
+        if current >= floor_db:
+            break
+    return chosen, before, current
+
+
+class _Scorer:
+    """Worst pooled SQNR of float outputs vs fixed references, with the references prepared once."""
+
+    def __init__(self, reference: list[list[np.ndarray]]) -> None:
+        self.outputs = [j for j in range(len(reference[0]))
+                        if np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating)]
+        self.reference = reference
+        self.flat = {(b, j): np.asarray(reference[b][j], np.float64).ravel()
+                     for b in range(len(reference)) for j in self.outputs}
+
+    def worst(self, got: list[list[np.ndarray]]) -> float:
+        worst = float("inf")
+        for j in self.outputs:
+            signal = noise = 0.0
+            for b, batch in enumerate(got):
+                if np.shape(batch[j]) != np.shape(self.reference[b][j]):
+                    return SHAPE_MISMATCH_DB
+                r, g = self.flat[(b, j)], np.asarray(batch[j], np.float64).ravel()
+                finite = np.isfinite(r) & np.isfinite(g)
+                if not finite.all():
+                    r, g = r[finite], g[finite]
+                signal += float(r @ r)
+                d = r - g
+                noise += float(d @ d)
+            worst = min(worst, float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise))
+        return worst
