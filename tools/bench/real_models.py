@@ -86,7 +86,7 @@ def _qpasses(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]] | None, o
         warnings.simplefilter("ignore")
         result = quantize_model(str(model.path), calib, QuantConfig(per_channel=True), progress=False)
     _save(result.model, out)
-    return {"fallback": list(getattr(result, "fallback", None) or [])}
+    return {"fallback": [(s.tensor, round(s.alone_db, 2)) for s in result.fallback]}
 
 
 def _save(proto: Any, out: Path) -> None:
