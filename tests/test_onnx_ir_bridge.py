@@ -93,6 +93,22 @@ def test_subgraph_function_round_trip() -> None:
         _assert_same_outputs(original, back, {"x": x, "cond": np.array(cond)})
 
 
+def test_model_built_with_onnx_ir() -> None:
+    """What an onnxscript compiler holds: values named by onnx_ir, numpy-backed weights (not protos)."""
+    w = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
+    weight = ir.Value(name="w", const_value=ir.tensor(w))
+    mm = ir.node("MatMul", [x, weight])
+    act = ir.node("Gelu", mm.outputs, attributes={"approximate": "tanh"})
+    graph = ir.Graph([x], act.outputs, nodes=[mm, act], initializers=[weight], opset_imports={"": 20}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    lifted = from_onnx_ir(model)
+    assert np.array_equal(lifted.tensors["w"].data, w)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)}
+    _assert_same_outputs(ir.to_proto(model), lifted.to_onnx(), feeds)
+    _assert_same_outputs(ir.to_proto(model), ir.to_proto(to_onnx_ir(lifted)), feeds)
+
+
 def test_external_data_is_read_in(tmp_path: Path) -> None:
     """onnx_ir keeps external weights in their file; the IR gets the bytes (no base folder to resolve)."""
     original = _control_flow_model()
