@@ -94,7 +94,7 @@ class Int32Overrides(Pass):
                 continue
             if slot in item.aux:
                 const = graph.add_initializer(graph.unique_name(f"{name}_int32"),
-                                              np.round(graph.tensors[name].data).astype(np.int32))
+                                              np.round(graph.tensors[name].constant_data()).astype(np.int32))
                 graph.set_input(op, slot, const.name)
                 if not graph.uses(name) and graph.tensors[name].initializer is not None \
                         and not graph.is_graph_output(name) and name not in graph.inputs:
