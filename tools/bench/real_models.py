@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -152,6 +151,15 @@ def _amp(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]], out: Path) -
     return {"note": f"bitops {r.bitops / r.baseline_bitops:.3f} of {r.baseline}; groups {counts}"}
 
 
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which keeps the forking
+    parent's size)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(tool: str, name: str, workdir: Path) -> int:
     """Quantize ``name`` with ``tool`` into workdir/{tool}.onnx; time and peak RSS into workdir/{tool}.json."""
     model = rm.get_model(name)
@@ -161,7 +169,7 @@ def worker(tool: str, name: str, workdir: Path) -> int:
     start = time.perf_counter()
     info = fn(model, calib, out)
     info["seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info["peak_rss_mb"] = peak_rss_mb()
     (workdir / f"{tool}.json").write_text(json.dumps(info))
     return 0
 
