@@ -20,6 +20,7 @@ from qpasses.errors import PassError
 from qpasses.pass_base import Pass, PassResult
 from qpasses.precision import activation_slots
 from qpasses.precision_type import Precision, tensor_precision
+from targets.descriptor import TargetDescriptor
 
 _SKIP = ("Constant", "QuantizeLinear", "DequantizeLinear", "Cast")
 
@@ -40,7 +41,7 @@ def _annotated(graph: Graph, name: str) -> bool:
     return not t.is_constant and tensor_precision(t) is not None
 
 
-def find_int32_ops(graph: Graph, target: object = None) -> list[_Int32Op]:
+def find_int32_ops(graph: Graph, target: TargetDescriptor | None = None) -> list[_Int32Op]:
     """Ops overridden to INT32, after checking the spec's conditions (errors name the op)."""
     found: list[_Int32Op] = []
     for op in graph.ops:
@@ -62,8 +63,8 @@ def find_int32_ops(graph: Graph, target: object = None) -> list[_Int32Op]:
                   and graph.tensors[n].dtype == TensorProto.FLOAT]
         if params:
             raise PassError(f"{where}: ops with weights or bias cannot run in INT32 (it reads {', '.join(params)})")
-        if target is not None and not target.supports_int32(op.op_type):  # type: ignore[attr-defined]
-            raise PassError(f"{where}: target {target.name} cannot run {op.op_type} in INT32")  # type: ignore[attr-defined]
+        if target is not None and not target.supports_int32(op.op_type):
+            raise PassError(f"{where}: target {target.name} cannot run {op.op_type} in INT32")
         aux = tuple(s for s, n in enumerate(op.inputs) if n and graph.tensors[n].is_constant
                     and graph.tensors[n].dtype == TensorProto.FLOAT)
         found.append(_Int32Op(op, aux))
