@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graph_ir.errors import InternalError
+
 if TYPE_CHECKING:
     from graph_ir.graph import Graph
 
@@ -74,6 +76,15 @@ class Tensor:
             for d in tt.shape.dim
         )
 
+    @property
+    def static_shape(self) -> tuple[int, ...] | None:
+        """``shape`` when every dim is a known int (always so for constants), else None."""
+        shape = self.shape
+        if shape is None:
+            return None
+        dims = tuple(d for d in shape if isinstance(d, int))
+        return dims if len(dims) == len(shape) else None
+
     def set_type(self, dtype: int, shape: tuple[Dim, ...] | None = None) -> None:
         """Set element type and shape (kept in a value_info so it lowers to ONNX)."""
         vi = helper.make_tensor_value_info(self.name, dtype, list(shape) if shape is not None else None)
@@ -95,6 +106,13 @@ class Tensor:
             return numpy_helper.to_array(self.initializer)
         const = self._constant_attr()
         return None if const is None else _constant_array(const)
+
+    def constant_data(self) -> np.ndarray:
+        """``data`` where the caller has established that the tensor is constant (a bug otherwise)."""
+        data = self.data
+        if data is None:
+            raise InternalError(f"tensor {self.name!r} was taken for a constant but has no data")
+        return data
 
     def set_data(self, array: np.ndarray) -> None:
         """Replace the weight where it lives (initializer or Constant attribute)."""

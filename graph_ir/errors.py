@@ -15,3 +15,14 @@ class ModelLoadError(InputError):
 
 class GraphError(InputError):
     """The graph is malformed or an edit would break it (unknown tensor, cycle...)."""
+
+
+class InternalError(Exception):
+    """A bug in qpasses, not the user's input: a pass crashed or left an invalid model.
+
+    Deliberately not an ``InputError``: it must never be reported as the user's mistake.
+    """
+
+    def __init__(self, message: str, pass_name: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name

@@ -288,7 +288,7 @@ class Graph:
                         tensors[name] = Tensor(self, name)
                     producer[name] = (op, idx)
         self.nx.add_nodes_from(nodes)
-        edges = []
+        edges: list[tuple[int, int, int, dict[str, str]]] = []
         for name, readers in uses.items():
             prod = producer.get(name)
             if prod is not None:

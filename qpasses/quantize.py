@@ -22,7 +22,7 @@ import onnx
 import graph_ir
 from graph_ir import Graph
 from qpasses.core.context import PassContext
-from qpasses.core.errors import CalibrationDataError, QPassesError
+from qpasses.core.errors import CalibrationDataError, PipelineError, QPassesError
 from qpasses.core.model_checks import check_quantizable
 from qpasses.core.output_dir import staged_output_dir
 from qpasses.core.pass_base import Pass
@@ -194,10 +194,13 @@ def quantize_once(
     if pipeline:
         if isinstance(pipeline, str):
             user_specs = parse_pipeline(pipeline)
-        elif all(isinstance(p, PassSpec) for p in pipeline):
-            user_specs = list(pipeline)  # type: ignore[arg-type]
         else:
-            user_objects = list(pipeline)  # type: ignore[arg-type]
+            user_specs = [p for p in pipeline if isinstance(p, PassSpec)]
+            user_objects = [p for p in pipeline if isinstance(p, Pass)]
+            if len(user_specs) != len(pipeline) and len(user_objects) != len(pipeline):
+                odd = next((p for p in pipeline if not isinstance(p, (PassSpec, Pass))), None)
+                raise PipelineError("pipeline: a string, or a list of PassSpec or of Pass objects (not mixed)"
+                                    + ("" if odd is None else f"; got {type(odd).__name__} {odd!r}"))
     flow = build_quantize_pipeline(config, QuantizeOptions(
         calibrated=calibration_data is not None, overrides=str(overrides) if overrides is not None else None,
         fold_batchnorm=fold_batchnorm, cle=cle, seq_mse=seq_mse, seq_mse_options=seq_mse_options or {},

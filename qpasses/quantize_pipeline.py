@@ -117,10 +117,10 @@ def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = Quan
     stages["lower"] += [PassSpec("quantize", {"bias_bw": c.bias_bw}), PassSpec("insert-converts")]
     if o.runtime_check and o.calibrated:
         stages["check"].append(PassSpec("runtime-parity", {"batch_size": o.batch_size}))
-    for stage, extra in (extensions or {}).items():
+    for stage, appended in (extensions or {}).items():
         if stage not in stages:
             raise ValueError(f"unknown pipeline stage {stage!r} (stages: {', '.join(STAGES)})")
-        stages[stage] += list(extra)
+        stages[stage] += list(appended)
     return QuantizePipeline(stages)
 
 

@@ -54,23 +54,6 @@ REGISTRY = default_registry()
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def shared_weight_axis_conflict(model: onnx.ModelProto) -> bool:
-    """Q1 (known bug, see the xfail tests below): one weight read by layers whose output channels lie on
-    different axes (MatMul [in, out] and Gemm transB=1 [out, in], Conv and ConvTranspose...)."""
-    axes: dict[str, set[tuple[int, int]]] = {}
-    consts = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    consts.update({n.output[0]: tuple(a.t.dims) for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2 \
-                or node.input[1] not in consts:
-            continue
-        shape = consts[node.input[1]]
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if trans_b else 1}.get(node.op_type, len(shape) - 1)
-        axes.setdefault(node.input[1], set()).add((axis, shape[axis]))
-    return any(len(a) > 1 for a in axes.values())
-
 # What a clear error is acceptable for: calibration data that cannot give a range. Anything else
 # (another QPassesError on a valid FP32 graph with finite data) fails the property.
 ACCEPTED_ERRORS = {
@@ -175,10 +158,6 @@ def test_quantize_model_random_configs(g: FuzzGraph, config: dict[str, Any], dat
         "fold_batchnorm": st.booleans(), "target": st.sampled_from([None, None, "ort", "ort-vnni"]),
         "runtime_check": st.booleans(), "batch_size": st.sampled_from([1, 16]),
     }), label="options")
-    q1 = config["per_channel"] and shared_weight_axis_conflict(g.model)
-    if q1:  # known bug Q1: the runtime check crashes and the exported encodings do not load back
-        STATS.note("known bug Q1: runtime check off, export not reloaded")
-        options["runtime_check"] = False
     try:
         result = quantize_model(g.model, calib, QuantConfig(**config), progress=False, **options)
     except QPassesError as exc:
@@ -191,9 +170,8 @@ def test_quantize_model_random_configs(g: FuzzGraph, config: dict[str, Any], dat
     for enc in [*result.encodings.activations.values(), *result.encodings.params.values()]:
         if isinstance(enc, Encoding):
             assert all(math.isfinite(s) and s > 0 for s in enc.scale), enc
-    if not q1:
-        check_encodings_export(result, g.model, tmp_path_factory.mktemp("enc"), cle=options["cle"],
-                               fold=options["fold_batchnorm"])
+    check_encodings_export(result, g.model, tmp_path_factory.mktemp("enc"), cle=options["cle"],
+                           fold=options["fold_batchnorm"])
 
 
 def structural_fp32(model: onnx.ModelProto, cle: bool = False, fold: bool = True) -> onnx.ModelProto:
@@ -336,9 +314,6 @@ def test_portable_storage_is_bit_identical(g: FuzzGraph, config: dict[str, Any])
 def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
         g: FuzzGraph, config: dict[str, Any], version: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """README: the exported file re-applied as overrides reproduces the same model."""
-    if config["per_channel"] and shared_weight_axis_conflict(g.model):
-        STATS.case("known bug Q1: not compared")
-        return
     calib = random_feeds(g.model, 1, count=2)
     options = dict(progress=False, bias_correction=False, runtime_check=False, auto_fallback=False)
     first = quantize_model(g.model, calib, QuantConfig(**config), **options)
@@ -363,42 +338,49 @@ def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
 
 
 def _shared_weight_two_axes() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """x[N,3] -> MatMul(w[3,7]) -> Gemm(., w, transB=1) -> z[N,3]: one weight, output channels on axis 1 (7)
+    """input[N,3] -> MatMul(w[3,7]) -> Gemm(., w, transB=1) -> z[N,3]: one weight, output channels on axis 1 (7)
     for the MatMul and on axis 0 (3) for the Gemm."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal((3, 7)) * 0.5).astype(np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["y"], name="mm"),
              helper.make_node("Gemm", ["y", "w"], ["z"], name="gemm", transB=1)]
     graph = helper.make_graph(nodes, "shared_two_axes",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    return model, [{"x": rng.standard_normal((4, 3)).astype(np.float32)}]
+    return model, [{"input": rng.standard_normal((4, 3)).astype(np.float32)}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Q1a: a weight shared by layers with different output-channel axes (MatMul w[3,7] and Gemm(transB=1) w), "
-    "per_channel=True: quantize_model's runtime-parity pass crashes (InternalError: kernel_emulation.fused_macs "
-    "np.broadcast_to(w_scale (7,), (3,)): operands could not be broadcast)"))
 def test_q1a_shared_weight_with_two_channel_axes_quantizes() -> None:
+    """Q1a: per-channel weights along the MatMul's axis crashed the runtime check (kernel_emulation broadcast the
+    7 scales to the Gemm's 3 channels). One per-channel grid cannot serve both layers: the weight is per tensor."""
     model, calib = _shared_weight_two_axes()
     result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
     check_runs(result, model)
+    w = result.encodings.params["w"]
+    assert isinstance(w, Encoding) and w.axis is None and w.num_channels == 1
+    assert any("w" in r.nodes and "different axes" in r.reason for r in result.report.remarks), \
+        [str(r) for r in result.report.remarks]
 
 
-@pytest.mark.xfail(strict=True, raises=QPassesError, reason=(
-    "Q1b: same model, per_channel=True, runtime_check=False: the encodings.json quantize writes (7 per-channel "
-    "scales for 'w', along the MatMul's axis) is rejected when re-applied as overrides for the same model "
-    "(EncodingError: 7 per-channel encodings given but the tensor has 3 channels: tensor_specs takes the axis "
-    "of the Gemm, encode-weights that of the MatMul)"))
 def test_q1b_shared_weight_encodings_reapply_as_overrides(tmp_path: Path) -> None:
+    """Q1b: the exported encodings.json (7 scales along the MatMul's axis) was rejected as overrides for the same
+    model (tensor_specs took the Gemm's axis, encode-weights the MatMul's); now both go through
+    quant_plan.weight_axes, and a per-channel entry for that weight is a clear error."""
     model, calib = _shared_weight_two_axes()
     options = dict(progress=False, runtime_check=False, auto_fallback=False, bias_correction=False)
     first = quantize_model(model, calib, QuantConfig(per_channel=True), **options)
     encodings_io.save(tmp_path / "encodings.json", first.encodings)
-    quantize_model(model, calib, QuantConfig(per_channel=True), overrides=tmp_path / "encodings.json", **options)
+    again = quantize_model(model, calib, QuantConfig(per_channel=True), overrides=tmp_path / "encodings.json",
+                           **options)
+    assert again.encodings.params == first.encodings.params
+    doc = json.loads((tmp_path / "encodings.json").read_text())
+    doc["param_encodings"]["w"] = doc["param_encodings"]["w"] * 3  # three per-channel entries: the Gemm's count
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(QPassesError, match="'w'.*different axes"):
+        quantize_model(model, calib, QuantConfig(per_channel=True), overrides=tmp_path / "bad.json", **options)
 
 
 def _conv_bn_initializers_as_inputs() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:

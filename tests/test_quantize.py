@@ -776,3 +776,15 @@ def test_model_local_functions_are_inlined_and_quantized() -> None:
     (ref,) = run(model, feeds[0])
     (got,) = run(result.model, feeds[0])
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["names", "mixed"])
+def test_pipeline_list_must_be_pass_specs_or_passes(kind: str) -> None:
+    """A list of pass names, or PassSpecs mixed with Pass objects, is the user's mistake (it was an AttributeError)."""
+    from qpasses.core.errors import PipelineError
+    from qpasses.core.pipeline import PassSpec
+    from qpasses.passes import default_registry
+
+    pipeline = ["cle"] if kind == "names" else [PassSpec("cle"), default_registry().create_pass("cle")]
+    with pytest.raises(PipelineError, match="list of PassSpec or of Pass objects"):
+        quantize_model(MODELS / "digits_cnn.onnx", calib_feeds(), {}, pipeline=pipeline, progress=False)

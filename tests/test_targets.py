@@ -67,6 +67,23 @@ def test_user_target_from_file(tmp_path, suffix):
     assert not npu.supports_op("Softmax")
 
 
+class _FsPath:
+    """A PathLike that is not a pathlib.Path (its str() is not the path)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def test_user_target_from_any_pathlike(tmp_path):
+    """A PathLike resolves through os.fspath, whatever its suffix, as a Path does (str() gave its repr)."""
+    path = tmp_path / "npu_descriptor"
+    path.write_text(NPU_YAML)
+    assert resolve_target(_FsPath(str(path))) == load_target_file(path) == resolve_target(path)
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"needs_quantized": "yes"}, "needs_quantized"),
     ({"kernels": {"Conv": [["int8", "int9x", "int32"]]}}, "kernels.Conv[0]"),

@@ -9,9 +9,12 @@ them; so is ``ScriptFunction``, the CLI's ``evaluate(session)`` loaded from a fi
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -172,10 +175,11 @@ class ScriptFunction:
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "name": self.name, "_fn": None}
 
-    def __call__(self, session: Any) -> float:
+    def __call__(self, session: Any) -> Any:
+        """The function's return value as is: the scorers check it is a number (``evaluators.check_score``)."""
         if self._fn is None:
             self._fn = getattr(load_script(self.path), self.name)
-        return float(self._fn(session))
+        return self._fn(session)
 
 
 def load_script(path: str | os.PathLike[str]) -> ModuleType:
@@ -210,3 +214,40 @@ def script_callbacks(path: str | os.PathLike[str]) -> tuple[ScriptFunction, Scri
     has_phase1 = callable(getattr(module, "evaluate_phase1", None))
     phase1 = ScriptFunction(phase2.path, "evaluate_phase1") if has_phase1 else phase2
     return phase1, phase2
+
+
+def callback_name(fn: Any) -> str:
+    """How messages name a callback: ``evaluate() in /path/eval.py``, or ``module.qualname``."""
+    if isinstance(fn, ScriptFunction):
+        return f"{fn.name}() in {fn.path}"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}"
+
+
+def callback_identity(fn: Any) -> str:
+    """What the AMP cache records of a callback, so ``clean_start=False`` (``--resume``) can refuse another one.
+
+    A script function (the CLI's): its name and the sha256 of the script file. A Python callable:
+    ``module.qualname`` and the sha256 of its source when ``inspect`` finds it (of its class for a
+    callable object); for the built-in metrics (``top1_accuracy``, ``sqnr``) also of their pickled data.
+    Other objects' state is left out (a pickle of a set is not stable across processes: a resume
+    would be refused for nothing), as are globals and files a function reads: after changing those,
+    start clean.
+    """
+    if isinstance(fn, ScriptFunction):
+        try:
+            digest = hashlib.sha256(Path(fn.path).read_bytes()).hexdigest()
+        except OSError as exc:
+            raise AmpError(f"cannot read evaluation script {fn.path}: {exc.strerror or exc}") from None
+        return f"{fn.name}() in script sha256:{digest}"
+    parts = [callback_name(fn)]
+    plain = inspect.isfunction(fn) or inspect.ismethod(fn)
+    try:
+        source = inspect.getsource(fn if plain else type(fn))
+        parts.append(f"source sha256:{hashlib.sha256(source.encode()).hexdigest()}")
+    except (OSError, TypeError):
+        pass
+    if isinstance(fn, (TopOneAccuracy, Sqnr)):  # arrays and bytes: a stable pickle
+        parts.append(f"data sha256:{hashlib.sha256(pickle.dumps(fn)).hexdigest()}")
+    return " ".join(parts)

@@ -23,24 +23,27 @@ samples (``qpasses.amp.proxy``); it counts as ``proxy_runs``, not ``evaluations`
 
 from __future__ import annotations
 
+import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 import graph_ir
 from qpasses.amp.candidates import Assignment, Candidate
 from qpasses.amp.errors import AmpError
-from qpasses.amp.evaluation import EvalFn
+from qpasses.amp.evaluation import EvalFn, Sqnr, TopOneAccuracy, callback_name
 from qpasses.amp.groups import GroupPartition
 from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.proxy import OutputSqnr
 from qpasses.amp.simulation import Layout, SimulatedSession, SimulationModel
 from qpasses.amp.statistics import CalibrationTables
+from qpasses.core.errors import QPassesError
 from qpasses.core.verification import exact_session, runtime_session
 from qpasses.quant.config import QuantConfig
 from qpasses.targets.descriptor import from_dict
@@ -77,12 +80,67 @@ class Scorer(Protocol):
     def score(self, assignment: Assignment, phase: Phase) -> float: ...
 
 
-def check_score(value: Any, where: str) -> float:
-    """AIMET's rule: the callback returns a float or something float() accepts."""
+def describe(assignment: Assignment) -> str:
+    """An assignment in a few words: ``every group at 8/8``, ``conv2 at 8/8 (the other 2 groups at 16/16)``."""
+    counts = Counter(str(c) for c in assignment.values())
+    if not counts:
+        return "no group"
+    common, count = counts.most_common(1)[0]
+    if count == len(assignment):
+        return f"every group at {common}"
+    others = [f"{g} at {c}" for g, c in assignment.items() if str(c) != common]
+    head = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+    return f"{head} (the other {count} group{'s' if count > 1 else ''} at {common})"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_score(value: Any, where: str, *, callback: Any = None, finite: bool = True) -> float:
+    """A score is a real number (float, int, numpy scalar, 0-d array) and, unless ``finite`` is off, finite.
+
+    NaN compares false with every target (the search and the verdict become noise) and an infinite
+    score meets any target, so both are the callback's mistake, named with ``where``. ``finite=False``
+    (the FP32 reference, where SQNR against itself is inf, and the internal proxy) still refuses NaN.
+    Strings, None, bools and lists are refused even where ``float()`` would take them.
+    """
+    who = f"the eval callback {callback_name(callback)}" if callback is not None else "the eval callback"
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__float__"):
+        raise AmpError(f"{where}: {who} must return a number (higher is better), got {type(value).__name__} "
+                       f"{_short(value)}")
     try:
-        return float(value)
+        score = float(value)
     except (TypeError, ValueError):
-        raise AmpError(f"{where}: the eval callback must return a float, got {type(value).__name__}") from None
+        raise AmpError(f"{where}: {who} must return a number (higher is better), got {type(value).__name__} "
+                       f"{_short(value)}") from None
+    if math.isnan(score) or (finite and math.isinf(score)):
+        raise AmpError(f"{where}: {who} returned {_short(value)}: a score must be a finite number (NaN fails every "
+                       "comparison with the target, inf meets any target)")
+    return score
+
+
+def _builtin(fn: Any) -> bool:
+    """qpasses' own metrics: an exception from them is a qpasses bug, not the user's."""
+    return isinstance(fn, (TopOneAccuracy, Sqnr, OutputSqnr))
+
+
+def evaluate(fn: Any, session: Any, where: str, *, finite: bool = True) -> float:
+    """One callback call, checked: an exception in the user's callback is their error (``AmpError`` naming the
+    callback, ``where`` and the exception), as is a score that is not a finite number (``check_score``)."""
+    try:
+        value = fn(session)
+    except QPassesError:
+        raise
+    except Exception as exc:
+        if _builtin(fn):
+            raise
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise AmpError(f"{where}: the eval callback {callback_name(fn)} raised {type(exc).__name__}"
+                       + (f": {text}" if text else "")) from exc
+    return check_score(value, where, callback=fn, finite=finite)
 
 
 @dataclass
@@ -201,7 +259,7 @@ class SimulationScorer:
         fn = self._callback(phase)
         sess = self._prepared(assignment, phase)
         began = time.perf_counter()
-        value = check_score(fn(sess), phase)
+        value = evaluate(fn, sess, f"AMP {phase} score of {describe(assignment)}", finite=phase != "proxy")
         self._last_eval[phase] = time.perf_counter() - began
         seconds = time.perf_counter() - start
         if phase == "proxy":
@@ -242,7 +300,7 @@ class RebuildScorer:
             fn = self.spec.callbacks[phase]
         sess = self.session(assignment)
         start = time.perf_counter()
-        value = check_score(fn(sess), phase)
+        value = evaluate(fn, sess, f"AMP {phase} score of {describe(assignment)}", finite=phase != "proxy")
         if phase == "proxy":
             self.stats.proxy_runs += 1
             self.stats.proxy_seconds += time.perf_counter() - start
@@ -265,15 +323,20 @@ class ModelScorer:
     intra_op_threads: int = 0
     stats: ScorerStats = field(default_factory=ScorerStats)
     exact: bool = False
+    what: str = "the model"
+    """The model in error messages (``the FP32 model``, ``the chosen point's QDQ model ...``)."""
+    finite: bool = True
+    """False: +-inf is a valid score (the FP32 reference: SQNR against itself); NaN never is."""
 
     def score_with(self, fn: EvalFn, where: str) -> float:
+        """``fn``'s score of the model; errors name ``where`` (the phase) and ``what``."""
         start = time.perf_counter()
         factory = exact_session if self.exact else runtime_session
         sess = factory(self.model, intra_op_threads=self.intra_op_threads)
         self.stats.session_builds += 1
         mid = time.perf_counter()
         self.stats.build_seconds += mid - start
-        value = check_score(fn(sess), where)
+        value = evaluate(fn, sess, f"AMP {where} score of {self.what}", finite=self.finite)
         self.stats.evaluations += 1
         self.stats.eval_seconds += time.perf_counter() - mid
         return value

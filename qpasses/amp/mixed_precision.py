@@ -17,7 +17,8 @@ Flow (AIMET's, see ``shared/reference/aimet-amp-api.txt``):
 
 Scores come from the one-session simulation where it is exact (int candidates; pruned per-layout
 sessions where an evaluation is dear) and from rebuilt QDQ models otherwise. Every score, proxy
-ones included, is cached in ``results_dir/.cache``.
+ones included, is cached in ``results_dir/.cache``, except step 4's, measured on every run; every
+score is checked (a finite number; ``evaluators.check_score``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from qpasses.amp.candidates import (
 from qpasses.amp.convert_reduction import Phase3Result, conversions, reduce_converts
 from qpasses.amp.demotion import demotion_search
 from qpasses.amp.errors import AmpError, AmpWarning
-from qpasses.amp.evaluation import EvalFn
-from qpasses.amp.evaluators import ModelScorer, Phase, Scorer, ScorerSpec, ScorerStats
+from qpasses.amp.evaluation import EvalFn, callback_identity
+from qpasses.amp.evaluators import ModelScorer, Phase, Scorer, ScorerSpec, ScorerStats, describe
 from qpasses.amp.executors import Executor, Task, make_executor, progress_bar
 from qpasses.amp.groups import GroupPartition, find_groups
 from qpasses.amp.overrides import precision_overrides, quantize_assignment
@@ -190,17 +191,22 @@ class _Run:
         self.cache.put(key, value)
         return value
 
-    def score_model(self, model: bytes, key: str, where: str, *, exact: bool = False) -> float:
-        """A fixed model's phase-2 score: in the default (runtime) session, or with exact QDQ semantics."""
+    def score_model(self, model: bytes, key: str | None, where: str, what: str, *, exact: bool = False,
+                    finite: bool = True) -> float:
+        """A fixed model's phase-2 score: in the default (runtime) session, or with exact QDQ semantics.
+
+        ``key`` None: measured on every run, never cached (the final verification). ``what`` names the
+        model in errors; ``finite=False`` lets the score be +-inf (the FP32 reference)."""
         stats = self.phase(where)
-        cached = self.cache.get(key)
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None:
             stats.cache_hits += 1
             return cached
-        scorer = ModelScorer(model, exact=exact)
+        scorer = ModelScorer(model, exact=exact, what=what, finite=finite)
         value = scorer.score_with(self.callbacks["phase2"], where)
         stats.add(scorer.stats)
-        self.cache.put(key, value)
+        if key is not None:
+            self.cache.put(key, value)
         return value
 
     def run_tasks(self, tasks: list[Task], executor: Executor, where: str, key: str | None = None) -> list[float]:
@@ -314,7 +320,8 @@ def choose_mixed_precision(
     stamp = fingerprint(graph.to_onnx().SerializeToString(), candidates=[str(c) for c in cands],
                         config=asdict(config), target=getattr(target_desc, "name", None),
                         use_all_amp_candidates=use_all_amp_candidates, bias_correction=bias_correction,
-                        simulate=simulate, groups=partition.names)
+                        simulate=simulate, groups=partition.names,
+                        eval_callbacks={k: callback_identity(fn) for k, fn in callbacks.items()})
     cache = AmpCache(results_dir, stamp, clean_start)
     run = _Run(graph, partition, macs, group_cands, feeds, config, target_desc, callbacks, cache,
                simulate=simulate, bias_correction=bias_correction, batch_size=batch_size, progress=progress,
@@ -330,7 +337,7 @@ def choose_mixed_precision(
     uniform: dict[str, tuple[Candidate, dict[str, Candidate], float]] = {}
     with progress_bar(len(cands) + 2, progress, "AMP reference") as bar:
         bar.set_postfix_str("FP32")
-        fp32 = run.score_model(run.model_bytes, "fp32|phase2", "reference")
+        fp32 = run.score_model(run.model_bytes, "fp32|phase2", "reference", "the FP32 model", finite=False)
         bar.update()
         for c in cands:
             bar.set_postfix_str(f"all {c}")
@@ -456,9 +463,10 @@ def choose_mixed_precision(
         for label, kind, assignment in unique.values():
             quantized = quantize_assignment(graph, partition, assignment, feeds, config, target=target_desc,
                                             bias_correction=bias_correction, batch_size=batch_size)
-            blob, sig = quantized.model.SerializeToString(), signature(assignment)
-            runtime = run.score_model(blob, f"verify|{sig}", "verify")
-            exact = run.score_model(blob, f"verify-exact|{sig}", "verify", exact=True)
+            blob = quantized.model.SerializeToString()
+            what = f"{label}'s QDQ model ({describe(assignment)})"  # measured every run: never from the cache
+            runtime = run.score_model(blob, None, "verify", f"{what} in the default session")
+            exact = run.score_model(blob, None, "verify", f"{what} with exact QDQ semantics", exact=True)
             simulated = run.score(assignment, "phase2", "verify")
             bits = macs.bitops(assignment)
             relative = bits / base_bits if base_bits else math.nan

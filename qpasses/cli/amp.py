@@ -54,7 +54,8 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--act-mode", default="tf", choices=["tf", "enhanced", "percentile", "symmetric"])
     a.add_argument("--weight-mode", default="symmetric", choices=["tf", "symmetric", "enhanced", "adjusted"])
     a.add_argument("--resume", action="store_true",
-                   help="reuse the cache in OUTDIR/.cache (clean_start=False); default: start clean")
+                   help="reuse the cache in OUTDIR/.cache (clean_start=False); refused (exit 2) when it was made for "
+                        "another model, eval script, qpasses version or options; default: start clean")
     a.add_argument("--no-simulate", action="store_true",
                    help="score rebuilt QDQ models instead of the one-session simulation")
     a.add_argument("--no-reduce-converts", action="store_true", help="skip phase 3 (convert-op reduction)")

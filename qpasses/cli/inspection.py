@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import onnx
 
 from graph_ir import Graph
@@ -20,7 +20,7 @@ def inspect_graph(graph: Graph) -> dict[str, Any]:
     inits = graph.initializers()
     const_nodes = [op for op in ops if op.op_type == "Constant"]
     weights = graph.constants()
-    params = sum(int(np.prod(t.shape)) for t in weights if t.shape is not None)
+    params = sum(math.prod(shape) for t in weights if (shape := t.static_shape) is not None)
     activations = [
         name for op in ops if op.op_type != "Constant" for name in op.outputs
         if name and graph.tensors[name].dtype in (*_FLOAT_TYPES, 0)

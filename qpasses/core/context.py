@@ -29,8 +29,8 @@ class PassContext:
     def get(self, analysis: type[A], graph: Graph) -> A:
         """Cached analysis result, recomputed if the graph changed since it was stamped."""
         hit = self._analyses.get(analysis)
-        if hit is not None and hit[0] == graph.version:
-            return hit[1]  # type: ignore[return-value]
+        if hit is not None and hit[0] == graph.version and isinstance(hit[1], analysis):  # always its class
+            return hit[1]
         result = analysis(graph, self)
         self._analyses[analysis] = (graph.version, result)
         return result

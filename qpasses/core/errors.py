@@ -5,7 +5,7 @@ anything else is a bug in qpasses: one line "internal error ..." with exit code 
 traceback written to a file.
 """
 
-from graph_ir.errors import GraphError, InputError, ModelLoadError
+from graph_ir.errors import GraphError, InputError, InternalError, ModelLoadError
 
 __all__ = ["QPassesError", "ModelLoadError", "GraphError", "PassError", "PipelineError", "VerificationError",
            "EncodingError", "CalibrationDataError", "TargetError", "InternalError", "NumericCheckUnavailable"]
@@ -37,17 +37,6 @@ class CalibrationDataError(QPassesError):
 
 class TargetError(QPassesError):
     """Unknown target or a target descriptor that cannot be loaded."""
-
-
-class InternalError(Exception):
-    """A bug in qpasses, not the user's input: a pass crashed or left an invalid model.
-
-    Deliberately not a ``QPassesError``: it must never be reported as the user's mistake.
-    """
-
-    def __init__(self, message: str, pass_name: str | None = None) -> None:
-        super().__init__(message)
-        self.pass_name = pass_name
 
 
 class NumericCheckUnavailable(Exception):

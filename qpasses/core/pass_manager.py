@@ -16,7 +16,7 @@ from qpasses.core import verification
 from qpasses.core.context import PassContext
 from qpasses.core.errors import InternalError, NumericCheckUnavailable, QPassesError, VerificationError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.core.remarks import Remark
+from qpasses.core.remarks import Remark, RemarkKind
 
 Verify = Literal["none", "checker", "numeric"]
 
@@ -42,9 +42,10 @@ class PipelineReport:
     def modified(self) -> bool:
         return any(r.modified for r in self.records)
 
-    def add_remark(self, kind: str, step: str, message: str, nodes: Sequence[str] = (), reason: str = "") -> None:
+    def add_remark(self, kind: RemarkKind, step: str, message: str, nodes: Sequence[str] = (),
+                   reason: str = "") -> None:
         """A remark from a step outside the pass list (e.g. quantize's automatic fallback)."""
-        self.records.append(PassRecord(step, False, 0.0, [Remark(kind, step, message, tuple(nodes), reason)]))  # type: ignore[arg-type]
+        self.records.append(PassRecord(step, False, 0.0, [Remark(kind, step, message, tuple(nodes), reason)]))
 
     def format(self) -> str:
         lines = []

@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -477,9 +477,10 @@ class TensorTap:
             return
         plan = _Plan(None, None) if self.max_bytes_per_run is None else self._plan(inputs, batch)
         total = _rows(inputs, self.inputs) if plan.rows is not None else None
-        starts = [None] if total is None or plan.rows is None else range(0, total, plan.rows)
+        step = plan.rows
+        starts: Iterable[int | None] = [None] if total is None or step is None else range(0, total, step)
         for start in starts:
-            part = inputs if start is None else {k: v[start:start + plan.rows] for k, v in inputs.items()}
+            part = inputs if start is None or step is None else {k: v[start:start + step] for k, v in inputs.items()}
             rows = None if start is None else (start, start + len(next(iter(part.values()))))
             if plan.segments is None:
                 values = self._run(self._whole(), self._fetch, part, batch, inputs, rows)
@@ -551,13 +552,14 @@ class TensorTap:
                 if not name:
                     continue
                 vi = infos.get(name)
+                elem = None if vi is None else _elem_type(vi)
                 shape = None if vi is None else _static_shape(vi)
-                if vi is not None and _elem_type(vi) is None:
+                if vi is not None and elem is None:
                     sizes[name] = 0  # sequences and maps are never requested and never cross a cut
                 elif shape is None:
                     unknown.append(name)
                 else:
-                    sizes[name] = math.prod(shape) * _itemsize(_elem_type(vi))
+                    sizes[name] = math.prod(shape) * _itemsize(elem)
         if unknown:
             sizes.update(self._measure(unknown, unit, infos, inputs, batch))
         return sizes
@@ -569,9 +571,9 @@ class TensorTap:
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
         for i, name in enumerate(names):
-            out = f"__qpasses_shape_{i}"
-            probe.graph.node.append(helper.make_node("Shape", [name], [out], name=out))
-            probe.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.INT64, None))
+            shape_of = f"__qpasses_shape_{i}"
+            probe.graph.node.append(helper.make_node("Shape", [name], [shape_of], name=shape_of))
+            probe.graph.output.append(helper.make_tensor_value_info(shape_of, onnx.TensorProto.INT64, None))
         try:
             session, tmp = _session(probe, self.intra_op_threads)
         except ModelLoadError as exc:  # e.g. a value that is not a tensor after all: then it is not capped
@@ -725,7 +727,7 @@ def capture_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Iterabl
 def iterate_chunks(
     model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
     max_bytes_per_run: int | None = DEFAULT_MAX_BYTES_PER_RUN,
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+) -> Generator[tuple[int, dict[str, np.ndarray]], None, None]:
     """Yield ``(batch, {tensor: value for some rows})`` pieces, no run returning more than ``max_bytes_per_run``.
 
     Every (tensor, row) value of every batch arrives exactly once (see ``TensorTap.chunks``); one
@@ -950,6 +952,6 @@ def collect_statistics(
                     del values
                 if pending is not None:
                     pending.result()
-        if bar.n < (total or 0):
-            bar.update(total - bar.n)  # type: ignore[operator]
+        if total is not None and bar.n < total:
+            bar.update(total - bar.n)
         return collector.observers()

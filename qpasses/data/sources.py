@@ -470,7 +470,7 @@ class _Replay:
     """
 
     def __init__(self, source: Iterator[Any]) -> None:
-        self._source: weakref.ref[Iterator[Any]] | Iterator[Any]
+        self._source: weakref.ref[Iterator[Any]] | Iterator[Any] | None
         try:
             self._source = weakref.ref(source)
         except TypeError:
@@ -496,7 +496,7 @@ class _Replay:
             raw = next(source)
         except StopIteration:
             self.complete = True
-            self._source = lambda: None  # drop the (weak) reference; nothing more to read
+            self._source = None  # drop the (weak) reference; nothing more to read
             return False
         feed = _copied(raw)
         size = _nbytes(feed)
@@ -639,15 +639,17 @@ class CalibrationData:
         """Feeds from an iterable. A one-shot iterator/generator is recorded on first read and replayed
         afterwards (see the module docstring), so it reads as all of its feeds every time."""
         specs = _coerce_specs(specs)
-        one_shot = iter(source) is source
-        feeds: Iterable[Any] = _replay_for(source) if one_shot else source  # type: ignore[arg-type]
+        it = iter(source)
+        one_shot = it is source
+        replay = _replay_for(it) if one_shot else None
+        feeds: Iterable[Any] = source if replay is None else replay
 
         def batches() -> Iterator[tuple[str, Any]]:
             for i, feed in enumerate(feeds):
                 yield f"calibration feed {i}", feed
 
-        if one_shot:
-            size = len(feeds) if feeds.complete else None  # type: ignore[attr-defined]
+        if replay is not None:
+            size = len(replay) if replay.complete else None
         else:
             size = len(source) if isinstance(source, Sized) else None
         return cls(batches, specs, description=f"{type(source).__name__} of feeds", num_batches=size,
@@ -704,9 +706,10 @@ class CalibrationData:
                 for name in unparsed:
                     arr = npz[name]
                     headers[name] = (arr.shape, arr.dtype)
+        known = {name: header for name, header in headers.items() if header is not None}  # all, now
         plans: dict[str, _NpzPlan] = {}
         for spec in specs:
-            shape, dtype = headers[spec.name]  # type: ignore[misc]
+            shape, dtype = known[spec.name]
             plans[spec.name] = _npz_plan(path, spec, shape, dtype, batch_size)
         counts = {name: p.feeds for name, p in plans.items()}
         if len(set(counts.values())) > 1:

@@ -57,11 +57,14 @@ class TensorSpec:
     """What the model knows about a tensor, to validate an override against it.
 
     ``channels`` is the length of the per-channel ``axis`` (None: per-channel count not checked).
+    ``per_channel`` False: a weight whose readers put their output channels on different axes, which
+    is quantized per tensor (``quant_plan.weight_axes``).
     """
 
     role: Role
     channels: int | None = None
     axis: int = 0
+    per_channel: bool = True
 
 
 @dataclass
@@ -256,6 +259,9 @@ def _channel_axis(per_channel: bool, count: int, section: str, spec: TensorSpec 
         return None
     if section == "activation_encodings":
         raise EncodingError(f"activations are quantized per tensor, got {count} per-channel encodings")
+    if spec is not None and not spec.per_channel:
+        raise EncodingError(f"{count} per-channel encodings given, but the layers reading this weight have their "
+                            "output channels on different axes: it is quantized per tensor")
     if spec is not None and spec.channels is not None and count != spec.channels:
         raise EncodingError(f"{count} per-channel encodings given but the tensor has {spec.channels} channels")
     return spec.axis if spec is not None else 0

@@ -72,22 +72,47 @@ def weighted_layer_inputs(graph: Graph) -> list[str]:
     return list(names)
 
 
-def weight_channel_axis(op: Op, weight_rank: int) -> int:
-    """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul last."""
-    if op.op_type == "Conv":
+def output_channel_axis(op_type: str, trans_b: bool, weight_rank: int) -> int:
+    """Output-channel axis of a layer's weight: Conv 0, ConvTranspose 1, Gemm 0 if transB else 1, MatMul last."""
+    if op_type == "Conv":
         return 0
-    if op.op_type == "ConvTranspose":
+    if op_type == "ConvTranspose":
         return 1
-    if op.op_type == "Gemm":
-        return 0 if op.attr("transB", 0) else 1
+    if op_type == "Gemm":
+        return 0 if trans_b else 1
     return weight_rank - 1
+
+
+def weight_channel_axis(op: Op, weight_rank: int) -> int:
+    """``output_channel_axis`` of one reader; which axis a shared weight is encoded along is ``weight_axes``' call."""
+    return output_channel_axis(op.op_type, bool(op.attr("transB", 0)), weight_rank)
+
+
+def weight_axes(graph: Graph) -> dict[str, int | None]:
+    """The per-channel axis of every constant layer weight (Conv/ConvTranspose/Gemm/MatMul slot 1, rank >= 2).
+
+    The one place that decides it, so that the plan, encode-weights, the overrides file check and the
+    exported encodings agree. None when the weight's readers put their output channels on different axes
+    (MatMul ``w[K, N]`` and Gemm ``transB=1`` on the same ``w``): one per-channel grid cannot serve both
+    layers, so such a weight is quantized per tensor.
+    """
+    axes: dict[str, set[int]] = {}
+    for op in graph.ops:
+        if op.op_type not in WEIGHTED or not op.is_standard or len(op.inputs) < 2 or not op.inputs[1]:
+            continue
+        t = graph.tensors[op.inputs[1]]
+        if t.is_constant and t.shape is not None and len(t.shape) >= 2:
+            axes.setdefault(op.inputs[1], set()).add(weight_channel_axis(op, len(t.shape)))
+    return {name: next(iter(found)) if len(found) == 1 else None for name, found in axes.items()}
 
 
 @dataclass(frozen=True)
 class WeightSpec:
+    """A layer weight: ``op`` is its first reader; ``axis`` None: readers disagree, per tensor only."""
+
     name: str
     op: str
-    axis: int
+    axis: int | None
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,7 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
     qdq_tensors = {n for op in graph.ops if op.op_type in ("QuantizeLinear", "DequantizeLinear")
                    for n in (*op.inputs, *op.outputs) if n}
     fused = fused_intermediates(graph)
+    axes = weight_axes(graph)
 
     def dtype(name: str) -> int:
         t = graph.tensors[name]
@@ -201,9 +227,8 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
             if t.is_constant:
                 if t.dtype != FLOAT or is_float(t):
                     continue
-                if slot == weight_slot and t.shape is not None and len(t.shape) >= 2:
-                    axis = weight_channel_axis(op, len(t.shape))
-                    plan.weights.setdefault(name, WeightSpec(name, op.name, axis))
+                if slot == weight_slot and name in axes:
+                    plan.weights.setdefault(name, WeightSpec(name, op.name, axes[name]))
                 elif slot == bias_slot and t.shape is not None and len(t.shape) == 1 and \
                         op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
                     plan.biases[name] = BiasSpec(name, op.name, op.inputs[0], op.inputs[weight_slot])

@@ -104,13 +104,16 @@ def optimized_model(model: ModelSource, level: ort.GraphOptimizationLevel = EXTE
         opts = session_options()
         opts.graph_optimization_level = level
         opts.optimized_model_filepath = str(out)
-        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        if isinstance(source, bytes) and len(source) > 1_900_000_000:  # protobuf limit: go through a file
-            src = Path(tmp) / "source.onnx"
-            onnx.save(model, src, save_as_external_data=True)
-            source = str(src)
-        ort.InferenceSession(source if isinstance(source, bytes) else str(source), opts,
-                             providers=["CPUExecutionProvider"])
+        source: str | bytes
+        if isinstance(model, (onnx.ModelProto, bytes)):
+            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+            if len(source) > 1_900_000_000:  # protobuf limit: go through a file
+                src = Path(tmp) / "source.onnx"
+                onnx.save(model, src, save_as_external_data=True)
+                source = str(src)
+        else:
+            source = os.fspath(model)
+        ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         return onnx.load(str(out))
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qpasses.quant.plan import output_channel_axis
+
 MAC_OPS = ("Conv", "Gemm", "MatMul")
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 _MAX_POSITIONS = 512  # output rows (pixels x batch) replayed per op; enough to measure a rate
@@ -119,10 +121,12 @@ def fused_macs(model: onnx.ModelProto) -> list[FusedMac]:
             continue
         weight = constants[dq_w.input[0]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        out_axis = _weight_out_axis(node.op_type, attrs)
+        out_axis = output_channel_axis(node.op_type, bool(attrs.get("transB", 0)), weight.ndim)
         w_scale = np.asarray(constants.get(dq_w.input[1], 1.0), np.float64).reshape(-1)
         w_zp = np.asarray(constants.get(dq_w.input[2], 0) if len(dq_w.input) > 2 else 0, np.int64).reshape(-1)
         channels = weight.shape[out_axis] if weight.ndim > out_axis else 1
+        if w_scale.size > 1 and not _along_output_channels(dq_w, weight.ndim, out_axis, w_scale.size, channels):
+            continue  # not a per-output-channel weight: no integer kernel of this shape to replay
         found.append(FusedMac(
             node.name or node.output[0], node.op_type, dq_a.input[0], a_type == np.int8,
             float(np.asarray(a_scale).reshape(-1)[0]), int(np.asarray(a_zp if a_zp is not None else 0).reshape(-1)[0]),
@@ -131,12 +135,10 @@ def fused_macs(model: onnx.ModelProto) -> list[FusedMac]:
     return found
 
 
-def _weight_out_axis(op_type: str, attrs: dict[str, object]) -> int:
-    if op_type == "Conv":
-        return 0
-    if op_type == "Gemm":
-        return 0 if attrs.get("transB", 0) else 1
-    return 1  # MatMul with a 2-D constant B [K, N]
+def _along_output_channels(dq: onnx.NodeProto, rank: int, out_axis: int, size: int, channels: int) -> bool:
+    """Whether a weight DequantizeLinear's per-axis scale runs along the layer's output channels."""
+    axis = next((int(a.i) for a in dq.attribute if a.name == "axis"), 1)  # ONNX's default axis is 1
+    return (axis + rank if axis < 0 else axis) == out_axis and size == channels
 
 
 def _rows_and_matrix(mac: FusedMac, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:

@@ -12,7 +12,7 @@ that would break there is caught here.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +201,7 @@ def strip_activation_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def check_parity(
     model: onnx.ModelProto,
-    feeds: list[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]],
     *,
     reference: onnx.ModelProto | None = None,
     tolerance_db: float = DEFAULT_TOLERANCE_DB,

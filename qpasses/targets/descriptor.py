@@ -181,9 +181,10 @@ def _kernel(value: Any, target: str, key: str) -> Kernel:
         value = [value.get("activation"), value.get("weight"), value.get("bias")]
     _check(isinstance(value, (list, tuple)) and 1 <= len(value) <= 3, target, key,
            f"a kernel is [activation, weight, bias] like [int8, int8, int32], got {value!r}")
-    parts = [_precision(v, target, key) for v in (*value, None, None)[:3]]
-    _check(parts[0] is not None, target, key, "the activation precision is required")
-    return Kernel(parts[0], parts[1], parts[2])  # type: ignore[arg-type]
+    activation, weight, bias = (_precision(v, target, key) for v in (*value, None, None)[:3])
+    if activation is None:
+        raise TargetError(f"target {target!r}: field '{key}': the activation precision is required")
+    return Kernel(activation, weight, bias)
 
 
 def _kernels(value: Any, target: str) -> dict[str, tuple[Kernel, ...]]:

@@ -368,7 +368,7 @@ class _Annotator:
 
 
 def annotate(graph: Graph, shapes: Shapes, opts: PrecisionOptions, target: TargetDescriptor | None,
-             remarks: RemarkCollector) -> dict[str, int]:
+             remarks: RemarkCollector) -> dict[Source, int]:
     """Give every float tensor a precision; returns how many came from each source."""
     a = _Annotator(graph, shapes, opts, target, remarks)
     a.collect_roles()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 from qpasses.core.registry import Registry, load_entry_points
@@ -12,12 +12,14 @@ from qpasses.targets.descriptor import TargetDescriptor, load_target_file
 _FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def resolve_target(spec: str | Path | TargetDescriptor | None, registry: Any = None) -> TargetDescriptor | None:
+def resolve_target(
+    spec: str | os.PathLike[str] | TargetDescriptor | None, registry: Any = None,
+) -> TargetDescriptor | None:
     """``"htp"`` (registry name, entry points included), ``"my_npu.yaml"`` (file), or a descriptor."""
     if spec is None or isinstance(spec, TargetDescriptor):
         return spec
-    text = str(spec)
-    if isinstance(spec, Path) or text.endswith(_FILE_SUFFIXES) or "/" in text:
+    text = os.fspath(spec)  # not str(): a PathLike other than Path need not print as its path
+    if not isinstance(spec, str) or text.endswith(_FILE_SUFFIXES) or "/" in text:
         return load_target_file(text)
     if registry is None:
         registry = target_registry()

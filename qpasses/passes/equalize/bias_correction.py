@@ -85,7 +85,7 @@ class BiasCorrection(Pass):
                 self.remarks.missed("bias not corrected", [op.name], reason="its input could not be measured")
                 continue
             w = graph.tensors[op.inputs[1]]
-            weight = w.data.astype(np.float64)
+            weight = w.constant_data().astype(np.float64)
             error = fake_quantize(weight, w.encoding).astype(np.float64) - weight
             try:
                 shift = output_shift(op, weight, error, mean)
@@ -93,7 +93,8 @@ class BiasCorrection(Pass):
                 self.remarks.missed("bias not corrected", [op.name], reason=str(exc))
                 continue
             bias = graph.tensors[op.inputs[2]]
-            bias.set_data((bias.data.astype(np.float64) - shift).astype(bias.data.dtype))
+            old = bias.constant_data()
+            bias.set_data((old.astype(np.float64) - shift).astype(old.dtype))
             corrected.append(op.name)
         if corrected:
             self.remarks.applied(f"corrected {len(corrected)} biases from input means ({source})", corrected[:10])

@@ -275,11 +275,12 @@ class CrossLayerEqualization(Pass):
                 l2, between = nxt[chain[-1].id]
                 chain.append(l2)
                 glue.append(between)
-            resolved = [layer(o) for o in chain]
+            resolved = [found for o in chain if isinstance(found := layer(o), LinearLayer)]
+            assert len(resolved) == len(chain)  # every op of a chain matched the pattern as a layer
             i = 0
             while i < len(chain) - 1:
-                size = 3 if i + 2 < len(chain) and resolved[i + 1].is_depthwise else 2  # type: ignore[union-attr]
-                links.append(Link(resolved[i:i + size], glue[i:i + size - 1]))  # type: ignore[arg-type]
+                size = 3 if i + 2 < len(chain) and resolved[i + 1].is_depthwise else 2
+                links.append(Link(resolved[i:i + size], glue[i:i + size - 1]))
                 i += size - 1
         for link in links:
             link.scales = [np.ones(a.out_channels) for a in link.layers[:-1]]

@@ -58,8 +58,8 @@ def _static_inputs(graph: Graph) -> dict[str, np.ndarray] | None:
         t = graph.tensors[name]
         if t.is_constant:
             continue
-        shape = t.shape
-        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+        shape = t.static_shape
+        if shape is None or not all(d > 0 for d in shape):
             return None
         feeds[name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(t.dtype))
     return feeds

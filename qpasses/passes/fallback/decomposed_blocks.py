@@ -256,7 +256,7 @@ def _gelu_tail(graph: Graph, m: Match, x: str) -> tuple[list[Op], list[tuple[str
     second = _other(mul2, _walked(mul1))[1] if mul2 is not None else None
     if other1 == x or _near(scalar(graph, other1), 0.5):
         want = "0.5" if other1 == x else x
-        if second is None:
+        if mul2 is None or second is None:
             return f"Mul '{mul1.name}' is not followed by a Mul by {want}"
         if other1 == x:
             half = scalar(graph, second)
@@ -313,10 +313,10 @@ def _analyze_gelu_erf(graph: Graph, m: Match) -> Block | str:
     tail = _gelu_tail(graph, m, x)
     if isinstance(tail, str):
         return tail
-    ops, consts = tail
-    y = ops[-1].outputs[0]
-    ops = [scale, erf, *m.all("one"), *ops]
-    return Block("GELU(erf)", ops, x, y, [_const(what, value, want), one, *consts],
+    tail_ops, tail_consts = tail
+    y = tail_ops[-1].outputs[0]
+    ops = [scale, erf, *m.all("one"), *tail_ops]
+    return Block("GELU(erf)", ops, x, y, [_const(what, value, want), one, *tail_consts],
                  {"approximate": "none"})
 
 

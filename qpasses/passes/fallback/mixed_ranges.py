@@ -67,12 +67,12 @@ class KeepMixedRangesFloat(Pass):
             return self.result(False)
         found: list[MixedRange] = []
         for joined, parts, op in candidates:
-            part_ranges = [ranges.get(p) for p in parts]
-            if any(r is None for r in part_ranges) or len(part_ranges) < 2:
+            if any(p not in ranges for p in parts) or len(parts) < 2:
                 continue
-            levels = levels_of_smallest(part_ranges, o.act_bw)  # type: ignore[arg-type]
+            part_ranges = [ranges[p] for p in parts]
+            levels = levels_of_smallest(part_ranges, o.act_bw)
             if levels < o.min_levels:
-                found.append(MixedRange(joined, op, tuple(zip(parts, part_ranges, strict=True)), levels))  # type: ignore[arg-type]
+                found.append(MixedRange(joined, op, tuple(zip(parts, part_ranges, strict=True)), levels))
         for m in found:
             if keep_float(graph, with_readers(graph, [m.tensor]), "joins parts with very different ranges",
                           ctx.target):

@@ -85,7 +85,7 @@ class KeepNonFiniteFloat(Pass):
         consts = non_finite_constants(graph)
         marked = keep_float(graph, consts, "non-finite constant", precision=FLOAT32)
         for name in marked:
-            data = graph.tensors[name].data
+            data = graph.tensors[name].constant_data()
             peak = data.flat[np.argmax(np.abs(data))]
             what = "inf/NaN" if not np.isfinite(data).all() else f"a masking sentinel ({peak:.3g})"
             readers = ", ".join(f"{op.op_type} '{op.name}'" for op in graph.consumers(name))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from graph_ir import Graph
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.quant.encodings import validate_bitwidth
+from qpasses.quant.encodings import Role, validate_bitwidth
 from qpasses.quant.precision_type import FLOAT_BITWIDTHS, Precision
 from qpasses.targets.precision import PrecisionOptions, annotate
 
@@ -16,14 +18,17 @@ class AnnotatePrecision(Pass):
     name = "annotate-precision"
     description = "choose int8/int16/int32/float16/float32 per tensor: overrides, then defaults, then the target"
 
-    Options = PrecisionOptions  # the pass options are the annotation's options
+    @dataclass(frozen=True)
+    class Options(PrecisionOptions):
+        """The pass options are the annotation's options."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        for value, role in ((o.act_bw, "activation"), (o.weight_bw, "weight"), (o.bias_bw, "bias"),
-                            (o.param_bw, "weight")):
+        roles: tuple[tuple[int | None, Role], ...] = (
+            (o.act_bw, "activation"), (o.weight_bw, "weight"), (o.bias_bw, "bias"), (o.param_bw, "weight"))
+        for value, role in roles:
             if value is not None:
-                validate_bitwidth(value, role)  # type: ignore[arg-type]
+                validate_bitwidth(value, role)
         for key in ("float_bw", "float_bias_bw"):
             value = getattr(o, key)
             if value is not None and value not in FLOAT_BITWIDTHS:

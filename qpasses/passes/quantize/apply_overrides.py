@@ -22,7 +22,7 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant import encodings_io
 from qpasses.quant.encodings import Encoding
 from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec
-from qpasses.quant.plan import QuantPlan, weight_channel_axis
+from qpasses.quant.plan import QuantPlan, weight_axes
 from qpasses.quant.precision_type import Precision, tensor_precision
 
 
@@ -35,14 +35,16 @@ def tensor_specs(graph: Graph) -> dict[str, TensorSpec]:
                 specs[name] = TensorSpec("activation")
     for name in graph.inputs:
         specs[name] = TensorSpec("activation")
+    axes = weight_axes(graph)
     for op in graph.ops:
         for slot, name in enumerate(op.inputs):
             if not name or not graph.tensors[name].is_constant:
                 continue
             shape = graph.tensors[name].shape or ()
-            if op.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and slot == 1 and len(shape) >= 2:
-                axis = weight_channel_axis(op, len(shape))
-                specs[name] = TensorSpec("weight", shape[axis], axis)
+            if name in axes:
+                axis = axes[name]
+                specs[name] = TensorSpec("weight", per_channel=False) if axis is None else \
+                    TensorSpec("weight", shape[axis], axis)
             elif op.op_type in ("Conv", "ConvTranspose", "Gemm") and slot == 2 and len(shape) == 1:
                 specs[name] = TensorSpec("bias", shape[0], 0)
             elif name not in specs:

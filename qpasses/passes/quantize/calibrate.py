@@ -154,7 +154,7 @@ class Calibrate(Pass):
                 self.remarks.missed("not calibrated", [name], reason=reason)
                 continue
             try:
-                encoding = compute(obs, bw, o.mode, percentile=o.percentile)  # type: ignore[arg-type]
+                encoding = compute(obs, bw, o.mode, percentile=o.percentile)
             except EncodingError as exc:
                 raise EncodingError(f"activation {name}: {exc}") from None
             t = graph.tensors[name]

@@ -37,6 +37,10 @@ class EncodeWeights(Pass):
         if o.per_channel and not per_channel:
             self.remarks.missed("per-channel weights disabled", reason=f"target {target.name} is per-tensor only")
         done = kept = 0
+        mixed_axes = [name for name, spec in plan.weights.items() if spec.axis is None]
+        if per_channel and mixed_axes:
+            self.remarks.missed("per-tensor weights", mixed_axes,
+                                reason="read by layers whose output channels lie on different axes")
         for name, spec in plan.weights.items():
             t = graph.tensors[name]
             if t.meta.get("encoding_source") in _KEPT_SOURCES:
@@ -45,7 +49,7 @@ class EncodeWeights(Pass):
             data = t.data
             bw = _annotated_bitwidth(t, o.weight_bw)
             try:
-                if per_channel:
+                if per_channel and spec.axis is not None:
                     mode = "tf" if o.mode in ("symmetric", "adjusted") else o.mode
                     t.encoding = compute(data, bw, mode, axis=spec.axis, role="weight")
                 else:

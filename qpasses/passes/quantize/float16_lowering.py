@@ -9,6 +9,7 @@ inputs and outputs keep their float32 type, so the model's interface does not ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,9 @@ def _schema(op: Op, opset: int) -> onnx.defs.OpSchema | None:
         return None
 
 
-def _formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> onnx.defs.OpSchema.FormalParameter | None:
+def _formal(
+    params: Sequence[onnx.defs.OpSchema.FormalParameter], index: int,
+) -> onnx.defs.OpSchema.FormalParameter | None:
     if index < len(params):
         return params[index]
     if params and params[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
@@ -49,8 +52,9 @@ def _typed_slots(op: Op, schema: onnx.defs.OpSchema) -> tuple[set[int], set[int]
     """(input slots, output indices) whose type parameter allows float16 and is shared by both."""
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     half = {p for p, types in allowed.items() if "tensor(float16)" in types}
-    ins = {i for i in range(len(op.inputs)) if (f := _formal(schema.inputs, i)) is not None and f.type_str in half}
-    bound = {_formal(schema.inputs, i).type_str for i in ins}  # type: ignore[union-attr]
+    formal_ins = {i: f for i in range(len(op.inputs)) if (f := _formal(schema.inputs, i)) is not None}
+    ins = {i for i, f in formal_ins.items() if f.type_str in half}
+    bound = {formal_ins[i].type_str for i in ins}
     outs = {i for i in range(len(op.outputs)) if (f := _formal(schema.outputs, i)) is not None and f.type_str in bound}
     return ins, outs
 
@@ -115,9 +119,9 @@ def lower_float16(graph: Graph, dtype_of: dict[str, int]) -> Float16Report:
                 graph.replace_use(op, -1 - op.captures.index(name), new)
     report.casts += sum(1 for _, to in casts if to in (FLOAT, FLOAT16))
     for name, elem in types.items():
-        t = graph.tensors.get(name)
-        if elem == FLOAT16 and t is not None and not t.is_constant and name not in graph.outputs:
-            t.set_type(FLOAT16, t.shape)
+        out = graph.tensors.get(name)
+        if elem == FLOAT16 and out is not None and not out.is_constant and name not in graph.outputs:
+            out.set_type(FLOAT16, out.shape)
     for name in replaced:
         if name in graph.tensors and not graph.uses(name) and graph.tensors[name].initializer is not None \
                 and name not in graph.inputs and not graph.is_graph_output(name):

@@ -17,6 +17,8 @@ re-applied as overrides reproduces the same mixed-precision model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from onnx import TensorProto
 
@@ -33,8 +35,9 @@ from qpasses.quant.plan import DATA_MOVEMENT
 from qpasses.quant.precision_type import FLOAT16, requantized, tensor_precision
 from qpasses.targets.precision import activation_slots, op_precision, quantizable
 
-_BITS = {TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False), TensorProto.INT16: (16, True),
-         TensorProto.UINT16: (16, False), TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False)}
+_BITS: dict[int, tuple[int, bool]] = {
+    TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False), TensorProto.INT16: (16, True),
+    TensorProto.UINT16: (16, False), TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False)}
 
 
 def _encoding_from_qparams(graph: Graph, q: Op) -> Encoding | None:
@@ -68,10 +71,10 @@ class InsertConverts(Pass):
                 name = op.inputs[slot] if slot < len(op.inputs) else ""
                 if not name or graph.tensors[name].is_constant:
                     continue
-                source = self._dequantized(graph, name, known)
+                dequantized = self._dequantized(graph, name, known)
                 label = name
-                if source is not None:
-                    source, label = source
+                if dequantized is not None:
+                    source, label = dequantized
                     if source.bitwidth == want.bitwidth:
                         continue
                     enc, kind = requantized(source, want.bitwidth), requants
@@ -116,7 +119,7 @@ class InsertConverts(Pass):
             upgrade_opset(graph, 21)
             self.remarks.applied(f"raised opset {before} -> {graph.opset()} for int16 conversions")
 
-    def _dequantized(self, graph: Graph, name: str, known: dict[str, object]) -> tuple[Encoding, str] | None:
+    def _dequantized(self, graph: Graph, name: str, known: Mapping[str, object]) -> tuple[Encoding, str] | None:
         """The encoding and tensor behind ``DequantizeLinear(QuantizeLinear(t))`` (None for anything else)."""
         dq = graph.producer(name)
         if dq is None or dq.op_type != "DequantizeLinear":

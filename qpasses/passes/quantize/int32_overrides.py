@@ -19,6 +19,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant.precision_type import Precision, tensor_precision
+from qpasses.targets.descriptor import TargetDescriptor
 from qpasses.targets.precision import activation_slots
 
 _SKIP = ("Constant", "QuantizeLinear", "DequantizeLinear", "Cast")
@@ -40,7 +41,7 @@ def _annotated(graph: Graph, name: str) -> bool:
     return not t.is_constant and tensor_precision(t) is not None
 
 
-def find_int32_ops(graph: Graph, target: object = None) -> list[_Int32Op]:
+def find_int32_ops(graph: Graph, target: TargetDescriptor | None = None) -> list[_Int32Op]:
     """Ops overridden to INT32, after checking the spec's conditions (errors name the op)."""
     found: list[_Int32Op] = []
     for op in graph.ops:
@@ -62,8 +63,8 @@ def find_int32_ops(graph: Graph, target: object = None) -> list[_Int32Op]:
                   and graph.tensors[n].dtype == TensorProto.FLOAT]
         if params:
             raise PassError(f"{where}: ops with weights or bias cannot run in INT32 (it reads {', '.join(params)})")
-        if target is not None and not target.supports_int32(op.op_type):  # type: ignore[attr-defined]
-            raise PassError(f"{where}: target {target.name} cannot run {op.op_type} in INT32")  # type: ignore[attr-defined]
+        if target is not None and not target.supports_int32(op.op_type):
+            raise PassError(f"{where}: target {target.name} cannot run {op.op_type} in INT32")
         aux = tuple(s for s, n in enumerate(op.inputs) if n and graph.tensors[n].is_constant
                     and graph.tensors[n].dtype == TensorProto.FLOAT)
         found.append(_Int32Op(op, aux))
@@ -94,7 +95,7 @@ class Int32Overrides(Pass):
                 continue
             if slot in item.aux:
                 const = graph.add_initializer(graph.unique_name(f"{name}_int32"),
-                                              np.round(graph.tensors[name].data).astype(np.int32))
+                                              np.round(graph.tensors[name].constant_data()).astype(np.int32))
                 graph.set_input(op, slot, const.name)
                 if not graph.uses(name) and graph.tensors[name].initializer is not None \
                         and not graph.is_graph_output(name) and name not in graph.inputs:

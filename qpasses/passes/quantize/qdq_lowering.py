@@ -23,7 +23,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
 from qpasses.quant.encodings import Encoding, bias_encoding, compute
-from qpasses.quant.encodings_io import EncodingsFile
+from qpasses.quant.encodings_io import EncodingsFile, Entry
 from qpasses.quant.int_storage import integer_tensor_proto, stored_integers, stored_qparams, uint8_storage
 from qpasses.quant.plan import QuantPlan, QuantPlanData
 from qpasses.quant.precision_type import encoding_bitwidth, is_float, requantized, tensor_precision
@@ -81,7 +81,7 @@ class QDQLowering(Pass):
             self.remarks.missed("nothing to quantize (no encodings)")
             return self.result(False)
 
-        activations: dict[str, Encoding] = {}
+        activations: dict[str, Entry] = {}
         qparams: dict[str, tuple[str, str]] = {}
         for name in plan.quantized_activations:
             root = plan.root(name)
@@ -93,7 +93,7 @@ class QDQLowering(Pass):
             self._quantize_activation(graph, name, qparams[root])
             activations[name] = enc
 
-        params: dict[str, Encoding] = {}
+        params: dict[str, Entry] = {}
         for name, enc in {**weight_enc, **bias_enc}.items():
             # Narrow biases keep the spec's signed storage (no fused kernel reads them).
             self._quantize_constant(graph, name, enc, self._portable and name not in bias_enc)
@@ -146,7 +146,7 @@ class QDQLowering(Pass):
             if bias.meta.get("encoding_source") == "override" and isinstance(bias.encoding, Encoding):
                 bias_enc[name] = bias.encoding
                 continue
-            b = bias.data.astype(np.float64)
+            b = bias.constant_data().astype(np.float64)
             if bias_bw < 32:
                 # Too few levels for scale = s_in x s_w: forcing it would crush the weight scales
                 # (every weight rounding to 0). Narrow biases get their own range, as QNN does.
@@ -202,7 +202,7 @@ class QDQLowering(Pass):
 
     def _quantize_constant(self, graph: Graph, name: str, enc: Encoding, portable: bool) -> None:
         t = graph.tensors[name]
-        data = t.data
+        data = t.constant_data()
         qp = stored_qparams(enc, portable)
         q = stored_integers(data, enc, portable)
         axis = enc.axis

@@ -550,6 +550,8 @@ class SeqMSE(Pass):
                 reason = "excluded by the exclude option"
             elif spec.op != op.name:
                 reason = f"weight '{name}' is shared; it is searched for {spec.op}"
+            elif spec.axis is None:
+                reason = f"weight '{name}' is shared by layers with different output-channel axes"
             elif t.meta.get("encoding_source") == "override":
                 reason = "weight encoding given by the overrides file"
             elif precision is not None and precision.is_float:
