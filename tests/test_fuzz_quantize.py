@@ -239,14 +239,6 @@ def check_matches_reference(result: QuantizeResult, model: onnx.ModelProto, bias
             f"{within:.1%} of elements within 1 step")
 
 
-def graph_has_q2(model: onnx.ModelProto) -> bool:
-    """Q2 (known bug, see the xfail test below): initializers listed as graph inputs, and a BatchNormalization
-    that folding will fold into a layer (renaming its weight)."""
-    inits = {t.name for t in model.graph.initializer}
-    return any(i.name in inits for i in model.graph.input) and any(
-        n.op_type == "BatchNormalization" for n in model.graph.node)
-
-
 @st.composite
 def precision_overrides(draw: st.DrawFn, model: onnx.ModelProto) -> dict[str, Any]:
     """A 0.6.1 overrides document giving random tensors a precision only (no range): activations int8/int16
@@ -261,9 +253,7 @@ def precision_overrides(draw: st.DrawFn, model: onnx.ModelProto) -> dict[str, An
         doc["activation_encodings"][name] = [draw(st.sampled_from([
             {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
             {"bitwidth": 32, "dtype": "float"}]))]
-    if weights and graph_has_q2(model):
-        STATS.note("known bug Q2: no weight overrides")
-    elif weights:
+    if weights:
         for name in draw(st.lists(st.sampled_from(weights), unique=True, max_size=2)):
             doc["param_encodings"][name] = [draw(st.sampled_from([
                 {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 4, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
@@ -396,15 +386,12 @@ def _conv_bn_initializers_as_inputs() -> tuple[onnx.ModelProto, list[dict[str, n
     return model, random_feeds(model, 1, count=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Q2: initializers listed as graph inputs (IR < 4 exporters) + a BatchNormalization folded into the Conv: "
-    "fold-batchnorm writes the folded weight under a new name (w1_conv3_Conv) and leaves 'w1' as an unread "
-    "graph input, which tensor_specs then calls an activation, so an override for the weight 'w1' is "
-    "rejected as an activation ({bitwidth: 4}: 'activation bitwidth 4 is not supported') or silently applied "
-    "to nothing ({bitwidth: 16}: the Conv keeps an 8-bit weight)"))
 @pytest.mark.parametrize("bitwidth", [4, 16])
 def test_q2_weight_override_applies_when_batchnorm_is_folded_into_an_input_listed_weight(
         tmp_path: Path, bitwidth: int) -> None:
+    """Q2: with initializers listed as graph inputs (IR < 4), fold-batchnorm wrote the folded weight under a new
+    name and left 'w1' an unread graph input that tensor_specs called an activation, so the override of 'w1' was
+    rejected ({bitwidth: 4}) or applied to nothing ({bitwidth: 16}). The folded weight keeps its name now."""
     model, calib = _conv_bn_initializers_as_inputs()
     path = tmp_path / "overrides.json"
     path.write_text(json.dumps({"activation_encodings": {},
@@ -413,6 +400,7 @@ def test_q2_weight_override_applies_when_batchnorm_is_folded_into_an_input_liste
     conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
     weight = next(e for n, e in result.encodings.params.items() if conv.input[1].startswith(n))
     assert weight.bitwidth == bitwidth
+    assert not {"w1", "b2"} & {i.name for i in result.model.graph.input}, "rewritten weights stay graph inputs"
 
 
 @pytest.mark.xfail(strict=True, raises=QPassesError, reason=(

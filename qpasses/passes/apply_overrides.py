@@ -34,7 +34,8 @@ def tensor_specs(graph: Graph) -> dict[str, TensorSpec]:
             if name:
                 specs[name] = TensorSpec("activation")
     for name in graph.inputs:
-        specs[name] = TensorSpec("activation")
+        if not graph.tensors[name].is_constant:  # an initializer listed as input (IR < 4) is a constant
+            specs[name] = TensorSpec("activation")
     axes = weight_axes(graph)
     for op in graph.ops:
         for slot, name in enumerate(op.inputs):

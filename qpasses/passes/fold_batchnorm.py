@@ -285,9 +285,17 @@ class LinearLayer:
         self.bias_add = graph.add_op("Add", [inner, name], [out], name=f"{op.name}_bias")
 
     def _write(self, op: Op, slot: int, array: np.ndarray) -> None:
-        """Store ``array`` as ``op``'s input ``slot``; copy first if anything else reads that tensor."""
+        """Store ``array`` as ``op``'s input ``slot``; copy first if anything else reads that tensor.
+
+        A weight only this op reads that is also listed as a graph input (IR < 4 exporters list every
+        initializer as one) is rewritten in place and stops being an input: the default a caller could
+        feed would mean something else now, and a copy under a new name would leave the input unread
+        while an override naming the weight missed the rewritten one.
+        """
         graph = self.graph
         name = op.inputs[slot]
+        if len(graph.uses(name)) == 1 and not graph.is_graph_output(name):
+            release_initializer_input(graph, name)
         shared = len(graph.uses(name)) > 1 or name in graph.inputs or graph.is_graph_output(name)
         if shared:
             name = graph.unique_name(f"{name}_{op.name}")
@@ -350,9 +358,22 @@ def _fold_anchor(graph: Graph, bn: Op) -> Op | None:
     return op
 
 
+def release_initializer_input(graph: Graph, name: str) -> bool:
+    """Stop listing an initializer as a graph input (IR < 4 style); False if ``name`` is not one."""
+    t = graph.tensors.get(name)
+    if t is None or t.initializer is None or name not in graph.inputs:
+        return False
+    graph.inputs.remove(name)
+    graph.touch()
+    return True
+
+
 def drop_if_unused(graph: Graph, names: list[str]) -> None:
-    """Delete weights nothing reads any more (initializers, or their Constant nodes)."""
+    """Delete weights nothing reads any more (initializers, also those listed as graph inputs, or their
+    Constant nodes)."""
     for name in names:
+        if name and not graph.uses(name) and not graph.is_graph_output(name):
+            release_initializer_input(graph, name)
         t = graph.tensors.get(name)
         if not name or t is None or graph.uses(name) or name in graph.inputs or graph.is_graph_output(name):
             continue
