@@ -229,8 +229,8 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
                     continue
                 if slot == weight_slot and name in axes:
                     plan.weights.setdefault(name, WeightSpec(name, op.name, axes[name]))
-                elif slot == bias_slot and t.shape is not None and len(t.shape) == 1 and \
-                        op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
+                elif slot == bias_slot and weight_slot is not None and t.shape is not None and len(t.shape) == 1 \
+                        and op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
                     plan.biases[name] = BiasSpec(name, op.name, op.inputs[0], op.inputs[weight_slot])
                 elif name not in plan.params:
                     plan.params.append(name)

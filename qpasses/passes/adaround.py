@@ -217,7 +217,7 @@ class AdaRound(Pass):
 
     def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
         t = graph.tensors[layer.weight]
-        t.set_data(weight.astype(t.data.dtype))
+        t.set_data(weight.astype(t.constant_data().dtype))
         t.encoding = res.encoding
         t.meta["encoding_source"] = "adaround"
         what = f"{layer.bitwidth}-bit {layer.op.op_type} weight on the {layer.source} grid"
