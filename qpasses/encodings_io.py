@@ -17,7 +17,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -396,8 +396,9 @@ def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
 def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -> list[tuple[str, Any]]:
     """(name, raw entry) pairs of one section in either layout."""
     if isinstance(raw, dict):
-        for name in _duplicates(raw):
-            raise EncodingError(f"{source}: {section} '{name}': listed more than once (JSON keeps only the last)")
+        for duplicate in _duplicates(raw):
+            raise EncodingError(
+                f"{source}: {section} '{duplicate}': listed more than once (JSON keeps only the last)")
         return list(raw.items())
     pairs: list[tuple[str, Any]] = []
     for index, entry in enumerate(raw):
@@ -439,6 +440,7 @@ def from_json(
         if key not in data:
             raise EncodingError(f"{source}: missing required section '{key}'")
     raw_sections = [data[key] for key in SECTIONS]
+    parse: Callable[[Any, str, TensorSpec | None], Entry]
     if all(isinstance(s, dict) for s in raw_sections):
         parse = _parse_legacy
     elif all(isinstance(s, list) for s in raw_sections):
@@ -461,7 +463,7 @@ def from_json(
     return result
 
 
-class _JsonObject(dict):  # type: ignore[type-arg]
+class _JsonObject(dict[str, Any]):
     """A JSON object that remembers which keys it listed more than once."""
 
     duplicates: tuple[str, ...] = ()

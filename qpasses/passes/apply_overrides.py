@@ -41,7 +41,7 @@ def tensor_specs(graph: Graph) -> dict[str, TensorSpec]:
         for slot, name in enumerate(op.inputs):
             if not name or not graph.tensors[name].is_constant:
                 continue
-            shape = graph.tensors[name].shape or ()
+            shape = graph.tensors[name].static_shape or ()  # a constant's dims are all known ints
             if name in axes:
                 axis = axes[name]
                 specs[name] = TensorSpec("weight", per_channel=False) if axis is None else \

@@ -138,8 +138,10 @@ class LinearLayer:
             bias_add = bias_add_of(graph, op)
             if bias_add is not None:
                 const = next(n for n in bias_add.inputs if graph.tensors[n].is_constant)
-                bias = per_channel(_const(graph, const, "bias"), out_ch)  # type: ignore[assignment]
-                has_bias = True
+                found = per_channel(_const(graph, const, "bias"), out_ch)
+                if found is None:  # bias_add_of checked the shape: cannot happen
+                    raise LayerError(f"Add '{bias_add.name}' does not add a per-channel bias")
+                bias, has_bias = found, True
         elif bias_name:
             b = _const(graph, bias_name, "bias")
             scale = float(op.attr("beta", 1.0)) if op.op_type == "Gemm" else 1.0
@@ -234,6 +236,7 @@ class LinearLayer:
 
     def _weight_array(self) -> np.ndarray:
         w = self.weight
+        arr: np.ndarray
         if self.op.op_type == "Conv":
             arr = w.reshape(self.weight_shape)
         elif self.op.op_type == "ConvTranspose":
@@ -388,7 +391,8 @@ class LazyShapes:
     """Shape inference runs only if a MatMul needs its input rank, and then once."""
 
     def __init__(self, graph: Graph, ctx: PassContext) -> None:
-        self.graph, self.ctx, self.value = graph, ctx, None
+        self.graph, self.ctx = graph, ctx
+        self.value: Shapes | None = None
 
     def __call__(self) -> Shapes:
         if self.value is None:
