@@ -263,7 +263,7 @@ class AdaScale(Pass):
             return
         for layer in block.layers:
             t = graph.tensors[layer.weight]
-            t.set_data(weights[layer.weight].astype(t.data.dtype))
+            t.set_data(weights[layer.weight].astype(t.constant_data().dtype))
             t.encoding = res.encodings[layer.weight]
             t.meta["encoding_source"] = "adascale"
         bits = "/".join(str(b) for b in sorted({la.bitwidth for la in block.layers}))
