@@ -184,7 +184,8 @@ def _run_tool(tool: str, model: rm.CorpusModel, workdir: Path, args: argparse.Na
     else:
         cmd = [sys.executable, __file__, "--worker", tool, model.name, str(workdir)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+        # cwd: quant_pre_process leaves its temporary files (sym_shape_infer_temp.onnx, *.data) in it
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=workdir,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
