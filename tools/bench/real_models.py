@@ -123,7 +123,7 @@ def _ort(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]], out: Path) -
         quant_pre_process(str(shipped), str(source))
     except Exception as e:  # noqa: BLE001 - quantize_static still runs, on the model as shipped
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-        info["note"] = info.get("note", "") + f"; quant_pre_process failed ({reason}); model as is"
+        info["note"] = "; ".join(filter(None, [info.get("note"), f"quant_pre_process failed ({reason}); model as is"]))
         source = shipped
     quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
