@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", help="corpus models (default: all)")
     ap.add_argument("--amp", action="store_true", help="also run qpasses AMP with allowed drop 0.01 (slow)")
-    ap.add_argument("--tools", nargs="+", choices=TOOLS[:-1], default=list(TOOLS[:-1]))
+    ap.add_argument("--tools", nargs="*", choices=TOOLS[:-1], default=list(TOOLS[:-1]),
+                    help="tools to run (default all; none with --amp for the AMP row alone)")
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help=f"Python of a venv with nncf (default {NNCF_PYTHON})")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per tool and model")
     ap.add_argument("--json", help="also write the rows to this file")
