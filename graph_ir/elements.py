@@ -26,12 +26,13 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 class Tensor:
     """A named value: graph input, initializer, Constant output or activation.
 
-    ``encoding`` and ``precision`` are the slots quantization passes fill; ``meta`` is
+    ``encoding`` and ``precision`` are the slots quantization passes fill (setting a precision bumps
+    ``Graph.precision_version``, which analyses that read precisions are keyed on); ``meta`` is
     free-form per-pass data. Weight data is read lazily from the initializer or from the
     producing ``Constant`` node, so both look the same to passes.
     """
 
-    __slots__ = ("name", "value_info", "initializer", "encoding", "precision", "meta", "_graph")
+    __slots__ = ("name", "value_info", "initializer", "encoding", "_precision", "meta", "_graph")
 
     def __init__(self, graph: Graph, name: str) -> None:
         self._graph = graph
@@ -39,8 +40,19 @@ class Tensor:
         self.value_info: onnx.ValueInfoProto | None = None
         self.initializer: onnx.TensorProto | None = None
         self.encoding: Any = None
-        self.precision: Any = None
+        self._precision: Any = None
         self.meta: dict[str, Any] = {}
+
+    # --- precision annotation (analyses such as the quantization plan are keyed on it) ---
+    @property
+    def precision(self) -> Any:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: Any) -> None:
+        if value is not self._precision:
+            self._precision = value
+            self._graph.precision_version += 1
 
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, dtype={self.dtype}, shape={self.shape})"

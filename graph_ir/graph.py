@@ -42,7 +42,8 @@ class Graph:
         self._op_names: set[str] = set()
         self._ids = itertools.count()
         self._names = itertools.count()
-        self.version = 0
+        self.version = 0  # bumped by structural edits (ops, tensors, data, types)
+        self.precision_version = 0  # bumped when a tensor's precision annotation changes
         self._topo: tuple[int, list[Op]] | None = None
         # graph.value_info entries of graph inputs/outputs and initializers, which the tensor's own
         # value_info slot cannot hold: name -> (entry, the tensor's value_info/initializer at load).
@@ -93,6 +94,7 @@ class Graph:
         for t in self.tensors.values():
             t._graph = self
         self.version = max(version, other.version) + 1
+        self.precision_version += 1
         self._topo = None
 
     def touch(self) -> None:

@@ -12,8 +12,12 @@ Stable (semantic versioning on ``API_VERSION``, independent of the package versi
   ``PassSpec``, ``parse_pipeline``;
 - writing and running passes: ``Pass`` (``name``, an ``Options`` dataclass,
   ``run(graph, ctx) -> PassResult``, ``self.remarks``, ``self.result``), ``PassResult``,
-  ``PassContext``, ``PassManager``, ``Registry``, ``default_registry``, ``registry_with``,
-  ``pin_precision``;
+  ``PassContext`` (run inputs ``target`` / ``calibration_data``, ``analyses``, ``artifacts``),
+  ``Artifacts`` (typed results passes leave for later ones, keyed by class), ``Analysis`` (subclass it
+  for your own cached facts; ``reads_precisions`` when it reads precision annotations), ``PassManager``,
+  ``Registry``, ``default_registry``, ``registry_with``, ``pin_precision``;
+- artifacts the built-in flow reads or leaves: ``Overrides`` (an encodings file object to apply,
+  instead of a path), ``EncodingsFile`` (what ``quantize`` exports);
 - the IR: ``Graph``, ``Op``, ``Tensor`` (with the ``encoding`` and ``precision`` slots),
   ``load_model``, ``save_model``, ``from_onnx``, ``to_onnx``;
 - bridges: ``from_onnx_ir`` / ``to_onnx_ir`` (``onnx_ir``, optional extra ``qpasses[onnx-ir]``;
@@ -28,7 +32,7 @@ Stable (semantic versioning on ``API_VERSION``, independent of the package versi
 A minor version (1.x) only adds names and keyword arguments with defaults; removing or renaming
 a name, or changing what one means, makes a major version (2.0). Internal, and free to change in
 any release: every module not re-exported here, the built-in passes inside each stage and their
-options, ``ctx.state`` keys, ``Tensor.meta`` keys, report and remark text.
+options, artifact classes not named here, ``Tensor.meta`` keys, report and remark text.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from graph_ir.graphsurgeon_bridge import from_graphsurgeon, to_graphsurgeon
 from graph_ir.onnx_bridge import from_onnx, to_onnx
 from graph_ir.onnx_bridge import load as load_model
 from graph_ir.onnx_bridge import save as save_model
+from qpasses.core.analyses import Analysis
+from qpasses.core.artifacts import Artifacts
 from qpasses.core.context import PassContext
 from qpasses.core.errors import (
     CalibrationDataError,
@@ -60,6 +66,7 @@ from qpasses.core.pipeline import PassSpec, parse_pipeline
 from qpasses.core.registry import Registry
 from qpasses.interop.onnx_ir_bridge import ENCODING_KEY, META_KEY, PRECISION_KEY, from_onnx_ir, to_onnx_ir
 from qpasses.passes import default_registry
+from qpasses.passes.quantize.apply_overrides import Overrides
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import Encoding
 from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride
@@ -92,7 +99,6 @@ def pin_precision(graph: Graph, name: str, precision: Precision | str) -> None:
     tensor = graph.tensor(name)
     tensor.precision = Precision.parse(precision) if isinstance(precision, str) else precision
     tensor.meta["precision_source"] = "override"
-    graph.touch()  # analyses that read precisions (the quantization plan) are recomputed
 
 
 def quantize_onnx_ir(model: onnx_ir.Model, calibration_data: Any = None, config: QuantConfig | None = None,
@@ -106,6 +112,8 @@ def quantize_onnx_ir(model: onnx_ir.Model, calibration_data: Any = None, config:
 
 __all__ = [
     "API_VERSION",
+    "Analysis",
+    "Artifacts",
     "CalibrationDataError",
     "ENCODING_KEY",
     "Encoding",
@@ -117,6 +125,7 @@ __all__ = [
     "META_KEY",
     "ModelLoadError",
     "Op",
+    "Overrides",
     "PRECISION_KEY",
     "Pass",
     "PassContext",

@@ -30,7 +30,8 @@ from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
 from qpasses.passes import default_registry
-from qpasses.passes.quantize.apply_overrides import tensor_specs
+from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
+from qpasses.passes.quantize.runtime_parity_check import Fp32Reference
 from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
@@ -213,19 +214,19 @@ def quantize_once(
     structural[1:1] = user_objects  # Pass objects given directly run right after inline-functions
     ctx = PassContext(target=target, calibration_data=calibration_data)
     if calibration_data is not None:
-        ctx.state["fp32_reference"] = graph.to_onnx()
+        ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
     original_specs = tensor_specs(graph) if overrides is not None else {}
     # Structural passes first: an overrides file may name tensors they create (e.g. the
     # biases that batch-norm folding adds, as in an encodings.json this tool exported).
     report = PassManager(structural, verify=verify).run(graph, ctx)
     if overrides is not None:
         specs = {**original_specs, **tensor_specs(graph)}
-        ctx.state["overrides"] = encodings_io.load(overrides, tensors=specs)
-        ctx.state["overrides_path"] = str(overrides)
+        ctx.artifacts.put(Overrides(encodings_io.load(overrides, tensors=specs), str(overrides)))
     passes = build_passes(flow.main, registry)
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
-    encodings = ctx.state.get("encodings")
+    encodings = ctx.artifacts.get(EncodingsFile)
     if encodings is None or not (encodings.activations or encodings.params):
         raise QPassesError(f"nothing was quantized: {_why_nothing_quantizable(graph)}")
-    return QuantizeResult(graph, encodings, report, config, ctx.state.get("runtime_parity"),
-                          reference=ctx.state.get("fp32_reference"))
+    reference = ctx.artifacts.get(Fp32Reference)
+    return QuantizeResult(graph, encodings, report, config, ctx.artifacts.get(ParityReport),
+                          reference=None if reference is None else reference.model)

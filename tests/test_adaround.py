@@ -30,6 +30,8 @@ from qpasses.core.verification import exact_session
 from qpasses.data.evaluation import sqnr_db
 from qpasses.learned.layers import starting_encoding
 from qpasses.passes import default_registry
+from qpasses.passes.quantize.adaround import AdaRoundResults
+from qpasses.passes.quantize.seq_mse import SeqMseResults
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import dequantize, fake_quantize, quantize
 from qpasses.quantize import quantize_model
@@ -137,7 +139,7 @@ def test_rounded_weights_stay_within_one_grid_step() -> None:
         assert enc == starting_encoding(w, 4, True, "symmetric", 0)  # the grid is min-max's; only rounding moved
         flipped += int(np.sum(t.data != fake_quantize(w, enc)))
     assert flipped > 0
-    results = ctx.state["adaround"]
+    results = ctx.artifacts[AdaRoundResults]
     assert all(r.loss < r.loss_nearest for r in results.values()), results
 
 
@@ -150,7 +152,7 @@ def test_every_weighted_op_type_per_tensor_and_per_channel() -> None:
         PassManager([REGISTRY.create_pass("adaround", weight_bw=bits, per_channel=per_channel,
                                           input_from=input_from, **FAST),
                      REGISTRY.create_pass("encode-weights", weight_bw=bits, per_channel=per_channel)]).run(g, ctx)
-        results = ctx.state["adaround"]
+        results = ctx.artifacts[AdaRoundResults]
         assert set(results) == {"deconv", "conv", "matmul", "gemm"}
         assert all(r.loss <= r.loss_nearest for r in results.values())
         assert sum(r.loss < 0.95 * r.loss_nearest for r in results.values()) >= 3, results
@@ -170,7 +172,7 @@ def test_seq_mse_grid_is_kept_and_bn_must_be_folded() -> None:
     report = PassManager([REGISTRY.create_pass("seq-mse", weight_bw=4, progress=False),
                           REGISTRY.create_pass("adaround", weight_bw=4, **FAST)]).run(g, ctx)
     for name in WEIGHTS:
-        assert g.tensors[name].encoding == ctx.state["seq_mse"][g.consumers(name)[0].name].encoding
+        assert g.tensors[name].encoding == ctx.artifacts[SeqMseResults][g.consumers(name)[0].name].encoding
     assert any("on the seq-mse grid" in r.message for r in report.remarks)
     unfolded = graph_ir.load(DIGITS)
     report = PassManager([REGISTRY.create_pass("adaround", weight_bw=4, **FAST)]).run(

@@ -27,6 +27,7 @@ from qpasses.core.verification import exact_session
 from qpasses.data.evaluation import sqnr_db
 from qpasses.learned.layers import cut_points, find_blocks, learnable_layers
 from qpasses.passes import default_registry
+from qpasses.passes.quantize.adascale import AdaScaleResults
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import dequantize, quantize
 from qpasses.quantize import quantize_model
@@ -254,7 +255,7 @@ def _adascale(g: graph_ir.Graph, calibration: object = str(CALIB_PATH), **option
 def test_named_blocks_are_checked() -> None:
     g = _folded("digits_cnn_residual")
     ctx = _adascale(g, blocks=["features.2_out->features.3.act_out"])
-    (res,) = ctx.state["adascale"]
+    (res,) = ctx.artifacts[AdaScaleResults]
     assert res.layers == ("features.3.body.0.conv", "features.3.body.1.conv")
     assert g.tensors[g.op("features.3.body.0.conv").inputs[1]].meta["encoding_source"] == "adascale"
     assert g.tensors[g.op("fc").inputs[1]].meta["encoding_source"] == "weights"  # left to encode-weights
@@ -302,7 +303,7 @@ def test_adascale_per_tensor_and_every_weighted_op_type() -> None:
     for bits, per_channel in ((8, False), (4, True)):
         g = graph_ir.load(model)
         ctx = _adascale(g, feeds, weight_bw=bits, per_channel=per_channel)
-        results = ctx.state["adascale"]
+        results = ctx.artifacts[AdaScaleResults]
         assert [r.layers for r in results] == [("deconv",), ("conv",), ("matmul",), ("gemm",)]
         assert all(r.loss <= r.loss_start for r in results)
         # on random weights and data the deconv block's start is hard to beat (then it keeps it); the rest learn
@@ -376,4 +377,4 @@ def test_unsupported_op_in_a_block_is_a_missed_remark() -> None:
     report = PassManager([REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=2, progress=False)]).run(g, ctx)
     missed = [r for r in report.remarks if r.kind == "missed"]
     assert any("Round 'round'" in r.reason and r.nodes == ("conv2",) for r in missed), missed
-    assert [r.layers for r in ctx.state["adascale"]] == [("conv1",)]
+    assert [r.layers for r in ctx.artifacts[AdaScaleResults]] == [("conv1",)]

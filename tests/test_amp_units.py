@@ -285,3 +285,30 @@ def test_plot_is_skipped_with_a_remark_without_matplotlib(tmp_path, monkeypatch)
     message = plot_pareto(points, tmp_path / "pareto.png", target=0.85, chosen=0.5)
     assert message is not None and "qpasses[plot]" in message
     assert not (tmp_path / "pareto.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "tf", "adjusted"])
+def test_simulated_weight_encoding_matches_encode_weights_on_a_mixed_axis_weight(mode: str) -> None:
+    """A weight read by Gemms with transB 0 and 1 has no per-channel axis (the plan's axis is None):
+    encode-weights encodes it per tensor with its per-tensor mode rules, and the AMP simulation must
+    score that same grid (it took the per-channel branch: tf instead of symmetric)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpasses.amp.simulation import weight_encoding
+    from qpasses.core.context import PassContext
+    from qpasses.passes import default_registry
+    from qpasses.quant.plan import QuantPlan
+
+    w = (np.random.default_rng(0).normal(size=(8, 8)) + 0.5).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
+         helper.make_node("Gemm", ["a", "w"], ["y"], name="g1", transB=1)],
+        "mixed_axes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph, ctx = graph_ir.load(model), PassContext()
+    default_registry().create_pass("encode-weights", per_channel=True, mode=mode)(graph, ctx)
+    axis = ctx.get(QuantPlan, graph).plan.weights["w"].axis
+    assert axis is None
+    exported = graph.tensors["w"].encoding
+    assert weight_encoding(w, 8, axis, per_channel=True, mode=mode) == exported

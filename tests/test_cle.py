@@ -22,7 +22,7 @@ from qpasses.core.pass_manager import PassManager, PipelineReport
 from qpasses.core.remarks import Remark
 from qpasses.core.verification import exact_session
 from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
-from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
+from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm, FoldedBatchNorms
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DIGITS = MODELS / "digits_test.npz"
@@ -223,7 +223,7 @@ def test_fold_variants_keep_structure_and_state() -> None:
     assert types.count("Add") == 1  # MatMul + Add(bias) + BN folded into the Add's constant
     assert rel_err(model, out, feeds_for(model)) < RTOL
     w = weights(model)
-    gamma, beta = ctx.state["folded_bn"]["mm1"]
+    gamma, beta = ctx.artifacts[FoldedBatchNorms]["mm1"]
     np.testing.assert_allclose(gamma, w["bn1.scale"])
     np.testing.assert_allclose(beta, w["bn1.bias"])
     assert len(remarks(report, "applied", "fold-batchnorm")) == 2
@@ -278,7 +278,7 @@ def test_cle_alone_folds_batchnorms_first() -> None:
     out, report, ctx = run_passes(model, fold_first=False)
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     assert len([r for r in remarks(report, "applied") if r.message.startswith("folded")]) == 4
-    assert set(ctx.state["folded_bn"]) >= {"features.0.conv", "features.4.conv"}
+    assert set(ctx.artifacts[FoldedBatchNorms]) >= {"features.0.conv", "features.4.conv"}
     assert rel_err(model, out, {"input": digits()["input"][:32]}) < RTOL
 
 
@@ -305,7 +305,7 @@ def test_high_bias_absorption_matches_hand_computation(relu: bool) -> None:
     np.testing.assert_allclose(w_out[node(out, "conv1").input[2]], b1 - c, rtol=1e-5, atol=1e-5)
     expected_b2 = w["output.bias"] + np.einsum("oikl,i->o", w["output.weight"], c)
     np.testing.assert_allclose(w_out[node(out, "output").input[2]], expected_b2, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ctx.state["folded_bn"]["conv1"][1], beta - c, atol=1e-6)
+    np.testing.assert_allclose(ctx.artifacts[FoldedBatchNorms]["conv1"][1], beta - c, atol=1e-6)
     (absorbed,) = [r for r in remarks(report, "applied") if r.message.startswith("absorbed")]
     assert absorbed.nodes[0] == "conv1" and absorbed.nodes[-1] == "output"
     # Through a Relu this is exact only while pre-activations stay >= beta - 3|gamma| (true here).

@@ -64,6 +64,19 @@ def below_min_range(e: object) -> bool:
     return isinstance(e, Encoding) and any(s * (2**e.bitwidth - 1) < 1e-4 for s in e.scale)
 
 
+def carried_by_0_6_1(name: str, e: object, section: str, case: EncodingsCase) -> bool:
+    """Whether 0.6.1 round-trips ``e``: yes above the minimum range, and below it for a symmetric bias grid
+    (a derived bias is s_in * s_w), which the importer takes as stated (Q3)."""
+    if not below_min_range(e):
+        return True
+    assert isinstance(e, Encoding)
+    if case.tensors is not None:
+        bias = case.tensors[name].role == "bias"
+    else:  # without the model, a 32-bit parameter can only be a bias
+        bias = section == "params" and e.bitwidth == 32
+    return bias and e.symmetric
+
+
 def check_loaded(loaded: encodings_io.EncodingsFile, case: EncodingsCase, tmp: Path) -> None:
     for section in (loaded.activations, loaded.params):
         for name, entry in section.items():
@@ -77,7 +90,11 @@ def check_loaded(loaded: encodings_io.EncodingsFile, case: EncodingsCase, tmp: P
             assert all(isinstance(o, int) for o in entry.offset), f"{name}: offsets {entry.offset}"
             assert all(-levels <= o <= 0 for o in entry.offset) or entry.symmetric, \
                 f"{name}: offsets {entry.offset} outside the {entry.bitwidth}-bit grid"
-    tiny = any(below_min_range(e) for section in (loaded.activations, loaded.params) for e in section.values())
+    tiny = not all(carried_by_0_6_1(name, e, section, case) for section in ("activations", "params")
+                   for name, e in getattr(loaded, section).items())
+    if any(below_min_range(e) for section in (loaded.activations, loaded.params) for e in section.values()) \
+            and not tiny:
+        STATS.note("bias grid below the minimum range: 0.6.1 round trip compared")
     if tiny:
         STATS.note("grid below the minimum range: 0.6.1 round trip not compared")
     for version in ("1.0.0",) if tiny else ("0.6.1", "1.0.0"):
@@ -240,3 +257,32 @@ def test_cli_bad_overrides_file_is_exit_2_with_one_line(tmp_path: Path, raw: byt
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.json" in err and "Traceback" not in err, err
     assert not (out / "model.qdq.onnx").exists()
+
+
+@pytest.mark.parametrize(("role", "bitwidth"), [("bias", 32), (None, 32), ("weight", 16)])
+def test_q3_symmetric_bias_grid_below_min_range_round_trips_in_0_6_1(tmp_path: Path, role: str | None,
+                                                                     bitwidth: int) -> None:
+    """Q3 at the file level: a per-channel symmetric bias grid whose first channel spans < 1e-4, saved as 0.6.1,
+    loads back unchanged for a bias (or a 32-bit parameter of unknown role). A weight's min/max still get the
+    spec's minimum-range rule, which moves the tiny channel's grid off symmetric: a clear error."""
+    half = 2 ** (bitwidth - 1)
+    enc = Encoding(bitwidth, (1e-4 / 2**bitwidth / 40, 2.5e-3 / half), (-half,) * 2, True, 0)
+    tensors = None if role is None else {"b": encodings_io.TensorSpec(role, 2, 0)}
+    path = tmp_path / "enc.json"
+    encodings_io.save(path, encodings_io.EncodingsFile(params={"b": enc}), "0.6.1")
+    if role == "weight":
+        with pytest.raises(QPassesError, match="must be symmetric"):
+            encodings_io.load(path, tensors=tensors)
+        return
+    assert encodings_io.load(path, tensors=tensors).params["b"] == enc
+
+
+def test_q3_inconsistent_tiny_bias_entry_follows_the_spec_rule(tmp_path: Path) -> None:
+    """Only a grid stated exactly (min = -2^31 * scale, max = (2^31 - 1) * scale) is taken as it is: a tiny bias
+    entry whose scale disagrees with its min/max gets the spec's minimum range from min/max."""
+    doc = {"activation_encodings": {}, "param_encodings": {"b": [
+        {"bitwidth": 32, "dtype": "int", "is_symmetric": "True", "min": -1e-6, "max": 1e-6, "scale": 1e-20}]}}
+    path = tmp_path / "enc.json"
+    path.write_text(json.dumps(doc))
+    loaded = encodings_io.load(path, tensors={"b": encodings_io.TensorSpec("bias", 1, 0)}).params["b"]
+    assert isinstance(loaded, Encoding) and loaded.max[0] - loaded.min[0] >= 1e-4 * (1 - 1e-9)

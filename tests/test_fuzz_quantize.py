@@ -118,21 +118,10 @@ def _canonical(enc: Any) -> Any:
     return enc
 
 
-def has_q3(result: QuantizeResult) -> bool:
-    """Q3 (known bug, see the xfail test below): a grid spanning less than the spec's minimum range 1e-4
-    (an int32 bias of s_in * s_w with a near-constant input at 16 bits and a zero weight channel), which
-    the 0.6.1 layout (min/max, re-derived on import) cannot carry."""
-    return any(isinstance(e, Encoding) and any(s * (2**e.bitwidth - 1) < 1e-4 for s in e.scale)
-               for e in result.encodings.params.values())
-
-
 def check_encodings_export(result: QuantizeResult, model: onnx.ModelProto, tmp: Path, **structural: bool) -> None:
     """Both layouts round-trip through save/load (with the model's tensor specs) unchanged."""
     specs = model_specs(model, **structural)
-    q3 = has_q3(result)
-    if q3:
-        STATS.note("known bug Q3: 0.6.1 export not reloaded")
-    for version in ("1.0.0",) if q3 else ("0.6.1", "1.0.0"):
+    for version in ("0.6.1", "1.0.0"):
         path = tmp / f"enc-{version}.json"
         encodings_io.save(path, result.encodings, version)
         json.loads(path.read_text())  # plain JSON (no NaN/Infinity tokens)
@@ -239,14 +228,6 @@ def check_matches_reference(result: QuantizeResult, model: onnx.ModelProto, bias
             f"{within:.1%} of elements within 1 step")
 
 
-def graph_has_q2(model: onnx.ModelProto) -> bool:
-    """Q2 (known bug, see the xfail test below): initializers listed as graph inputs, and a BatchNormalization
-    that folding will fold into a layer (renaming its weight)."""
-    inits = {t.name for t in model.graph.initializer}
-    return any(i.name in inits for i in model.graph.input) and any(
-        n.op_type == "BatchNormalization" for n in model.graph.node)
-
-
 @st.composite
 def precision_overrides(draw: st.DrawFn, model: onnx.ModelProto) -> dict[str, Any]:
     """A 0.6.1 overrides document giving random tensors a precision only (no range): activations int8/int16
@@ -261,9 +242,7 @@ def precision_overrides(draw: st.DrawFn, model: onnx.ModelProto) -> dict[str, An
         doc["activation_encodings"][name] = [draw(st.sampled_from([
             {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
             {"bitwidth": 32, "dtype": "float"}]))]
-    if weights and graph_has_q2(model):
-        STATS.note("known bug Q2: no weight overrides")
-    elif weights:
+    if weights:
         for name in draw(st.lists(st.sampled_from(weights), unique=True, max_size=2)):
             doc["param_encodings"][name] = [draw(st.sampled_from([
                 {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 4, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
@@ -317,9 +296,6 @@ def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
     calib = random_feeds(g.model, 1, count=2)
     options = dict(progress=False, bias_correction=False, runtime_check=False, auto_fallback=False)
     first = quantize_model(g.model, calib, QuantConfig(**config), **options)
-    if version == "0.6.1" and has_q3(first):
-        STATS.case("known bug Q3: not compared")
-        return
     path = tmp_path_factory.mktemp("overrides") / "encodings.json"
     encodings_io.save(path, first.encodings, version)
     again = quantize_model(g.model, calib, QuantConfig(**config), overrides=path, **options)
@@ -334,7 +310,7 @@ def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
 
 
 # ---------------------------------------------------------------------------------------------------
-# minimal reproducers of the bugs found (xfail until fixed)
+# minimal reproducers of the bugs this fuzzing found (Q1-Q3, fixed)
 
 
 def _shared_weight_two_axes() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
@@ -396,15 +372,12 @@ def _conv_bn_initializers_as_inputs() -> tuple[onnx.ModelProto, list[dict[str, n
     return model, random_feeds(model, 1, count=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Q2: initializers listed as graph inputs (IR < 4 exporters) + a BatchNormalization folded into the Conv: "
-    "fold-batchnorm writes the folded weight under a new name (w1_conv3_Conv) and leaves 'w1' as an unread "
-    "graph input, which tensor_specs then calls an activation, so an override for the weight 'w1' is "
-    "rejected as an activation ({bitwidth: 4}: 'activation bitwidth 4 is not supported') or silently applied "
-    "to nothing ({bitwidth: 16}: the Conv keeps an 8-bit weight)"))
 @pytest.mark.parametrize("bitwidth", [4, 16])
 def test_q2_weight_override_applies_when_batchnorm_is_folded_into_an_input_listed_weight(
         tmp_path: Path, bitwidth: int) -> None:
+    """Q2: with initializers listed as graph inputs (IR < 4), fold-batchnorm wrote the folded weight under a new
+    name and left 'w1' an unread graph input that tensor_specs called an activation, so the override of 'w1' was
+    rejected ({bitwidth: 4}) or applied to nothing ({bitwidth: 16}). The folded weight keeps its name now."""
     model, calib = _conv_bn_initializers_as_inputs()
     path = tmp_path / "overrides.json"
     path.write_text(json.dumps({"activation_encodings": {},
@@ -413,15 +386,14 @@ def test_q2_weight_override_applies_when_batchnorm_is_folded_into_an_input_liste
     conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
     weight = next(e for n, e in result.encodings.params.items() if conv.input[1].startswith(n))
     assert weight.bitwidth == bitwidth
+    assert not {"w1", "b2"} & {i.name for i in result.model.graph.input}, "rewritten weights stay graph inputs"
 
 
-@pytest.mark.xfail(strict=True, raises=QPassesError, reason=(
-    "Q3: x -> Conv(w1, b1=-100) -> Relu (dead: range [0, 0], so 16-bit s_in = 1e-4/65535) -> Conv(w2 with a zero "
-    "output channel, bias 0 there) per_channel=True act_bw=16: that channel's int32 bias grid s_in * s_w = 6e-16 "
-    "spans 2.6e-6 < the spec's minimum range 1e-4; the 0.6.1 encodings.json quantize writes re-derives it from "
-    "min/max on import and is rejected as overrides for the same model (EncodingError: per-channel encodings "
-    "must be symmetric with offset -2147483648, got [-55192014, -2147483648])"))
 def test_q3_tiny_bias_grid_encodings_reapply_as_overrides(tmp_path: Path) -> None:
+    """Q3: x -> Conv(w1, b1=-100) -> Relu (dead: range [0, 0], so 16-bit s_in = 1e-4/65535) -> Conv(w2 with a zero
+    output channel, bias 0 there), per_channel, act_bw=16: that channel's int32 bias grid s_in * s_w spans 2.6e-6,
+    below the spec's minimum range 1e-4. Its 0.6.1 min/max were re-derived with the minimum-range rule on import
+    (offset mismatch, EncodingError); a symmetric bias grid stated exactly is now taken as stated."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -442,4 +414,9 @@ def test_q3_tiny_bias_grid_encodings_reapply_as_overrides(tmp_path: Path) -> Non
     options = dict(progress=False, runtime_check=False, auto_fallback=False)
     first = quantize_model(model, calib, config, **options)
     first.save(tmp_path / "out")
-    quantize_model(model, calib, config, overrides=tmp_path / "out" / "encodings.json", **options)
+    tiny = [n for n, e in first.encodings.params.items() if isinstance(e, Encoding) and e.bitwidth == 32
+            and min(e.scale) * (2**32 - 1) < 1e-4]
+    assert tiny, "the reproducer no longer makes a bias grid below the minimum range"
+    again = quantize_model(model, calib, config, overrides=tmp_path / "out" / "encodings.json", **options)
+    assert again.encodings.params == first.encodings.params
+    assert again.encodings.activations == first.encodings.activations

@@ -308,3 +308,21 @@ def test_set_output_hands_a_tensor_over_to_another_producer():
     onnx.checker.check_model(g.to_onnx(), full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     np.testing.assert_array_equal(_run(g.to_onnx(), {"x": x})[0], -np.maximum(-np.maximum(x, 0), 0))
+
+
+def test_constant_data_and_static_shape() -> None:
+    """constant_data returns a constant's array and refuses an activation (a pass's wrong assumption is a
+    qpasses bug, not the user's); static_shape is the shape only when every dim is a known int."""
+    from qpasses.core.errors import InternalError
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [numpy_helper.from_array(w, "w")]))
+    graph = graph_ir.load(model)
+    np.testing.assert_array_equal(graph.tensors["w"].constant_data(), w)
+    assert graph.tensors["w"].static_shape == (2, 3)
+    assert graph.tensors["x"].shape == ("batch", 2) and graph.tensors["x"].static_shape is None
+    with pytest.raises(InternalError, match="'x' was taken for a constant"):
+        graph.tensors["x"].constant_data()

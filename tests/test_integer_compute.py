@@ -107,3 +107,19 @@ def test_qdq_matmul_is_an_integer_kernel() -> None:
     ic = integer_mac_share(_model(nodes, inits, [4, 8], "y", [4, 3]), _x([4, 8]))
     assert ic.total_macs == 4 * 3 * 8 and ic.share == 1.0
     assert ic.nodes[0].op_type in ("QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat")
+
+
+def test_model_with_external_data(tmp_path) -> None:
+    """A model file whose weights live in external data (as khmer_segmenter's do) gives the same MACs."""
+    nodes: list = []
+    inits: list = []
+    _qdq(nodes, inits, "x", "x.dq", 0.01, np.uint8(128))
+    mid = _qdq_conv(nodes, inits, "x.dq", "conv1", cin=3, cout=4, k=3)
+    inits.append(_init("conv2.w", RNG.standard_normal((2, 4, 3, 3)).astype(np.float32)))
+    nodes.append(helper.make_node("Conv", [mid, "conv2.w"], ["y"], name="conv2"))
+    model = _model(nodes, inits, [1, 3, 8, 8], "y", [1, 2, 4, 4])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    assert (tmp_path / "model.onnx.data").exists()
+    ic = integer_mac_share(str(path), _x([1, 3, 8, 8]))
+    assert (ic.integer_macs, ic.total_macs) == (3888, 3888 + 1152)

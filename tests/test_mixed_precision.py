@@ -28,7 +28,7 @@ import graph_ir
 from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager
 from qpasses.passes import default_registry
-from qpasses.passes.quantize.apply_overrides import load_overrides
+from qpasses.passes.quantize.apply_overrides import Overrides, load_overrides
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import PrecisionOverride
 from qpasses.quant.encodings_io import load as load_encodings
@@ -182,7 +182,7 @@ def _annotated(model: onnx.ModelProto, overrides: dict | None, tmp_path, *, targ
     ctx = PassContext(target=registry.target(target) if isinstance(target, str) else target)
     passes = []
     if overrides is not None:
-        ctx.state["overrides"] = load_overrides(str(write_json(tmp_path / "a.json", overrides)), graph)
+        ctx.artifacts.put(Overrides(load_overrides(str(write_json(tmp_path / "a.json", overrides)), graph)))
         passes.append(registry.create_pass("apply-overrides"))
     passes.append(registry.create_pass("annotate-precision", **options))
     report = PassManager(passes).run(graph, ctx)

@@ -24,6 +24,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.verification import exact_session
 from qpasses.passes import default_registry
+from qpasses.passes.quantize.calibrate import CalibrationOutliers
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import compute
 from qpasses.quant.range_statistics import (
@@ -98,7 +99,7 @@ def test_outlier_samples_are_left_for_later_steps() -> None:
     ctx = PassContext(calibration_data=_feeds(_calib()))
     with pytest.warns(CalibrationOutlierWarning, match=r"sample 37 of the calibration data .* reaches more"):
         PassManager([default_registry().create_pass("calibrate", progress=False)], verify="none").run(graph, ctx)
-    found = ctx.state["calibration_outliers"]
+    found = ctx.artifacts[CalibrationOutliers]
     assert found["input"].samples == (BAD_SAMPLE,) and (found["input"].rest_min, found["input"].rest_max) == (0, 1)
 
 

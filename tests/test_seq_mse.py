@@ -24,7 +24,7 @@ from qpasses.core.errors import CalibrationDataError, PassError, QPassesError
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.verification import exact_session
 from qpasses.passes import default_registry
-from qpasses.passes.quantize.seq_mse import constant_bias, layer_output, make_kernel
+from qpasses.passes.quantize.seq_mse import SeqMseResults, constant_bias, layer_output, make_kernel
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
@@ -220,7 +220,7 @@ def test_layer_output_mse_never_worse_than_minmax_4bit(model_name: str, symmetry
     ctx = _encode(g, 4, inp_symmetry=symmetry)
     gains = _assert_never_worse(g_fp, g, 4, symmetry)
     assert max(gains) > 1.2, gains  # and it does find better ranges at 4 bits
-    assert set(ctx.state["seq_mse"]) == {op.name for op in _weighted_ops(g)}
+    assert set(ctx.artifacts[SeqMseResults]) == {op.name for op in _weighted_ops(g)}
 
 
 def _generated_model() -> onnx.ModelProto:
@@ -252,7 +252,7 @@ def test_conv_transpose_matmul_gemm_never_worse_than_minmax() -> None:
     g_fp = graph_ir.load(_generated_model())
     g = g_fp.copy()
     ctx = _encode(g, 4, calibration=feeds)
-    assert set(ctx.state["seq_mse"]) == {"deconv", "conv", "matmul", "gemm"}
+    assert set(ctx.artifacts[SeqMseResults]) == {"deconv", "conv", "matmul", "gemm"}
     assert g.tensors["wt"].encoding.axis == 1 and g.tensors["wt"].encoding.num_channels == 3
     assert g.tensors["wg"].encoding.axis == 1 and g.tensors["wm"].encoding.axis == 1
     gains = _assert_never_worse(g_fp, g, 4, "symqt", feeds)
@@ -266,7 +266,7 @@ def test_searched_ranges_are_fractions_of_minmax() -> None:
     REGISTRY.create_pass("encode-weights", weight_bw=4, per_channel=True)(g_minmax)
     for op in _weighted_ops(g):
         t = g.tensors[op.inputs[1]]
-        res = ctx.state["seq_mse"][op.name]
+        res = ctx.artifacts[SeqMseResults][op.name]
         base = np.asarray(g_minmax.tensors[op.inputs[1]].encoding.scale)
         np.testing.assert_allclose(np.asarray(t.encoding.scale) / base, res.fractions, rtol=1e-9)
         assert set(res.fractions) <= {k / 8 for k in range(1, 9)}
@@ -279,7 +279,7 @@ def test_searched_ranges_are_fractions_of_minmax() -> None:
 def test_each_symmetry_and_loss_runs(symmetry: str, loss: str) -> None:
     g = _folded_digits()
     ctx = _encode(g, 4, inp_symmetry=symmetry, loss_fn=loss, num_candidates=10, num_batches=2)
-    results = ctx.state["seq_mse"]
+    results = ctx.artifacts[SeqMseResults]
     assert len(results) == 5
     for res in results.values():
         assert res.loss <= res.minmax_loss + 1e-9 * abs(res.minmax_loss)  # min-max is a candidate
@@ -294,7 +294,8 @@ def test_per_tensor_search() -> None:
     for op in _weighted_ops(g):
         enc = g.tensors[op.inputs[1]].encoding
         assert enc.axis is None and enc.num_channels == 1
-        assert ctx.state["seq_mse"][op.name].mse <= ctx.state["seq_mse"][op.name].minmax_mse * (1 + 1e-9)
+        found = ctx.artifacts[SeqMseResults][op.name]
+        assert found.mse <= found.minmax_mse * (1 + 1e-9)
 
 
 def test_excluded_ops_keep_minmax_encodings() -> None:
@@ -320,7 +321,7 @@ def test_pipeline_option_text_and_missing_data() -> None:
                                          "exclude=fc;features.0.conv}"), REGISTRY)
     ctx = PassContext(calibration_data=str(MODELS / "digits_calib.npz"))
     PassManager(passes).run(g, ctx)
-    assert set(ctx.state["seq_mse"]) == {"features.1.conv", "features.3.conv", "features.4.conv"}
+    assert set(ctx.artifacts[SeqMseResults]) == {"features.1.conv", "features.3.conv", "features.4.conv"}
     with pytest.raises(CalibrationDataError, match="no calibration data"):
         REGISTRY.create_pass("seq-mse", progress=False)(_folded_digits())
     with pytest.raises(QPassesError, match="SeqMSE needs calibration data"):
@@ -393,7 +394,7 @@ def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, s
     g = g_fp.copy()
     ctx = _encode(g, 4, calibration=feeds, inp_symmetry=symmetry)
     assert len(calls) == captures, calls
-    assert set(ctx.state["seq_mse"]) == {"convA", "convB", "convC"}
+    assert set(ctx.artifacts[SeqMseResults]) == {"convA", "convB", "convC"}
     if symmetry != "asym":
         _assert_never_worse(g_fp, g, 4, symmetry, feeds)
 
@@ -421,6 +422,6 @@ def test_annotated_weight_precisions_are_respected() -> None:
     g.tensors[g.op("features.0.conv").inputs[1]].precision = Precision("float", 16)
     ctx = PassContext(calibration_data=FEEDS)
     REGISTRY.create_pass("seq-mse", weight_bw=4, progress=False)(g, ctx)
-    results = ctx.state["seq_mse"]
+    results = ctx.artifacts[SeqMseResults]
     assert "features.0.conv" not in results
     assert results["fc"].encoding.bitwidth == 8 and results["features.1.conv"].encoding.bitwidth == 4

@@ -75,7 +75,7 @@ def _precision(bits: Any, dtype: Any, where: str) -> Precision:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise AmpError(f"candidate {where}: bitwidth must be an integer, got {bits!r}")
     try:
-        return Precision(name.lower(), bits)  # type: ignore[arg-type]
+        return Precision("int" if name.lower() == "int" else "float", bits)
     except QPassesError as exc:
         raise AmpError(f"candidate {where}: {exc}") from None
 

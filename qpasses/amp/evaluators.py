@@ -75,6 +75,7 @@ class ScorerStats:
 
 
 class Scorer(Protocol):
+    spec: ScorerSpec
     stats: ScorerStats
 
     def score(self, assignment: Assignment, phase: Phase) -> float: ...

@@ -146,7 +146,7 @@ class _Run:
         self.proxy_feeds = sample_feeds(self.feeds, samples, dims)
         self.proxy_baseline = dict(baseline)
         if self._scorer is not None:
-            spec = self._scorer.spec  # type: ignore[attr-defined]
+            spec = self._scorer.spec
             spec.proxy_feeds, spec.proxy_baseline = self.proxy_feeds, self.proxy_baseline
         rows = sum(min((len(v) for v in f.values()), default=1) for f in self.proxy_feeds)
         return f"proxy{rows}"
@@ -220,10 +220,11 @@ class _Run:
         if missing:
             results = executor.map(self.spec, self.scorer, [tasks[i] for i in missing], progress=self.progress,
                                    desc=f"AMP {where}")
+            fresh: dict[str, float] = {}
             for i, (value, worker_stats) in zip(missing, results, strict=True):
-                values[i] = value
+                values[i] = fresh[keys[i]] = float(value)
                 stats.add(worker_stats)
-            self.cache.put_many({keys[i]: float(values[i]) for i in missing})  # type: ignore[arg-type]
+            self.cache.put_many(fresh)
         return [float(v) for v in values if v is not None]
 
 

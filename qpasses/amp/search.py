@@ -78,7 +78,11 @@ def brute_force_search(values: Values, target: float, reverse: bool = False) -> 
 def full_scan(values: Values, target: float, reverse: bool = False) -> int:
     """Evaluate every point (the full curve), then answer as brute force would."""
     scores = [v() for v in values]
-    return brute_force_search([lambda s=s: s for s in scores], target, reverse)
+    return brute_force_search([_known(s) for s in scores], target, reverse)
+
+
+def _known(score: float) -> Callable[[], float]:
+    return lambda: score
 
 
 def gallop_search(values: Values, target: float, good: int, *, brute_force: bool = False) -> int:

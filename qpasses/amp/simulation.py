@@ -55,7 +55,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.verification import session_options
 from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
 from qpasses.quant.config import QuantConfig
-from qpasses.quant.encodings import Encoding, bias_encoding, compute, quantize
+from qpasses.quant.encodings import Encoding, Mode, bias_encoding, compute, quantize
 from qpasses.quant.plan import DATA_MOVEMENT, QuantPlanData, build_plan
 from qpasses.quant.precision_type import requantized
 from qpasses.targets.precision import activation_slots
@@ -82,13 +82,13 @@ class FakeQuantizer:
     """A data-movement output re-quantized on its input's grid: the identity for every assignment."""
 
 
-def weight_encoding(data: np.ndarray, bitwidth: int, axis: int, *, per_channel: bool, mode: str) -> Encoding:
-    """The encoding ``encode-weights`` gives a weight (same mode rules)."""
-    if per_channel:
-        return compute(data, bitwidth, "tf" if mode in ("symmetric", "adjusted") else mode,  # type: ignore[arg-type]
+def weight_encoding(data: np.ndarray, bitwidth: int, axis: int | None, *, per_channel: bool, mode: Mode) -> Encoding:
+    """The encoding ``encode-weights`` gives a weight (same mode rules; axis None: per tensor, as there)."""
+    if per_channel and axis is not None:
+        return compute(data, bitwidth, "tf" if mode in ("symmetric", "adjusted") else mode,
                        axis=axis, role="weight")
     mode = mode if mode != "adjusted" or bitwidth == 8 else "symmetric"
-    return compute(data, bitwidth, mode, role="weight")  # type: ignore[arg-type]
+    return compute(data, bitwidth, mode, role="weight")
 
 
 def dequantized(data: np.ndarray, enc: Encoding) -> np.ndarray:
@@ -209,7 +209,7 @@ class SimulationModel:
         self.group_of = {op: g.name for g in partition for op in g.ops}
         self.input_names = tuple(graph.inputs)
         self.output_names = tuple(graph.outputs)
-        self._data = {name: graph.tensors[name].data for name in (*self.plan.weights, *self.plan.biases)}
+        self._data = {name: graph.tensors[name].constant_data() for name in (*self.plan.weights, *self.plan.biases)}
         self._cache: dict[Any, Any] = {}
         self.edges: list[tuple[str, str]] = []  # (source tensor, reading group)
         self.quantizers: list[FakeQuantizer] = []
@@ -297,7 +297,7 @@ class SimulationModel:
             feed = f"amp.p.{name}"
             graph.add_tensor(feed)
             graph.inputs.append(feed)
-            graph.tensors[feed].set_type(TensorProto.FLOAT, tuple(t.data.shape))
+            graph.tensors[feed].set_type(TensorProto.FLOAT, tuple(t.constant_data().shape))
             for op, slot in graph.uses(name):
                 graph.replace_use(op, slot, feed)
         for name in plan.params:
@@ -305,7 +305,7 @@ class SimulationModel:
             if t.data is None or not np.issubdtype(t.data.dtype, np.floating):
                 continue
             mode = "tf" if self.config.weight_mode == "adjusted" else self.config.weight_mode
-            enc = compute(t.data, 8, mode, role="weight")  # type: ignore[arg-type]
+            enc = compute(t.data, 8, mode, role="weight")
             t.set_data(dequantized(t.data, enc).astype(t.data.dtype))
         graph.remove_unused_initializers()
         model = graph.to_onnx()
@@ -355,9 +355,9 @@ class SimulationModel:
         key of the previous bias of the same weight or None), and the weight encoding it leaves (an int32
         bias may raise the weight's scale; the next bias of a shared weight starts from that)."""
         if key not in self._cache:
-            name, source, op_bw, param_bw, previous = key
+            name, (root, bw), op_bw, param_bw, previous = key
             spec = self.plan.biases[name]
-            in_enc = self._grid(*source, op_bw)[0]
+            in_enc = self._grid(root, bw, op_bw)[0]
             w_enc = self._weight_enc(spec.weight, param_bw) if previous is None else self._bias(previous)[1]
             corrected = self.tables.bias(name, param_bw)
             data = self._data[name] if corrected is None else corrected
@@ -391,11 +391,11 @@ class SimulationModel:
             enc, params = self._grid(*source)
             put(f"amp.a.{root}", params)
             bits[f"amp.a.{root}"] = enc.bitwidth
-        for source, group in self.edges:
-            root, bw = sources.get(source) or self._source(source, assignment)
-            reader = assignment[group].act.bitwidth
+        for edge_source, reader_group in self.edges:
+            root, bw = sources.get(edge_source) or self._source(edge_source, assignment)
+            reader = assignment[reader_group].act.bitwidth
             enc, params = self._grid(root, bw, reader)
-            prefix = f"amp.e.{source}.{group}"
+            prefix = f"amp.e.{edge_source}.{reader_group}"
             put(prefix, params)
             bits[prefix] = _IDENTITY if reader == bw else enc.bitwidth  # requantized() keeps a same-width grid
         weight_bw: dict[str, int] = {}

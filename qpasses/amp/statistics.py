@@ -53,7 +53,7 @@ class CalibrationTables:
 def activation_encodings(observers: Mapping[str, Any], bitwidths: Sequence[int], config: QuantConfig
                          ) -> dict[tuple[str, int], Encoding]:
     """The ``calibrate`` pass's encoding of every observed tensor at every bitwidth."""
-    return {(name, bw): compute(obs, bw, config.act_mode, percentile=config.percentile)  # type: ignore[arg-type]
+    return {(name, bw): compute(obs, bw, config.act_mode, percentile=config.percentile)
             for name, obs in observers.items() for bw in sorted(set(bitwidths))}
 
 

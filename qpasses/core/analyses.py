@@ -1,7 +1,9 @@
 """Analyses: facts about a graph that passes share, computed lazily and cached.
 
-The cache is keyed by analysis type and stamped with ``Graph.version``; a stale entry is
-recomputed unless the pass manager re-stamped it because the pass declared it preserved.
+The cache (``qpasses.core.context.AnalysisManager``) is keyed by analysis type and stamped with
+``Graph.version`` (plus ``Graph.precision_version`` for analyses that read precision
+annotations); a stale entry is recomputed unless the pass manager re-stamped it because the pass
+declared it preserved.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ A = TypeVar("A", bound="Analysis")
 class Analysis:
     """Base class: subclasses implement ``compute``; instances hold the result."""
 
-    name: ClassVar[str] = "analysis"
+    reads_precisions: ClassVar[bool] = False
+    """True when the result depends on tensors' precision annotations, not only on the graph."""
 
     def __init__(self, graph: Graph, ctx: PassContext) -> None:
         self.graph = graph
@@ -33,8 +36,6 @@ class Analysis:
 
 
 class TopologicalOrder(Analysis):
-    name = "topological-order"
-
     def compute(self, graph: Graph, ctx: PassContext) -> None:
         self.order: list[Op] = list(graph.topological_order())
         self.position = {op.id: i for i, op in enumerate(self.order)}
@@ -42,8 +43,6 @@ class TopologicalOrder(Analysis):
 
 class Shapes(Analysis):
     """Element types and shapes from ONNX shape inference (best effort: unknowns stay None)."""
-
-    name = "shapes"
 
     def compute(self, graph: Graph, ctx: PassContext) -> None:
         self.types: dict[str, tuple[int, tuple[Any, ...] | None]] = {}
@@ -77,8 +76,6 @@ class Shapes(Analysis):
 
 class ConstantData(Analysis):
     """Decoded weight arrays (initializers and Constant nodes), decoded once on first access."""
-
-    name = "constant-data"
 
     def compute(self, graph: Graph, ctx: PassContext) -> None:
         self._cache: dict[str, np.ndarray | None] = {}

@@ -1,4 +1,10 @@
-"""The context a pipeline shares between passes: analyses cache, remarks, shared state."""
+"""What a pipeline run shares between passes: run inputs, the analysis manager, typed artifacts.
+
+- run inputs: the target descriptor, the calibration dataset, the seed (read-only for passes);
+- ``analyses``: cached analyses, each stamped with the graph version it was computed on (and the
+  precision version, for analyses that read precision annotations), so a stale one is recomputed;
+- ``artifacts``: results a pass leaves for later passes, keyed by class (``qpasses.core.artifacts``).
+"""
 
 from __future__ import annotations
 
@@ -8,42 +14,64 @@ from typing import Any, TypeVar
 
 from graph_ir import Graph
 from qpasses.core.analyses import Analysis
+from qpasses.core.artifacts import Artifacts
 from qpasses.core.remarks import Remark
 
 A = TypeVar("A", bound=Analysis)
 log = logging.getLogger("qpasses")
 
+Stamp = tuple[int, int]
+
+
+def _stamp(analysis: type[Analysis], graph: Graph) -> Stamp:
+    return graph.version, (graph.precision_version if analysis.reads_precisions else 0)
+
+
+@dataclass
+class AnalysisManager:
+    """Analyses computed on demand and cached until the graph (or what they read of it) changes."""
+
+    _cache: dict[type[Analysis], tuple[Stamp, Analysis]] = field(default_factory=dict)
+    computed: int = 0
+    reused: int = 0
+
+    def get(self, analysis: type[A], graph: Graph, ctx: PassContext) -> A:
+        hit = self._cache.get(analysis)
+        stamp = _stamp(analysis, graph)
+        if hit is not None and hit[0] == stamp and isinstance(hit[1], analysis):
+            self.reused += 1
+            return hit[1]
+        result = analysis(graph, ctx)
+        self._cache[analysis] = (stamp, result)
+        self.computed += 1
+        return result
+
+    def cached(self, analysis: type[Analysis], graph: Graph) -> bool:
+        hit = self._cache.get(analysis)
+        return hit is not None and hit[0] == _stamp(analysis, graph)
+
+    def preserve(self, analyses: tuple[type[Analysis], ...], graph: Graph) -> None:
+        """Re-stamp the analyses a pass declared preserved, so they survive its edits."""
+        for a in analyses:
+            hit = self._cache.get(a)
+            if hit is not None:
+                self._cache[a] = (_stamp(a, graph), hit[1])
+
 
 @dataclass
 class PassContext:
-    """Per-run state. ``state`` carries data one pass leaves for a later one
-    (e.g. folded batch-norm statistics for high-bias absorption, calibration data)."""
+    """Per-run state: run inputs, analyses, artifacts and the remarks of the passes run so far."""
 
     target: Any = None
     calibration_data: Any = None
     seed: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
+    artifacts: Artifacts = field(default_factory=Artifacts)
     remarks: list[Remark] = field(default_factory=list)
-    _analyses: dict[type[Analysis], tuple[int, Analysis]] = field(default_factory=dict)
 
     def get(self, analysis: type[A], graph: Graph) -> A:
         """Cached analysis result, recomputed if the graph changed since it was stamped."""
-        hit = self._analyses.get(analysis)
-        if hit is not None and hit[0] == graph.version and isinstance(hit[1], analysis):  # always its class
-            return hit[1]
-        result = analysis(graph, self)
-        self._analyses[analysis] = (graph.version, result)
-        return result
-
-    def preserve(self, analyses: tuple[type[Analysis], ...], graph: Graph) -> None:
-        """Re-stamp analyses a pass declared preserved so they survive its edits."""
-        for a in analyses:
-            hit = self._analyses.get(a)
-            if hit is not None:
-                self._analyses[a] = (graph.version, hit[1])
-
-    def invalidate(self) -> None:
-        self._analyses.clear()
+        return self.analyses.get(analysis, graph, self)
 
     def log(self, message: str) -> None:
         log.info(message)

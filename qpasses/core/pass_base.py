@@ -34,12 +34,17 @@ class PassResult:
     # False when a pass that normally preserves FP32 outputs applied a documented approximation
     # this time (e.g. CLE turning Relu6 into Relu): numeric verification is then skipped.
     exact: bool = True
+    # The analyses still valid after this run (None: the pass's declared ``preserves``). Only
+    # consulted when the graph changed: an unchanged graph keeps every analysis anyway.
+    preserves: tuple[type[Analysis], ...] | None = None
 
 
 class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Analyses the pass reads: the manager computes them (or finds them cached) before ``run``.
     uses: ClassVar[tuple[type[Analysis], ...]] = ()
+    # Analyses the pass's edits leave valid (LLVM's PreservedAnalyses); everything else is recomputed.
     preserves: ClassVar[tuple[type[Analysis], ...]] = ()
     # True when the pass must leave FP32 outputs unchanged (checked numerically on request).
     preserves_semantics: ClassVar[bool] = False
@@ -63,9 +68,10 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def result(self, modified: bool, *, exact: bool = True) -> PassResult:
+    def result(self, modified: bool, *, exact: bool = True,
+               preserves: tuple[type[Analysis], ...] | None = None) -> PassResult:
         """Wrap up: the remarks collected during ``run`` go with the result."""
-        out = PassResult(modified, list(self.remarks.remarks), exact)
+        out = PassResult(modified, list(self.remarks.remarks), exact, preserves)
         self.remarks = RemarkCollector(self.name)
         return out
 

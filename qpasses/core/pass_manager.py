@@ -28,6 +28,7 @@ class PassRecord:
     seconds: float
     remarks: list[Remark]
     iteration: int = 0
+    analysis_seconds: float = 0.0  # computing the analyses the pass declared in ``uses`` (not cached)
 
 
 @dataclass
@@ -52,7 +53,8 @@ class PipelineReport:
         for rec in self.records:
             it = f" (iteration {rec.iteration + 1})" if rec.iteration else ""
             state = "modified" if rec.modified else "unchanged"
-            lines.append(f"pass {rec.name}{it}: {state} in {rec.seconds * 1e3:.1f} ms")
+            analyses = f" (+ analyses {rec.analysis_seconds * 1e3:.1f} ms)" if rec.analysis_seconds >= 5e-4 else ""
+            lines.append(f"pass {rec.name}{it}: {state} in {rec.seconds * 1e3:.1f} ms{analyses}")
             lines.extend(f"  {r}" for r in rec.remarks)
         return "\n".join(lines)
 
@@ -157,6 +159,10 @@ class PassManager:
         version = graph.version
         start = time.perf_counter()
         try:
+            for analysis in p.uses:  # computed (or found cached) up front, timed apart from the pass
+                ctx.get(analysis, graph)
+            analysis_seconds = time.perf_counter() - start
+            start = time.perf_counter()
             result = p.run(graph, ctx)
         except QPassesError as exc:
             raise type(exc)(f"pass '{p.name}' failed{_after(done)}: {exc}") from exc
@@ -167,13 +173,13 @@ class PassManager:
                                 p.name) from exc
         seconds = time.perf_counter() - start
         modified = result.modified or graph.version != version
-        if modified:
-            ctx.preserve(p.preserves, graph)
+        if modified:  # a modified graph preserves nothing unless the pass says what it kept
+            ctx.analyses.preserve(p.preserves if result.preserves is None else result.preserves, graph)
         if self.verify != "none" and modified:
             self._verify(p, graph, ctx, before, result)
         for inst in self.instrumentations:
             inst.after_pass(p, graph, ctx, result)
-        return PassRecord(p.name, modified, seconds, result.remarks, iteration)
+        return PassRecord(p.name, modified, seconds, result.remarks, iteration, analysis_seconds)
 
 
     def _verify(self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None,

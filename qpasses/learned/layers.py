@@ -23,7 +23,7 @@ from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.remarks import RemarkCollector
 from qpasses.data.calibration import Feed
 from qpasses.data.weight_swap import SwappedWeights
-from qpasses.quant.encodings import Encoding, compute, fake_quantize
+from qpasses.quant.encodings import Encoding, Mode, compute, fake_quantize
 from qpasses.quant.plan import WeightSpec
 from qpasses.quant.precision_type import tensor_precision
 
@@ -57,17 +57,17 @@ class Layer:
         return self.encoding.bitwidth
 
 
-def starting_encoding(data: np.ndarray, bits: int, per_channel: bool, mode: str, axis: int) -> Encoding:
+def starting_encoding(data: np.ndarray, bits: int, per_channel: bool, mode: Mode, axis: int) -> Encoding:
     """The encoding ``encode-weights`` computes for this weight (same per-channel / mode rules)."""
     if per_channel:
-        return compute(data, bits, "tf" if mode in ("symmetric", "adjusted") else mode,  # type: ignore[arg-type]
+        return compute(data, bits, "tf" if mode in ("symmetric", "adjusted") else mode,
                        axis=axis, role="weight")
     mode = mode if mode != "adjusted" or bits == 8 else "symmetric"
-    return compute(data, bits, mode, role="weight")  # type: ignore[arg-type]
+    return compute(data, bits, mode, role="weight")
 
 
 def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, WeightSpec], remarks: RemarkCollector,
-                     *, weight_bw: int, per_channel: bool, mode: str, exclude: Iterable[str] = ()) -> list[Layer]:
+                     *, weight_bw: int, per_channel: bool, mode: Mode, exclude: Iterable[str] = ()) -> list[Layer]:
     """Supported ops in topological order; the others get a 'missed' remark with the reason."""
     excluded = set(exclude)
     unknown = excluded - {op.name for op in order}
@@ -103,6 +103,10 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             reason = "a BatchNormalization follows: run fold-batchnorm first (folding later rescales the weight)"
         if reason:
             remarks.missed("not learned", [op.name], reason=reason)
+            continue
+        if spec.axis is None:  # e.g. Gemms with transB 0 and 1 sharing it: no one output-channel axis
+            remarks.missed("not learned", [op.name],
+                           reason=f"weight '{name}' is shared by layers whose output channels lie on different axes")
             continue
         data = np.asarray(t.data, dtype=np.float32)
         if not np.isfinite(data).all():

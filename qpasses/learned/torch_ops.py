@@ -170,7 +170,8 @@ def _conv_transpose(op: Op, args: list[Any], opset: int) -> Value:
             end.append(total - half if upper else half)
     if any(p < 0 for p in (*begin, *end)):
         raise Unsupported(f"ConvTranspose '{op.name}': negative pads")
-    y = y[(slice(None), slice(None), *(slice(bg, f - e) for bg, e, f in zip(begin, end, full, strict=True)))]
+    crop = tuple(slice(bg, f - e) for bg, e, f in zip(begin, end, full, strict=True))
+    y = y[(slice(None), slice(None)) + crop]
     return y if b is None else y + _channel_view(b, y.dim())
 
 
@@ -638,7 +639,7 @@ class TorchProgram:
         env.update(feeds)
         with torch.no_grad():
             for op in self.ops:
-                args = [env[name] if name else None for name in op.inputs]
+                args: list[Any] = [env[name] if name else None for name in op.inputs]  # as OpFn reads them
                 out = OPS[op.op_type](op, args, self.opset)
                 env[op.outputs[0]] = out
                 if op.op_type == "Conv":

@@ -58,6 +58,10 @@ class AdaRoundWeight(torch.nn.Module):
     (before clamping); the hard weight rounds up where V >= 0, never more than one step from ``w``.
     """
 
+    floor_minus_offset: torch.Tensor  # buffers (register_buffer), typed for the checker
+    scale: torch.Tensor
+    offset: torch.Tensor
+
     def __init__(self, weight: np.ndarray, enc: Encoding) -> None:
         super().__init__()
         self.encoding = enc
@@ -118,12 +122,16 @@ class AdaScaleWeight(torch.nn.Module):
     folded weight ``W / (exp(s2) exp(s3))``.
     """
 
+    weight: torch.Tensor  # buffers (register_buffer), typed for the checker
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(self, weight: np.ndarray, enc: Encoding, channel_axis: int) -> None:
         super().__init__()
         self.encoding = enc
         self.symmetric = enc.symmetric
         self.levels = float(enc.levels)
-        self.half = float(enc.half)
+        self.half_levels = float(enc.half)  # not ``half``: that is nn.Module.half()
         shape = channel_shape(weight.ndim, enc.axis)
         self.register_buffer("weight", torch.from_numpy(weight.astype(np.float32)))
         self.register_buffer("lo", torch.tensor(enc.min, dtype=torch.float32).reshape(shape))
@@ -147,9 +155,9 @@ class AdaScaleWeight(torch.nn.Module):
     def _scale_offset(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid of ``from_min_max`` with gradients (offset rounded straight-through)."""
         if self.symmetric:
-            scale = torch.maximum(torch.maximum(hi / (self.half - 1), -lo / self.half),
+            scale = torch.maximum(torch.maximum(hi / (self.half_levels - 1), -lo / self.half_levels),
                                   torch.full_like(hi, MIN_RANGE / self.levels))
-            return scale, torch.full_like(scale, -self.half)
+            return scale, torch.full_like(scale, -self.half_levels)
         hi = torch.maximum(hi, lo + MIN_RANGE)
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
         scale = (hi - lo) / self.levels

@@ -331,10 +331,10 @@ def _enhanced_grid(hist: Histogram, bitwidth: int, symmetric: bool) -> tuple[flo
     base, base_offset = _tf_grid(lo, hi, bitwidth)
     tf_candidate = search(base, base_offset.astype(np.float64))
     coarse = search(base[0] * _ENHANCED_STEP_FRACTIONS, np.round(np.linspace(-levels, 0, _ENHANCED_OFFSETS)))
-    _, step, offset = min(tf_candidate, coarse)
+    _, coarse_step, coarse_offset = min(tf_candidate, coarse)
     # Refine around the winner: finer steps, and offsets within +-5% of the grid.
-    around = np.clip(np.round(offset + np.linspace(-1, 1, _ENHANCED_OFFSETS) * levels / 20), -levels, 0)
-    fine = search(step * np.linspace(15 / 16, 17 / 16, 17), around)
+    around = np.clip(np.round(coarse_offset + np.linspace(-1, 1, _ENHANCED_OFFSETS) * levels / 20), -levels, 0)
+    fine = search(coarse_step * np.linspace(15 / 16, 17 / 16, 17), around)
     _, best_step, best_offset = min(tf_candidate, coarse, fine)
     return max(best_step, MIN_RANGE / levels), int(best_offset)
 
@@ -442,8 +442,8 @@ def compute(
                 raise EncodingError("enhanced mode needs a histogram or raw values, not only min/max")
             histograms = tuple(Histogram.from_values(row, bins) for row in stats.rows)
         grids = [_enhanced_grid(h, bitwidth, symmetric) for h in histograms]
-        scale, offset = zip(*grids, strict=True)
-        return Encoding(bitwidth, scale, offset, symmetric, stats.axis)
+        scales, offsets = zip(*grids, strict=True)
+        return Encoding(bitwidth, scales, offsets, symmetric, stats.axis)
 
     lo, hi = stats.lo, stats.hi
     if mode == "adjusted":

@@ -17,13 +17,21 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import ALLOWED_BITWIDTHS, FLOAT32_MAX, Encoding, Role, from_min_max, validate_bitwidth
+from qpasses.quant.encodings import (
+    ALLOWED_BITWIDTHS,
+    FLOAT32_MAX,
+    MIN_RANGE,
+    Encoding,
+    Role,
+    from_min_max,
+    validate_bitwidth,
+)
 
 Version = Literal["0.6.1", "1.0.0"]
 SECTIONS = ("activation_encodings", "param_encodings")
@@ -316,12 +324,38 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
             where = f" (channel {i})" if len(entries) > 1 else ""
             raise EncodingError(f"min {a} is greater than max {b}{where}")
     axis = _channel_axis(len(entries) > 1, len(entries), section, spec)
+    stated = [e.get("scale") for e in entries]
+    symmetric = _flag(entries[0].get("is_symmetric", False), "is_symmetric")
+    is_bias = spec.role == "bias" if spec is not None else section == "param_encodings" and bitwidth == 32
+    if is_bias and symmetric and (grid := _tiny_bias_grid(lo, hi, stated, bitwidth, axis)) is not None:
+        return _check_float32_grid(grid)
     # The spec recomputes scale and offset from bitwidth, min and max whatever the file says.
     enc = from_min_max(lo, hi, bitwidth, axis=axis)
-    stated = [e.get("scale") for e in entries]
     if all(_same_scale(s, r) for s, r in zip(stated, enc.scale, strict=True)):
         enc = Encoding(bitwidth, tuple(stated), enc.offset, False, axis)
-    return _check_float32_grid(_checked_symmetry(enc, _flag(entries[0].get("is_symmetric", False), "is_symmetric")))
+    return _check_float32_grid(_checked_symmetry(enc, symmetric))
+
+
+def _tiny_bias_grid(lo: list[float], hi: list[float], stated: list[object], bitwidth: int,
+                    axis: int | None) -> Encoding | None:
+    """A symmetric bias grid spanning less than the spec's minimum range, taken as the file states it.
+
+    A derived bias grid is ``s_in * s_w`` (what the integer kernel accumulates in), which can span far
+    less than 1e-4 (16-bit activations, a near-zero weight channel). Re-deriving it from min/max with
+    the minimum-range rule would give another grid, so an exported file would not load back as the
+    same model. Taken only when every entry's min, max and scale are that one symmetric grid
+    (``min = -2^(bw-1) * scale``, ``max = (2^(bw-1) - 1) * scale``) and some entry spans < 1e-4;
+    anything else follows the spec's rule.
+    """
+    half = 2 ** (bitwidth - 1)
+    if not all(isinstance(s, float) and s > 0 for s in stated):
+        return None
+    scales = [s for s in stated if isinstance(s, float)]  # all of them (checked above)
+    exact = all(math.isclose(a, -half * s, rel_tol=_SCALE_RTOL) and math.isclose(b, (half - 1) * s, rel_tol=_SCALE_RTOL)
+                for a, b, s in zip(lo, hi, scales, strict=True))
+    if not exact or all(b - a >= MIN_RANGE for a, b in zip(lo, hi, strict=True)):
+        return None
+    return Encoding(bitwidth, tuple(scales), (-half,) * len(scales), True, axis)
 
 
 def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
@@ -362,8 +396,9 @@ def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
 def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -> list[tuple[str, Any]]:
     """(name, raw entry) pairs of one section in either layout."""
     if isinstance(raw, dict):
-        for name in _duplicates(raw):
-            raise EncodingError(f"{source}: {section} '{name}': listed more than once (JSON keeps only the last)")
+        for duplicate in _duplicates(raw):
+            raise EncodingError(
+                f"{source}: {section} '{duplicate}': listed more than once (JSON keeps only the last)")
         return list(raw.items())
     pairs: list[tuple[str, Any]] = []
     for index, entry in enumerate(raw):
@@ -405,6 +440,7 @@ def from_json(
         if key not in data:
             raise EncodingError(f"{source}: missing required section '{key}'")
     raw_sections = [data[key] for key in SECTIONS]
+    parse: Callable[[Any, str, TensorSpec | None], Entry]
     if all(isinstance(s, dict) for s in raw_sections):
         parse = _parse_legacy
     elif all(isinstance(s, list) for s in raw_sections):
@@ -427,7 +463,7 @@ def from_json(
     return result
 
 
-class _JsonObject(dict):  # type: ignore[type-arg]
+class _JsonObject(dict[str, Any]):
     """A JSON object that remembers which keys it listed more than once."""
 
     duplicates: tuple[str, ...] = ()

@@ -58,6 +58,4 @@ def keep_float(graph: Graph, names: list[str], reason: str, target: Any = None,
         t.meta["precision_source"] = "override"
         t.meta["auto_precision"] = reason
         marked.append(name)
-    if marked:
-        graph.touch()  # the quantization plan depends on precisions
     return marked

@@ -156,9 +156,9 @@ def fused_intermediates(graph: Graph) -> dict[str, str]:
 
 
 class QuantPlan(Analysis):
-    """The annotation as an analysis: recomputed whenever the graph changes."""
+    """The annotation as an analysis: recomputed whenever the graph or a precision changes."""
 
-    name: ClassVar[str] = "quant-plan"
+    reads_precisions: ClassVar[bool] = True
 
     def compute(self, graph: Graph, ctx: PassContext) -> None:
         self.plan = build_plan(graph, ctx.get(Shapes, graph))
@@ -229,8 +229,8 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
                     continue
                 if slot == weight_slot and name in axes:
                     plan.weights.setdefault(name, WeightSpec(name, op.name, axes[name]))
-                elif slot == bias_slot and t.shape is not None and len(t.shape) == 1 and \
-                        op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
+                elif slot == bias_slot and weight_slot is not None and t.shape is not None and len(t.shape) == 1 \
+                        and op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
                     plan.biases[name] = BiasSpec(name, op.name, op.inputs[0], op.inputs[weight_slot])
                 elif name not in plan.params:
                     plan.params.append(name)

@@ -104,6 +104,10 @@ def optimized_model(model: ModelSource, level: ort.GraphOptimizationLevel = EXTE
         opts = session_options()
         opts.graph_optimization_level = level
         opts.optimized_model_filepath = str(out)
+        # Initializers loaded from external data would be saved as references onnx cannot resolve: keep
+        # them in a data file beside the optimized model instead.
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         source: str | bytes
         if isinstance(model, (onnx.ModelProto, bytes)):
             source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

@@ -18,6 +18,7 @@ one output channel per group) run in a separate int32 kernel and never saturate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,7 +46,7 @@ class FusedMac:
     weight_signed: bool
     weight_scale: np.ndarray  # per output channel (broadcast from per-tensor)
     weight_zero_point: np.ndarray  # per output channel
-    attributes: dict[str, object]
+    attributes: dict[str, Any]  # as onnx.helper.get_attribute_value gives them: ints, lists, bytes
 
     @property
     def kernel(self) -> str:
@@ -151,7 +152,7 @@ def _rows_and_matrix(mac: FusedMac, a: np.ndarray) -> tuple[np.ndarray, np.ndarr
         if w.ndim != 2:
             return None
         return a.reshape(-1, a.shape[-1]), w, 1
-    group = int(mac.attributes.get("group", 1))  # type: ignore[arg-type]
+    group = int(mac.attributes.get("group", 1))
     if a.ndim < 3 or w.shape[1] == 1 and w.shape[0] == group:
         return None  # depthwise: int32 kernel
     return _im2col_nhwc(mac, a, w, group)
@@ -160,9 +161,9 @@ def _rows_and_matrix(mac: FusedMac, a: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def _im2col_nhwc(mac: FusedMac, a: np.ndarray, w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, int]:
     spatial = a.ndim - 2
     kernel = w.shape[2:]
-    strides = list(mac.attributes.get("strides", [1] * spatial))  # type: ignore[call-overload]
-    dilations = list(mac.attributes.get("dilations", [1] * spatial))  # type: ignore[call-overload]
-    pads = list(mac.attributes.get("pads", [0] * (2 * spatial)))  # type: ignore[call-overload]
+    strides = list(mac.attributes.get("strides", [1] * spatial))
+    dilations = list(mac.attributes.get("dilations", [1] * spatial))
+    pads = list(mac.attributes.get("pads", [0] * (2 * spatial)))
     auto_pad = mac.attributes.get("auto_pad", b"NOTSET")
     if auto_pad in (b"SAME_UPPER", b"SAME_LOWER", "SAME_UPPER", "SAME_LOWER"):
         pads = []

@@ -123,7 +123,7 @@ def _ort(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]], out: Path) -
         quant_pre_process(str(shipped), str(source))
     except Exception as e:  # noqa: BLE001 - quantize_static still runs, on the model as shipped
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-        info["note"] = info.get("note", "") + f"; quant_pre_process failed ({reason}); model as is"
+        info["note"] = "; ".join(filter(None, [info.get("note"), f"quant_pre_process failed ({reason}); model as is"]))
         source = shipped
     quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -184,7 +184,8 @@ def _run_tool(tool: str, model: rm.CorpusModel, workdir: Path, args: argparse.Na
     else:
         cmd = [sys.executable, __file__, "--worker", tool, model.name, str(workdir)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+        # cwd: quant_pre_process leaves its temporary files (sym_shape_infer_temp.onnx, *.data) in it
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=workdir,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", help="corpus models (default: all)")
     ap.add_argument("--amp", action="store_true", help="also run qpasses AMP with allowed drop 0.01 (slow)")
-    ap.add_argument("--tools", nargs="+", choices=TOOLS[:-1], default=list(TOOLS[:-1]))
+    ap.add_argument("--tools", nargs="*", choices=TOOLS[:-1], default=list(TOOLS[:-1]),
+                    help="tools to run (default all; none with --amp for the AMP row alone)")
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help=f"Python of a venv with nncf (default {NNCF_PYTHON})")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per tool and model")
     ap.add_argument("--json", help="also write the rows to this file")

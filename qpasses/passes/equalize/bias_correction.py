@@ -3,7 +3,7 @@
 Quantizing a weight shifts the expected output of its layer by ``(W_q - W) E[x]``: the
 rounding errors of a channel rarely cancel. Subtracting that shift from the bias removes
 the systematic part of the error. ``E[x]`` is measured per input channel on the
-calibration data (the FP32 model; ``calibrate`` leaves the means in ``ctx.state``, otherwise
+calibration data (the FP32 model; ``calibrate`` leaves the means as an artifact, otherwise
 this pass reads ``num_batches`` batches itself), so this runs after ``encode-weights`` (the weight grids
 must be final) and before ``quantize`` (which derives the int32 bias grid from the
 corrected bias). Zero padding is ignored in the mean, as in the paper.
@@ -20,7 +20,7 @@ from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.calibration import iterate_tensors
-from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.passes.quantize.calibrate import LayerInputMeans, calibration_feeds
 from qpasses.quant.encodings import Encoding, fake_quantize
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.range_statistics import ChannelMeans
@@ -72,8 +72,9 @@ class BiasCorrection(Pass):
         for name in sorted(shared):
             self.remarks.missed("bias not corrected", [name], reason="the bias is shared by several ops")
         inputs = list(dict.fromkeys(op.inputs[0] for op in ops))
-        version, measured = ctx.state.get("channel_means", (None, {}))
-        means: dict[str, np.ndarray] = dict(measured) if version == graph.version else {}
+        measured = ctx.artifacts.get(LayerInputMeans)
+        means: dict[str, np.ndarray] = (dict(measured.means) if measured is not None
+                                        and measured.graph_version == graph.version else {})
         source = "calibration"
         if any(name not in means for name in inputs):
             means.update(self._measure(graph, ctx, [n for n in inputs if n not in means]))

@@ -19,7 +19,7 @@ logic, so ``cle`` alone is a complete pipeline and its statistics reach high-bia
 
 High-bias absorption moves ``c`` (per channel) out of ``b1`` into ``b2 += W2 . c``, where
 ``c = max(0, beta - 3|gamma|)`` if a Relu sits between and ``c = beta`` otherwise, from the
-folded BN's ``(gamma, beta)`` (kept in ``ctx.state["folded_bn"]``, scaled with the layer); into a
+folded BN's ``(gamma, beta)`` (kept in the ``FoldedBatchNorms`` artifact, scaled with the layer); into a
 Gemm it is ``b2 += alpha W2 . c`` (Gemm computes ``alpha W2 x + beta C``).
 Exactness: through linear glue (pools, Flatten, Identity) it is exact. Through a Relu it
 is exact for every input whose pre-activation stays >= ``beta - 3|gamma|`` (the DFQ
@@ -42,7 +42,7 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.patterns import Match, NearMiss, Pattern, Step
 from qpasses.passes.equalize.fold_batchnorm import (
     LAYER_TYPES,
-    STATE_KEY,
+    FoldedBatchNorms,
     LayerError,
     LazyShapes,
     LinearLayer,
@@ -148,7 +148,7 @@ class CrossLayerEqualization(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         folded = fold_batchnorms(graph, ctx, self.remarks)
-        stats = ctx.state.setdefault(STATE_KEY, {})
+        stats = ctx.artifacts.setdefault(FoldedBatchNorms)
         shapes = LazyShapes(graph, ctx)
         layers: dict[int, LinearLayer | str] = {}
 

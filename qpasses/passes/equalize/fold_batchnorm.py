@@ -3,7 +3,7 @@
 ``BN(W x + b) = (W * k) x + (b - mean) * k + beta`` with ``k = gamma / sqrt(var + eps)``
 per output channel, so the BN disappears and quantization sees the weights the
 accelerator will actually run. The folded BN's ``(gamma, beta)`` describe the layer's
-output distribution afterwards; they are kept in ``ctx.state["folded_bn"][op_name]``
+output distribution afterwards; they are kept in the ``FoldedBatchNorms`` artifact by op name
 because cross-layer equalization needs them for high-bias absorption.
 
 ``LinearLayer`` is the per-channel view of Conv / ConvTranspose / Gemm / MatMul(+bias
@@ -27,7 +27,15 @@ from qpasses.core.patterns import NearMiss, Pattern, Step
 from qpasses.core.remarks import RemarkCollector
 
 LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-STATE_KEY = "folded_bn"
+
+
+class FoldedBatchNorms(dict[str, tuple[np.ndarray, np.ndarray]]):
+    """Artifact: per layer op name, the (gamma, beta) of the BatchNormalization folded into it
+    (CLE's high-bias absorption reads them)."""
+
+
+class KeptBatchNorms(set[str]):
+    """Artifact: BatchNormalizations already reported as kept (reported once across fold-batchnorm and cle)."""
 
 
 class LayerError(ValueError):
@@ -138,8 +146,10 @@ class LinearLayer:
             bias_add = bias_add_of(graph, op)
             if bias_add is not None:
                 const = next(n for n in bias_add.inputs if graph.tensors[n].is_constant)
-                bias = per_channel(_const(graph, const, "bias"), out_ch)  # type: ignore[assignment]
-                has_bias = True
+                found = per_channel(_const(graph, const, "bias"), out_ch)
+                if found is None:  # bias_add_of checked the shape: cannot happen
+                    raise LayerError(f"Add '{bias_add.name}' does not add a per-channel bias")
+                bias, has_bias = found, True
         elif bias_name:
             b = _const(graph, bias_name, "bias")
             scale = float(op.attr("beta", 1.0)) if op.op_type == "Gemm" else 1.0
@@ -234,6 +244,7 @@ class LinearLayer:
 
     def _weight_array(self) -> np.ndarray:
         w = self.weight
+        arr: np.ndarray
         if self.op.op_type == "Conv":
             arr = w.reshape(self.weight_shape)
         elif self.op.op_type == "ConvTranspose":
@@ -285,9 +296,17 @@ class LinearLayer:
         self.bias_add = graph.add_op("Add", [inner, name], [out], name=f"{op.name}_bias")
 
     def _write(self, op: Op, slot: int, array: np.ndarray) -> None:
-        """Store ``array`` as ``op``'s input ``slot``; copy first if anything else reads that tensor."""
+        """Store ``array`` as ``op``'s input ``slot``; copy first if anything else reads that tensor.
+
+        A weight only this op reads that is also listed as a graph input (IR < 4 exporters list every
+        initializer as one) is rewritten in place and stops being an input: the default a caller could
+        feed would mean something else now, and a copy under a new name would leave the input unread
+        while an override naming the weight missed the rewritten one.
+        """
         graph = self.graph
         name = op.inputs[slot]
+        if len(graph.uses(name)) == 1 and not graph.is_graph_output(name):
+            release_initializer_input(graph, name)
         shared = len(graph.uses(name)) > 1 or name in graph.inputs or graph.is_graph_output(name)
         if shared:
             name = graph.unique_name(f"{name}_{op.name}")
@@ -350,9 +369,22 @@ def _fold_anchor(graph: Graph, bn: Op) -> Op | None:
     return op
 
 
+def release_initializer_input(graph: Graph, name: str) -> bool:
+    """Stop listing an initializer as a graph input (IR < 4 style); False if ``name`` is not one."""
+    t = graph.tensors.get(name)
+    if t is None or t.initializer is None or name not in graph.inputs:
+        return False
+    graph.inputs.remove(name)
+    graph.touch()
+    return True
+
+
 def drop_if_unused(graph: Graph, names: list[str]) -> None:
-    """Delete weights nothing reads any more (initializers, or their Constant nodes)."""
+    """Delete weights nothing reads any more (initializers, also those listed as graph inputs, or their
+    Constant nodes)."""
     for name in names:
+        if name and not graph.uses(name) and not graph.is_graph_output(name):
+            release_initializer_input(graph, name)
         t = graph.tensors.get(name)
         if not name or t is None or graph.uses(name) or name in graph.inputs or graph.is_graph_output(name):
             continue
@@ -367,7 +399,8 @@ class LazyShapes:
     """Shape inference runs only if a MatMul needs its input rank, and then once."""
 
     def __init__(self, graph: Graph, ctx: PassContext) -> None:
-        self.graph, self.ctx, self.value = graph, ctx, None
+        self.graph, self.ctx = graph, ctx
+        self.value: Shapes | None = None
 
     def __call__(self) -> Shapes:
         if self.value is None:
@@ -379,9 +412,9 @@ def fold_batchnorms(graph: Graph, ctx: PassContext, remarks: RemarkCollector) ->
     """Fold every foldable BatchNormalization; remark the rest. Returns the layers changed."""
     shapes = LazyShapes(graph, ctx)
     pattern = _fold_pattern(shapes)
-    stats = ctx.state.setdefault(STATE_KEY, {})
+    stats = ctx.artifacts.setdefault(FoldedBatchNorms)
     # BNs already reported as kept (by fold-batchnorm before cle) are not reported twice.
-    reported: set[str] = ctx.state.setdefault(STATE_KEY + "_missed", set())
+    reported = ctx.artifacts.setdefault(KeptBatchNorms)
     done: list[LinearLayer] = []
 
     def missed(bn: Op, nodes: list[str], reason: str) -> None:

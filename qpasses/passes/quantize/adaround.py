@@ -51,7 +51,7 @@ from qpasses.quant.plan import QuantPlan
 
 @dataclass(frozen=True)
 class AdaRoundResult:
-    """What AdaRound did to one layer (``ctx.state["adaround"]`` by op name)."""
+    """What AdaRound did to one layer (the ``AdaRoundResults`` artifact, by op name)."""
 
     weight: str
     encoding: Encoding
@@ -61,6 +61,10 @@ class AdaRoundResult:
     mse: float
     flipped: float  # fraction of weights not rounded to nearest
     kept_nearest: bool
+
+
+class AdaRoundResults(dict[str, AdaRoundResult]):
+    """Artifact: per layer op name, what AdaRound learned."""
 
 
 @dataclass
@@ -145,7 +149,7 @@ class AdaRound(Pass):
                 bar.update()
         finally:
             bar.close()
-        ctx.state["adaround"] = results
+        ctx.artifacts.put(AdaRoundResults(results))
         learned = sum(not r.kept_nearest for r in results.values())
         self.remarks.applied(f"learned the rounding of {learned} of {len(results)} weights ({o.iterations} "
                              f"iterations, inputs {o.input_from}) on {count_samples(feeds)} samples in "
@@ -217,7 +221,7 @@ class AdaRound(Pass):
 
     def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
         t = graph.tensors[layer.weight]
-        t.set_data(weight.astype(t.data.dtype))
+        t.set_data(weight.astype(t.constant_data().dtype))
         t.encoding = res.encoding
         t.meta["encoding_source"] = "adaround"
         what = f"{layer.bitwidth}-bit {layer.op.op_type} weight on the {layer.source} grid"

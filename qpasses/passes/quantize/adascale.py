@@ -56,7 +56,7 @@ from qpasses.quant.plan import QuantPlan
 
 @dataclass(frozen=True)
 class AdaScaleResult:
-    """What AdaScale did to one block (``ctx.state["adascale"]``, in block order)."""
+    """What AdaScale did to one block (the ``AdaScaleResults`` artifact, in block order)."""
 
     input: str
     output: str
@@ -67,6 +67,10 @@ class AdaScaleResult:
     mse: float
     kept_start: bool
     encodings: dict[str, Encoding] = field(default_factory=dict)  # by weight name (empty when kept)
+
+
+class AdaScaleResults(list[AdaScaleResult]):
+    """Artifact: what AdaScale learned per block, in block order."""
 
 
 class AdaScale(Pass):
@@ -138,7 +142,7 @@ class AdaScale(Pass):
                 bar.update()
         finally:
             bar.close()
-        ctx.state["adascale"] = results
+        ctx.artifacts.put(AdaScaleResults(results))
         learned = [r for r in results if not r.kept_start]
         self.remarks.applied(f"learned {sum(len(r.layers) for r in learned)} weight grids in {len(learned)} of "
                              f"{len(results)} blocks ({o.num_epochs} epochs of {len(feeds)} batches, "
@@ -263,7 +267,7 @@ class AdaScale(Pass):
             return
         for layer in block.layers:
             t = graph.tensors[layer.weight]
-            t.set_data(weights[layer.weight].astype(t.data.dtype))
+            t.set_data(weights[layer.weight].astype(t.constant_data().dtype))
             t.encoding = res.encodings[layer.weight]
             t.meta["encoding_source"] = "adascale"
         bits = "/".join(str(b) for b in sorted({la.bitwidth for la in block.layers}))

@@ -36,8 +36,6 @@ class AnnotatePrecision(Pass):
         before = _snapshot(graph)
         counts = annotate(graph, ctx.get(Shapes, graph), o, ctx.target, self.remarks)
         changed = _snapshot(graph) != before
-        if changed:
-            graph.touch()  # the quantization plan reads precisions: cached plans are stale now
         if counts:
             shown = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
             self.remarks.applied(f"annotated {sum(counts.values())} tensors ({shown})")

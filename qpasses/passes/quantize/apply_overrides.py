@@ -34,13 +34,14 @@ def tensor_specs(graph: Graph) -> dict[str, TensorSpec]:
             if name:
                 specs[name] = TensorSpec("activation")
     for name in graph.inputs:
-        specs[name] = TensorSpec("activation")
+        if not graph.tensors[name].is_constant:  # an initializer listed as input (IR < 4) is a constant
+            specs[name] = TensorSpec("activation")
     axes = weight_axes(graph)
     for op in graph.ops:
         for slot, name in enumerate(op.inputs):
             if not name or not graph.tensors[name].is_constant:
                 continue
-            shape = graph.tensors[name].shape or ()
+            shape = graph.tensors[name].static_shape or ()  # a constant's dims are all known ints
             if name in axes:
                 axis = axes[name]
                 specs[name] = TensorSpec("weight", per_channel=False) if axis is None else \
@@ -56,6 +57,15 @@ def load_overrides(path: str, graph: Graph) -> EncodingsFile:
     return encodings_io.load(path, tensors=tensor_specs(graph))
 
 
+@dataclass
+class Overrides:
+    """Artifact: an encodings/overrides file already read (``path``: where from, None for an object
+    built in memory); ``apply-overrides`` applies it instead of reading ``path`` again."""
+
+    file: EncodingsFile
+    path: str | None = None
+
+
 class ApplyOverrides(Pass):
     name = "apply-overrides"
     description = "apply an encodings/overrides JSON file (AIMET 0.6.1 or 1.0.0 layout)"
@@ -68,11 +78,14 @@ class ApplyOverrides(Pass):
         path: str = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        overrides = ctx.state.get("overrides")
-        if overrides is None or (self.options.path and self.options.path != ctx.state.get("overrides_path")):
+        given = ctx.artifacts.get(Overrides)
+        if given is None or (self.options.path and self.options.path != given.path):
             if not self.options.path:
-                raise PassError("pass 'apply-overrides' needs its file: apply-overrides{path=FILE.json}")
+                raise PassError("pass 'apply-overrides' needs its file: apply-overrides{path=FILE.json}, or an "
+                                "Overrides artifact (an encodings file object) in the context")
             overrides = load_overrides(self.options.path, graph)
+        else:
+            overrides = given.file
         plan = ctx.get(QuantPlan, graph).plan
         applied = 0
         precisions_changed = False
@@ -104,7 +117,5 @@ class ApplyOverrides(Pass):
             t.encoding = entry
             t.meta["encoding_source"] = "override"
             applied += 1
-        if precisions_changed:
-            graph.touch()  # the cached QuantPlan was computed from the old precisions
         self.remarks.applied(f"applied {applied} overrides")
         return self.result(applied > 0)

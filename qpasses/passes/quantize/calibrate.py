@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import numpy as np
 from numpy.typing import ArrayLike
 
 from graph_ir import Graph
@@ -75,6 +76,20 @@ def _taps(*groups: Mapping[str, Any]) -> dict[str, ChannelMeans]:
     names = dict.fromkeys(name for group in groups for name in group)
     taps = {name: _Taps(*(group[name] for group in groups if name in group)) for name in names}
     return cast(dict[str, ChannelMeans], taps)  # anything with update(values) serves the hook
+
+
+class CalibrationOutliers(dict[str, Any]):
+    """Artifact: per tensor, the samples that set its range far beyond the rest (steps that score on
+    calibration batches, parity and fallback, skip them)."""
+
+
+@dataclass
+class LayerInputMeans:
+    """Artifact: per-channel means of weighted layers' inputs, measured on the graph of ``graph_version``
+    (bias correction reuses them instead of reading the data again)."""
+
+    graph_version: int
+    means: dict[str, np.ndarray]
 
 
 class Calibrate(Pass):
@@ -134,7 +149,7 @@ class Calibrate(Pass):
 
         outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
         # For later steps that score on calibration batches (parity, fallback): which samples are corrupt.
-        ctx.state["calibration_outliers"] = outliers
+        ctx.artifacts.put(CalibrationOutliers(outliers))
         if outliers:
             self._report_outliers(graph, {n: v for n, v in outliers.items() if n in bitwidths}, o.mode)
             if o.mode in _HISTOGRAM_MODES:
@@ -144,7 +159,7 @@ class Calibrate(Pass):
                 observers.update(histograms)
                 means.update(clean_means)
 
-        ctx.state["channel_means"] = (graph.version, {n: m.mean for n, m in means.items() if m.mean is not None})
+        ctx.artifacts.put(LayerInputMeans(graph.version, {n: m.mean for n, m in means.items() if m.mean is not None}))
         reasons = unavailable_tensors(model, bitwidths)
         calibrated: list[str] = []
         for name, bw in bitwidths.items():

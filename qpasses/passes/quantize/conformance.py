@@ -111,7 +111,8 @@ def check_model(
     registry: Registry | None = None,
 ) -> list[Finding]:
     """Annotate a model as ``quantize`` would (batch-norm folded, overrides applied) and check it."""
-    from qpasses.passes.quantize.apply_overrides import tensor_specs  # the passes package imports this module
+    # the passes package imports this module: its passes are imported when called
+    from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
 
     if registry is None:
         from qpasses.passes import default_registry  # the built-in passes import this module
@@ -126,7 +127,7 @@ def check_model(
         PassManager([registry.create_pass("fold-batchnorm")]).run(graph, ctx)
     passes = []
     if overrides is not None:
-        ctx.state["overrides"] = encodings_io.load(overrides, tensors=tensor_specs(graph))
+        ctx.artifacts.put(Overrides(encodings_io.load(overrides, tensors=tensor_specs(graph)), str(overrides)))
         passes.append(registry.create_pass("apply-overrides"))
     passes.append(registry.create_pass("annotate-precision", **dataclasses.asdict(opts)))
     PassManager(passes).run(graph, ctx)

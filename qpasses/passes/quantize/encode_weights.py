@@ -8,7 +8,7 @@ from graph_ir import Graph, Tensor
 from qpasses.core.context import PassContext
 from qpasses.core.errors import EncodingError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.quant.encodings import compute, validate_bitwidth
+from qpasses.quant.encodings import Mode, compute, validate_bitwidth
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.precision_type import tensor_precision
 
@@ -46,11 +46,11 @@ class EncodeWeights(Pass):
             if t.meta.get("encoding_source") in _KEPT_SOURCES:
                 kept += 1
                 continue
-            data = t.data
+            data = t.constant_data()
             bw = _annotated_bitwidth(t, o.weight_bw)
             try:
                 if per_channel and spec.axis is not None:
-                    mode = "tf" if o.mode in ("symmetric", "adjusted") else o.mode
+                    mode: Mode = "tf" if o.mode in ("symmetric", "adjusted") else o.mode
                     t.encoding = compute(data, bw, mode, axis=spec.axis, role="weight")
                 else:
                     mode = o.mode if o.mode != "adjusted" or bw == 8 else "symmetric"  # adjusted: 8-bit only
@@ -65,7 +65,7 @@ class EncodeWeights(Pass):
                 kept += 1
                 continue
             try:
-                t.encoding = compute(t.data, _annotated_bitwidth(t, o.param_bw),
+                t.encoding = compute(t.constant_data(), _annotated_bitwidth(t, o.param_bw),
                                      "tf" if o.mode == "adjusted" else o.mode, role="weight")
             except EncodingError as exc:
                 readers = ", ".join(f"{op.op_type} '{op.name}'" for op in graph.consumers(name)) or "no op"

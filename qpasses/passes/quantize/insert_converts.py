@@ -55,8 +55,8 @@ class InsertConverts(Pass):
     description = "conversions where precisions differ: int8<->int16 requantize, float<->int Q/DQ, fp16<->fp32 Cast"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        encodings = ctx.state.get("encodings")
-        known = dict(encodings.activations) if isinstance(encodings, EncodingsFile) else {}
+        encodings = ctx.artifacts.get(EncodingsFile)
+        known = dict(encodings.activations) if encodings is not None else {}
         self._raise_opset(graph)
         exported = self._export_floats(graph, ctx)
         requants: list[str] = []
@@ -159,7 +159,7 @@ class InsertConverts(Pass):
 
     def _export_floats(self, graph: Graph, ctx: PassContext) -> int:
         """Float tensors chosen by override, rule or float mode go into the encodings file as dtype float."""
-        encodings = ctx.state.setdefault("encodings", EncodingsFile())
+        encodings = ctx.artifacts.setdefault(EncodingsFile)
         added = 0
         for name, t in graph.tensors.items():
             p = tensor_precision(t)

@@ -9,7 +9,7 @@
   scale is raised where the int32 range would overflow, never lowered).
 
 The encodings that were lowered (keyed by FP32 tensor names) are left in
-``ctx.state["encodings"]`` as an ``EncodingsFile`` for export.
+an ``EncodingsFile`` artifact for export.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class QDQLowering(Pass):
             self._quantize_constant(graph, name, enc, self._portable and name not in bias_enc)
             params[name] = enc
         graph.remove_dead_ops()
-        ctx.state["encodings"] = EncodingsFile(activations=activations, params=params)
+        ctx.artifacts.put(EncodingsFile(activations=activations, params=params))
         self.remarks.applied(
             f"inserted Q/DQ on {len(activations)} activations ({len(qparams)} distinct encodings), "
             f"quantized {len(weight_enc)} weights/params and {len(bias_enc)} biases")

@@ -3,7 +3,7 @@
 Runs last in ``quantize``: a few calibration batches through the model with exact QDQ semantics
 and in the default session (see ``qpasses.runtime.parity``). A divergence beyond the tolerance is a
 ``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
-report itself is left in ``ctx.state["runtime_parity"]``.
+report itself is left as a ``ParityReport`` artifact.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
+
+import onnx
 
 from graph_ir import Graph
 from qpasses.core.context import PassContext
@@ -25,6 +27,19 @@ _PROTO_LIMIT = 1_800_000_000
 
 class RuntimeParityWarning(UserWarning):
     """onnxruntime's default session diverges from the model's exact QDQ semantics."""
+
+
+@dataclass
+class Fp32Reference:
+    """Artifact: the FP32 model before any pass (outputs are compared with it; default: the QDQ model
+    without its activation Q/DQ pairs)."""
+
+    model: onnx.ModelProto
+
+
+def _reference(ctx: PassContext) -> onnx.ModelProto | None:
+    given = ctx.artifacts.get(Fp32Reference)
+    return None if given is None else given.model
 
 
 class RuntimeParityCheck(Pass):
@@ -58,9 +73,9 @@ class RuntimeParityCheck(Pass):
         # Replaying x86 without VNNI checks the portable promise; a target with int8 storage
         # (ort-vnni, QNN backends) was chosen for CPUs where that kernel does not run.
         emulate = None if uint8_storage(ctx.target) else False
-        report = check_parity(model, feeds, reference=ctx.state.get("fp32_reference"), tolerance_db=o.tolerance_db,
+        report = check_parity(model, feeds, reference=_reference(ctx), tolerance_db=o.tolerance_db,
                               emulate=emulate)
-        ctx.state["runtime_parity"] = report
+        ctx.artifacts.put(report)
         self.remarks.analysis(report.figures() + f" (CPU {report.cpu})")
         for problem in report.problems():
             self.remarks.missed("runtime diverges from exact QDQ semantics",

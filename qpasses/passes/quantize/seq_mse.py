@@ -141,8 +141,8 @@ class ConvKernel:
         xp = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
         spans = [d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilations, strict=True)]
         view = sliding_window_view(xp, spans, axis=tuple(range(2, 2 + nd)))
-        view = view[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides),
-                     *(slice(None, None, d) for d in self.dilations))]
+        steps = tuple(slice(None, None, s) for s in self.strides) + tuple(slice(None, None, d) for d in self.dilations)
+        view = view[(slice(None), slice(None)) + steps]
         out = view.shape[2:2 + nd]
         rows = n * math.prod(out)
         # [n, g, cg, *out, *k] -> [g, n, *out, cg, *k] -> [g, rows, cg*kk]
@@ -220,9 +220,10 @@ class ConvTransposeKernel:
         for tap in np.ndindex(*self.kernel):
             window = tuple(slice(t * d, t * d + (size - 1) * s + 1, s) for t, d, size, s in
                            zip(tap, self.dilations, spatial, self.strides, strict=True))
-            full[(..., *window)] += z[tap]
+            full[(Ellipsis,) + window] += z[tap]
         begin, end = self._resolved_pads(spatial)
-        out = full[(..., *(slice(b, f - e) for b, e, f in zip(begin, end, full_shape, strict=True)))]
+        crop = tuple(slice(b, f - e) for b, e, f in zip(begin, end, full_shape, strict=True))
+        out = full[(Ellipsis,) + crop]
         out_shape = out.shape[4:]
         out = out.reshape(n, cand, g * mg, math.prod(out_shape)).transpose(0, 3, 1, 2)
         return out.reshape(n * math.prod(out_shape), cand, g * mg)
@@ -323,7 +324,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class LayerResult:
-    """What the search found for one layer (kept in ``ctx.state["seq_mse"]`` by op name).
+    """What the search found for one layer (kept in the ``SeqMseResults`` artifact by op name).
 
     ``fractions``: chosen range per encoding channel as a fraction of min-max. ``loss``/``mse``
     and their ``minmax_`` twins: totals over channels and calibration batches (mse per element).
@@ -336,6 +337,10 @@ class LayerResult:
     minmax_loss: float
     mse: float
     minmax_mse: float
+
+
+class SeqMseResults(dict[str, LayerResult]):
+    """Artifact: per layer op name, what SeqMSE chose."""
 
 
 def _minmax_encoding(data: np.ndarray, axis: int | None, bitwidth: int) -> Encoding:
@@ -563,7 +568,7 @@ class SeqMSE(Pass):
             elif any(c.op_type == "BatchNormalization" for out in op.outputs[:1] for c in graph.consumers(out)):
                 # Folding it later would rescale the weight under the frozen encoding.
                 reason = "a BatchNormalization follows: run fold-batchnorm before seq-mse"
-            if reason:
+            if reason or spec.axis is None:  # an axis of None has its reason above
                 self.remarks.missed("not searched", [op.name], reason=reason)
                 continue
             data = np.asarray(t.data)
@@ -649,7 +654,7 @@ class SeqMSE(Pass):
                 start = stop
         finally:
             bar.close()
-        ctx.state["seq_mse"] = results
+        ctx.artifacts.put(SeqMseResults(results))
         samples = sum(len(v) for f in feeds for v in itertools.islice(f.values(), 1) if np.ndim(v))
         self.remarks.applied(f"searched {len(results)} layers ({o.num_candidates} candidates, {o.inp_symmetry}, "
                              f"{o.loss_fn}) on {samples} samples in {len(feeds)} batches")
