@@ -31,7 +31,7 @@ from qpasses.data.evaluation import sqnr_db
 from qpasses.learned.layers import starting_encoding
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.adaround import AdaRoundResults
-from qpasses.passes.quantize.seq_mse import SeqMseResults
+from qpasses.passes.quantize.seq_mse_search import SeqMseResults
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import dequantize, fake_quantize, quantize
 from qpasses.quantize import quantize_model

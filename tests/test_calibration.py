@@ -29,9 +29,10 @@ from qpasses.data.calibration import (
 )
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.calibrate import Calibrate
-from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.encodings import Encoding
 from qpasses.quant.encodings_io import PrecisionOverride
 from qpasses.quant.plan import QuantPlan
+from qpasses.quant.range_search import compute
 from qpasses.quant.range_statistics import DEFAULT_BINS, Histogram, HistogramObserver, MinMaxObserver
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

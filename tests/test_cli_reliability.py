@@ -60,7 +60,7 @@ def test_graphsurgeon_rewrite_keeps_annotations(tmp_path) -> None:
     from qpasses.core.context import PassContext
     from qpasses.core.pass_manager import PassManager
     from qpasses.passes import default_registry
-    from qpasses.quant.encodings import compute
+    from qpasses.quant.range_search import compute
 
     script = tmp_path / "rw.py"
     script.write_text("def rewrite(graph):\n    return graph\n")

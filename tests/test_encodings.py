@@ -7,18 +7,9 @@ import pytest
 from onnx import TensorProto
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import (
-    Encoding,
-    bias_encoding,
-    compute,
-    dequantize,
-    fake_quantize,
-    from_min_max,
-    pack_int4,
-    quantize,
-    unpack_int4,
-    validate_bitwidth,
-)
+from qpasses.quant.encodings import Encoding, dequantize, fake_quantize, quantize, validate_bitwidth
+from qpasses.quant.int4_packing import pack_int4, unpack_int4
+from qpasses.quant.range_search import bias_encoding, compute, from_min_max
 from qpasses.quant.range_statistics import HistogramObserver, MinMaxObserver
 
 # --- the spec's worked examples (qnn-quantization.txt, "Quantization Example") -------------------------

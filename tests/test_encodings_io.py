@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.encodings import Encoding
 from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec, from_json, load, save, to_json
+from qpasses.quant.range_search import compute
 
 # The override example from qnn-quantization.txt ("Quantization Overrides"), verbatim.
 SPEC_OVERRIDES = """

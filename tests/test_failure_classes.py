@@ -111,7 +111,8 @@ def test_boxes_and_scores_concat_stays_float_and_parts_stay_quantized() -> None:
 
 def test_mixed_ranges_without_the_pass_collapse_the_scores() -> None:
     """The case the pass exists for: one 8-bit grid for boxes and scores destroys the scores."""
-    from qpasses.quant.encodings import compute, fake_quantize
+    from qpasses.quant.encodings import fake_quantize
+    from qpasses.quant.range_search import compute
 
     boxes, scores = np.linspace(0, 320, 256), np.linspace(0, 1, 64)
     joined = np.concatenate([boxes, scores])

@@ -21,10 +21,10 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.pass_manager import PassManager
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides
-from qpasses.quant.encodings import from_min_max
 from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.precision_type import Precision
+from qpasses.quant.range_search import from_min_max
 
 
 def _model() -> onnx.ModelProto:

@@ -6,7 +6,7 @@ alike (the one value stretched the histogram so that every other value fell into
 Now: a ``CalibrationOutlierWarning`` and a ``missed`` remark from ``calibrate`` name the tensors and
 the sample, and percentile/enhanced leave that sample out of their statistics.
 
-Truth: encodings computed directly (``encodings.compute`` on the raw values, numpy percentiles) on
+Truth: encodings computed directly (``range_search.compute`` on the raw values, numpy percentiles) on
 the data without the corrupt sample, and top-1 / SQNR of the quantized model in onnxruntime
 (``exact_session``) on the shipped test split.
 """
@@ -26,7 +26,7 @@ from qpasses.core.verification import exact_session
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.calibrate import CalibrationOutliers
 from qpasses.quant.config import QuantConfig
-from qpasses.quant.encodings import compute
+from qpasses.quant.range_search import compute
 from qpasses.quant.range_statistics import (
     CalibrationOutlierWarning,
     FixedHistogramObserver,

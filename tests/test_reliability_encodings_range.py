@@ -16,8 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import Encoding, from_min_max
+from qpasses.quant.encodings import Encoding
 from qpasses.quant.encodings_io import TensorSpec, load
+from qpasses.quant.range_search import from_min_max
 from qpasses.quantize import quantize_model
 
 KNOWN = {"act": TensorSpec("activation"), "w": TensorSpec("weight", channels=3), "b": TensorSpec("bias")}

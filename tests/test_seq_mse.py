@@ -24,7 +24,8 @@ from qpasses.core.errors import CalibrationDataError, PassError, QPassesError
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.verification import exact_session
 from qpasses.passes import default_registry
-from qpasses.passes.quantize.seq_mse import SeqMseResults, constant_bias, layer_output, make_kernel
+from qpasses.passes.quantize.layer_kernels import constant_bias, layer_output, make_kernel
+from qpasses.passes.quantize.seq_mse_search import SeqMseResults
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 

@@ -55,9 +55,10 @@ from qpasses.core.context import PassContext
 from qpasses.core.verification import session_options
 from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
 from qpasses.quant.config import QuantConfig
-from qpasses.quant.encodings import Encoding, Mode, bias_encoding, compute, quantize
+from qpasses.quant.encodings import Encoding, Mode, quantize
 from qpasses.quant.plan import DATA_MOVEMENT, QuantPlanData, build_plan
 from qpasses.quant.precision_type import requantized
+from qpasses.quant.range_search import bias_encoding, compute
 from qpasses.targets.precision import activation_slots
 
 _SUFFIXES = ("scale", "zp", "lo", "hi")

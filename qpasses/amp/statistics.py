@@ -29,8 +29,9 @@ from qpasses.core.pass_manager import PassManager
 from qpasses.data.calibration import collect_statistics
 from qpasses.passes import default_registry
 from qpasses.quant.config import QuantConfig
-from qpasses.quant.encodings import Encoding, compute
+from qpasses.quant.encodings import Encoding
 from qpasses.quant.plan import build_plan
+from qpasses.quant.range_search import compute
 
 
 @dataclass(frozen=True)

@@ -838,7 +838,7 @@ class _GridHistogram:
             counts += np.bincount(index, minlength=self.capacity)
 
     def observer(self) -> HistogramObserver:
-        """A HistogramObserver holding these counts (trimmed to the occupied bins), for ``encodings.compute``."""
+        """A HistogramObserver holding these counts (trimmed to the occupied bins), for ``range_search.compute``."""
         assert self.counts is not None
         used = math.floor(math.ldexp(self.max, -self.exponent)) - self.base + 1
         obs = HistogramObserver(max(used, 2))

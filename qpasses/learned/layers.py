@@ -23,9 +23,10 @@ from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.remarks import RemarkCollector
 from qpasses.data.calibration import Feed
 from qpasses.data.weight_swap import SwappedWeights
-from qpasses.quant.encodings import Encoding, Mode, compute, fake_quantize
+from qpasses.quant.encodings import Encoding, Mode, fake_quantize
 from qpasses.quant.plan import WeightSpec
 from qpasses.quant.precision_type import tensor_precision
+from qpasses.quant.range_search import compute
 
 SUPPORTED: Final = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATIONS: Final = ("Relu", "Clip")

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qpasses.quant.encodings import MIN_RANGE, Encoding, dequantize, from_min_max, quantize
+from qpasses.quant.encodings import MIN_RANGE, Encoding, dequantize, quantize
+from qpasses.quant.range_search import from_min_max
 
 ZETA: Final = 1.1
 GAMMA: Final = -0.1
@@ -118,7 +119,7 @@ class AdaScaleWeight(torch.nn.Module):
     the starting grid's range); ``s2`` (per element) and ``s3`` (per output channel) divide the
     weight before rounding, as FlexRound's ``W / (s1 exp(s2) exp(s3))``, which moves weights to
     other integers while dequantization uses the grid's scale alone. The grid follows
-    ``encodings.from_min_max`` (symmetric or tf), so the result is an ordinary encoding of the
+    ``range_search.from_min_max`` (symmetric or tf), so the result is an ordinary encoding of the
     folded weight ``W / (exp(s2) exp(s3))``.
     """
 

@@ -23,15 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import (
-    ALLOWED_BITWIDTHS,
-    FLOAT32_MAX,
-    MIN_RANGE,
-    Encoding,
-    Role,
-    from_min_max,
-    validate_bitwidth,
-)
+from qpasses.quant.encodings import ALLOWED_BITWIDTHS, FLOAT32_MAX, MIN_RANGE, Encoding, Role, validate_bitwidth
+from qpasses.quant.range_search import from_min_max
 
 Version = Literal["0.6.1", "1.0.0"]
 SECTIONS = ("activation_encodings", "param_encodings")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qpasses.core.errors import EncodingError
-from qpasses.quant.encodings import Encoding, from_min_max
+from qpasses.quant.encodings import Encoding
+from qpasses.quant.range_search import from_min_max
 
 DType = Literal["int", "float"]
 INT_BITWIDTHS = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 32)

@@ -2,7 +2,7 @@
 
 Observers see one batch at a time and keep a fixed amount of state, so calibration memory does not
 grow with the number of samples (onnxruntime's histogram calibrators keep every activation until
-the end). ``encodings.compute`` accepts an observer directly.
+the end). ``range_search.compute`` accepts an observer directly.
 
 ``SampleExtremes`` finds calibration samples that set a range far beyond all the others (one corrupt
 value of 1e30 made the digits CNN's input scale 3.9e27); ``FixedHistogramObserver`` then collects a

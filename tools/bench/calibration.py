@@ -57,8 +57,8 @@ import graph_ir  # noqa: E402
 from qpasses.core.context import PassContext  # noqa: E402
 from qpasses.data.calibration import DEFAULT_MAX_BYTES_PER_RUN, collect_statistics  # noqa: E402
 from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm  # noqa: E402
-from qpasses.quant.encodings import compute  # noqa: E402
 from qpasses.quant.plan import QuantPlan  # noqa: E402
+from qpasses.quant.range_search import compute  # noqa: E402
 
 BATCH = 16
 DIGITS = ROOT / "models" / "digits_cnn.onnx"

@@ -36,8 +36,8 @@ def time_qpasses(model: onnx.ModelProto) -> float:
     from qpasses.core.context import PassContext
     from qpasses.core.pass_manager import PassManager
     from qpasses.passes import default_registry
-    from qpasses.quant.encodings import from_min_max
     from qpasses.quant.plan import QuantPlan
+    from qpasses.quant.range_search import from_min_max
 
     reg = default_registry()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ Conv/ConvTranspose/Gemm/MatMul weight in a block, trainable parameters:
 
 - ``gamma``/``beta`` per channel (per tensor for per-tensor grids): the grid's max/min scaled by
   ``sigmoid(.)``-shaped factors starting at the starting grid (what ``encode-weights`` would use, or
-  SeqMSE's); the grid itself is ``encodings.from_min_max`` of the clipped range;
+  SeqMSE's); the grid itself is ``range_search.from_min_max`` of the clipped range;
 - ``s2`` per element and ``s3`` per output channel: the weight is divided by ``exp(s2) exp(s3)``
   before rounding (FlexRound), so weights can move to other integers while dequantization uses
   the grid's scale alone.

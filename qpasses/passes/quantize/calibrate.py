@@ -33,10 +33,11 @@ from qpasses.core.errors import CalibrationDataError, EncodingError, PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.calibration import DEFAULT_MAX_BYTES_PER_RUN, collect_statistics, unavailable_tensors
 from qpasses.data.sources import CalibrationData
-from qpasses.quant.encodings import compute, validate_bitwidth
+from qpasses.quant.encodings import validate_bitwidth
 from qpasses.quant.encodings_io import PrecisionOverride
 from qpasses.quant.plan import QuantPlan, weighted_layer_inputs
 from qpasses.quant.precision_type import encoding_bitwidth
+from qpasses.quant.range_search import compute
 from qpasses.quant.range_statistics import (
     OUTLIER_RATIO,
     CalibrationOutlierWarning,

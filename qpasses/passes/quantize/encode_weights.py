@@ -8,9 +8,10 @@ from graph_ir import Graph, Tensor
 from qpasses.core.context import PassContext
 from qpasses.core.errors import EncodingError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.quant.encodings import Mode, compute, validate_bitwidth
+from qpasses.quant.encodings import Mode, validate_bitwidth
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.precision_type import tensor_precision
+from qpasses.quant.range_search import compute
 
 # Encodings decided before this pass that it must keep: a user's overrides, SeqMSE's search,
 # AdaRound's / AdaScale's learned grids (whose weights already lie on them).
