@@ -378,3 +378,105 @@ def test_unsupported_op_in_a_block_is_a_missed_remark() -> None:
     missed = [r for r in report.remarks if r.kind == "missed"]
     assert any("Round 'round'" in r.reason and r.nodes == ("conv2",) for r in missed), missed
     assert [r.layers for r in ctx.artifacts[AdaScaleResults]] == [("conv1",)]
+
+
+@needs_torch
+def test_weight_shared_across_output_channel_axes_is_not_learned() -> None:
+    """Gemms with transB 0 and 1 reading one weight have no common output-channel axis (the plan's
+    axis is None): AdaScale leaves it to encode-weights with a remark (it was a TypeError crash)."""
+    w = RNG.normal(size=(8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
+         helper.make_node("Relu", ["a"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w"], ["y"], name="g1", transB=1)],
+        "shared_axes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(4)]
+    result = quantize_model(model, feeds, {"per_channel": True}, adascale=True, auto_fallback=False,
+                            adascale_options={"num_epochs": 1, "num_batches": 2}, progress=False)
+    assert any(r.pass_name == "adascale" and r.kind == "missed" and "different axes" in r.reason
+               for r in result.report.remarks)
+    assert "w" in result.encodings.params and result.encodings.params["w"].axis is None  # per tensor
+
+
+def _shared_weight_model(mask: bool) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """x [N, 6, 8] -> MatMul(w) -> Relu [-> * mask -> MatMul(Identity(w)) + x | -> MatMul(v) -> Relu ->
+    MatMul(Identity(w))]: ALBERT's shape in small (one
+    weight read twice, the second time through the Identity an exporter writes; an integer mask input)."""
+    nodes = [helper.make_node("Identity", ["w"], ["w_again"], name="alias"),
+             helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu")]
+    inputs = [_vi("x", ["N", 6, 8])]
+    if mask:
+        inputs.append(_vi("mask", ["N", 6], TensorProto.INT64))
+        nodes += [helper.make_node("Unsqueeze", ["mask", "axis2"], ["m3"], name="unsq"),
+                  helper.make_node("Cast", ["m3"], ["mf"], name="cast", to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["r1", "mf"], ["r1m"], name="masked")]
+        nodes += [helper.make_node("MatMul", ["r1m", "w_again"], ["h2"], name="mm2"),
+                  helper.make_node("Add", ["h2", "x"], ["y"], name="skip")]  # x live throughout: one block
+    else:  # a layer with its own weight in between: the readers of w fall in two blocks
+        nodes += [helper.make_node("MatMul", ["r1", "v"], ["h3"], name="mm3"),
+                  helper.make_node("Relu", ["h3"], ["r3"], name="relu3"),
+                  helper.make_node("MatMul", ["r3", "w_again"], ["y"], name="mm2")]
+    model = _model(nodes, inputs, [_vi("y", None)], [_init("w", _randn(8, 8, scale=0.5)),
+                                                     _init("v", _randn(8, 8, scale=0.5)),
+                                                     _init("axis2", np.array([2], np.int64))])
+    rng = np.random.default_rng(3)
+    feeds = [{"x": _randn(4, 6, 8), **({"mask": rng.integers(0, 2, (4, 6)).astype(np.int64)} if mask else {})}
+             for _ in range(4)]
+    return model, feeds
+
+
+@needs_torch
+def test_shared_weight_with_an_integer_mask_is_learned_once_for_both_readers() -> None:
+    """The block reads an integer input besides its float one and a weight twice (once through an Identity):
+    the weight is learned once for both readers, and the loss AdaScale reports is what onnxruntime computes."""
+    model, feeds = _shared_weight_model(mask=True)
+    fp32 = [exact_session(model).run(None, f)[0] for f in feeds]
+    g = graph_ir.load(model)
+    ctx = _adascale(g, feeds, num_epochs=20, scale_lr=5e-3)
+    (res,) = ctx.artifacts[AdaScaleResults]
+    assert res.layers == ("mm1",) and not res.kept_start and res.loss < 0.9 * res.loss_start, res  # measured 0.85
+    t = g.tensors["w"]
+    assert t.meta["encoding_source"] == "adascale" and t.encoding == res.encodings["w"]
+    np.testing.assert_array_equal(dequantize(quantize(t.data, t.encoding), t.encoding).astype(np.float32), t.data)
+    # onnxruntime on the learned model (both readers see the learned weight): the same reconstruction loss
+    learned = exact_session(g.to_onnx())
+    losses = [float(((learned.run(None, f)[0] - ref) ** 2).sum(1).mean()) for f, ref in zip(feeds, fp32, strict=True)]
+    np.testing.assert_allclose(np.mean(losses), res.loss, rtol=1e-4)
+
+
+@needs_torch
+def test_shared_weight_read_outside_its_block_is_a_missed_remark() -> None:
+    """Without the mask the two readers fall in two blocks: learning the weight for one block would change
+    the other's, so it is skipped with a remark (and nothing crashes)."""
+    model, feeds = _shared_weight_model(mask=False)
+    g = graph_ir.load(model)
+    ctx = PassContext(calibration_data=feeds)
+    report = PassManager([REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=2, progress=False)]).run(g, ctx)
+    missed = [r for r in report.remarks if r.kind == "missed"]
+    assert any(r.nodes == ("mm1",) and "also read outside the block" in r.reason for r in missed), missed
+    assert [r.layers for r in ctx.artifacts[AdaScaleResults]] == [("mm3",)]  # the block holding the second reader
+    assert g.tensors["w"].meta.get("encoding_source") is None
+
+
+@needs_torch
+def test_ops_the_block_output_does_not_need_are_left_out() -> None:
+    """A tagger's logits are an output and an ArgMax (no torch mapping) reads them: the last block ends at the
+    logits and is learned; the ArgMax is not part of its program."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2"),
+             helper.make_node("ArgMax", ["logits"], ["tags"], name="argmax", axis=-1, keepdims=0)]
+    model = _model(nodes, [_vi("x", ["N", 6, 8])], [_vi("tags", None, TensorProto.INT64), _vi("logits", None)],
+                   [_init("w1", _randn(8, 8, scale=0.5)), _init("w2", _randn(8, 5, scale=0.5))])
+    feeds = [{"x": _randn(4, 6, 8)} for _ in range(4)]
+    g = graph_ir.load(model)
+    ctx = PassContext(calibration_data=feeds)
+    report = PassManager([REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=5, scale_lr=5e-3,
+                                               progress=False)]).run(g, ctx)
+    assert not [r for r in report.remarks if r.kind == "missed" and "ArgMax" in (r.reason or "")]
+    results = ctx.artifacts[AdaScaleResults]
+    assert [(r.layers, r.output) for r in results] == [(("mm1",), "r"), (("mm2",), "logits")]
+    assert all(r.loss < r.loss_start for r in results), results

@@ -44,6 +44,7 @@ class Layer:
     encoding: Encoding  # the starting grid (min-max / the mode's, or SeqMSE's)
     source: str  # where the starting grid came from: "min-max" (the mode) or "seq-mse"
     channel_axis: int  # the weight's output-channel axis (per-channel encodings run along it)
+    users: tuple[int, ...] = ()  # ids of every op reading the weight (several for a shared weight)
 
     @property
     def input(self) -> str:
@@ -67,10 +68,69 @@ def starting_encoding(data: np.ndarray, bits: int, per_channel: bool, mode: Mode
     return compute(data, bits, mode, role="weight")
 
 
+def _is_alias(op: Op) -> bool:
+    return op.op_type == "Identity" and op.is_standard and len(op.outputs) == 1
+
+
+def weight_readers(graph: Graph, name: str) -> tuple[list[Op], set[str]]:
+    """The ops reading ``name`` directly or through Identity ops (exporters write a shared weight's later uses
+    as Identity of the initializer), and the tensor names involved (``name`` and its Identity aliases)."""
+    readers: list[Op] = []
+    aliases = {name}
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        for op in graph.consumers(current):
+            out = op.outputs[0] if _is_alias(op) else ""
+            if out and not graph.is_graph_output(out) and out not in aliases:
+                aliases.add(out)
+                pending.append(out)
+            elif op not in readers:
+                readers.append(op)
+    return readers, aliases
+
+
+def _aliases_constant(graph: Graph, op: Op) -> bool:
+    """Whether ``op`` is an Identity (chain) of a constant: its output is a weight, not an activation."""
+    while _is_alias(op) and op.inputs[0]:
+        source = op.inputs[0]
+        up = graph.producer(source)
+        if up is None:
+            return graph.tensors[source].is_constant
+        op = up
+    return False
+
+
+def constant_aliases(graph: Graph, ops: Sequence[Op]) -> list[Op]:
+    """Identity ops outside ``ops`` that compute, from a constant, a tensor ``ops`` read: a torch program runs
+    them first so a swapped (learned) weight reaches every reader, never a captured FP32 copy."""
+    inside = {op.id for op in ops}
+    found: list[Op] = []
+    pending = [n for op in ops for n in op.inputs if n]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        producer = graph.producer(name)
+        if producer is not None and producer.id not in inside and _aliases_constant(graph, producer):
+            found.append(producer)
+            pending.append(producer.inputs[0])
+    return list(reversed(found))  # a chain's first Identity first
+
+
 def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, WeightSpec], remarks: RemarkCollector,
-                     *, weight_bw: int, per_channel: bool, mode: Mode, exclude: Iterable[str] = ()) -> list[Layer]:
-    """Supported ops in topological order; the others get a 'missed' remark with the reason."""
+                     *, weight_bw: int, per_channel: bool, mode: Mode, exclude: Iterable[str] = (),
+                     shared: bool = False) -> list[Layer]:
+    """Supported ops in topological order; the others get a 'missed' remark with the reason.
+
+    ``shared``: a weight read by several ops of one type (ALBERT's layers, a weight-tied decoder) is one
+    layer at its first reader, ``users`` naming them all; AdaScale learns it when one block holds them
+    all. Without it such weights are missed (AdaRound learns one op's output at a time).
+    """
     excluded = set(exclude)
+    seen: set[str] = set()
     unknown = excluded - {op.name for op in order}
     if unknown:
         remarks.missed("excluded ops not found", sorted(unknown), reason="no op of that name")
@@ -80,16 +140,22 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             continue
         name = op.inputs[1]
         spec = weights.get(name)
-        if spec is None:
-            continue  # no constant float weight the plan quantizes
+        if spec is None or name in seen:
+            continue  # no constant float weight the plan quantizes, or a shared weight's later reader
         t = graph.tensors[name]
         precision = tensor_precision(t)
         bits = precision.bitwidth if precision is not None and not precision.is_float else weight_bw
+        users, aliases = weight_readers(graph, name) if shared else (graph.consumers(name), {name})
         reason = ""
         if op.name in excluded:
             reason = "excluded by the exclude option"
-        elif spec.op != op.name or len(graph.consumers(name)) > 1:
+        elif len(users) > 1 and not shared:
             reason = f"weight '{name}' is shared by several ops (its rounding would be learned for one of them)"
+        elif len(users) > 1 and any(u.op_type != op.op_type or len(u.inputs) < 2 or u.inputs[1] not in aliases
+                                    or u.inputs[0] in aliases or u.name in excluded for u in users):
+            reason = f"weight '{name}' is shared by ops of other types, other input slots or excluded ops"
+        elif len(users) == 1 and spec.op != op.name:
+            reason = f"weight '{name}' is planned for op '{spec.op}'"
         elif t.meta.get("encoding_source") == "override":
             reason = "weight encoding given by the overrides file"
         elif t.meta.get("encoding_source") in ("adaround", "adascale"):
@@ -100,8 +166,11 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             reason = f"{bits}-bit weights are outside the 4-16 bit grids"
         elif not op.inputs[0] or graph.tensors[op.inputs[0]].is_constant:
             reason = "no data input"
-        elif any(c.op_type == "BatchNormalization" for out in op.outputs[:1] for c in graph.consumers(out)):
+        elif any(c.op_type == "BatchNormalization" for u in users for out in u.outputs[:1]
+                 for c in graph.consumers(out)):
             reason = "a BatchNormalization follows: run fold-batchnorm first (folding later rescales the weight)"
+        if len(users) > 1:
+            seen.add(name)
         if reason:
             remarks.missed("not learned", [op.name], reason=reason)
             continue
@@ -121,7 +190,7 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             except EncodingError as exc:
                 raise EncodingError(f"weight {name} of {op.name}: {exc}") from None
             source = "min-max" if mode in ("symmetric", "tf") else mode
-        layers.append(Layer(op, name, data, encoding, source, spec.axis))
+        layers.append(Layer(op, name, data, encoding, source, spec.axis, tuple(u.id for u in users)))
     return layers
 
 
@@ -157,6 +226,19 @@ class Block:
     def label(self) -> str:
         return f"{self.input} -> {self.output}"
 
+    def side_inputs(self, graph: Graph) -> list[str]:
+        """Non-constant tensors the ops read from outside besides ``input``: tensors that are not float
+        activations (an attention mask's integer ids, shapes), which the cut points do not count."""
+        inside = {n for op in self.ops for n in op.outputs if n}
+        names = (n for op in self.ops for n in op.inputs
+                 if n and n != self.input and n not in inside and not graph.tensors[n].is_constant)
+        return list(dict.fromkeys(names))
+
+    def outside_users(self, layer: Layer) -> bool:
+        """Whether ops outside the block also read the layer's (shared) weight."""
+        members = {op.id for op in self.ops}
+        return any(u not in members for u in layer.users)
+
 
 def _is_activation(graph: Graph, name: str, dtypes: dict[str, int]) -> bool:
     t = graph.tensors.get(name)
@@ -183,6 +265,8 @@ def cut_points(graph: Graph, order: Sequence[Op], dtypes: dict[str, int]) -> lis
     for name in graph.inputs:
         track(name, -1)
     for op in order:
+        if _aliases_constant(graph, op):
+            continue  # an Identity of a weight: a constant, which torch programs recompute (constant_aliases)
         for name in op.outputs:
             if name:
                 track(name, position[op.id])
@@ -304,6 +388,6 @@ def count_samples(feeds: Sequence[Feed]) -> int:
     return total
 
 
-__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "activation_after",
+__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "activation_after", "constant_aliases",
            "count_samples", "cut_points", "find_blocks", "learnable_layers", "named_block", "per_channel_weights",
-           "quantized_so_far", "starting_encoding"]
+           "quantized_so_far", "starting_encoding", "weight_readers"]

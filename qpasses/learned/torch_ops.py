@@ -586,8 +586,8 @@ class TorchProgram:
     ``ops`` in a topological order; ``inputs`` the region's activation inputs (fed each call);
     every other tensor an op reads must be computed in the region or be a constant of the graph
     (read once, as torch tensors). ``weights`` swaps constants for given tensors per call (the
-    fake-quantized weights being trained). Raises ``Unsupported`` at construction for an op type,
-    attribute or extra output the mapping does not cover.
+    fake-quantized weights being trained). Ops no output depends on are left out. Raises
+    ``Unsupported`` at construction for an op type, attribute or extra output the mapping does not cover.
     """
 
     def __init__(self, graph: Graph, ops: Sequence[Op], inputs: Sequence[str], outputs: Sequence[str],
@@ -595,7 +595,15 @@ class TorchProgram:
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.opset = opset if opset is not None else (graph.opset("") or 1)
-        self.ops = [op for op in ops if not (op.op_type == "Constant" and op.is_standard)]
+        # Only the ops an output depends on: a region may end with ops the loss never reads (an ArgMax
+        # after the logits a block is cut at), which need no mapping and no time.
+        wanted = set(self.outputs)
+        needed: list[Op] = []
+        for op in reversed(list(ops)):
+            if any(n in wanted for n in op.outputs if n) and not (op.op_type == "Constant" and op.is_standard):
+                needed.append(op)
+                wanted.update(n for n in op.inputs if n)
+        self.ops = needed[::-1]
         self.constants: dict[str, Value] = {}
         produced = set(self.inputs)
         used = set(self.outputs) | {n for op in self.ops for n in op.inputs if n}

@@ -1,21 +1,36 @@
-"""Benchmark: learned weight quantization (AdaRound, AdaScale) vs min-max and SeqMSE, W4A8 per-channel.
+"""Benchmark: learned weight quantization (AdaRound, AdaScale) vs min-max and SeqMSE, side by side.
 
-    python tools/bench/learned_rounding.py [--quick] [--models digits_cnn,...]
+    python tools/bench/learned_rounding.py [--quick] [--models digits_cnn,...] [--corpus ppocr_cls,dnsmos_p808]
+        [--transformer unidic_tagger] [--aimet-python /tmp/aimet-venv/bin/python]
 
-Per shipped digits model (digits test split, 360 images): top-1 against the labels and SQNR of the
-logits vs FP32 for each weight flow, with the whole ``quantize_model`` wall time and the learned
-pass alone. AdaRound / AdaScale run with their defaults (needs ``pip install "qpasses[learn]"``),
-after fold-batchnorm and before encode-weights, as ``quantize --adaround/--adascale`` runs them;
-"+ seq-mse" rows learn on SeqMSE's grids. If ``aimet_onnx`` imports, its AdaRound runs on the same
-folded model and calibration data (otherwise "skipped").
+Sections (each skipped when its list is empty):
+- W4A8 per-channel on the shipped digits models (digits test split, 360 images): top-1 against the
+  labels and SQNR of the logits vs FP32;
+- W4A8 per-channel on CNNs of the real-model corpus (``tools/real_models.py``: each model's
+  calibration split, its test split and its metric vs FP32), SQNR on the logits (the input of a final
+  Softmax/ArgMax, added as an output) or the output;
+- W4A16 on the corpus's small transformer (ALBERT tagger: the logits before its ArgMax).
+
+Every flow runs as ``quantize --seq-mse/--adaround/--adascale`` does (encode stage, BN folded,
+no automatic fallback, so every flow quantizes the same tensors); AdaRound/AdaScale need
+``pip install "qpasses[learn]"``. Figures with exact QDQ semantics and, after "|", in onnxruntime's
+default session (fused integer kernels on this CPU). AIMET-ONNX's AdaRound runs in its own venv
+(``tools/bench/aimet_adaround.py`` in a subprocess: same FP32 model, calibration data and iteration
+budget; its QuantSim session is its exact semantics); "skipped (reason)" when that Python or
+aimet_onnx is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,68 +39,184 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-from qpasses.core.verification import exact_session  # noqa: E402
+from qpasses.core.verification import exact_session, runtime_session  # noqa: E402
 from qpasses.data.evaluation import sqnr_db  # noqa: E402
-from qpasses.passes import default_registry  # noqa: E402
 from qpasses.quant.config import QuantConfig  # noqa: E402
 from qpasses.quantize import quantize_model  # noqa: E402
 
 MODELS = ROOT / "models"
-CALIB = str(MODELS / "digits_calib.npz")
-REGISTRY = default_registry()
+AIMET_SCRIPT = Path(__file__).resolve().parent / "aimet_adaround.py"
+Feed = dict[str, np.ndarray]
+Outputs = list[list[np.ndarray]]
 
 
-def _flows(bits: int, quick: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(label, quantize_model keyword arguments) per weight flow."""
-    def learned(*names: str, **options: Any) -> list:
-        return [REGISTRY.create_pass("fold-batchnorm")] + [
-            REGISTRY.create_pass(name, weight_bw=bits, per_channel=True, progress=False, **options) for name in names]
+@dataclass
+class Case:
+    """A model, its data and how a quantized version is scored against FP32."""
 
+    name: str
+    model: onnx.ModelProto  # FP32; the SQNR output is the last one
+    calib: list[Feed]
+    test: list[Feed]
+    metric_name: str
+    metric: Callable[[Outputs, Outputs], float]  # (FP32 outputs, quantized outputs) per test feed
+    act_bw: int
+    iterations: int  # AdaRound steps per layer (ours and AIMET's)
+    epochs: int  # AdaScale epochs per block
+    adascale: dict[str, Any] = field(default_factory=dict)  # further AdaScale options (learning rates)
+
+
+def _with_logits(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the input of a final Softmax/ArgMax (the logits) appended as an output."""
+    out = model.graph.output[0].name
+    producer = next((n for n in model.graph.node if out in n.output), None)
+    if producer is None or producer.op_type not in ("Softmax", "ArgMax"):
+        return model
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(producer.input[0]))
+    return extended
+
+
+def _run(session: Any, feeds: list[Feed]) -> Outputs:
+    return [session.run(None, feed) for feed in feeds]
+
+
+def _sqnr(fp32: Outputs, q: Outputs) -> float:
+    return sqnr_db(np.concatenate([o[-1].ravel() for o in fp32]), np.concatenate([o[-1].ravel() for o in q]))
+
+
+def digits_case(name: str, iterations: int, epochs: int) -> Case:
+    calib = np.load(MODELS / "digits_calib.npz")["input"]
+    test = np.load(MODELS / "digits_test.npz")
+    labels = test["labels"]
+
+    def top1(fp32: Outputs, q: Outputs) -> float:
+        return float(np.mean(np.concatenate([o[0] for o in q]).argmax(1) == labels))
+
+    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
+    return Case(name, onnx.load(MODELS / f"{name}.onnx"), feeds, [{"input": test["input"]}], "top-1", top1, 8,
+                iterations, epochs)
+
+
+def _rebatch(feeds: list[Feed], batch: int) -> list[Feed]:
+    """The same samples in feeds of ``batch`` rows (0: as given): smaller steps for slow layers."""
+    if batch <= 0:
+        return feeds
+    rows = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    count = len(next(iter(rows.values())))
+    return [{k: v[i:i + batch] for k, v in rows.items()} for i in range(0, count, batch)]
+
+
+def corpus_case(name: str, act_bw: int, iterations: int, epochs: int, batch: int) -> Case:
+    from real_models import get_model
+
+    m = get_model(name)
+    return Case(name, _with_logits(onnx.load(m.path)), _rebatch(m.calib_feeds(), batch), m.test_feeds(),
+                m.metric_name, m.metric, act_bw, iterations, epochs)
+
+
+def _flows(case: Case, extra: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(label, quantize_model keyword arguments) per weight flow, as the CLI's --seq-mse/--adaround/--adascale."""
+    ada = {"adaround_options": {"iterations": case.iterations}}
     flows: list[tuple[str, dict[str, Any]]] = [
         ("min-max", {}),
         ("seq-mse", {"seq_mse": True}),
-        ("adaround", {"pipeline": learned("adaround")}),
-        ("adascale", {"pipeline": learned("adascale")}),
+        ("adaround", {"adaround": True, **ada}),
+        ("adascale", {"adascale": True, "adascale_options": {"num_epochs": case.epochs, **case.adascale}}),
     ]
-    if not quick:
-        flows += [("seq-mse + adaround", {"pipeline": learned("seq-mse", "adaround")}),
-                  ("adaround AIMET's 10k", {"pipeline": learned("adaround", iterations=10000, lr=1e-3)})]
+    if extra:
+        flows += [("seq-mse + adaround", {"seq_mse": True, "adaround": True, **ada}),
+                  ("adaround AIMET's 10k", {"adaround": True, "adaround_options": {"iterations": 10000, "lr": 1e-3}})]
     return flows
 
 
-def _aimet_adaround(model: onnx.ModelProto, bits: int, x: np.ndarray, labels: np.ndarray,
-                    fp32: np.ndarray) -> str:
-    """AIMET-ONNX's own flow on the same model and data: BN fold, per-channel QuantSim, apply_adaround."""
-    try:
-        from aimet_onnx import QuantizationSimModel, apply_adaround
-        from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
-        from aimet_onnx.common.quantsim_config.utils import get_path_for_per_channel_config
-    except ImportError as exc:
-        return f"skipped (aimet_onnx not importable: {exc})"
-    folded = copy.deepcopy(model)
-    fold_all_batch_norms_to_weight(folded)
-    calib = np.load(CALIB)["input"]
-    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    try:
-        sim = QuantizationSimModel(folded, param_type=f"int{bits}", activation_type="int8",
-                                   config_file=get_path_for_per_channel_config())
+def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: float) -> str:
+    """AIMET-ONNX's AdaRound in its own interpreter (``aimet_adaround.py``) on the same model, data and budget."""
+    if not Path(python).exists():
+        return f"skipped (no AIMET interpreter at {python}: python -m venv /tmp/aimet-venv && " \
+               "/tmp/aimet-venv/bin/pip install aimet-onnx)"
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data, out = Path(tmp, "model.onnx"), Path(tmp, "data.npz"), Path(tmp, "out.npz")
+        onnx.save(case.model, model)
+        np.savez(data, **{f"{split}/{i}/{k}": v for split, feeds in (("calib", case.calib), ("test", case.test))
+                          for i, feed in enumerate(feeds) for k, v in feed.items()})
+        cmd = [python, str(AIMET_SCRIPT), str(model), str(data), str(out), "--bits", str(bits),
+               "--act-bits", str(case.act_bw), "--iterations", str(case.iterations)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return f"skipped (still running after {timeout:.0f} s)"
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+            if any("No module named 'aimet_onnx'" in ln for ln in lines):
+                return "skipped (aimet_onnx is not installed in that interpreter)"
+            return f"failed ({lines[-1][:160] if lines else f'exit {done.returncode}'})"
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        saved = np.load(out)
+        q = [[saved[f"{i}/{k}"] for k in range(len(fp32[i]))] for i in range(len(case.test))]
+    return (f"{case.metric(fp32, q):9.4f} {_sqnr(fp32, q):8.2f} {'':>8} {'':>8} {'':>8} {seconds:8.1f} "
+            f"({case.iterations} iterations)")
+
+
+def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_timeout: float) -> None:
+    """One table block: FP32, each flow (exact | default session), AIMET's AdaRound."""
+    fp32 = _run(exact_session(case.model), case.test)
+    print(f"{case.name} (W{bits}A{case.act_bw} per-channel; {sum(len(next(iter(f.values()))) for f in case.calib)} "
+          f"calibration samples in {len(case.calib)} batches / {sum(len(next(iter(f.values()))) for f in case.test)} "
+          f"test samples; AdaRound "
+          f"{case.iterations} iterations/layer, AdaScale {case.epochs} epochs/block"
+          f"{''.join(f', {k} {v}' for k, v in case.adascale.items())})")
+    print(f"  {'weights':<22} {case.metric_name[:9]:>9} {'SQNR dB':>8} {'vs m-m':>8} | {'metric':>8} "
+          f"{'SQNR dB':>8} {'time s':>8} {'learn s':>8}")
+    print(f"  {'FP32':<22} {case.metric(fp32, fp32):9.4f}")
+    base = None
+    config = QuantConfig(weight_bw=bits, act_bw=case.act_bw, per_channel=True)
+    for label, kwargs in _flows(case, extra):
         start = time.perf_counter()
-        apply_adaround(sim, feeds, num_iterations=1000)
-        sim.compute_encodings(feeds)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = quantize_model(case.model, case.calib, config, progress=False, auto_fallback=False,
+                                        runtime_check=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the table reports a flow's failure and goes on
+            print(f"  {label:<22} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
+            continue
         seconds = time.perf_counter() - start
-        out = sim.session.run(None, {"input": x})[0]
-    except Exception as exc:  # noqa: BLE001 - an API mismatch in another tool must not stop the benchmark
-        return f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    return (f"top-1 {np.mean(out.argmax(1) == labels):.4f}  SQNR {sqnr_db(fp32, out):.2f} dB  "
-            f"{seconds:.1f} s (1000 iterations)")
+        exact = _run(exact_session(result.model), case.test)
+        fused = _run(runtime_session(result.model), case.test)
+        db = _sqnr(fp32, exact)
+        base = db if base is None else base
+        learn = sum(r.seconds for r in result.report.records if r.name in ("adaround", "adascale", "seq-mse"))
+        gain = f"{db - base:+.2f}" if label != "min-max" else ""
+        print(f"  {label:<22} {case.metric(fp32, exact):9.4f} {db:8.2f} {gain:>8} | {case.metric(fp32, fused):8.4f} "
+              f"{_sqnr(fp32, fused):8.2f} {seconds:8.1f} {learn:8.1f}", flush=True)
+    if aimet_python is not None:
+        print(f"  {'AIMET-ONNX adaround':<22} {aimet_adaround(case, bits, aimet_python, fp32, aimet_timeout)}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits_cnn only, the four main flows")
-    parser.add_argument("--models", default="digits_cnn,digits_cnn_relu6,digits_cnn_residual")
+    parser.add_argument("--quick", action="store_true", help="digits_cnn only, the four main flows, no corpus")
+    parser.add_argument("--models", default="digits_cnn,digits_cnn_relu6,digits_cnn_residual",
+                        help="shipped digits models ('' for none)")
+    parser.add_argument("--corpus", default="ppocr_cls,dnsmos_p808", help="corpus CNNs at W4A8 ('' for none)")
+    parser.add_argument("--transformer", default="unidic_tagger", help="corpus transformer at W4A16 ('' for none)")
     parser.add_argument("--bits", type=int, default=4, help="weight bitwidth (4)")
+    parser.add_argument("--iterations", type=int, default=1000, help="AdaRound steps per layer, digits (1000)")
+    parser.add_argument("--corpus-iterations", type=int, default=1000, help="AdaRound steps per layer, corpus")
+    parser.add_argument("--epochs", type=int, default=60, help="AdaScale epochs per block, digits (60)")
+    parser.add_argument("--corpus-epochs", type=int, default=60, help="AdaScale epochs per block, corpus")
+    parser.add_argument("--corpus-batch", type=int, default=0,
+                        help="corpus CNNs: calibration samples per batch (0: as generated)")
+    parser.add_argument("--transformer-lr", type=float, nargs=2, default=(1e-2, 5e-3), metavar=("CLIP", "SCALE"),
+                        help="AdaScale clip_lr/scale_lr on the transformer: its few epochs need 10x AIMET's rates")
+    parser.add_argument("--aimet-python", default="/tmp/aimet-venv/bin/python",
+                        help="interpreter with aimet-onnx installed ('' to leave AIMET out)")
+    parser.add_argument("--aimet-timeout", type=float, default=1800.0, help="seconds per AIMET run")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -94,30 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print('AdaRound/AdaScale need torch: pip install "qpasses[learn]"')
         return 1
-    test = np.load(MODELS / "digits_test.npz")
-    x, labels = test["input"], test["labels"]
-    names = ["digits_cnn"] if args.quick else args.models.split(",")
-    print(f"W{args.bits}A8 per-channel, digits test split ({len(x)} images), torch {torch_version}")
-    print(f"{'model':<20} {'weights':<20} {'top-1':>7} {'SQNR dB':>8} {'vs min-max':>10} {'time s':>7} "
-          f"{'learn s':>8}")
+    names = ["digits_cnn"] if args.quick else [n for n in args.models.split(",") if n]
+    corpus = [] if args.quick else [n for n in args.corpus.split(",") if n]
+    transformers = [] if args.quick else [n for n in args.transformer.split(",") if n]
+    aimet = args.aimet_python or None
+    print(f"torch {torch_version}; figures: exact QDQ semantics | onnxruntime default session")
     for name in names:
-        model = onnx.load(MODELS / f"{name}.onnx")
-        fp32 = exact_session(model).run(None, {"input": x})[0]
-        print(f"{name:<20} {'FP32':<20} {np.mean(fp32.argmax(1) == labels):7.4f}")
-        base = None
-        for label, kwargs in _flows(args.bits, args.quick):
-            config = QuantConfig(weight_bw=args.bits, act_bw=8, per_channel=True)
-            start = time.perf_counter()
-            result = quantize_model(model, CALIB, config, progress=False, **kwargs)
-            seconds = time.perf_counter() - start
-            out = exact_session(result.model).run(None, {"input": x})[0]
-            db = sqnr_db(fp32, out)
-            base = db if base is None else base
-            learn = sum(r.seconds for r in result.report.records if r.name in ("adaround", "adascale", "seq-mse"))
-            gain = f"{db - base:+.2f}" if label != "min-max" else ""
-            print(f"{name:<20} {label:<20} {np.mean(out.argmax(1) == labels):7.4f} {db:8.2f} {gain:>10} "
-                  f"{seconds:7.2f} {learn:8.2f}", flush=True)
-        print(f"{name:<20} {'aimet-onnx adaround':<20} {_aimet_adaround(model, args.bits, x, labels, fp32)}")
+        bench(digits_case(name, args.iterations, args.epochs), args.bits, not args.quick, aimet, args.aimet_timeout)
+    for name in corpus:
+        bench(corpus_case(name, 8, args.corpus_iterations, args.corpus_epochs, args.corpus_batch), args.bits, False,
+              aimet,
+              args.aimet_timeout)
+    for name in transformers:
+        case = corpus_case(name, 16, args.corpus_iterations, args.corpus_epochs, 0)
+        case.adascale = {"clip_lr": args.transformer_lr[0], "scale_lr": args.transformer_lr[1]}
+        bench(case, args.bits, False, None, args.aimet_timeout)
     return 0
 
 

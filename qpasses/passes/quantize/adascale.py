@@ -4,8 +4,12 @@ AIMET's AdaScale (FlexRound, Lee et al. 2023, with OmniQuant's learnable weight 
 al. 2023). A block is a single-input single-output region of the graph: found automatically
 between the tensors that are, at some point of the topological order, the only live activation
 (a residual block is one region, its skip path live beside the body), each block ending where the
-next weighted layer's region begins; or named by the user as ``start->end`` tensor pairs. For every
-Conv/ConvTranspose/Gemm/MatMul weight in a block, trainable parameters:
+next weighted layer's region begins; or named by the user as ``start->end`` tensor pairs. Tensors
+that are not float activations (integer ids and masks, shapes) do not cut regions: a block reading
+them gets them captured and fed beside its input. A weight read by several ops of one type (ALBERT's
+shared layers, directly or through Identity) is learned once when one block holds every reader
+(otherwise skipped with a remark). For every Conv/ConvTranspose/Gemm/MatMul weight in a block,
+trainable parameters:
 
 - ``gamma``/``beta`` per channel (per tensor for per-tensor grids): the grid's max/min scaled by
   ``sigmoid(.)``-shaped factors starting at the starting grid (what ``encode-weights`` would use, or
@@ -42,6 +46,7 @@ from qpasses.learned import check_common_options, require_torch
 from qpasses.learned.layers import (
     Block,
     Layer,
+    constant_aliases,
     count_samples,
     find_blocks,
     learnable_layers,
@@ -113,7 +118,7 @@ class AdaScale(Pass):
         per_channel = per_channel_weights(o.per_channel, ctx.target, self.remarks)
         order = ctx.get(TopologicalOrder, graph).order
         layers = learnable_layers(graph, order, plan.weights, self.remarks, weight_bw=o.weight_bw,
-                                  per_channel=per_channel, mode=o.mode, exclude=o.exclude)
+                                  per_channel=per_channel, mode=o.mode, exclude=o.exclude, shared=True)
         blocks = self._blocks(graph, order, layers, ctx.get(Shapes, graph)) if layers else []
         model = graph.to_onnx()
         tasks = self._programs(model, graph, blocks)
@@ -129,11 +134,13 @@ class AdaScale(Pass):
         try:
             for block, program in tasks:
                 bar.set_postfix_str(block.output[-40:])
-                fp = capture_tensors(model, [block.input, block.output], feeds)
-                inputs = fp[block.input] if quantized is None else \
-                    capture_tensors(quantized.model, [block.input], feeds)[block.input]
-                res, weights = self._learn(block, program, training.as_tensors(inputs),
-                                           training.as_tensors(fp[block.output]), generator, training)
+                names = program.inputs  # the block input, then its side inputs (integer ids, masks...)
+                fp = capture_tensors(model, [*names, block.output], feeds)
+                captured = fp if quantized is None else capture_tensors(quantized.model, names, feeds)
+                columns = {name: training.as_tensors(captured[name]) for name in names}
+                inputs = [{name: columns[name][i] for name in names} for i in range(len(feeds))]
+                res, weights = self._learn(block, program, inputs, training.as_tensors(fp[block.output]),
+                                           generator, training)
                 self._freeze(graph, block, res, weights, training)
                 if quantized is not None:
                     for name, array in weights.items():
@@ -171,6 +178,13 @@ class AdaScale(Pass):
                 self.remarks.missed("not learned", [la.name for la in outside],
                                     reason="not inside a single-input single-output region (name blocks with the "
                                            "blocks option)")
+        for block in blocks:
+            outside = [la for la in block.layers if block.outside_users(la)]
+            if outside:
+                self.remarks.missed("not learned", [la.name for la in outside],
+                                    reason=f"block {block.label}: the shared weight is also read outside the block "
+                                           "(name a block holding every reader with the blocks option)")
+                block.layers = [la for la in block.layers if la not in outside]
         empty = [block.label for block in blocks if not block.layers]
         if empty:
             self.remarks.missed("blocks without learnable weights", empty)
@@ -183,14 +197,16 @@ class AdaScale(Pass):
         tasks = []
         for block in blocks:
             try:
-                tasks.append((block, TorchProgram(graph, block.ops, [block.input], [block.output])))
+                ops = [*constant_aliases(graph, block.ops), *block.ops]
+                inputs = [block.input, *Block(block.input, block.output, ops).side_inputs(graph)]
+                tasks.append((block, TorchProgram(graph, ops, inputs, [block.output])))
             except Unsupported as exc:
                 self.remarks.missed("block not learned", [la.name for la in block.layers],
                                     reason=f"block {block.label}: {exc}")
-        missing = unavailable_tensors(model, [n for b, _ in tasks for n in (b.input, b.output)])
+        missing = unavailable_tensors(model, [n for b, p in tasks for n in (*p.inputs, b.output)])
         kept = []
         for block, program in tasks:
-            name = next((n for n in (block.input, block.output) if n in missing), None)
+            name = next((n for n in (*program.inputs, block.output) if n in missing), None)
             if name is None:
                 kept.append((block, program))
             else:
@@ -211,12 +227,12 @@ class AdaScale(Pass):
         scale = [p for q in quantizers.values() for p in q.scale_parameters()]
 
         def run(i: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-            return program({block.input: inputs[i]}, weights)[0]
+            return program(inputs[i], weights)[0]
 
         def learned() -> dict[str, torch.Tensor]:
             return {name: q() for name, q in quantizers.items()}
 
-        threads = training.pick_threads(o.threads, program.macs({block.input: inputs[0]}, start))
+        threads = training.pick_threads(o.threads, program.macs(inputs[0], start))
         with training.torch_threads(threads):
             before = training.evaluate(lambda i: run(i, start), targets)
             optimizer = torch.optim.Adam([g for g in ({"params": clip, "lr": o.clip_lr},
