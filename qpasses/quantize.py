@@ -29,8 +29,10 @@ from qpasses.core.pass_base import Pass
 from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
+from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
+from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.passes.quantize.runtime_parity_check import Fp32Reference
 from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
@@ -50,6 +52,7 @@ class QuantizeResult:
     parity: ParityReport | None = None  # the runtime parity check (None: not run)
     fallback: list[Sensitivity] = field(default_factory=list)  # tensors the automatic fallback kept higher
     reference: onnx.ModelProto | None = field(default=None, repr=False)  # the FP32 model as loaded
+    calibration: CalibrationData | None = field(default=None, repr=False)  # the run's data, read once
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -118,11 +121,10 @@ def quantize_model(
     result = quantize_once(model, calibration_data, config, **options)
     if calibration_data is None or not auto_fallback or result.reference is None:
         return result
-    batch_size = int(options.get("batch_size", 16))
+    data = result.calibration  # normalised once by the first run: the second reads the same feeds
+    if data is None:
+        return result
     try:
-        from qpasses.passes.quantize.calibrate import calibration_feeds
-
-        data = calibration_feeds(calibration_data, result.graph, batch_size)
         feeds = [dict(f) for f in itertools.islice(iter(data), fallback_batches)]
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
@@ -134,7 +136,7 @@ def quantize_model(
     outputs = {o.name for o in result.reference.graph.output}
     # A graph output's quantizer reads the producer's renamed result (<name>_fp): keep <name>.
     names = [s.tensor[:-3] if s.tensor.endswith("_fp") and s.tensor[:-3] in outputs else s.tensor for s in chosen]
-    again = quantize_once(model, calibration_data, config, keep_float_tensors=names, **options)
+    again = quantize_once(model, data, config, keep_float_tensors=names, **options)
     again.fallback = chosen
     detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
     again.report.add_remark("applied", "auto-fallback", f"kept {len(names)} tensors in higher precision",
@@ -212,6 +214,8 @@ def quantize_once(
         extensions=extensions)
     structural = build_passes(flow.structural, registry)
     structural[1:1] = user_objects  # Pass objects given directly run right after inline-functions
+    if calibration_data is not None:  # validated and normalised once; every pass reads this object
+        calibration_data = calibration_feeds(calibration_data, graph, batch_size)
     ctx = PassContext(target=target, calibration_data=calibration_data)
     if calibration_data is not None:
         ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
@@ -229,4 +233,4 @@ def quantize_once(
         raise QPassesError(f"nothing was quantized: {_why_nothing_quantizable(graph)}")
     reference = ctx.artifacts.get(Fp32Reference)
     return QuantizeResult(graph, encodings, report, config, ctx.artifacts.get(ParityReport),
-                          reference=None if reference is None else reference.model)
+                          reference=None if reference is None else reference.model, calibration=calibration_data)
