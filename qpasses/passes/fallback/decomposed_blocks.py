@@ -283,6 +283,18 @@ def _tail_steps() -> tuple[Step, ...]:
             Step("mul2", ("Mul",), optional=True, strict=False, slots=(0, 1)))
 
 
+def _gelu_outer(graph: Graph, m: Match, inner: str, x: str
+                ) -> tuple[tuple[str, float, float], list[Op], list[tuple[str, float, float]]] | str:
+    """What both GELU forms share around erf/tanh: the ``+ 1`` and the ``0.5 * x *`` tail (or why not)."""
+    one = _check_one(graph, m, inner)
+    if isinstance(one, str):
+        return one
+    tail = _gelu_tail(graph, m, x)
+    if isinstance(tail, str):
+        return tail
+    return one, tail[0], tail[1]
+
+
 def _check_one(graph: Graph, m: Match, before: str) -> tuple[str, float, float] | str:
     one = m.one("one")
     assert one
@@ -307,13 +319,10 @@ def _analyze_gelu_erf(graph: Graph, m: Match) -> Block | str:
         value, want, what = scalar(graph, consts[0]), math.sqrt(0.5), "1/sqrt(2)"
     if not _near(value, want):
         return f"{scale.op_type} '{scale.name}' scales by {_fmt(value)}, not {what} ({want:.7g})"
-    one = _check_one(graph, m, "erf")
-    if isinstance(one, str):
-        return one
-    tail = _gelu_tail(graph, m, x)
-    if isinstance(tail, str):
-        return tail
-    tail_ops, tail_consts = tail
+    common = _gelu_outer(graph, m, "erf", x)
+    if isinstance(common, str):
+        return common
+    one, tail_ops, tail_consts = common
     y = tail_ops[-1].outputs[0]
     ops = [scale, erf, *m.all("one"), *tail_ops]
     return Block("GELU(erf)", ops, x, y, [_const(what, value, want), one, *tail_consts],
@@ -349,13 +358,10 @@ def _analyze_gelu_tanh(graph: Graph, m: Match) -> Block | str:
     kv = scalar(graph, _other(k, _walked(inner))[1])
     if not _near(kv, math.sqrt(2 / math.pi)):
         return f"Mul '{k.name}' multiplies by {_fmt(kv)}, not sqrt(2/pi) (0.7978846)"
-    one = _check_one(graph, m, "tanh")
-    if isinstance(one, str):
-        return one
-    tail = _gelu_tail(graph, m, x)
-    if isinstance(tail, str):
-        return tail
-    ops, consts = tail
+    common = _gelu_outer(graph, m, "tanh", x)
+    if isinstance(common, str):
+        return common
+    one, ops, consts = common
     y = ops[-1].outputs[0]
     ops = [cube, *([cube2] if cube2 else []), coef, inner, k, tanh, *m.all("one"), *ops]
     return Block("GELU(tanh)", ops, x, y,

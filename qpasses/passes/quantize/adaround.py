@@ -23,7 +23,6 @@ rounding to nearest.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,18 +32,16 @@ from graph_ir import Graph
 from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
-from qpasses.core.pass_base import Pass, PassResult
+from qpasses.core.pass_base import PassResult
 from qpasses.data.calibration import capture_tensors, unavailable_tensors
-from qpasses.learned import check_common_options, require_torch
+from qpasses.learned import check_common_options
 from qpasses.learned.layers import (
     Layer,
     activation_after,
     count_samples,
     learnable_layers,
-    per_channel_weights,
-    quantized_so_far,
 )
-from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.passes.quantize.learned_weights import LearnedWeightsPass
 from qpasses.quant.encodings import Encoding, fake_quantize
 from qpasses.quant.plan import QuantPlan
 
@@ -76,7 +73,7 @@ class _Task:
     output: str
 
 
-class AdaRound(Pass):
+class AdaRound(LearnedWeightsPass):
     name = "adaround"
     description = "AdaRound: learned up/down rounding of Conv/Gemm/MatMul weights on calibration data (needs torch)"
     uses = (QuantPlan,)
@@ -111,23 +108,20 @@ class AdaRound(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()
-        torch = require_torch(self.name)
-        from qpasses.learned import training
-
         o = self.options
-        plan = ctx.get(QuantPlan, graph).plan
-        per_channel = per_channel_weights(o.per_channel, ctx.target, self.remarks)
+        setup = self.setup(graph, ctx)
+        training, plan = setup.training, setup.plan
         layers = learnable_layers(graph, ctx.get(TopologicalOrder, graph).order, plan.weights, self.remarks,
-                                  weight_bw=o.weight_bw, per_channel=per_channel, mode=o.mode, exclude=o.exclude)
+                                  weight_bw=o.weight_bw, per_channel=setup.per_channel, mode=o.mode,
+                                  exclude=o.exclude)
         model = graph.to_onnx()
         tasks = self._tasks(graph, model, layers)
         if not tasks:
             self.remarks.analysis("no supported layers to learn")
             return self.result(False)
 
-        feeds = list(itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size), o.num_batches))
-        quantized = quantized_so_far(graph, plan.weights) if o.input_from == "quantized" else None
-        generator = torch.Generator().manual_seed(ctx.seed)
+        learning = self.learning_data(graph, ctx, setup)
+        feeds, quantized, generator = learning.feeds, learning.quantized, learning.generator
         results: dict[str, AdaRoundResult] = {}
         bar = training.progress_bar(len(tasks), "adaround", o.progress, "layer")
         try:

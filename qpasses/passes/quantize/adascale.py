@@ -30,7 +30,6 @@ on the new weights. A block whose loss does not improve keeps the starting grid.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +39,9 @@ from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
-from qpasses.core.pass_base import Pass, PassResult
+from qpasses.core.pass_base import PassResult
 from qpasses.data.calibration import capture_tensors, unavailable_tensors
-from qpasses.learned import check_common_options, require_torch
+from qpasses.learned import check_common_options
 from qpasses.learned.layers import (
     Block,
     Layer,
@@ -51,10 +50,8 @@ from qpasses.learned.layers import (
     find_blocks,
     learnable_layers,
     named_block,
-    per_channel_weights,
-    quantized_so_far,
 )
-from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.passes.quantize.learned_weights import LearnedWeightsPass
 from qpasses.quant.encodings import Encoding, fake_quantize
 from qpasses.quant.plan import QuantPlan
 
@@ -78,7 +75,7 @@ class AdaScaleResults(list[AdaScaleResult]):
     """Artifact: what AdaScale learned per block, in block order."""
 
 
-class AdaScale(Pass):
+class AdaScale(LearnedWeightsPass):
     name = "adascale"
     description = "AdaScale: learned weight clipping/scaling per block, block-wise distillation (needs torch)"
     uses = (QuantPlan,)
@@ -110,15 +107,12 @@ class AdaScale(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()
-        torch = require_torch(self.name)
-        from qpasses.learned import training
-
         o = self.options
-        plan = ctx.get(QuantPlan, graph).plan
-        per_channel = per_channel_weights(o.per_channel, ctx.target, self.remarks)
+        setup = self.setup(graph, ctx)
+        training, plan = setup.training, setup.plan
         order = ctx.get(TopologicalOrder, graph).order
         layers = learnable_layers(graph, order, plan.weights, self.remarks, weight_bw=o.weight_bw,
-                                  per_channel=per_channel, mode=o.mode, exclude=o.exclude, shared=True)
+                                  per_channel=setup.per_channel, mode=o.mode, exclude=o.exclude, shared=True)
         blocks = self._blocks(graph, order, layers, ctx.get(Shapes, graph)) if layers else []
         model = graph.to_onnx()
         tasks = self._programs(model, graph, blocks)
@@ -126,9 +120,8 @@ class AdaScale(Pass):
             self.remarks.analysis("no blocks with supported layers to learn")
             return self.result(False)
 
-        feeds = list(itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size), o.num_batches))
-        quantized = quantized_so_far(graph, plan.weights) if o.input_from == "quantized" else None
-        generator = torch.Generator().manual_seed(ctx.seed)
+        learning = self.learning_data(graph, ctx, setup)
+        feeds, quantized, generator = learning.feeds, learning.quantized, learning.generator
         results: list[AdaScaleResult] = []
         bar = training.progress_bar(len(tasks), "adascale", o.progress, "block")
         try:
