@@ -18,15 +18,9 @@ from onnx import TensorProto, helper
 import graph_ir
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError, PassError
-from qpasses.data.calibration import (
-    DEFAULT_MAX_BYTES_PER_RUN,
-    TensorTap,
-    calibration_session,
-    collect_statistics,
-    iterate_chunks,
-    iterate_tensors,
-    unavailable_tensors,
-)
+from qpasses.data.calibration import collect_statistics
+from qpasses.data.sessions import calibration_session, unavailable_tensors
+from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN, TensorTap, iterate_chunks, iterate_tensors
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.calibrate import Calibrate
 from qpasses.quant.encodings import Encoding

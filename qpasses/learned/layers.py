@@ -21,7 +21,7 @@ import onnx
 from graph_ir import Graph, Op
 from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.remarks import RemarkCollector
-from qpasses.data.calibration import Feed
+from qpasses.data.tensor_tap import Feed
 from qpasses.data.weight_swap import SwappedWeights
 from qpasses.quant.encodings import Encoding, Mode, fake_quantize
 from qpasses.quant.plan import WeightSpec

@@ -55,7 +55,8 @@ from gen_graphs import conv_bn_relu_chain  # noqa: E402
 
 import graph_ir  # noqa: E402
 from qpasses.core.context import PassContext  # noqa: E402
-from qpasses.data.calibration import DEFAULT_MAX_BYTES_PER_RUN, collect_statistics  # noqa: E402
+from qpasses.data.calibration import collect_statistics  # noqa: E402
+from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN  # noqa: E402
 from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm  # noqa: E402
 from qpasses.quant.plan import QuantPlan  # noqa: E402
 from qpasses.quant.range_search import compute  # noqa: E402

@@ -19,7 +19,7 @@ from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.calibration import iterate_tensors
+from qpasses.data.tensor_tap import iterate_tensors
 from qpasses.passes.quantize.calibrate import LayerInputMeans, calibration_feeds
 from qpasses.quant.encodings import Encoding, fake_quantize
 from qpasses.quant.plan import QuantPlan

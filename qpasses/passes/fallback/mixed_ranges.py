@@ -19,7 +19,7 @@ from graph_ir import Graph
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.calibration import iterate_tensors
+from qpasses.data.tensor_tap import iterate_tensors
 from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.quant.keep_float import keep_float, with_readers
 

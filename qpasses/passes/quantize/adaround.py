@@ -33,7 +33,8 @@ from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.pass_base import PassResult
-from qpasses.data.calibration import capture_tensors, unavailable_tensors
+from qpasses.data.sessions import unavailable_tensors
+from qpasses.data.tensor_tap import capture_tensors
 from qpasses.learned import check_common_options
 from qpasses.learned.layers import (
     Layer,

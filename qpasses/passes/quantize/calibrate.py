@@ -31,8 +31,10 @@ from qpasses.core.analyses import ConstantData, Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError, EncodingError, PassError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.calibration import DEFAULT_MAX_BYTES_PER_RUN, collect_statistics, unavailable_tensors
+from qpasses.data.calibration import collect_statistics
+from qpasses.data.sessions import unavailable_tensors
 from qpasses.data.sources import CalibrationData
+from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN
 from qpasses.quant.encodings import validate_bitwidth
 from qpasses.quant.encodings_io import PrecisionOverride
 from qpasses.quant.plan import QuantPlan, weighted_layer_inputs

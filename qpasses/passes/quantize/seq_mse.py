@@ -35,7 +35,8 @@ from qpasses.core.analyses import ConstantData, Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.calibration import capture_tensors, unavailable_tensors
+from qpasses.data.sessions import unavailable_tensors
+from qpasses.data.tensor_tap import capture_tensors
 from qpasses.data.weight_swap import SwappedWeights
 from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.passes.quantize.layer_kernels import Unsupported, constant_bias, make_kernel
