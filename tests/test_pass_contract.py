@@ -144,3 +144,25 @@ def test_no_top_level_targets_module_is_installed() -> None:
     assert qpasses.targets.BUILTIN_TARGETS
     with pytest.raises(ModuleNotFoundError):
         __import__("targets")
+
+
+def test_amp_searches_the_graph_quantize_lowers() -> None:
+    """AMP's graph comes from the default pipeline's structural stage: local functions are inlined as
+    quantize inlines them (AMP used to restate the stage without inline-functions)."""
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from model_zoo import local_function
+
+    from qpasses.amp.mixed_precision import prepare_graph
+    from qpasses.quantize import quantize_model
+
+    model = local_function()
+    assert model.functions
+    amp_graph = prepare_graph(model)
+    lowered = quantize_model(model, None, progress=False, runtime_check=False)
+    amp_ops = sorted(op.op_type for op in amp_graph.ops)
+    assert all(op.domain in ("", "ai.onnx") for op in amp_graph.ops)
+    assert amp_ops == sorted(op.op_type for op in lowered.graph.ops
+                             if op.op_type not in ("QuantizeLinear", "DequantizeLinear"))

@@ -66,10 +66,12 @@ from qpasses.amp.verify import PointKind, VerifiedPoint, divergence_tolerance, f
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager
+from qpasses.core.pipeline import build_passes
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.plan import build_plan
+from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
 from qpasses.targets import resolve_target
 
 ALL_ALGORITHMS = (*ALGORITHMS, "demotion")
@@ -86,12 +88,11 @@ def phase1_mode(requested: str, tasks: int, simulated: bool) -> str:
 
 
 def prepare_graph(model: Any, *, fold_batchnorm: bool = True, cle: bool = False) -> Graph:
-    """The graph AMP searches on: the structural passes ``quantize_model`` runs first, done once."""
+    """The graph AMP searches on: the default pipeline's structural stage (inline-functions, fold-batchnorm,
+    cle), exactly what ``quantize_model`` runs first, done once."""
     graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
-    registry = default_registry()
-    passes = [registry.create_pass(name) for name, on in (("fold-batchnorm", fold_batchnorm), ("cle", cle)) if on]
-    if passes:
-        PassManager(passes, verify="checker").run(graph, PassContext())
+    flow = build_quantize_pipeline(QuantConfig(), QuantizeOptions(fold_batchnorm=fold_batchnorm, cle=cle))
+    PassManager(build_passes(flow.structural, default_registry()), verify="checker").run(graph, PassContext())
     return graph
 
 
