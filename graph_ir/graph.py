@@ -332,6 +332,14 @@ class Graph:
             self._add_use(name, op, slot)
         self.touch()
 
+    def set_op_type(self, op: Op, op_type: str, domain: str | None = None) -> None:
+        """Turn ``op`` into another operator (same slots; attributes are the caller's to adjust)."""
+        op.op_type = op_type
+        if domain is not None:
+            op.domain = domain
+        self._topo = None
+        self.touch()
+
     def set_output(self, op: Op, idx: int, name: str) -> None:
         """Make output ``idx`` of ``op`` write ``name`` (a tensor nothing produces yet).
 

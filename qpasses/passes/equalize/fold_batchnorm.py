@@ -284,7 +284,7 @@ class LinearLayer:
         if rank is None and (shape := graph.tensors[op.inputs[0]].shape) is not None:
             rank = len(shape)
         if rank == 2:  # Gemm's defaults (no transposes, alpha = beta = 1) are MatMul + bias
-            op.op_type = "Gemm"
+            graph.set_op_type(op, "Gemm")
             graph.set_input(op, 2, name)
             return
         out = op.outputs[0]
