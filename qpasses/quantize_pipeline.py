@@ -67,6 +67,8 @@ def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = Quan
     stages: dict[str, list[PassSpec]] = {s: [] for s in STAGES}
     # Ops inside model-local functions are invisible to every pass: inline them first.
     stages["structural"] += [PassSpec("inline-functions"), *user_passes]
+    # A bias the exporter adds after the Conv joins the Conv (int32 bias, one output encoding); before BN folding.
+    stages["structural"].append(PassSpec("fold-bias-add"))
     if o.fold_batchnorm:
         stages["structural"].append(PassSpec("fold-batchnorm"))
     if o.cle:

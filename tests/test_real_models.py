@@ -64,9 +64,6 @@ FP32_TASK = {"ppocr_cls": 0.9, "ppocr_det": 0.9, "ppocr_rec": 0.85, "slanet_plus
 # (test, model) -> (expected exception, failure class). Strict: a case that starts passing fails the run until its
 # entry is removed; one that fails differently (another exception type, e.g. a missing corpus in CI) fails too.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-    ("w8a8", "ppocr_rec"): (AssertionError, "CTC recognizer (SVTR blocks: ReduceMean LayerNorm, Erf GELU) loses "
-                                            ">15% of non-blank frames at W8A8 (0.84 with auto-fallback, 0.75 "
-                                            "without; weights-only 0.91)"),
     ("w8a8", "slanet_plus"): (AssertionError, "the Loop decoder (HardSwish, attention) stops at other steps "
                                               "once quantized: structure-token similarity 0.84 < 0.9 (parity and "
                                               "auto-fallback score a length change as a mismatch, no crash)"),

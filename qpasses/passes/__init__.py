@@ -10,6 +10,7 @@ from qpasses.passes.cleanup.shape_inference import InferShapes
 from qpasses.passes.equalize.bias_correction import BiasCorrection
 from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
 from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
+from qpasses.passes.equalize.fold_bias_add import FoldBiasAdd
 from qpasses.passes.fallback.data_independent import KeepDataIndependentFloat
 from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
 from qpasses.passes.fallback.keep_float_tensors import KeepFloat
@@ -35,7 +36,7 @@ BUILTIN_PASSES = (
     # graph cleanup and interop
     DeadCodeElimination, IdentityElimination, InferShapes, InlineFunctions, RewriteScript, UpgradeOpset,
     # FP32-preserving rewrites
-    FoldBatchNorm, CrossLayerEqualization,
+    FoldBiasAdd, FoldBatchNorm, CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
     ApplyOverrides, KeepNonFiniteFloat, KeepLogDomainInputsFloat,
     KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
