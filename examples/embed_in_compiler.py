@@ -42,8 +42,9 @@ class FirstLastInt16(api.Pass):
         pinned = list(dict.fromkeys([layers[0].outputs[0], layers[-1].outputs[0]]))
         for name in pinned:
             api.pin_precision(graph, name, self.options.precision)
-        self.remarks.applied(f"pinned {', '.join(pinned)} to {self.options.precision}",
-                             [layers[0].name, layers[-1].name])
+        self.remarks.applied(
+            f"pinned {', '.join(pinned)} to {self.options.precision}", [layers[0].name, layers[-1].name]
+        )
         return self.result(True)
 
 
@@ -55,8 +56,13 @@ def main() -> None:
 
     model = ir.load(ROOT / "models" / "digits_cnn.onnx")  # what an onnxscript compiler holds
     qmodel, encodings = api.quantize_onnx_ir(
-        model, str(ROOT / "models" / "digits_calib.npz"), config,
-        registry=api.registry_with(FirstLastInt16), extensions=extensions, progress=False)
+        model,
+        str(ROOT / "models" / "digits_calib.npz"),
+        config,
+        registry=api.registry_with(FirstLastInt16),
+        extensions=extensions,
+        progress=False,
+    )
 
     print("activation encodings (name: bitwidth, scale, offset):")
     for name, enc in encodings.activations.items():

@@ -1,8 +1,8 @@
 """graph_ir: a networkx-based IR for ONNX models with a lossless round trip.
 
-    g = graph_ir.load("model.onnx")
-    for op in g.ops: ...
-    graph_ir.save(g, "out.onnx")
+g = graph_ir.load("model.onnx")
+for op in g.ops: ...
+graph_ir.save(g, "out.onnx")
 """
 
 from graph_ir.elements import Op, Tensor

@@ -194,8 +194,19 @@ class Op:
     ``Graph`` methods so producer/consumer indices stay right.
     """
 
-    __slots__ = ("id", "name", "op_type", "domain", "_attributes", "_attribute_protos", "inputs", "outputs",
-                 "captures", "extra", "meta")
+    __slots__ = (
+        "id",
+        "name",
+        "op_type",
+        "domain",
+        "_attributes",
+        "_attribute_protos",
+        "inputs",
+        "outputs",
+        "captures",
+        "extra",
+        "meta",
+    )
 
     def __init__(
         self,

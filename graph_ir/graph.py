@@ -178,8 +178,9 @@ class Graph:
             except nx.NetworkXNoCycle:  # pragma: no cover - Kahn's leftovers always hold a cycle
                 cycle = stuck
             names = [self._ops[i].name or f"{self._ops[i].op_type}(->{','.join(self._ops[i].outputs)})" for i in cycle]
-            raise GraphError(f"graph has a cycle: {' -> '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-                             f" -> back to {names[0]}")
+            raise GraphError(
+                f"graph has a cycle: {' -> '.join(names[:8])}{' ...' if len(names) > 8 else ''} -> back to {names[0]}"
+            )
         self._topo = (self.version, order)
         return order
 
@@ -284,8 +285,9 @@ class Graph:
             for idx, name in enumerate(op.outputs):
                 if name:
                     if name in producer:
-                        raise GraphError(f"tensor {name!r} has two producers: {producer[name][0].name!r} "
-                                         f"and {op.name!r}")
+                        raise GraphError(
+                            f"tensor {name!r} has two producers: {producer[name][0].name!r} and {op.name!r}"
+                        )
                     if name not in tensors:
                         tensors[name] = Tensor(self, name)
                     producer[name] = (op, idx)
@@ -457,8 +459,11 @@ class Graph:
         return removed
 
     def remove_unused_initializers(self) -> int:
-        dead = [n for n, t in self.tensors.items() if t.initializer is not None and not self._uses.get(n)
-                and n not in self.outputs and n not in self.inputs]
+        dead = [
+            n
+            for n, t in self.tensors.items()
+            if t.initializer is not None and not self._uses.get(n) and n not in self.outputs and n not in self.inputs
+        ]
         for n in dead:
             del self.tensors[n]
         if dead:

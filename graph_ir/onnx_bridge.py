@@ -70,8 +70,7 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     for node in model.graph.node:
         if node.op_type == "Constant" or node.op_type in ("If", "Loop", "Scan"):
             for a in node.attribute:
-                if (a.t.data_location == external) or a.type in (onnx.AttributeProto.GRAPH,
-                                                                  onnx.AttributeProto.GRAPHS):
+                if (a.t.data_location == external) or a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                     return True  # subgraphs: let onnx do the full recursive scan
     return False
 
@@ -111,8 +110,13 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
     ids = g._ids
     for node in src.node:
         fields = {f.name: v for f, v in node.ListFields()}
-        op = Op(next(ids), fields.get("op_type", ""), fields.get("name", ""), fields.get("domain", ""),
-                attribute_protos=fields.get("attribute", ()))
+        op = Op(
+            next(ids),
+            fields.get("op_type", ""),
+            fields.get("name", ""),
+            fields.get("domain", ""),
+            attribute_protos=fields.get("attribute", ()),
+        )
         op.inputs = list(fields.get("input", ()))
         op.outputs = list(fields.get("output", ()))
         if len(fields) > 6 or not _NODE_EXTRA_FIELDS.isdisjoint(fields) or fields.get("domain") == "":
@@ -129,8 +133,10 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
         g.outputs.append(vi.name)
     _check_dangling(g, ops)
     if g._value_info_extra:  # anchor each entry to what it describes, as loaded
-        g._value_info_extra = {name: (vi, t.initializer if t.initializer is not None else t.value_info)
-                               for name, (vi, t) in g._value_info_extra.items()}
+        g._value_info_extra = {
+            name: (vi, t.initializer if t.initializer is not None else t.value_info)
+            for name, (vi, t) in g._value_info_extra.items()
+        }
     g.version = 0
     return g
 
@@ -141,8 +147,9 @@ def _check_dangling(g: Graph, ops: list[Op]) -> None:
         for name in op.inputs:
             if name and g.producer(name) is None and name not in g.inputs and g.tensors[name].initializer is None:
                 who = f"{op.op_type} '{op.name}'" if op.name else f"an unnamed {op.op_type}"
-                raise ModelLoadError(f"model is invalid: {who} reads '{name}', which no node, graph input or "
-                                     "initializer provides")
+                raise ModelLoadError(
+                    f"model is invalid: {who} reads '{name}', which no node, graph input or initializer provides"
+                )
 
 
 def _copy_field(msg, name: str, value) -> None:
@@ -170,8 +177,9 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             g.initializer.append(t.initializer)
             if model.ir_version < 4 and t.name not in io:
                 # IR < 4: every initializer is also a graph input (a default value); passes add new ones.
-                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.initializer.data_type,
-                                                                  list(t.initializer.dims)))
+                g.input.append(
+                    onnx.helper.make_tensor_value_info(t.name, t.initializer.data_type, list(t.initializer.dims))
+                )
     for op in graph.topological_order():
         n = g.node.add()
         n.op_type = op.op_type
@@ -190,8 +198,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     for t in tensors.values():
         vi = t.value_info
         if t.initializer is None and t.name not in io:
-            if vi is not None and vi.HasField("type") and (graph.producer(t.name) is not None
-                                                            or graph.uses(t.name)):
+            if vi is not None and vi.HasField("type") and (graph.producer(t.name) is not None or graph.uses(t.name)):
                 g.value_info.append(vi)
         elif extra and t.name in extra:
             entry, anchor = extra[t.name]
@@ -239,8 +246,14 @@ def save(
     try:
         data_name = f"{path.name}.data"
         if external_data:
-            onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(tmpdir / path.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, str(tmpdir / path.name))
         if (tmpdir / data_name).exists():

@@ -101,8 +101,9 @@ def pin_precision(graph: Graph, name: str, precision: Precision | str) -> None:
     tensor.meta["precision_source"] = "override"
 
 
-def quantize_onnx_ir(model: onnx_ir.Model, calibration_data: Any = None, config: QuantConfig | None = None,
-                     **options: Any) -> tuple[onnx_ir.Model, EncodingsFile]:
+def quantize_onnx_ir(
+    model: onnx_ir.Model, calibration_data: Any = None, config: QuantConfig | None = None, **options: Any
+) -> tuple[onnx_ir.Model, EncodingsFile]:
     """``quantize_model`` on an ``onnx_ir.Model``: the QDQ model (as ``onnx_ir``, each value's
     annotations in its ``meta``/``metadata_props``) and the encodings by tensor name. ``options``
     are ``quantize_model``'s (``extensions``, ``registry``, ``target``...)."""

@@ -65,9 +65,11 @@ class QuantizeResult:
         n_par = len(entries) - n_float - n_act
         missed = [r for r in self.report.remarks if r.kind == "missed"]
         floats = f"; {n_float} tensors kept float" if n_float else ""
-        text = (f"quantized {n_act} activations and {n_par} weights/biases/params "
-                f"(W{self.config.weight_bw}A{self.config.act_bw}, "
-                f"{'per-channel' if self.config.per_channel else 'per-tensor'}){floats}; {len(missed)} missed remarks")
+        text = (
+            f"quantized {n_act} activations and {n_par} weights/biases/params "
+            f"(W{self.config.weight_bw}A{self.config.act_bw}, "
+            f"{'per-channel' if self.config.per_channel else 'per-tensor'}){floats}; {len(missed)} missed remarks"
+        )
         return text if self.parity is None else f"{text}\n{self.parity.format()}"
 
     def save(self, outdir: str | os.PathLike[str], *, encodings_version: encodings_io.Version = "0.6.1") -> Path:
@@ -88,10 +90,16 @@ def _why_nothing_quantizable(graph: Graph) -> str:
 
     types = {t.dtype for t in graph.tensors.values() if t.dtype}
     if TensorProto.FLOAT not in types and types & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}:
-        kinds = ", ".join(sorted(TensorProto.DataType.Name(t).lower() for t in types
-                                 & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}))
-        return (f"the model computes in {kinds}, and quantization starts from float32 tensors; convert the "
-                "model to float32 first (e.g. onnxconverter-common's convert_float16_to_float32 / a float32 export)")
+        kinds = ", ".join(
+            sorted(
+                TensorProto.DataType.Name(t).lower()
+                for t in types & {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+            )
+        )
+        return (
+            f"the model computes in {kinds}, and quantization starts from float32 tensors; convert the "
+            "model to float32 first (e.g. onnxconverter-common's convert_float16_to_float32 / a float32 export)"
+        )
     if not any(op.op_type in COMPUTE or op.op_type in DATA_MOVEMENT for op in graph.ops):
         return "the model has no op with an integer form (Conv, Gemm, MatMul, Add, ...)"
     return "every tensor was kept float (overrides, float-only target, or no calibration data for activations)"
@@ -129,8 +137,7 @@ def quantize_model(
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
-    chosen, before, after = fallback_tensors(result.model, result.reference, feeds, sqnr_floor_db,
-                                             max_fallback_tensors)
+    chosen, before, after = fallback_tensors(result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors)
     if not chosen:
         return result
     outputs = {o.name for o in result.reference.graph.output}
@@ -139,9 +146,14 @@ def quantize_model(
     again = quantize_once(model, data, config, keep_float_tensors=names, **options)
     again.fallback = chosen
     detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
-    again.report.add_remark("applied", "auto-fallback", f"kept {len(names)} tensors in higher precision",
-                            tuple(names), reason=f"worst output SQNR vs FP32 {before:.1f} dB < floor "
-                            f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}")
+    again.report.add_remark(
+        "applied",
+        "auto-fallback",
+        f"kept {len(names)} tensors in higher precision",
+        tuple(names),
+        reason=f"worst output SQNR vs FP32 {before:.1f} dB < floor "
+        f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+    )
     return again
 
 
@@ -182,8 +194,7 @@ def quantize_once(
         raise QPassesError("SeqMSE needs calibration data: pass calibration_data (or --calib), or drop seq_mse")
     for flag, on in (("adaround", adaround), ("adascale", adascale)):
         if on and calibration_data is None:
-            raise QPassesError(f"{flag} learns on calibration data: pass calibration_data (or --calib), "
-                               f"or drop {flag}")
+            raise QPassesError(f"{flag} learns on calibration data: pass calibration_data (or --calib), or drop {flag}")
     if isinstance(config, dict):
         config = QuantConfig.from_dict(config)
     config = config or QuantConfig()
@@ -202,16 +213,33 @@ def quantize_once(
             user_objects = [p for p in pipeline if isinstance(p, Pass)]
             if len(user_specs) != len(pipeline) and len(user_objects) != len(pipeline):
                 odd = next((p for p in pipeline if not isinstance(p, (PassSpec, Pass))), None)
-                raise PipelineError("pipeline: a string, or a list of PassSpec or of Pass objects (not mixed)"
-                                    + ("" if odd is None else f"; got {type(odd).__name__} {odd!r}"))
-    flow = build_quantize_pipeline(config, QuantizeOptions(
-        calibrated=calibration_data is not None, overrides=str(overrides) if overrides is not None else None,
-        fold_batchnorm=fold_batchnorm, cle=cle, seq_mse=seq_mse, seq_mse_options=seq_mse_options or {},
-        adaround=adaround, adaround_options=adaround_options or {}, adascale=adascale,
-        adascale_options=adascale_options or {},
-        bias_correction=bias_correction, target_given=target is not None, batch_size=batch_size, progress=progress,
-        runtime_check=runtime_check, keep_float_tensors=tuple(keep_float_tensors)), user_passes=user_specs,
-        extensions=extensions)
+                raise PipelineError(
+                    "pipeline: a string, or a list of PassSpec or of Pass objects (not mixed)"
+                    + ("" if odd is None else f"; got {type(odd).__name__} {odd!r}")
+                )
+    flow = build_quantize_pipeline(
+        config,
+        QuantizeOptions(
+            calibrated=calibration_data is not None,
+            overrides=str(overrides) if overrides is not None else None,
+            fold_batchnorm=fold_batchnorm,
+            cle=cle,
+            seq_mse=seq_mse,
+            seq_mse_options=seq_mse_options or {},
+            adaround=adaround,
+            adaround_options=adaround_options or {},
+            adascale=adascale,
+            adascale_options=adascale_options or {},
+            bias_correction=bias_correction,
+            target_given=target is not None,
+            batch_size=batch_size,
+            progress=progress,
+            runtime_check=runtime_check,
+            keep_float_tensors=tuple(keep_float_tensors),
+        ),
+        user_passes=user_specs,
+        extensions=extensions,
+    )
     structural = build_passes(flow.structural, registry)
     structural[1:1] = user_objects  # Pass objects given directly run right after inline-functions
     if calibration_data is not None:  # validated and normalised once; every pass reads this object
@@ -232,5 +260,12 @@ def quantize_once(
     if encodings is None or not (encodings.activations or encodings.params):
         raise QPassesError(f"nothing was quantized: {_why_nothing_quantizable(graph)}")
     reference = ctx.artifacts.get(Fp32Reference)
-    return QuantizeResult(graph, encodings, report, config, ctx.artifacts.get(ParityReport),
-                          reference=None if reference is None else reference.model, calibration=calibration_data)
+    return QuantizeResult(
+        graph,
+        encodings,
+        report,
+        config,
+        ctx.artifacts.get(ParityReport),
+        reference=None if reference is None else reference.model,
+        calibration=calibration_data,
+    )

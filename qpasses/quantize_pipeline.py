@@ -57,9 +57,13 @@ class QuantizePipeline:
         return format_pipeline([*self.structural, *self.main])
 
 
-def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = QuantizeOptions(), *,
-                            user_passes: Sequence[PassSpec] = (),
-                            extensions: Mapping[str, Sequence[PassSpec]] | None = None) -> QuantizePipeline:
+def build_quantize_pipeline(
+    config: QuantConfig,
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    user_passes: Sequence[PassSpec] = (),
+    extensions: Mapping[str, Sequence[PassSpec]] | None = None,
+) -> QuantizePipeline:
     """The default flow for ``config``; ``user_passes`` run right after ``inline-functions``;
     ``extensions`` maps a stage name to passes appended to it."""
     o = options
@@ -77,41 +81,90 @@ def build_quantize_pipeline(config: QuantConfig, options: QuantizeOptions = Quan
     if o.overrides is not None:
         annotate.append(PassSpec("apply-overrides", {"path": str(o.overrides)}))
     # Tensors 8 bits cannot carry stay float (int16 on quantized-only targets); user overrides win.
-    annotate += [PassSpec("keep-nonfinite-float"), PassSpec("keep-log-domain-inputs-float"),
-                 PassSpec("keep-data-independent-float"),
-                 PassSpec("keep-decomposed-blocks-float")]
+    annotate += [
+        PassSpec("keep-nonfinite-float"),
+        PassSpec("keep-log-domain-inputs-float"),
+        PassSpec("keep-data-independent-float"),
+        PassSpec("keep-decomposed-blocks-float"),
+    ]
     if o.calibrated:
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
     if o.keep_float_tensors:
-        annotate.append(PassSpec("keep-float", {"tensors": "|".join(o.keep_float_tensors),
-                                                "reason": "automatic fallback: this quantizer cost an output most"}))
-    annotate.append(PassSpec("annotate-precision", {
-        "act_bw": c.act_bw, "weight_bw": c.weight_bw, "bias_bw": c.bias_bw, "float_bw": c.float_bw,
-        "float_bias_bw": c.float_bias_bw, "calibrated": o.calibrated}))
+        annotate.append(
+            PassSpec(
+                "keep-float",
+                {
+                    "tensors": "|".join(o.keep_float_tensors),
+                    "reason": "automatic fallback: this quantizer cost an output most",
+                },
+            )
+        )
+    annotate.append(
+        PassSpec(
+            "annotate-precision",
+            {
+                "act_bw": c.act_bw,
+                "weight_bw": c.weight_bw,
+                "bias_bw": c.bias_bw,
+                "float_bw": c.float_bw,
+                "float_bias_bw": c.float_bias_bw,
+                "calibrated": o.calibrated,
+            },
+        )
+    )
     if o.target_given:
         annotate.append(PassSpec("check-target"))
     annotate.append(PassSpec("int32-overrides"))
     encode = stages["encode"]
     if o.seq_mse:
         # Before encode-weights, which keeps the searched encodings; weight layout/bitwidth from the config.
-        encode.append(PassSpec("seq-mse", {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
-                                           "batch_size": o.batch_size, "progress": o.progress,
-                                           **dict(o.seq_mse_options)}))
+        encode.append(
+            PassSpec(
+                "seq-mse",
+                {
+                    "weight_bw": c.weight_bw,
+                    "per_channel": c.per_channel,
+                    "batch_size": o.batch_size,
+                    "progress": o.progress,
+                    **dict(o.seq_mse_options),
+                },
+            )
+        )
     # AdaScale / AdaRound learn on SeqMSE's grid (or the mode's) and freeze weights on their learned grids,
     # which encode-weights keeps; a layer one of them learned is left alone by the other.
     for name, on, extra in (("adascale", o.adascale, o.adascale_options), ("adaround", o.adaround, o.adaround_options)):
         if on:
-            encode.append(PassSpec(name, {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
-                                          "mode": c.weight_mode, "batch_size": o.batch_size, "progress": o.progress,
-                                          **dict(extra)}))
-    encode.append(PassSpec("encode-weights", {"weight_bw": c.weight_bw, "per_channel": c.per_channel,
-                                              "mode": c.weight_mode}))
+            encode.append(
+                PassSpec(
+                    name,
+                    {
+                        "weight_bw": c.weight_bw,
+                        "per_channel": c.per_channel,
+                        "mode": c.weight_mode,
+                        "batch_size": o.batch_size,
+                        "progress": o.progress,
+                        **dict(extra),
+                    },
+                )
+            )
+    encode.append(
+        PassSpec("encode-weights", {"weight_bw": c.weight_bw, "per_channel": c.per_channel, "mode": c.weight_mode})
+    )
     learned = o.seq_mse or o.adaround or o.adascale  # learned weights lie on their grids: nothing to correct
     bias_correction = (not learned) if o.bias_correction is None else o.bias_correction
     if o.calibrated:
-        stages["calibrate"].append(PassSpec("calibrate", {"act_bw": c.act_bw, "mode": c.act_mode,
-                                                          "percentile": c.percentile, "batch_size": o.batch_size,
-                                                          "progress": o.progress}))
+        stages["calibrate"].append(
+            PassSpec(
+                "calibrate",
+                {
+                    "act_bw": c.act_bw,
+                    "mode": c.act_mode,
+                    "percentile": c.percentile,
+                    "batch_size": o.batch_size,
+                    "progress": o.progress,
+                },
+            )
+        )
         # SeqMSE's asym search already absorbs the mean error into its choice of ranges; a second,
         # FP32-mean based correction on top measured worse (digits W4A8: 16.4 -> 12.7 dB).
         if bias_correction:

@@ -28,8 +28,11 @@ class Builder:
 
     def weight(self, name: str, array: np.ndarray, *, constant: bool | None = None) -> str:
         if self.constants if constant is None else constant:
-            self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}_const",
-                                               value=numpy_helper.from_array(np.asarray(array), name)))
+            self.nodes.append(
+                helper.make_node(
+                    "Constant", [], [name], name=f"{name}_const", value=numpy_helper.from_array(np.asarray(array), name)
+                )
+            )
         else:
             self.inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
@@ -38,9 +41,21 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
-    def conv(self, x: str, name: str, cin: int, cout: int, k: int = 3, *, group: int | None = 1,
-             bias: bool = True, pad: bool = True, scale: float | None = None, transpose: bool = False,
-             **attrs: object) -> str:
+    def conv(
+        self,
+        x: str,
+        name: str,
+        cin: int,
+        cout: int,
+        k: int = 3,
+        *,
+        group: int | None = 1,
+        bias: bool = True,
+        pad: bool = True,
+        scale: float | None = None,
+        transpose: bool = False,
+        **attrs: object,
+    ) -> str:
         g = group or 1
         shape = (cin, cout // g, k, k) if transpose else (cout, cin // g, k, k)
         w = self.weight(f"{name}.weight", self.randn(*shape, scale=scale or 1.0 / np.sqrt(cin // g * k * k)))
@@ -51,23 +66,39 @@ class Builder:
             attrs["pads"] = [k // 2] * 4
         return self.node("ConvTranspose" if transpose else "Conv", ins, name, kernel_shape=[k, k], **attrs)
 
-    def bn(self, x: str, name: str, c: int, *, beta: np.ndarray | None = None, gamma: np.ndarray | None = None,
-           var: np.ndarray | None = None, **attrs: object) -> str:
+    def bn(
+        self,
+        x: str,
+        name: str,
+        c: int,
+        *,
+        beta: np.ndarray | None = None,
+        gamma: np.ndarray | None = None,
+        var: np.ndarray | None = None,
+        **attrs: object,
+    ) -> str:
         params = [
             gamma if gamma is not None else 1.0 + self.randn(c, scale=0.2),
             beta if beta is not None else self.randn(c, scale=0.2),
             self.randn(c, scale=0.2),
             var if var is not None else 0.5 + np.abs(self.randn(c, scale=0.5)),
         ]
-        ins = [self.weight(f"{name}.{p}", np.asarray(a, np.float32))
-               for p, a in zip(("scale", "bias", "mean", "var"), params, strict=True)]
+        ins = [
+            self.weight(f"{name}.{p}", np.asarray(a, np.float32))
+            for p, a in zip(("scale", "bias", "mean", "var"), params, strict=True)
+        ]
         return self.node("BatchNormalization", [x, *ins], name, epsilon=1e-5, **attrs)
 
-    def model(self, name: str, inputs: list[tuple[str, list[int | str]]], outputs: list[str],
-              opset: int = 13) -> onnx.ModelProto:
+    def model(
+        self, name: str, inputs: list[tuple[str, list[int | str]]], outputs: list[str], opset: int = 13
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, name, [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
-            [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits)
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
+            [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs],
+            self.inits,
+        )
         opsets = [helper.make_opsetid("", opset)]
         ir = min(8, helper.find_min_ir_version_for(opsets))
         model = helper.make_model(graph, opset_imports=opsets, ir_version=ir)
@@ -88,11 +119,20 @@ def pair_100x() -> onnx.ModelProto:
     factors = np.logspace(0, 2, 8).astype(np.float32)  # 1 .. 100
     w1 = b.randn(8, 4, 3, 3, scale=0.2) * factors[:, None, None, None]
     w2 = b.randn(6, 8, 1, 1, scale=0.3) / factors[None, :, None, None]
-    b.node("Conv", ["input", b.weight("conv1.weight", w1), b.weight("conv1.bias", b.randn(8, scale=0.1) * factors)],
-           "conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.node(
+        "Conv",
+        ["input", b.weight("conv1.weight", w1), b.weight("conv1.bias", b.randn(8, scale=0.1) * factors)],
+        "conv1",
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+    )
     b.node("Relu", ["conv1"], "relu1")
-    b.node("Conv", ["relu1", b.weight("conv2.weight", w2), b.weight("conv2.bias", b.randn(6, scale=0.1))],
-           "output", kernel_shape=[1, 1])
+    b.node(
+        "Conv",
+        ["relu1", b.weight("conv2.weight", w2), b.weight("conv2.bias", b.randn(6, scale=0.1))],
+        "output",
+        kernel_shape=[1, 1],
+    )
     return b.model("pair_100x", [("input", [1, 4, 8, 8])], ["output"])
 
 
@@ -128,8 +168,13 @@ def long_chain() -> onnx.ModelProto:
     x, c = "input", 3
     for i, cout in enumerate((8, 12, 8, 16)):
         w = b.randn(cout, c, 3, 3, scale=0.3) * np.logspace(0, 1, cout)[:, None, None, None].astype(np.float32)
-        b.node("Conv", [x, b.weight(f"conv{i}.weight", w), b.weight(f"conv{i}.bias", b.randn(cout, scale=0.1))],
-               f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        b.node(
+            "Conv",
+            [x, b.weight(f"conv{i}.weight", w), b.weight(f"conv{i}.bias", b.randn(cout, scale=0.1))],
+            f"conv{i}",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        )
         x, c = b.node("Relu", [f"conv{i}"], f"relu{i}"), cout
     b.conv(x, "output", c, 4)
     return b.model("long_chain", [("input", [1, 3, 8, 8])], ["output"])
@@ -148,11 +193,20 @@ def convtranspose_chain() -> onnx.ModelProto:
 def gemm_mlp() -> onnx.ModelProto:
     """Gemm(transB=1)+BN+Relu -> Gemm(C [1, 24], alpha, beta=0.5)+BN+Relu -> Gemm(transB=1, no C)."""
     b = Builder(25)
-    b.node("Gemm", ["input", b.weight("fc0.weight", b.randn(32, 16, scale=0.3)),
-                    b.weight("fc0.bias", b.randn(32, scale=0.1))], "fc0", transB=1)
+    b.node(
+        "Gemm",
+        ["input", b.weight("fc0.weight", b.randn(32, 16, scale=0.3)), b.weight("fc0.bias", b.randn(32, scale=0.1))],
+        "fc0",
+        transB=1,
+    )
     x = b.node("Relu", [b.bn("fc0", "bn0", 32)], "relu0")
-    b.node("Gemm", [x, b.weight("fc1.weight", b.randn(32, 24, scale=0.3)),
-                    b.weight("fc1.bias", b.randn(1, 24, scale=0.1))], "fc1", alpha=0.75, beta=0.5)
+    b.node(
+        "Gemm",
+        [x, b.weight("fc1.weight", b.randn(32, 24, scale=0.3)), b.weight("fc1.bias", b.randn(1, 24, scale=0.1))],
+        "fc1",
+        alpha=0.75,
+        beta=0.5,
+    )
     x = b.node("Relu", [b.bn("fc1", "bn1", 24)], "relu1")
     b.node("Gemm", [x, b.weight("fc2.weight", b.randn(10, 24, scale=0.3))], "output", transB=1)
     return b.model("gemm_mlp", [("input", ["N", 16])], ["output"])
@@ -216,8 +270,11 @@ def unfoldable_bn() -> onnx.ModelProto:
     bn_b = b.bn(s, "bn_after_add", 4)
     c1 = b.conv(bn_b, "conv1", 4, 4)
     b.node("BatchNormalization", [c1, "gamma_in", "bn_dyn.bias", "bn_dyn.mean", "bn_dyn.var"], "output")
-    for p, a in (("bias", b.randn(4, scale=0.1)), ("mean", b.randn(4, scale=0.1)),
-                 ("var", 1 + np.abs(b.randn(4, scale=0.1)))):
+    for p, a in (
+        ("bias", b.randn(4, scale=0.1)),
+        ("mean", b.randn(4, scale=0.1)),
+        ("var", 1 + np.abs(b.randn(4, scale=0.1))),
+    ):
         b.weight(f"bn_dyn.{p}", a)
     return b.model("unfoldable_bn", [("input", [1, 3, 6, 6]), ("gamma_in", [4])], ["output"])
 
@@ -232,8 +289,11 @@ def _high_bias(b: Builder, c: int) -> dict[str, np.ndarray]:
     pre-activation never drops below beta - 3|gamma|: absorption through a Relu is exact.
     """
     gamma = (0.2 + 0.3 * b.rng.random(c)) * np.where(np.arange(c) % 3 == 0, -1, 1)
-    return {"gamma": gamma.astype(np.float32), "beta": (2.0 + 2.0 * b.rng.random(c)).astype(np.float32),
-            "var": np.full(c, 400.0, np.float32)}
+    return {
+        "gamma": gamma.astype(np.float32),
+        "beta": (2.0 + 2.0 * b.rng.random(c)).astype(np.float32),
+        "var": np.full(c, 400.0, np.float32),
+    }
 
 
 def hba_model(*, relu: bool = True, padded: bool = False) -> onnx.ModelProto:

@@ -56,10 +56,13 @@ class _Builder:
         return self.op("MatMul", [x, self.const(w)], out)
 
     def model(self, dim_out: int = DIM) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, "decomposed_block",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, DIM])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, dim_out])],
-                                  self.inits)
+        graph = helper.make_graph(
+            self.nodes,
+            "decomposed_block",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, DIM])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, dim_out])],
+            self.inits,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = 8 if self.opset <= 17 else 9 if self.opset <= 20 else 10
         onnx.checker.check_model(model, full_check=True)
@@ -91,8 +94,16 @@ def _normalize(b: _Builder, d: str, var: str, p: str, eps: float, variant: str, 
     return b.op("Div", [d, f"{p}/std"], out)
 
 
-def _layernorm_block(b: _Builder, x: str, out: str, *, variant: str = "pow", eps: float = 1e-5,
-                     affine: bool = True, square_exponent: float = 2.0) -> None:
+def _layernorm_block(
+    b: _Builder,
+    x: str,
+    out: str,
+    *,
+    variant: str = "pow",
+    eps: float = 1e-5,
+    affine: bool = True,
+    square_exponent: float = 2.0,
+) -> None:
     p = "ln"
     b.reduce("ReduceMean", x, f"{p}/mean", [-1])
     b.op("Sub", [x, f"{p}/mean"], f"{p}/d")
@@ -109,16 +120,29 @@ def _layernorm_block(b: _Builder, x: str, out: str, *, variant: str = "pow", eps
     b.op("Add", [f"{p}/scaled", b.const(b.rng.uniform(-0.2, 0.2, DIM))], out)
 
 
-def layernorm(seed: int = 0, *, opset: int = 13, variant: str = "pow", eps: float = 1e-5, affine: bool = True,
-              square_exponent: float = 2.0) -> onnx.ModelProto:
+def layernorm(
+    seed: int = 0,
+    *,
+    opset: int = 13,
+    variant: str = "pow",
+    eps: float = 1e-5,
+    affine: bool = True,
+    square_exponent: float = 2.0,
+) -> onnx.ModelProto:
     """ReduceMean -> Sub -> Pow(2)|Mul(d,d) -> ReduceMean -> Add(eps) -> Sqrt -> Div|Reciprocal+Mul
     [-> Mul(gamma) -> Add(beta)]. ``variant``: pow, mul, reciprocal; opset 18 gives ReduceMean axes as input."""
-    return _wrap(lambda b, x, out: _layernorm_block(b, x, out, variant=variant, eps=eps, affine=affine,
-                                                    square_exponent=square_exponent), seed, opset)
+    return _wrap(
+        lambda b, x, out: _layernorm_block(
+            b, x, out, variant=variant, eps=eps, affine=affine, square_exponent=square_exponent
+        ),
+        seed,
+        opset,
+    )
 
 
-def rmsnorm(seed: int = 0, *, opset: int = 13, variant: str = "pow", eps: float = 1e-6,
-            gamma: bool = True) -> onnx.ModelProto:
+def rmsnorm(
+    seed: int = 0, *, opset: int = 13, variant: str = "pow", eps: float = 1e-6, gamma: bool = True
+) -> onnx.ModelProto:
     """Pow(x, 2)|Mul(x, x) -> ReduceMean -> Add(eps) -> Sqrt -> Div(x, .)|Reciprocal+Mul [-> Mul(gamma)]."""
 
     def block(b: _Builder, x: str, out: str) -> None:
@@ -151,8 +175,16 @@ def _gelu_tail(b: _Builder, x: str, one_plus: str, p: str, out: str, order: str,
         b.op("Mul", [f"{p}/halved", x], out)
 
 
-def gelu_erf(seed: int = 0, *, opset: int = 13, variant: str = "div", order: str = "x_then_half",
-             sqrt2: float = SQRT2, one: float = 1.0, half: float = 0.5) -> onnx.ModelProto:
+def gelu_erf(
+    seed: int = 0,
+    *,
+    opset: int = 13,
+    variant: str = "div",
+    order: str = "x_then_half",
+    sqrt2: float = SQRT2,
+    one: float = 1.0,
+    half: float = 0.5,
+) -> onnx.ModelProto:
     """Div(x, sqrt2)|Mul(x, 1/sqrt2) -> Erf -> Add(1) -> (x, 0.5 in ``order``)."""
 
     def block(b: _Builder, x: str, out: str) -> None:
@@ -168,8 +200,17 @@ def gelu_erf(seed: int = 0, *, opset: int = 13, variant: str = "div", order: str
     return _wrap(block, seed, opset)
 
 
-def _gelu_tanh_block(b: _Builder, x: str, out: str, *, variant: str = "pow", order: str = "x_then_half",
-                     coef: float = 0.044715, k: float = SQRT_2_OVER_PI, half: float = 0.5) -> None:
+def _gelu_tanh_block(
+    b: _Builder,
+    x: str,
+    out: str,
+    *,
+    variant: str = "pow",
+    order: str = "x_then_half",
+    coef: float = 0.044715,
+    k: float = SQRT_2_OVER_PI,
+    half: float = 0.5,
+) -> None:
     p = "gelu"
     if variant == "mul":
         b.op("Mul", [x, x], f"{p}/x2")
@@ -184,11 +225,22 @@ def _gelu_tanh_block(b: _Builder, x: str, out: str, *, variant: str = "pow", ord
     _gelu_tail(b, x, f"{p}/one_plus", p, out, order, half)
 
 
-def gelu_tanh(seed: int = 0, *, opset: int = 13, variant: str = "pow", order: str = "x_then_half",
-              coef: float = 0.044715, k: float = SQRT_2_OVER_PI, half: float = 0.5) -> onnx.ModelProto:
+def gelu_tanh(
+    seed: int = 0,
+    *,
+    opset: int = 13,
+    variant: str = "pow",
+    order: str = "x_then_half",
+    coef: float = 0.044715,
+    k: float = SQRT_2_OVER_PI,
+    half: float = 0.5,
+) -> onnx.ModelProto:
     """x^3 (Pow(x, 3)|Mul(x, Mul(x, x))) -> Mul(0.044715) -> Add(x) -> Mul(sqrt(2/pi)) -> Tanh -> Add(1) -> tail."""
-    return _wrap(lambda b, x, out: _gelu_tanh_block(b, x, out, variant=variant, order=order, coef=coef, k=k,
-                                                    half=half), seed, opset)
+    return _wrap(
+        lambda b, x, out: _gelu_tanh_block(b, x, out, variant=variant, order=order, coef=coef, k=k, half=half),
+        seed,
+        opset,
+    )
 
 
 def softmax(seed: int = 0, *, opset: int = 13, stable: bool = True) -> onnx.ModelProto:
@@ -207,8 +259,9 @@ def softmax(seed: int = 0, *, opset: int = 13, stable: bool = True) -> onnx.Mode
     return _wrap(block, seed, opset)
 
 
-def hardswish(seed: int = 0, *, opset: int = 13, variant: str = "div", three: float = 3.0,
-              six: float = 6.0) -> onnx.ModelProto:
+def hardswish(
+    seed: int = 0, *, opset: int = 13, variant: str = "div", three: float = 3.0, six: float = 6.0
+) -> onnx.ModelProto:
     """Mul(x, Clip(Add(x, 3), 0, 6)) / 6. ``variant``: div (Div by 6), mul (Mul by 1/6), sigmoid_first
     (Clip / 6 first, then Mul by x), clip_attrs (Clip's min/max as attributes: opset < 11, Relu6 style),
     hardsigmoid (x * HardSigmoid(x, 1/6, 0.5))."""

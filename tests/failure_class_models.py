@@ -35,14 +35,19 @@ def neg_inf_mask(seed: int = 0) -> onnx.ModelProto:
     nodes, inits = _conv(rng, "conv", "x", 3, 4, "c")
     mask = np.ones((1, 4, 8, 8), bool)
     mask[..., :2] = False
-    inits += [numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
-              numpy_helper.from_array(mask, "mask")]
-    nodes += [helper.make_node("Relu", ["c"], ["r"], name="relu"),
-              helper.make_node("Max", ["r", "neg_inf"], ["m"], name="max_neg_inf"),
-              helper.make_node("Where", ["mask", "m", "neg_inf"], ["w"], name="where_mask"),
-              helper.make_node("ReduceMax", ["w"], ["y"], name="reduce", axes=[2, 3], keepdims=0)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    inits += [numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"), numpy_helper.from_array(mask, "mask")]
+    nodes += [
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Max", ["r", "neg_inf"], ["m"], name="max_neg_inf"),
+        helper.make_node("Where", ["mask", "m", "neg_inf"], ["w"], name="where_mask"),
+        helper.make_node("ReduceMax", ["w"], ["y"], name="reduce", axes=[2, 3], keepdims=0),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        inits,
+    )
 
 
 def question_mark_dims(seed: int = 0) -> onnx.ModelProto:
@@ -50,29 +55,41 @@ def question_mark_dims(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = _conv(rng, "conv", "x", 3, 4, "c")
     nodes += [helper.make_node("Relu", ["c"], ["y"], name="relu")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4, "?", "?"])], inits)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4, "?", "?"])],
+        inits,
+    )
 
 
 def anchor_grid(seed: int = 0, *, dynamic: bool = False) -> onnx.ModelProto:
     """YOLO-style decoding: a grid from Shape -> Gather -> Cast -> Range added to the conv output."""
     rng = np.random.default_rng(seed)
     nodes, inits = _conv(rng, "conv", "x", 3, 2, "c")
-    inits += [numpy_helper.from_array(np.array(3, np.int64), "w_axis"),
-              numpy_helper.from_array(np.array(0.5, np.float32), "start"),
-              numpy_helper.from_array(np.array(1.0, np.float32), "delta"),
-              numpy_helper.from_array(np.array(8.0, np.float32), "stride")]
-    nodes += [helper.make_node("Shape", ["c"], ["shape"], name="shape"),
-              helper.make_node("Gather", ["shape", "w_axis"], ["width_i"], name="gather_w", axis=0),
-              helper.make_node("Cast", ["width_i"], ["width"], name="cast_w", to=TensorProto.FLOAT),
-              helper.make_node("Add", ["width", "start"], ["limit"], name="limit"),
-              helper.make_node("Range", ["start", "limit", "delta"], ["grid"], name="range"),
-              helper.make_node("Mul", ["grid", "stride"], ["grid_px"], name="grid_px"),
-              helper.make_node("Add", ["c", "grid_px"], ["y"], name="decode")]
+    inits += [
+        numpy_helper.from_array(np.array(3, np.int64), "w_axis"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "start"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "delta"),
+        numpy_helper.from_array(np.array(8.0, np.float32), "stride"),
+    ]
+    nodes += [
+        helper.make_node("Shape", ["c"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "w_axis"], ["width_i"], name="gather_w", axis=0),
+        helper.make_node("Cast", ["width_i"], ["width"], name="cast_w", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["width", "start"], ["limit"], name="limit"),
+        helper.make_node("Range", ["start", "limit", "delta"], ["grid"], name="range"),
+        helper.make_node("Mul", ["grid", "stride"], ["grid_px"], name="grid_px"),
+        helper.make_node("Add", ["c", "grid_px"], ["y"], name="decode"),
+    ]
     shape = ["N", 3, 8, 16] if dynamic else [1, 3, 8, 16]
     out_shape = ["N", 2, 8, 16] if dynamic else [1, 2, 8, 16]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
+    )
 
 
 def boxes_and_scores(seed: int = 0) -> onnx.ModelProto:
@@ -81,22 +98,31 @@ def boxes_and_scores(seed: int = 0) -> onnx.ModelProto:
     nodes, inits = _conv(rng, "box_conv", "x", 3, 4, "box_raw")
     n2, i2 = _conv(rng, "cls_conv", "x", 3, 2, "cls_raw")
     nodes += n2
-    inits += i2 + [numpy_helper.from_array(np.array(160.0, np.float32), "scale_px"),
-                   numpy_helper.from_array(np.array(160.0, np.float32), "offset_px"),
-                   numpy_helper.from_array(np.array([1, 0, 64], np.int64), "flat")]
-    nodes += [helper.make_node("Tanh", ["box_raw"], ["box_t"], name="box_tanh"),
-              helper.make_node("Mul", ["box_t", "scale_px"], ["box_s"], name="box_scale"),
-              helper.make_node("Add", ["box_s", "offset_px"], ["boxes"], name="box_offset"),
-              helper.make_node("Sigmoid", ["cls_raw"], ["scores"], name="cls_sigmoid"),
-              helper.make_node("Reshape", ["boxes", "flat"], ["boxes_f"], name="boxes_flat"),
-              helper.make_node("Reshape", ["scores", "flat"], ["scores_f"], name="scores_flat"),
-              helper.make_node("Concat", ["boxes_f", "scores_f"], ["y"], name="head_concat", axis=1)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 64])], inits)
+    inits += i2 + [
+        numpy_helper.from_array(np.array(160.0, np.float32), "scale_px"),
+        numpy_helper.from_array(np.array(160.0, np.float32), "offset_px"),
+        numpy_helper.from_array(np.array([1, 0, 64], np.int64), "flat"),
+    ]
+    nodes += [
+        helper.make_node("Tanh", ["box_raw"], ["box_t"], name="box_tanh"),
+        helper.make_node("Mul", ["box_t", "scale_px"], ["box_s"], name="box_scale"),
+        helper.make_node("Add", ["box_s", "offset_px"], ["boxes"], name="box_offset"),
+        helper.make_node("Sigmoid", ["cls_raw"], ["scores"], name="cls_sigmoid"),
+        helper.make_node("Reshape", ["boxes", "flat"], ["boxes_f"], name="boxes_flat"),
+        helper.make_node("Reshape", ["scores", "flat"], ["scores_f"], name="scores_flat"),
+        helper.make_node("Concat", ["boxes_f", "scores_f"], ["y"], name="head_concat", axis=1),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 64])],
+        inits,
+    )
 
 
-def feeds(model: onnx.ModelProto, n: int, seed: int = 1, batch: int = 1, shape: tuple[int, ...] | None = None
-          ) -> list[dict[str, np.ndarray]]:
+def feeds(
+    model: onnx.ModelProto, n: int, seed: int = 1, batch: int = 1, shape: tuple[int, ...] | None = None
+) -> list[dict[str, np.ndarray]]:
     """Deterministic image-like feeds for the single float input."""
     rng = np.random.default_rng(seed)
     (inp,) = model.graph.input
@@ -112,11 +138,17 @@ def outlier_intermediate(seed: int = 0) -> onnx.ModelProto:
     spike = np.zeros((1, 4, 8, 8), np.float32)
     spike[0, 0, 0, 0] = 1e4
     inits += [numpy_helper.from_array(spike, "spike")]
-    nodes += [helper.make_node("Add", ["c", "spike"], ["lifted"], name="lift"),
-              helper.make_node("Sub", ["lifted", "spike"], ["back"], name="drop"),
-              helper.make_node("Relu", ["back"], ["y"], name="relu")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    nodes += [
+        helper.make_node("Add", ["c", "spike"], ["lifted"], name="lift"),
+        helper.make_node("Sub", ["lifted", "spike"], ["back"], name="drop"),
+        helper.make_node("Relu", ["back"], ["y"], name="relu"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
 
 
 def float_min_attention_mask(seed: int = 0) -> onnx.ModelProto:
@@ -126,21 +158,31 @@ def float_min_attention_mask(seed: int = 0) -> onnx.ModelProto:
     wk = (rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
     keep = np.ones((1, 1, 6), np.float32)
     keep[..., 4:] = 0  # the last two positions are padding
-    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(wk, "wk"),
-             numpy_helper.from_array(keep, "keep"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "f32_min"),
-             numpy_helper.from_array(np.array([0, 2, 1], np.int64), "perm")]
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
-             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
-             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
-             helper.make_node("Sub", ["one", "keep"], ["pad"], name="pad"),
-             helper.make_node("Mul", ["pad", "f32_min"], ["bias"], name="bias"),
-             helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask_add"),
-             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
-             helper.make_node("MatMul", ["probs", "x"], ["y"], name="context")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])], inits)
+    inits = [
+        numpy_helper.from_array(wq, "wq"),
+        numpy_helper.from_array(wk, "wk"),
+        numpy_helper.from_array(keep, "keep"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "f32_min"),
+        numpy_helper.from_array(np.array([0, 2, 1], np.int64), "perm"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Sub", ["one", "keep"], ["pad"], name="pad"),
+        helper.make_node("Mul", ["pad", "f32_min"], ["bias"], name="bias"),
+        helper.make_node("Add", ["scores", "bias"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "x"], ["y"], name="context"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])],
+        inits,
+    )
 
 
 def log_power_spectrum(seed: int = 0) -> onnx.ModelProto:
@@ -151,21 +193,30 @@ def log_power_spectrum(seed: int = 0) -> onnx.ModelProto:
     re = np.cos(2 * np.pi * k * n / 16).T.astype(np.float32)
     im = np.sin(2 * np.pi * k * n / 16).T.astype(np.float32)
     w = (rng.standard_normal((9, 4)) * 0.3).astype(np.float32)
-    inits = [numpy_helper.from_array(re, "dft_re"), numpy_helper.from_array(im, "dft_im"),
-             numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
-             numpy_helper.from_array(np.array(np.log(10), np.float32), "ln10"),
-             numpy_helper.from_array(w, "w")]
-    nodes = [helper.make_node("MatMul", ["x", "dft_re"], ["re"], name="stft_re"),
-             helper.make_node("MatMul", ["x", "dft_im"], ["im"], name="stft_im"),
-             helper.make_node("Mul", ["re", "re"], ["re2"], name="re2"),
-             helper.make_node("Mul", ["im", "im"], ["im2"], name="im2"),
-             helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
-             helper.make_node("Max", ["power", "eps"], ["floored"], name="floor"),
-             helper.make_node("Log", ["floored"], ["ln"], name="log"),
-             helper.make_node("Div", ["ln", "ln10"], ["logpow"], name="log10"),
-             helper.make_node("MatMul", ["logpow", "w"], ["y"], name="dense")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20, 16])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 4])], inits)
+    inits = [
+        numpy_helper.from_array(re, "dft_re"),
+        numpy_helper.from_array(im, "dft_im"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+        numpy_helper.from_array(np.array(np.log(10), np.float32), "ln10"),
+        numpy_helper.from_array(w, "w"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "dft_re"], ["re"], name="stft_re"),
+        helper.make_node("MatMul", ["x", "dft_im"], ["im"], name="stft_im"),
+        helper.make_node("Mul", ["re", "re"], ["re2"], name="re2"),
+        helper.make_node("Mul", ["im", "im"], ["im2"], name="im2"),
+        helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+        helper.make_node("Max", ["power", "eps"], ["floored"], name="floor"),
+        helper.make_node("Log", ["floored"], ["ln"], name="log"),
+        helper.make_node("Div", ["ln", "ln10"], ["logpow"], name="log10"),
+        helper.make_node("MatMul", ["logpow", "w"], ["y"], name="dense"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 4])],
+        inits,
+    )
 
 
 def quiet_audio_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:

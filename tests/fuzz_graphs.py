@@ -79,9 +79,17 @@ def fuzz_settings(ci_examples: int, **overrides: Any) -> settings:
     examples = int(env) if env else ci_examples
     randomize = os.environ.get("QPASSES_FUZZ_RANDOM", "") not in ("", "0")
     return settings(
-        max_examples=examples, deadline=None, derandomize=not randomize, database=None, print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                               HealthCheck.function_scoped_fixture],
+        max_examples=examples,
+        deadline=None,
+        derandomize=not randomize,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.function_scoped_fixture,
+        ],
         **overrides,
     )
 
@@ -121,14 +129,22 @@ class FuzzStats:
         terminalreporter.section("qpasses fuzz: generated cases per property")
         for name, s in self.tests.items():
             notes = ", ".join(f"{k}: {v}" for k, v in sorted(s.notes.items()))
-            terminalreporter.write_line(f"{s.cases:6d} cases {s.seconds:7.1f} s  {name}" + (f"  ({notes})" if notes
-                                                                                             else ""))
+            terminalreporter.write_line(
+                f"{s.cases:6d} cases {s.seconds:7.1f} s  {name}" + (f"  ({notes})" if notes else "")
+            )
         terminalreporter.write_line(f"{total_cases:6d} cases {total_time:7.1f} s  total")
         out = os.environ.get("QPASSES_FUZZ_STATS")
         if out:
-            Path(out).write_text(json.dumps(
-                {name: {"cases": s.cases, "seconds": round(s.seconds, 2), "notes": s.notes}
-                 for name, s in self.tests.items()}, indent=2) + "\n")
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        name: {"cases": s.cases, "seconds": round(s.seconds, 2), "notes": s.notes}
+                        for name, s in self.tests.items()
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
 
 
 STATS = FuzzStats()
@@ -216,8 +232,9 @@ def _conv_out(size: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
 class Builder:
     """Builds a model step by step; every public op method is one kind of ``Step``."""
 
-    def __init__(self, opset: int, batch: int | str, input_shape: tuple[int, ...], seed: int,
-                 style: Style = Style()) -> None:
+    def __init__(
+        self, opset: int, batch: int | str, input_shape: tuple[int, ...], seed: int, style: Style = Style()
+    ) -> None:
         self.style = style
         self.names: list[str] = ["input"]
         self.shapes: dict[str, Shape] = {}
@@ -257,8 +274,9 @@ class Builder:
         name = self._name(prefix)
         tensor = numpy_helper.from_array(np.asarray(array), name)
         if source == "const":
-            self.nodes.append(helper.make_node("Constant", [], [name], name=self._node_name(name, "Constant"),
-                                               value=tensor))
+            self.nodes.append(
+                helper.make_node("Constant", [], [name], name=self._node_name(name, "Constant"), value=tensor)
+            )
         else:
             self.inits.append(tensor)
         return name
@@ -268,8 +286,9 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], name=self._node_name(out, op), **attrs))
         return out
 
-    def _weight(self, shape: tuple[int, ...], fan_in: int, gain: float, quirk: str, source: str,
-                channel_axis: int = 0) -> str:
+    def _weight(
+        self, shape: tuple[int, ...], fan_in: int, gain: float, quirk: str, source: str, channel_axis: int = 0
+    ) -> str:
         """A weight, or an existing one of the same shape when ``source`` is 'shared'."""
         if source == "shared" and self.weights.get(shape):
             return self.weights[shape][0]
@@ -294,14 +313,30 @@ class Builder:
         self.shapes[name] = shape
 
     # --- ops ---------------------------------------------------------------------------------
-    def conv(self, cout: int, group: int, kernel: int, stride: int, pads: tuple[int, int, int, int],
-             dilation: int, bias: bool, omit_group: bool, gain: float, quirk: str, source: str) -> None:
+    def conv(
+        self,
+        cout: int,
+        group: int,
+        kernel: int,
+        stride: int,
+        pads: tuple[int, int, int, int],
+        dilation: int,
+        bias: bool,
+        omit_group: bool,
+        gain: float,
+        quirk: str,
+        source: str,
+    ) -> None:
         x = self.top
         n, cin, h, w = x.shape
         wname = self._weight((cout, cin // group, kernel, kernel), cin // group * kernel * kernel, gain, quirk, source)
         inputs = [x.name, wname] + ([self._vec(cout, 0.1, "const" if source == "const" else "init")] if bias else [])
-        attrs: dict[str, Any] = {"kernel_shape": [kernel, kernel], "strides": [stride] * 2, "pads": list(pads),
-                                 "dilations": [dilation] * 2}
+        attrs: dict[str, Any] = {
+            "kernel_shape": [kernel, kernel],
+            "strides": [stride] * 2,
+            "pads": list(pads),
+            "dilations": [dilation] * 2,
+        }
         if not (omit_group and group == 1):
             attrs["group"] = group
         out = self._node("Conv", inputs, "conv", **attrs)
@@ -309,15 +344,30 @@ class Builder:
         ow = _conv_out(w, kernel, stride, pads[1], pads[3], dilation)
         self._replace_top(out, (n, cout, oh, ow))
 
-    def conv_transpose(self, cout: int, group: int, kernel: int, stride: int, pads: tuple[int, int, int, int],
-                       output_padding: int, bias: bool, gain: float, source: str) -> None:
+    def conv_transpose(
+        self,
+        cout: int,
+        group: int,
+        kernel: int,
+        stride: int,
+        pads: tuple[int, int, int, int],
+        output_padding: int,
+        bias: bool,
+        gain: float,
+        source: str,
+    ) -> None:
         x = self.top
         n, cin, h, w = x.shape
-        wname = self._weight((cin, cout // group, kernel, kernel), cin // group * kernel * kernel, gain, "none",
-                             source, channel_axis=1)
+        wname = self._weight(
+            (cin, cout // group, kernel, kernel), cin // group * kernel * kernel, gain, "none", source, channel_axis=1
+        )
         inputs = [x.name, wname] + ([self._vec(cout, 0.1)] if bias else [])
-        attrs: dict[str, Any] = {"kernel_shape": [kernel, kernel], "strides": [stride] * 2, "pads": list(pads),
-                                 "group": group}
+        attrs: dict[str, Any] = {
+            "kernel_shape": [kernel, kernel],
+            "strides": [stride] * 2,
+            "pads": list(pads),
+            "group": group,
+        }
         if output_padding:
             attrs["output_padding"] = [output_padding] * 2
         out = self._node("ConvTranspose", inputs, "convT", **attrs)
@@ -332,9 +382,12 @@ class Builder:
         if negative_gamma:
             gamma[int(self.rng.integers(c))] *= -1
         src = "const" if source == "const" else "init"
-        params = [self._const("bn_scale", gamma.astype(np.float32), src), self._vec(c, 0.3, src),
-                  self._vec(c, 0.3, src),
-                  self._const("bn_var", (0.5 + np.abs(self.rng.standard_normal(c))).astype(np.float32), src)]
+        params = [
+            self._const("bn_scale", gamma.astype(np.float32), src),
+            self._vec(c, 0.3, src),
+            self._vec(c, 0.3, src),
+            self._const("bn_var", (0.5 + np.abs(self.rng.standard_normal(c))).astype(np.float32), src),
+        ]
         out = self._node("BatchNormalization", [x.name, *params], "bn", epsilon=epsilon)
         self._replace_top(out, x.shape)
 
@@ -348,8 +401,11 @@ class Builder:
             attrs = {k: v for k, v in (("min", lo), ("max", hi)) if v is not None}
             out = self._node("Clip", [x.name], "clip", **attrs)
         else:
-            ins = [x.name, "" if lo is None else self._scalar("clip_min", lo, source),
-                   "" if hi is None else self._scalar("clip_max", hi, source)]
+            ins = [
+                x.name,
+                "" if lo is None else self._scalar("clip_min", lo, source),
+                "" if hi is None else self._scalar("clip_max", hi, source),
+            ]
             while ins[-1] == "":
                 ins.pop()
             out = self._node("Clip", ins, "clip")
@@ -400,8 +456,9 @@ class Builder:
 
     def transpose(self, perm: tuple[int, ...]) -> None:
         x = self.top
-        self._replace_top(self._node("Transpose", [x.name], "transpose", perm=list(perm)),
-                          tuple(x.shape[p] for p in perm))
+        self._replace_top(
+            self._node("Transpose", [x.name], "transpose", perm=list(perm)), tuple(x.shape[p] for p in perm)
+        )
 
     def reshape(self, target: tuple[int, ...]) -> None:
         """``target`` as written in the shape tensor (0 copies the input dim, -1 is inferred)."""
@@ -429,8 +486,18 @@ class Builder:
         out = self._node("MaxPool", [x.name], "maxpool", kernel_shape=[kernel] * 2, strides=[stride] * 2)
         self._replace_top(out, (n, c, _conv_out(h, kernel, stride, 0, 0, 1), _conv_out(w, kernel, stride, 0, 0, 1)))
 
-    def gemm(self, out_features: int, alpha: float, beta: float, trans_a: bool, trans_b: bool, bias: str,
-             gain: float, quirk: str, source: str) -> None:
+    def gemm(
+        self,
+        out_features: int,
+        alpha: float,
+        beta: float,
+        trans_a: bool,
+        trans_b: bool,
+        bias: str,
+        gain: float,
+        quirk: str,
+        source: str,
+    ) -> None:
         x = self.top
         n, k = x.shape
         a = x.name
@@ -485,8 +552,7 @@ class Builder:
         if self.style.value_info:
             outs = {v.name for v in outputs}
             value_info = [vi(_Value(n, shape)) for n, shape in self.shapes.items() if n not in outs]
-        graph = helper.make_graph(self.nodes, name, inputs, [vi(v) for v in outputs], self.inits,
-                                  value_info=value_info)
+        graph = helper.make_graph(self.nodes, name, inputs, [vi(v) for v in outputs], self.inits, value_info=value_info)
         opsets = [helper.make_opsetid("", self.opset)]
         ir = min(MAX_IR_VERSION, max(3, helper.find_min_ir_version_for(opsets)))
         return helper.make_model(graph, opset_imports=opsets, ir_version=ir, producer_name="qpasses-fuzz")
@@ -505,13 +571,51 @@ def build(spec: GraphSpec) -> onnx.ModelProto:
 WEIGHT_SOURCES = st.sampled_from(["init", "init", "const", "shared"])
 QUIRKS = st.sampled_from(["none", "none", "none", "zero_channel", "tiny_channel", "big_channel"])
 GAINS = st.sampled_from([1.0, 1.0, 0.3, 3.0])
-ALL_OPS = ("conv", "conv_transpose", "batchnorm", "relu", "relu6", "clip", "add_const", "add_self", "fork",
-           "add_join", "concat", "transpose", "reshape", "flatten", "global_avg_pool", "max_pool", "gemm", "matmul",
-           "identity", "drop")
+ALL_OPS = (
+    "conv",
+    "conv_transpose",
+    "batchnorm",
+    "relu",
+    "relu6",
+    "clip",
+    "add_const",
+    "add_self",
+    "fork",
+    "add_join",
+    "concat",
+    "transpose",
+    "reshape",
+    "flatten",
+    "global_avg_pool",
+    "max_pool",
+    "gemm",
+    "matmul",
+    "identity",
+    "drop",
+)
 # How often an applicable op is drawn relative to the others (layers and joins matter most).
-OP_WEIGHTS = {"conv": 6, "conv_transpose": 2, "batchnorm": 3, "relu": 2, "relu6": 2, "clip": 1, "add_const": 1,
-              "add_self": 1, "fork": 3, "add_join": 6, "concat": 6, "transpose": 1, "reshape": 1, "flatten": 1,
-              "global_avg_pool": 1, "max_pool": 1, "gemm": 5, "matmul": 3, "identity": 1, "drop": 3}
+OP_WEIGHTS = {
+    "conv": 6,
+    "conv_transpose": 2,
+    "batchnorm": 3,
+    "relu": 2,
+    "relu6": 2,
+    "clip": 1,
+    "add_const": 1,
+    "add_self": 1,
+    "fork": 3,
+    "add_join": 6,
+    "concat": 6,
+    "transpose": 1,
+    "reshape": 1,
+    "flatten": 1,
+    "global_avg_pool": 1,
+    "max_pool": 1,
+    "gemm": 5,
+    "matmul": 3,
+    "identity": 1,
+    "drop": 3,
+}
 
 
 def _divisors(n: int) -> list[int]:
@@ -542,8 +646,12 @@ def _applicable(b: Builder, ops: tuple[str, ...]) -> list[str]:
         elif op == "concat":
             if len(b.stack) >= 2:
                 y = b.stack[-2]
-                if len(y.shape) == rank and y.shape[0] == x.shape[0] and y.shape[2:] == x.shape[2:] \
-                        and x.shape[1] + y.shape[1] <= 2 * MAX_CHANNELS:
+                if (
+                    len(y.shape) == rank
+                    and y.shape[0] == x.shape[0]
+                    and y.shape[2:] == x.shape[2:]
+                    and x.shape[1] + y.shape[1] <= 2 * MAX_CHANNELS
+                ):
                     ok.append(op)
         elif rank == 4:
             n, c, h, w = x.shape
@@ -601,9 +709,19 @@ def _draw_step(draw: Callable[[st.SearchStrategy[Any]], Any], b: Builder, op: st
             cout, _, kernel, _ = draw(st.sampled_from(sorted(same_input)))
             group, dilation = 1, 1
             pads = (kernel // 2, kernel // 2, (kernel - 1) // 2, (kernel - 1) // 2)
-        args = dict(cout=cout, group=group, kernel=kernel, stride=stride, pads=pads, dilation=dilation,
-                    bias=draw(st.booleans()), omit_group=draw(st.booleans()), gain=draw(GAINS), quirk=draw(QUIRKS),
-                    source=source)
+        args = dict(
+            cout=cout,
+            group=group,
+            kernel=kernel,
+            stride=stride,
+            pads=pads,
+            dilation=dilation,
+            bias=draw(st.booleans()),
+            omit_group=draw(st.booleans()),
+            gain=draw(GAINS),
+            quirk=draw(QUIRKS),
+            source=source,
+        )
     elif op == "conv_transpose":
         cin = x.shape[1]
         group = cin if draw(st.booleans()) and cin > 1 else 1
@@ -613,11 +731,23 @@ def _draw_step(draw: Callable[[st.SearchStrategy[Any]], Any], b: Builder, op: st
         pmax = max(0, (kernel - 1) // 2)
         pads = tuple(draw(st.integers(0, pmax)) for _ in range(4))
         output_padding = draw(st.integers(0, stride - 1))
-        args = dict(cout=cout, group=group, kernel=kernel, stride=stride, pads=pads, output_padding=output_padding,
-                    bias=draw(st.booleans()), gain=draw(GAINS), source=draw(WEIGHT_SOURCES))
+        args = dict(
+            cout=cout,
+            group=group,
+            kernel=kernel,
+            stride=stride,
+            pads=pads,
+            output_padding=output_padding,
+            bias=draw(st.booleans()),
+            gain=draw(GAINS),
+            source=draw(WEIGHT_SOURCES),
+        )
     elif op == "batchnorm":
-        args = dict(epsilon=draw(st.sampled_from([1e-5, 1e-3])), negative_gamma=draw(st.booleans()),
-                    source=draw(st.sampled_from(["init", "const"])))
+        args = dict(
+            epsilon=draw(st.sampled_from([1e-5, 1e-3])),
+            negative_gamma=draw(st.booleans()),
+            source=draw(st.sampled_from(["init", "const"])),
+        )
     elif op == "relu6":
         return Step("clip", (("lo", 0.0), ("hi", 6.0), ("source", draw(st.sampled_from(["init", "const", "shared"])))))
     elif op == "clip":
@@ -657,30 +787,46 @@ def _draw_step(draw: Callable[[st.SearchStrategy[Any]], Any], b: Builder, op: st
         bias = draw(st.sampled_from(["vector", "vector", "row", "scalar"] + (["none"] if b.opset >= 11 else [])))
         out_features = x.shape[1] if same else draw(st.integers(1, 16))
         trans_b, source = draw(st.booleans()), draw(WEIGHT_SOURCES)
-        shareable = sorted(w for w in b.weights if len(w) == 2 and w[0] != "scalar"
-                           and (w[1] if trans_b else w[0]) == x.shape[1])
+        shareable = sorted(
+            w for w in b.weights if len(w) == 2 and w[0] != "scalar" and (w[1] if trans_b else w[0]) == x.shape[1]
+        )
         if source == "shared" and shareable:  # read a weight an earlier Gemm/MatMul reads
             w = draw(st.sampled_from(shareable))
             out_features = w[0] if trans_b else w[1]
-        args = dict(out_features=out_features, alpha=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0, -1.0])),
-                    beta=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0, 0.0])), trans_a=trans_a,
-                    trans_b=trans_b, bias=bias, gain=draw(GAINS), quirk=draw(QUIRKS), source=source)
+        args = dict(
+            out_features=out_features,
+            alpha=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0, -1.0])),
+            beta=draw(st.sampled_from([1.0, 1.0, 0.5, 2.0, 0.0])),
+            trans_a=trans_a,
+            trans_b=trans_b,
+            bias=bias,
+            gain=draw(GAINS),
+            quirk=draw(QUIRKS),
+            source=source,
+        )
     elif op == "matmul":
         same = len(b.stack) >= 2 and draw(st.booleans()) and x.shape[-1] <= 12
         out_features, source = x.shape[-1] if same else draw(st.integers(1, 12)), draw(WEIGHT_SOURCES)
         shareable = sorted(w for w in b.weights if len(w) == 2 and w[0] != "scalar" and w[0] == x.shape[-1])
         if source == "shared" and shareable:
             out_features = draw(st.sampled_from(shareable))[1]
-        args = dict(out_features=out_features, bias=draw(st.booleans()), gain=draw(GAINS), quirk=draw(QUIRKS),
-                    source=source)
+        args = dict(
+            out_features=out_features, bias=draw(st.booleans()), gain=draw(GAINS), quirk=draw(QUIRKS), source=source
+        )
     else:
         args = {}
     return Step(op, tuple(args.items()))
 
 
 @st.composite
-def graph_specs(draw: Any, *, max_steps: int = 7, ops: tuple[str, ...] = ALL_OPS,
-                opsets: tuple[int, ...] = OPSETS, rank4: bool | None = None) -> GraphSpec:
+def graph_specs(
+    draw: Any,
+    *,
+    max_steps: int = 7,
+    ops: tuple[str, ...] = ALL_OPS,
+    opsets: tuple[int, ...] = OPSETS,
+    rank4: bool | None = None,
+) -> GraphSpec:
     opset = draw(st.sampled_from(opsets))
     batch: int | str = draw(st.sampled_from(["N", "N", 1, 2]))
     if rank4 is None:
@@ -692,9 +838,12 @@ def graph_specs(draw: Any, *, max_steps: int = 7, ops: tuple[str, ...] = ALL_OPS
     seed = draw(st.integers(0, 2**16))
     style = Style()
     if draw(st.integers(0, 2)) == 0:  # a third of the graphs come from a messier exporter
-        style = Style(names=draw(st.sampled_from(["plain", "torch", "tf", "collide", "collide"])),
-                      nodes=draw(st.sampled_from(["unique", "empty", "tensor"])),
-                      inits_as_inputs=draw(st.booleans()), value_info=draw(st.booleans()))
+        style = Style(
+            names=draw(st.sampled_from(["plain", "torch", "tf", "collide", "collide"])),
+            nodes=draw(st.sampled_from(["unique", "empty", "tensor"])),
+            inits_as_inputs=draw(st.booleans()),
+            value_info=draw(st.booleans()),
+        )
     b = Builder(opset, batch, input_shape, seed, style)
     steps: list[Step] = []
     for _ in range(draw(st.integers(1, max_steps))):
@@ -778,13 +927,13 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, a: dict[str, A
     y = np.zeros((n, cout_g * group, full_h, full_w))
     cin_g = cin // group
     for g in range(group):
-        xs = x[:, g * cin_g:(g + 1) * cin_g]
-        ws = w[g * cin_g:(g + 1) * cin_g]  # [cin_g, cout_g, kh, kw]
+        xs = x[:, g * cin_g : (g + 1) * cin_g]
+        ws = w[g * cin_g : (g + 1) * cin_g]  # [cin_g, cout_g, kh, kw]
         contrib = np.einsum("nchw,coij->nohwij", xs, ws)
         for i in range(kh):
             for j in range(kw):
-                y[:, g * cout_g:(g + 1) * cout_g, i:i + sh * h:sh, j:j + sw * wd:sw] += contrib[..., i, j]
-    y = y[:, :, pt:full_h - pb, pl:full_w - pr]
+                y[:, g * cout_g : (g + 1) * cout_g, i : i + sh * h : sh, j : j + sw * wd : sw] += contrib[..., i, j]
+    y = y[:, :, pt : full_h - pb, pl : full_w - pr]
     return y + b.reshape(1, -1, 1, 1)
 
 
@@ -827,9 +976,14 @@ class FuzzReference(Reference):
         grid = self.params.get(name)
         return fake_quantize32(grid, value) if grid is not None and value.dtype.kind == "f" else value
 
-    def run_quantized(self, feeds: Mapping[str, np.ndarray], activations: Mapping[str, Grid],
-                      params: Mapping[str, Grid], bias_bw: int = 32,
-                      edges: Mapping[tuple[str, int], Grid] | None = None) -> dict[str, np.ndarray]:
+    def run_quantized(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        activations: Mapping[str, Grid],
+        params: Mapping[str, Grid],
+        bias_bw: int = 32,
+        edges: Mapping[tuple[str, int], Grid] | None = None,
+    ) -> dict[str, np.ndarray]:
         """``edges``: grids on one input of one op only, by (the op's output name, input slot): the
         conversions ``insert-converts`` adds (see ``conversion_edges``)."""
         self.params, self.acts, self.bias_bw, self.edges = params, activations, bias_bw, dict(edges or {})
@@ -922,8 +1076,14 @@ class FuzzReference(Reference):
         return super()._run_node(node, env)
 
 
-_INT_RANGES = {TensorProto.UINT8: (8, 0), TensorProto.INT8: (8, -128), TensorProto.UINT16: (16, 0),
-               TensorProto.INT16: (16, -(2**15)), TensorProto.UINT4: (4, 0), TensorProto.INT4: (4, -8)}
+_INT_RANGES = {
+    TensorProto.UINT8: (8, 0),
+    TensorProto.INT8: (8, -128),
+    TensorProto.UINT16: (16, 0),
+    TensorProto.INT16: (16, -(2**15)),
+    TensorProto.UINT4: (4, 0),
+    TensorProto.INT4: (4, -8),
+}
 
 
 def qdq_grid(model: onnx.ModelProto, q: onnx.NodeProto) -> Grid | None:
@@ -985,9 +1145,17 @@ def _legacy_entry(draw: Any, channels: int = 1) -> list[dict[str, Any]]:
     for _ in range(channels):
         lo = draw(st.floats(-10, 0, allow_nan=False))
         hi = draw(st.floats(0, 10, allow_nan=False))
-        entries.append({"bitwidth": bw, "dtype": "int", "is_symmetric": draw(st.sampled_from(["True", "False"])),
-                        "min": lo, "max": hi, "offset": draw(st.integers(-(2**bw), 0)),
-                        "scale": (hi - lo) / (2**bw - 1) or 1e-4})
+        entries.append(
+            {
+                "bitwidth": bw,
+                "dtype": "int",
+                "is_symmetric": draw(st.sampled_from(["True", "False"])),
+                "min": lo,
+                "max": hi,
+                "offset": draw(st.integers(-(2**bw), 0)),
+                "scale": (hi - lo) / (2**bw - 1) or 1e-4,
+            }
+        )
     if draw(st.integers(0, 5)) == 0:
         return [{"bitwidth": draw(st.sampled_from([8, 16, 32])), "dtype": draw(st.sampled_from(["int", "float"]))}]
     return entries
@@ -997,26 +1165,37 @@ def _legacy_entry(draw: Any, channels: int = 1) -> list[dict[str, Any]]:
 def _v1_entry(draw: Any, name: str, channels: int = 1) -> dict[str, Any]:
     bw = draw(st.sampled_from([4, 8, 8, 16, 32]))
     if draw(st.integers(0, 5)) == 0:
-        return {"name": name, "dtype": draw(st.sampled_from(["INT", "FLOAT"])), "bw": bw,
-                "enc_type": "PER_TENSOR"}
+        return {"name": name, "dtype": draw(st.sampled_from(["INT", "FLOAT"])), "bw": bw, "enc_type": "PER_TENSOR"}
     sym = draw(st.booleans())
-    return {"name": name, "enc_type": "PER_CHANNEL" if channels > 1 else "PER_TENSOR", "dtype": "INT", "bw": bw,
-            "is_sym": sym,
-            "scale": [draw(st.floats(1e-6, 10)) for _ in range(channels)],
-            "offset": [-(2 ** (bw - 1)) if sym else draw(st.integers(-(2**bw) + 1, 0)) for _ in range(channels)]}
+    return {
+        "name": name,
+        "enc_type": "PER_CHANNEL" if channels > 1 else "PER_TENSOR",
+        "dtype": "INT",
+        "bw": bw,
+        "is_sym": sym,
+        "scale": [draw(st.floats(1e-6, 10)) for _ in range(channels)],
+        "offset": [-(2 ** (bw - 1)) if sym else draw(st.integers(-(2**bw) + 1, 0)) for _ in range(channels)],
+    }
 
 
 def _json_leaves() -> st.SearchStrategy[Any]:
     return st.one_of(
-        st.none(), st.booleans(), st.integers(), st.integers(min_value=10**300, max_value=10**400),
-        st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 0.0, -0.0]),
-        st.text(max_size=8), st.sampled_from(["True", "False", "INT", "FLOAT", "PER_CHANNEL", "int", "float", "8"]),
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=10**300, max_value=10**400),
+        st.floats(),
+        st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, 0.0, -0.0]),
+        st.text(max_size=8),
+        st.sampled_from(["True", "False", "INT", "FLOAT", "PER_CHANNEL", "int", "float", "8"]),
     )
 
 
-JSON = st.recursive(_json_leaves(), lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                    max_leaves=12)
+JSON = st.recursive(
+    _json_leaves(),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -1051,8 +1230,23 @@ def _mutate(draw: Any, doc: Any, depth: int = 0) -> Any:
     return draw(JSON)
 
 
-EXTREMES = (10**400, -(10**400), 2**63, -(2**63) - 1, math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0,
-            1.5, True, "8", None)
+EXTREMES = (
+    10**400,
+    -(10**400),
+    2**63,
+    -(2**63) - 1,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e308,
+    -1e308,
+    5e-324,
+    -0.0,
+    1.5,
+    True,
+    "8",
+    None,
+)
 
 
 def _numeric_paths(doc: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -1082,8 +1276,11 @@ class EncodingsCase:
     doc: Any = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        text = self.text if len(self.text) < 4000 else \
-            f"{self.text[:200]!r} ... {self.text[-200:]!r} ({len(self.text)} characters)"
+        text = (
+            self.text
+            if len(self.text) < 4000
+            else f"{self.text[:200]!r} ... {self.text[-200:]!r} ({len(self.text)} characters)"
+        )
         return f"EncodingsCase(text={text!r}, corrupted={self.corrupted}, tensors={self.tensors!r})"
 
 
@@ -1096,8 +1293,13 @@ def encodings_documents(draw: Any) -> EncodingsCase:
     tensors: dict[str, Any] | None = None
     if draw(st.booleans()):
         tensors = {n: TensorSpec("activation") for n in ACT_NAMES}
-        tensors.update({"w1": TensorSpec("weight", channels["w1"], 0), "b1": TensorSpec("bias", channels["w1"], 0),
-                        "w2": TensorSpec("weight", channels["w2"], draw(st.sampled_from([0, 1])))})
+        tensors.update(
+            {
+                "w1": TensorSpec("weight", channels["w1"], 0),
+                "b1": TensorSpec("bias", channels["w1"], 0),
+                "w2": TensorSpec("weight", channels["w2"], draw(st.sampled_from([0, 1]))),
+            }
+        )
     acts = draw(st.lists(st.sampled_from(ACT_NAMES + ("unknown_act",)), unique=True, max_size=4))
     params = draw(st.lists(st.sampled_from(PARAM_NAMES + ("unknown_param",)), unique=True, max_size=3))
 
@@ -1105,18 +1307,23 @@ def encodings_documents(draw: Any) -> EncodingsCase:
         return channels.get(name, 1) if draw(st.booleans()) else 1
 
     if version == "0.6.1":
-        doc: Any = {"version": version,
-                    "activation_encodings": {n: draw(_legacy_entry()) for n in acts},
-                    "param_encodings": {n: draw(_legacy_entry(count(n))) for n in params}}
+        doc: Any = {
+            "version": version,
+            "activation_encodings": {n: draw(_legacy_entry()) for n in acts},
+            "param_encodings": {n: draw(_legacy_entry(count(n))) for n in params},
+        }
     else:
-        doc = {"version": version,
-               "activation_encodings": [draw(_v1_entry(n)) for n in acts],
-               "param_encodings": [draw(_v1_entry(n, count(n))) for n in params]}
+        doc = {
+            "version": version,
+            "activation_encodings": [draw(_v1_entry(n)) for n in acts],
+            "param_encodings": [draw(_v1_entry(n, count(n))) for n in params],
+        }
     corrupted = draw(st.integers(0, 2)) > 0
     kind = "json"
     if corrupted:
-        kind = draw(st.sampled_from(["mutate", "mutate", "mutate", "extreme", "extreme", "deep", "truncate", "bytes",
-                                     "json"]))
+        kind = draw(
+            st.sampled_from(["mutate", "mutate", "mutate", "extreme", "extreme", "deep", "truncate", "bytes", "json"])
+        )
         paths = _numeric_paths(doc)
         if kind == "extreme" and paths:
             doc = _replace(doc, draw(st.sampled_from(paths)), draw(st.sampled_from(EXTREMES)))
@@ -1133,12 +1340,13 @@ def encodings_documents(draw: Any) -> EncodingsCase:
             doc = draw(JSON)
     text = json.dumps(doc, allow_nan=True)
     if kind == "truncate":
-        text = text[:draw(st.integers(0, max(0, len(text) - 1)))]
+        text = text[: draw(st.integers(0, max(0, len(text) - 1)))]
     elif kind == "bytes":
         raw = text.encode()
         cut = draw(st.integers(0, len(raw)))
-        return EncodingsCase(raw[:cut] + draw(st.sampled_from([b"\xff\xfe", b"\x80", b"\xc3", b"\x00"])) + raw[cut:],
-                             True, tensors, doc)
+        return EncodingsCase(
+            raw[:cut] + draw(st.sampled_from([b"\xff\xfe", b"\x80", b"\xc3", b"\x00"])) + raw[cut:], True, tensors, doc
+        )
     return EncodingsCase(text, corrupted, tensors, doc)
 
 
@@ -1165,10 +1373,16 @@ class InputSpecCase:
 
 input_spec_cases = st.builds(
     lambda items: InputSpecCase(tuple(items)),
-    st.lists(st.tuples(st.sampled_from(["input", "x", "mask"]),
-                       st.lists(st.sampled_from([1, 2, 3, "N", "batch", None]), min_size=0, max_size=3).map(tuple),
-                       st.sampled_from(["float32", "float32", "float16", "int64"])),
-             min_size=1, max_size=2, unique_by=lambda t: t[0]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["input", "x", "mask"]),
+            st.lists(st.sampled_from([1, 2, 3, "N", "batch", None]), min_size=0, max_size=3).map(tuple),
+            st.sampled_from(["float32", "float32", "float16", "int64"]),
+        ),
+        min_size=1,
+        max_size=2,
+        unique_by=lambda t: t[0],
+    ),
 )
 
 
@@ -1180,8 +1394,27 @@ def _concrete(shape: tuple[Any, ...], draw: Any) -> tuple[int, ...]:
 def _array(draw: Any, shape: tuple[Any, ...], dtype: str, corrupt: bool) -> Any:
     """An array that fits ``shape``/``dtype`` (possibly with NaN, huge or no values), or, when ``corrupt``,
     mostly does not."""
-    kind = draw(st.sampled_from(["fit", "fit", "nan", "huge", "empty", "rank", "dtype", "object", "scalar", "list",
-                                 "ragged", "string", "none"] if corrupt else ["fit", "fit", "fit", "nan", "huge"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "fit",
+                "fit",
+                "nan",
+                "huge",
+                "empty",
+                "rank",
+                "dtype",
+                "object",
+                "scalar",
+                "list",
+                "ragged",
+                "string",
+                "none",
+            ]
+            if corrupt
+            else ["fit", "fit", "fit", "nan", "huge"]
+        )
+    )
     fit = _concrete(shape, draw)
     if kind in ("fit", "nan", "huge"):
         arr = np.random.default_rng(draw(st.integers(0, 99))).standard_normal(fit).astype(dtype)
@@ -1223,6 +1456,7 @@ class CalibrationCase:
             if isinstance(x, dict):
                 return "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in x.items()) + "}"
             return repr(x)
+
         return f"CalibrationCase({self.specs!r}, kind={self.kind!r}, feeds=[{', '.join(show(f) for f in self.feeds)}])"
 
     def source(self, directory: Path) -> Any:
@@ -1277,15 +1511,40 @@ class CalibrationCase:
 @st.composite
 def calibration_cases(draw: Any) -> CalibrationCase:
     specs = draw(input_spec_cases)
-    kind = draw(st.sampled_from(["list", "list", "generator", "callable", "callable_junk", "single", "raw", "npz",
-                                 "npz", "input_list", "missing_file", "bad_npz"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "list",
+                "list",
+                "generator",
+                "callable",
+                "callable_junk",
+                "single",
+                "raw",
+                "npz",
+                "npz",
+                "input_list",
+                "missing_file",
+                "bad_npz",
+            ]
+        )
+    )
     feeds: list[Any] = []
     corrupt = draw(st.booleans())
     for _ in range(draw(st.integers(0 if kind != "single" and corrupt else 1, 3))):
         shape_kind = draw(st.sampled_from(["dict", "dict", "dict", "dict", "junk"] if corrupt else ["dict"]))
         if shape_kind == "junk":
-            feeds.append(draw(st.one_of(st.none(), st.integers(), st.text(max_size=3),
-                                        st.just(np.zeros(3, np.float32)), st.lists(st.integers(), max_size=2))))
+            feeds.append(
+                draw(
+                    st.one_of(
+                        st.none(),
+                        st.integers(),
+                        st.text(max_size=3),
+                        st.just(np.zeros(3, np.float32)),
+                        st.lists(st.integers(), max_size=2),
+                    )
+                )
+            )
             continue
         feed: dict[Any, Any] = {}
         for name, shape, dtype in specs.inputs:

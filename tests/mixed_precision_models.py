@@ -60,9 +60,13 @@ def three_convs(seed: int = 0) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array((rng.standard_normal(c_out) * 0.1).astype(np.float32), b))
         nodes.append(helper.make_node("Conv", [x, w, b], [y], name=f"conv{i}", pads=[1, 1, 1, 1]))
         x, c_in = y, c_out
-    graph = helper.make_graph(nodes, "three_convs", [helper.make_tensor_value_info("data_0", TensorProto.FLOAT,
-                                                                                     ["batch", 3, 8, 8])],
-                              [helper.make_tensor_value_info("conv3_1", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "three_convs",
+        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("conv3_1", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -94,8 +98,13 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
 def requantizations(model: onnx.ModelProto) -> int:
     """DequantizeLinear -> QuantizeLinear chains (int8<->int16 converts)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear"
-               and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear")
+    return sum(
+        1
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear"
+        and producer.get(n.input[0]) is not None
+        and producer[n.input[0]].op_type == "DequantizeLinear"
+    )
 
 
 def feeding(model: onnx.ModelProto, node_name: str, slot: int) -> tuple[str, int | None]:
@@ -112,9 +121,11 @@ def feeding(model: onnx.ModelProto, node_name: str, slot: int) -> tuple[str, int
 
 def int32_model(chain: bool = False) -> onnx.ModelProto:
     """x, y -> Relu -> a, b -> Add -> c [-> Relu -> d] -> Relu -> out (INT32 tests)."""
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu_a"),
-             helper.make_node("Relu", ["y"], ["b"], name="relu_b"),
-             helper.make_node("Add", ["a", "b"], ["c"], name="add")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu_a"),
+        helper.make_node("Relu", ["y"], ["b"], name="relu_b"),
+        helper.make_node("Add", ["a", "b"], ["c"], name="add"),
+    ]
     last = "c"
     if chain:
         nodes.append(helper.make_node("Relu", ["c"], ["d"], name="relu_d"))

@@ -47,13 +47,10 @@ def _init(name: str, array: np.ndarray) -> TensorProto:
 
 def _const(output: str, array: np.ndarray, name: str | None = None) -> onnx.NodeProto:
     """A ``Constant`` node, as PaddlePaddle and some TF exporters emit for weights."""
-    return helper.make_node(
-        "Constant", [], [output], name=name or f"{output}_const", value=_init(output, array)
-    )
+    return helper.make_node("Constant", [], [output], name=name or f"{output}_const", value=_init(output, array))
 
 
-def _vi(name: str, shape: Sequence[int | str | None] | None, elem: int = FLOAT,
-        doc: str = "") -> onnx.ValueInfoProto:
+def _vi(name: str, shape: Sequence[int | str | None] | None, elem: int = FLOAT, doc: str = "") -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape, doc_string=doc)
 
 
@@ -71,8 +68,12 @@ def _model(
     ir = min(MAX_IR_VERSION, max(min_ir, helper.find_min_ir_version_for(opsets)))
     opsets += [helper.make_opsetid(d, v) for d, v in extra_opsets]  # custom domains: no IR rule
     model = helper.make_model(
-        graph, opset_imports=opsets, ir_version=ir, functions=list(functions),
-        producer_name="qpasses-model-zoo", **kwargs,
+        graph,
+        opset_imports=opsets,
+        ir_version=ir,
+        functions=list(functions),
+        producer_name="qpasses-model-zoo",
+        **kwargs,
     )
     return model
 
@@ -98,14 +99,20 @@ def _conv_bn_relu_nodes(
     ]
     nodes = [
         helper.make_node(
-            "Conv", [x, f"{prefix}.conv.weight", f"{prefix}.conv.bias"], [f"{prefix}.conv"],
-            name=f"{prefix}/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride] * 2,
+            "Conv",
+            [x, f"{prefix}.conv.weight", f"{prefix}.conv.bias"],
+            [f"{prefix}.conv"],
+            name=f"{prefix}/Conv",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[stride] * 2,
         ),
         helper.make_node(
             "BatchNormalization",
-            [f"{prefix}.conv", f"{prefix}.bn.scale", f"{prefix}.bn.bias",
-             f"{prefix}.bn.mean", f"{prefix}.bn.var"],
-            [f"{prefix}.bn"], name=f"{prefix}/BatchNormalization", epsilon=1e-5,
+            [f"{prefix}.conv", f"{prefix}.bn.scale", f"{prefix}.bn.bias", f"{prefix}.bn.mean", f"{prefix}.bn.var"],
+            [f"{prefix}.bn"],
+            name=f"{prefix}/BatchNormalization",
+            epsilon=1e-5,
         ),
         helper.make_node("Relu", [f"{prefix}.bn"], [f"{prefix}.relu"], name=f"{prefix}/Relu"),
     ]
@@ -123,8 +130,7 @@ def _head_nodes(
     nodes = [
         helper.make_node("GlobalAveragePool", [x], ["gap"], name="GlobalAveragePool"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="Flatten", axis=1),
-        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], [out], name="Gemm",
-                         transB=1),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], [out], name="Gemm", transB=1),
     ]
     return nodes, inits
 
@@ -139,8 +145,11 @@ def conv_bn_relu(opset: int = 17) -> onnx.ModelProto:
     n2, i2, h = _conv_bn_relu_nodes(rng, h, "block2", 8, 16, stride=2)
     n3, i3 = _head_nodes(rng, h, 16, 10, "logits")
     graph = helper.make_graph(
-        n1 + n2 + n3, "conv_bn_relu",
-        [_vi("input", ["N", 3, 16, 16])], [_vi("logits", ["N", 10])], i1 + i2 + i3,
+        n1 + n2 + n3,
+        "conv_bn_relu",
+        [_vi("input", ["N", 3, 16, 16])],
+        [_vi("logits", ["N", 10])],
+        i1 + i2 + i3,
     )
     return _model(graph, opset)
 
@@ -152,8 +161,11 @@ def constant_node_weights() -> onnx.ModelProto:
     consts = [_const(t.name, numpy_helper.to_array(t)) for t in graph.initializer]
     nodes = consts + list(graph.node)
     new_graph = helper.make_graph(
-        nodes, "constant_node_weights",
-        [_vi("input", [1, 3, 16, 16])], [_vi("logits", [1, 10])], [],
+        nodes,
+        "constant_node_weights",
+        [_vi("input", [1, 3, 16, 16])],
+        [_vi("logits", [1, 10])],
+        [],
     )
     return _model(new_graph, 13)
 
@@ -167,17 +179,20 @@ def optional_empty_inputs() -> onnx.ModelProto:
         _init("clip.max", np.array(6.0, np.float32)),
     ]
     nodes = [
-        helper.make_node("Conv", ["input", "conv.weight"], ["conv"], name="Conv_nobias",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["input", "conv.weight"], ["conv"], name="Conv_nobias", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+        ),
         # Resize(X, roi="", scales) -- optional input omitted in the middle; sizes omitted.
-        helper.make_node("Resize", ["conv", "", "resize.scales"], ["resized"], name="Resize",
-                         mode="nearest"),
+        helper.make_node("Resize", ["conv", "", "resize.scales"], ["resized"], name="Resize", mode="nearest"),
         # Clip(X, min="", max) -- upper bound only.
         helper.make_node("Clip", ["resized", "", "clip.max"], ["output"], name="Clip_max_only"),
     ]
     graph = helper.make_graph(
-        nodes, "optional_empty_inputs",
-        [_vi("input", [1, 3, 8, 8])], [_vi("output", [1, 4, 16, 16])], inits,
+        nodes,
+        "optional_empty_inputs",
+        [_vi("input", [1, 3, 8, 8])],
+        [_vi("output", [1, 4, 16, 16])],
+        inits,
     )
     return _model(graph, 13)
 
@@ -192,8 +207,11 @@ def mul_same_input() -> onnx.ModelProto:
         helper.make_node("Add", ["y", "y"], ["output"], name="Double"),
     ]
     graph = helper.make_graph(
-        nodes, "mul_same_input",
-        [_vi("input", ["batch", 16])], [_vi("output", ["batch", 8])], inits,
+        nodes,
+        "mul_same_input",
+        [_vi("input", ["batch", 16])],
+        [_vi("output", ["batch", 8])],
+        inits,
     )
     return _model(graph, 17)
 
@@ -216,7 +234,9 @@ def if_outer_scope() -> onnx.ModelProto:
             helper.make_node("MatMul", ["hidden", "shared.weight"], ["then_mm"], name="then/MatMul"),
             helper.make_node("Add", ["then_mm", "then.bias"], ["then_out"], name="then/Add"),
         ],
-        "then_branch", [], [_vi("then_out", [1, 8])],
+        "then_branch",
+        [],
+        [_vi("then_out", [1, 8])],
         [_init("then.bias", _f32(rng, 8, scale=0.1))],
     )
     else_graph = helper.make_graph(
@@ -225,20 +245,24 @@ def if_outer_scope() -> onnx.ModelProto:
             helper.make_node("MatMul", ["hidden", "shared.weight"], ["else_mm"], name="else/MatMul"),
             helper.make_node("Mul", ["else_mm", "else.scale"], ["else_out"], name="else/Mul"),
         ],
-        "else_branch", [], [_vi("else_out", [1, 8])],
+        "else_branch",
+        [],
+        [_vi("else_out", [1, 8])],
     )
     nodes = [
         helper.make_node("MatMul", ["input", "fc0.weight"], ["fc0"], name="fc0/MatMul"),
         helper.make_node("Relu", ["fc0"], ["hidden"], name="fc0/Relu"),
-        helper.make_node("ReduceSum", ["input", "reduce.axes"], ["sum"], name="ReduceSum",
-                         keepdims=0),
+        helper.make_node("ReduceSum", ["input", "reduce.axes"], ["sum"], name="ReduceSum", keepdims=0),
         helper.make_node("Squeeze", ["sum"], ["sum_scalar"], name="Squeeze"),
         helper.make_node("Greater", ["sum_scalar", "zero"], ["cond"], name="Greater"),
-        helper.make_node("If", ["cond"], ["output"], name="If",
-                         then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("If", ["cond"], ["output"], name="If", then_branch=then_graph, else_branch=else_graph),
     ]
     graph = helper.make_graph(
-        nodes, "if_outer_scope", [_vi("input", [1, 4])], [_vi("output", [1, 8])], outer_inits,
+        nodes,
+        "if_outer_scope",
+        [_vi("input", [1, 4])],
+        [_vi("output", [1, 8])],
+        outer_inits,
     )
     return _model(graph, 13)
 
@@ -270,12 +294,14 @@ def loop_model() -> onnx.ModelProto:
     )
     nodes = [
         helper.make_node("MatMul", ["input", "proj.weight"], ["offset"], name="proj/MatMul"),
-        helper.make_node("Loop", ["trip_count", "keep_going", "input"], ["final", "scans"],
-                         name="Loop", body=body),
+        helper.make_node("Loop", ["trip_count", "keep_going", "input"], ["final", "scans"], name="Loop", body=body),
     ]
     graph = helper.make_graph(
-        nodes, "loop_model", [_vi("input", [1, 8])],
-        [_vi("final", [1, 8]), _vi("scans", [3, 1, 8])], inits,
+        nodes,
+        "loop_model",
+        [_vi("input", [1, 8])],
+        [_vi("final", [1, 8]), _vi("scans", [3, 1, 8])],
+        inits,
     )
     return _model(graph, 13)
 
@@ -287,10 +313,11 @@ def local_function() -> onnx.ModelProto:
     leaky = helper.make_node("LeakyRelu", ["Y"], ["Z"])
     leaky.attribute.append(alpha_ref)
     fn = helper.make_function(
-        LOCAL_DOMAIN, "LinearAct", ["X", "W", "B"], ["Z"],
-        [helper.make_node("MatMul", ["X", "W"], ["XW"]),
-         helper.make_node("Add", ["XW", "B"], ["Y"]),
-         leaky],
+        LOCAL_DOMAIN,
+        "LinearAct",
+        ["X", "W", "B"],
+        ["Z"],
+        [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "B"], ["Y"]), leaky],
         opset_imports=[helper.make_opsetid("", 17)],
         attributes=["alpha"],
         doc_string="MatMul + Add + LeakyRelu; alpha is supplied by the caller.",
@@ -302,13 +329,19 @@ def local_function() -> onnx.ModelProto:
         _init("l2.bias", _f32(rng, 4, scale=0.1)),
     ]
     nodes = [
-        helper.make_node("LinearAct", ["input", "l1.weight", "l1.bias"], ["h"], name="layer1",
-                         domain=LOCAL_DOMAIN, alpha=0.1),
-        helper.make_node("LinearAct", ["h", "l2.weight", "l2.bias"], ["output"], name="layer2",
-                         domain=LOCAL_DOMAIN, alpha=0.2),
+        helper.make_node(
+            "LinearAct", ["input", "l1.weight", "l1.bias"], ["h"], name="layer1", domain=LOCAL_DOMAIN, alpha=0.1
+        ),
+        helper.make_node(
+            "LinearAct", ["h", "l2.weight", "l2.bias"], ["output"], name="layer2", domain=LOCAL_DOMAIN, alpha=0.2
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "local_function", [_vi("input", ["N", 8])], [_vi("output", ["N", 4])], inits,
+        nodes,
+        "local_function",
+        [_vi("input", ["N", 8])],
+        [_vi("output", ["N", 4])],
+        inits,
     )
     return _model(graph, 17, extra_opsets=[(LOCAL_DOMAIN, 1)], functions=[fn], min_ir=8)
 
@@ -322,8 +355,12 @@ def external_data(tmpdir: str | os.PathLike[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
     onnx.save(
-        conv_bn_relu(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location="model.onnx.data", size_threshold=64,
+        conv_bn_relu(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=64,
     )
     return path
 
@@ -337,11 +374,24 @@ def _conv_relu_graph(name: str, seed: int, inits_as_inputs: bool = False) -> onn
         _init("conv2.bias", _f32(rng, 8, scale=0.1)),
     ]
     nodes = [
-        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["c1"], name="Conv_0",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["input", "conv1.weight", "conv1.bias"],
+            ["c1"],
+            name="Conv_0",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="Relu_1"),
-        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="Conv_2",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node(
+            "Conv",
+            ["r1", "conv2.weight", "conv2.bias"],
+            ["c2"],
+            name="Conv_2",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[2, 2],
+        ),
         helper.make_node("Relu", ["c2"], ["output"], name="Relu_3"),
     ]
     inputs = [_vi("input", [1, 3, 16, 16])]
@@ -361,8 +411,9 @@ def opset12_model() -> onnx.ModelProto:
     return _model(_conv_relu_graph("opset12_model", 7), 12)
 
 
-def _clip_graph(name: str, seed: int, clip_nodes: Callable[[str, str, int], list[onnx.NodeProto]],
-                extra_inits: list[TensorProto]) -> onnx.GraphProto:
+def _clip_graph(
+    name: str, seed: int, clip_nodes: Callable[[str, str, int], list[onnx.NodeProto]], extra_inits: list[TensorProto]
+) -> onnx.GraphProto:
     rng = _rng(seed)
     inits = [
         _init("conv1.weight", _f32(rng, 8, 3, 3, 3, scale=0.5)),
@@ -372,30 +423,40 @@ def _clip_graph(name: str, seed: int, clip_nodes: Callable[[str, str, int], list
         *extra_inits,
     ]
     nodes = [
-        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["c1"], name="Conv_0",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["input", "conv1.weight", "conv1.bias"],
+            ["c1"],
+            name="Conv_0",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         *clip_nodes("c1", "r1", 0),
-        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="Conv_1",
-                         kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="Conv_1", kernel_shape=[1, 1]),
         *clip_nodes("c2", "output", 1),
     ]
     return helper.make_graph(
-        nodes, name, [_vi("input", [1, 3, 8, 8])], [_vi("output", [1, 8, 8, 8])], inits,
+        nodes,
+        name,
+        [_vi("input", [1, 3, 8, 8])],
+        [_vi("output", [1, 8, 8, 8])],
+        inits,
     )
 
 
 def clip_relu6_inputs() -> onnx.ModelProto:
     """ReLU6 as ``Clip(x, min, max)`` with min/max initializer inputs (opset 13)."""
+
     def clip(x: str, y: str, i: int) -> list[onnx.NodeProto]:
         return [helper.make_node("Clip", [x, "relu6.min", "relu6.max"], [y], name=f"Clip_{i}")]
 
-    extra = [_init("relu6.min", np.array(0.0, np.float32)),
-             _init("relu6.max", np.array(6.0, np.float32))]
+    extra = [_init("relu6.min", np.array(0.0, np.float32)), _init("relu6.max", np.array(6.0, np.float32))]
     return _model(_clip_graph("clip_relu6_inputs", 8, clip, extra), 13)
 
 
 def clip_relu6_attrs() -> onnx.ModelProto:
     """ReLU6 as opset-10 ``Clip`` with ``min``/``max`` attributes."""
+
     def clip(x: str, y: str, i: int) -> list[onnx.NodeProto]:
         return [helper.make_node("Clip", [x], [y], name=f"Clip_{i}", min=0.0, max=6.0)]
 
@@ -415,15 +476,24 @@ def conv_no_group_attr() -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["input", "pw1.weight"], ["pw1"], name="pointwise1"),
         helper.make_node("Relu", ["pw1"], ["pw1_relu"], name="relu1"),
-        helper.make_node("Conv", ["pw1_relu", "dw.weight", "dw.bias"], ["dw"], name="depthwise",
-                         group=8, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["pw1_relu", "dw.weight", "dw.bias"],
+            ["dw"],
+            name="depthwise",
+            group=8,
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["dw"], ["dw_relu"], name="relu2"),
-        helper.make_node("Conv", ["dw_relu", "pw2.weight", "pw2.bias"], ["output"],
-                         name="pointwise2"),
+        helper.make_node("Conv", ["dw_relu", "pw2.weight", "pw2.bias"], ["output"], name="pointwise2"),
     ]
     graph = helper.make_graph(
-        nodes, "conv_no_group_attr",
-        [_vi("input", [1, 3, 8, 8])], [_vi("output", [1, 4, 8, 8])], inits,
+        nodes,
+        "conv_no_group_attr",
+        [_vi("input", [1, 3, 8, 8])],
+        [_vi("output", [1, 4, 8, 8])],
+        inits,
     )
     return _model(graph, 13)
 
@@ -435,8 +505,11 @@ def dynamic_dims() -> onnx.ModelProto:
     inits = i1 + [_init("head.weight", _f32(rng, 2, 8, 1, 1, scale=0.35))]
     nodes = n1 + [helper.make_node("Conv", [h, "head.weight"], ["output"], name="head/Conv")]
     graph = helper.make_graph(
-        nodes, "dynamic_dims",
-        [_vi("input", ["N", 3, "H", "W"])], [_vi("output", ["N", 2, "H", "W"])], inits,
+        nodes,
+        "dynamic_dims",
+        [_vi("input", ["N", 3, "H", "W"])],
+        [_vi("output", ["N", 2, "H", "W"])],
+        inits,
     )
     return _model(graph, 17)
 
@@ -452,16 +525,24 @@ def float16_model() -> onnx.ModelProto:
         _init("residual.bias", _f32(rng, 4, 1, 1, scale=0.1).astype(np.float16)),
     ]
     nodes = [
-        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["c1"], name="Conv_0",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["input", "conv1.weight", "conv1.bias"],
+            ["c1"],
+            name="Conv_0",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="Relu_0"),
-        helper.make_node("Conv", ["r1", "conv2.weight"], ["c2"], name="Conv_1",
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "conv2.weight"], ["c2"], name="Conv_1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c2", "residual.bias"], ["output"], name="Add_0"),
     ]
     graph = helper.make_graph(
-        nodes, "float16_model",
-        [_vi("input", ["N", 3, 8, 8], f16)], [_vi("output", ["N", 4, 8, 8], f16)], inits,
+        nodes,
+        "float16_model",
+        [_vi("input", ["N", 3, 8, 8], f16)],
+        [_vi("output", ["N", 4, 8, 8], f16)],
+        inits,
     )
     return _model(graph, 17)
 
@@ -479,16 +560,17 @@ def int_input_model() -> onnx.ModelProto:
     ]
     nodes = [
         helper.make_node("Gather", ["embedding.weight", "ids"], ["emb"], name="Gather", axis=0),
-        helper.make_node("ReduceMean", ["emb"], ["pooled"], name="ReduceMean", axes=[1],
-                         keepdims=0),
+        helper.make_node("ReduceMean", ["emb"], ["pooled"], name="ReduceMean", axes=[1], keepdims=0),
         helper.make_node("Add", ["pooled", "features"], ["mixed"], name="Add"),
         helper.make_node("MatMul", ["mixed", "fc.weight"], ["mm"], name="MatMul"),
         helper.make_node("Add", ["mm", "fc.bias"], ["output"], name="Bias"),
     ]
     graph = helper.make_graph(
-        nodes, "int_input_model",
+        nodes,
+        "int_input_model",
         [_vi("ids", ["N", 6], TensorProto.INT64), _vi("features", ["N", 8])],
-        [_vi("output", ["N", 4])], inits,
+        [_vi("output", ["N", 4])],
+        inits,
     )
     return _model(graph, 13)
 
@@ -510,24 +592,44 @@ def already_quantized() -> onnx.ModelProto:
         _init("relu.zero_point", np.array(0, np.uint8)),
     ]
     nodes = [
-        helper.make_node("QuantizeLinear", ["input", "input.scale", "input.zero_point"],
-                         ["input_q"], name="input_QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["input_q", "input.scale", "input.zero_point"],
-                         ["input_dq"], name="input_DequantizeLinear"),
-        helper.make_node("DequantizeLinear",
-                         ["conv.weight_quantized", "conv.weight_scale", "conv.weight_zero_point"],
-                         ["conv.weight_dq"], name="weight_DequantizeLinear", axis=0),
-        helper.make_node("Conv", ["input_dq", "conv.weight_dq", "conv.bias"], ["conv"],
-                         name="Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "QuantizeLinear", ["input", "input.scale", "input.zero_point"], ["input_q"], name="input_QuantizeLinear"
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            ["input_q", "input.scale", "input.zero_point"],
+            ["input_dq"],
+            name="input_DequantizeLinear",
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            ["conv.weight_quantized", "conv.weight_scale", "conv.weight_zero_point"],
+            ["conv.weight_dq"],
+            name="weight_DequantizeLinear",
+            axis=0,
+        ),
+        helper.make_node(
+            "Conv",
+            ["input_dq", "conv.weight_dq", "conv.bias"],
+            ["conv"],
+            name="Conv",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["conv"], ["relu"], name="Relu"),
-        helper.make_node("QuantizeLinear", ["relu", "relu.scale", "relu.zero_point"],
-                         ["relu_q"], name="relu_QuantizeLinear"),
-        helper.make_node("DequantizeLinear", ["relu_q", "relu.scale", "relu.zero_point"],
-                         ["output"], name="relu_DequantizeLinear"),
+        helper.make_node(
+            "QuantizeLinear", ["relu", "relu.scale", "relu.zero_point"], ["relu_q"], name="relu_QuantizeLinear"
+        ),
+        helper.make_node(
+            "DequantizeLinear", ["relu_q", "relu.scale", "relu.zero_point"], ["output"], name="relu_DequantizeLinear"
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "already_quantized",
-        [_vi("input", [1, 3, 8, 8])], [_vi("output", [1, 4, 8, 8])], inits,
+        nodes,
+        "already_quantized",
+        [_vi("input", [1, 3, 8, 8])],
+        [_vi("output", [1, 4, 8, 8])],
+        inits,
     )
     return _model(graph, 13)
 
@@ -556,21 +658,34 @@ def metadata_rich() -> onnx.ModelProto:
         return helper.make_node(op, ins, outs, name=name, doc_string=f"{op} node {name}", **attrs)
 
     nodes = [
-        node("Conv", ["input", "conv.weight", "conv.bias"], ["conv_out"], "conv",
-             kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1],
-             group=1, auto_pad="NOTSET"),
+        node(
+            "Conv",
+            ["input", "conv.weight", "conv.bias"],
+            ["conv_out"],
+            "conv",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[1, 1],
+            dilations=[1, 1],
+            group=1,
+            auto_pad="NOTSET",
+        ),
         node("LeakyRelu", ["conv_out"], ["act"], "leaky", alpha=0.1),
         node("GlobalAveragePool", ["act"], ["gap"], "gap"),
         node("Flatten", ["gap"], ["flat"], "flatten", axis=1),
-        node("Gemm", ["flat", "fc.weight", "fc.bias"], ["feat"], "fc",
-             alpha=1.0, beta=1.0, transA=0, transB=1),
-        node("Constant", [], ["seq_shape"], "seq_shape",
-             value=_init("seq_shape", np.array([1, 1, 6], np.int64))),
+        node("Gemm", ["flat", "fc.weight", "fc.bias"], ["feat"], "fc", alpha=1.0, beta=1.0, transA=0, transB=1),
+        node("Constant", [], ["seq_shape"], "seq_shape", value=_init("seq_shape", np.array([1, 1, 6], np.int64))),
         node("Reshape", ["feat", "seq_shape"], ["seq"], "to_sequence"),
-        node("RNN", ["seq", "rnn.W", "rnn.R", "rnn.B"], ["rnn_y", "rnn_h"], "rnn",
-             hidden_size=hidden, activations=["Tanh"], direction="forward"),
-        node("Constant", [], ["rnn_offset"], "rnn_offset",
-             value_floats=[0.1, -0.1, 0.2, -0.2, 0.0]),
+        node(
+            "RNN",
+            ["seq", "rnn.W", "rnn.R", "rnn.B"],
+            ["rnn_y", "rnn_h"],
+            "rnn",
+            hidden_size=hidden,
+            activations=["Tanh"],
+            direction="forward",
+        ),
+        node("Constant", [], ["rnn_offset"], "rnn_offset", value_floats=[0.1, -0.1, 0.2, -0.2, 0.0]),
         node("Add", ["rnn_h", "rnn_offset"], ["rnn_out"], "rnn_offset_add"),
     ]
     value_info = [
@@ -580,18 +695,25 @@ def metadata_rich() -> onnx.ModelProto:
         _vi("rnn_h", [1, 1, hidden]),
     ]
     graph = helper.make_graph(
-        nodes, "metadata_rich",
+        nodes,
+        "metadata_rich",
         [_vi("input", [1, 3, 8, 8], doc="NCHW image")],
         [  # deliberately not in topological order; conv_out is also used internally
             _vi("rnn_out", [1, 1, hidden], doc="final RNN state"),
             _vi("feat", [1, 6], doc="Gemm features"),
             _vi("conv_out", [1, 4, 8, 8], doc="first conv"),
         ],
-        inits, doc_string="Graph with every metadata field populated.", value_info=value_info,
+        inits,
+        doc_string="Graph with every metadata field populated.",
+        value_info=value_info,
     )
     model = _model(
-        graph, 17, doc_string="Model-level doc string.", domain="ai.qpasses.test",
-        model_version=7, producer_version="1.2.3",
+        graph,
+        17,
+        doc_string="Model-level doc string.",
+        domain="ai.qpasses.test",
+        model_version=7,
+        producer_version="1.2.3",
     )
     helper.set_model_props(model, {"author": "qpasses", "license": "MIT", "task": "test"})
     return model

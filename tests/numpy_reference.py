@@ -41,8 +41,7 @@ class Grid:
     @classmethod
     def of(cls, enc: Any) -> Grid:
         """Copy the plain fields of an encoding object (no arithmetic is borrowed)."""
-        return cls(int(enc.bitwidth), tuple(float(s) for s in enc.scale), tuple(int(o) for o in enc.offset),
-                   enc.axis)
+        return cls(int(enc.bitwidth), tuple(float(s) for s in enc.scale), tuple(int(o) for o in enc.offset), enc.axis)
 
     def _bcast(self, values: tuple[float, ...] | tuple[int, ...], ndim: int) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64)
@@ -207,8 +206,11 @@ class Reference:
         w = self.consts[node.input[1]].astype(np.float64)
         if node.op_type == "Gemm" and not _attrs(node).get("transB", 0):
             w = w.T
-        b = self.consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] \
+        b = (
+            self.consts[node.input[2]].astype(np.float64)
+            if len(node.input) > 2 and node.input[2]
             else np.zeros(w.shape[0])
+        )
         return Layer(node, node.input[1], w, b, node.output[0])
 
     @property
@@ -287,8 +289,9 @@ class Reference:
         raise NotImplementedError(f"reference has no {op}")
 
 
-def _optional(node: onnx.NodeProto, slot: int, env: dict[str, np.ndarray], consts: dict[str, np.ndarray],
-              default: float) -> Any:
+def _optional(
+    node: onnx.NodeProto, slot: int, env: dict[str, np.ndarray], consts: dict[str, np.ndarray], default: float
+) -> Any:
     if len(node.input) > slot and node.input[slot]:
         name = node.input[slot]
         return env[name] if name in env else consts[name].astype(np.float64)

@@ -36,8 +36,9 @@ from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import dequantize, fake_quantize, quantize
 from qpasses.quantize import quantize_model
 
-needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                 reason='needs torch: pip install "qpasses[learn]"')
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason='needs torch: pip install "qpasses[learn]"'
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -45,8 +46,13 @@ CALIB_PATH = str(MODELS / "digits_calib.npz")
 DIGITS = str(MODELS / "digits_cnn.onnx")
 TEST_X = np.load(MODELS / "digits_test.npz")["input"][:120]
 REGISTRY = default_registry()
-WEIGHTS = ("features.0.conv.weight", "features.1.conv.weight", "features.3.conv.weight", "features.4.conv.weight",
-           "fc.weight")
+WEIGHTS = (
+    "features.0.conv.weight",
+    "features.1.conv.weight",
+    "features.3.conv.weight",
+    "features.4.conv.weight",
+    "fc.weight",
+)
 # Small but enough to learn (a few seconds): 200 steps over 8 batches of 16.
 FAST = {"iterations": 200, "num_batches": 8, "lr": 5e-2, "progress": False, "threads": 1}
 
@@ -69,8 +75,16 @@ def generated_layers_model() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray
         return numpy_helper.from_array((rng.standard_t(3, shape) * scale).astype(np.float32), name)
 
     nodes = [
-        helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["t"], name="deconv", group=2, strides=[2, 2],
-                         pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        helper.make_node(
+            "ConvTranspose",
+            ["x", "wt", "bt"],
+            ["t"],
+            name="deconv",
+            group=2,
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            output_padding=[1, 1],
+        ),
         helper.make_node("Relu", ["t"], ["tr"], name="relu"),
         helper.make_node("Conv", ["tr", "wc"], ["c"], name="conv", kernel_shape=[3, 3], strides=[2, 2]),
         helper.make_node("Relu", ["c"], ["cr"], name="relu2"),
@@ -78,18 +92,31 @@ def generated_layers_model() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray
         helper.make_node("MatMul", ["f", "wm"], ["m"], name="matmul"),
         helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="gemm"),
     ]
-    inits = [init("wt", 4, 3, 3, 3), init("bt", 6), init("wc", 5, 6, 3, 3), init("wm", 5 * 3 * 3, 12, scale=0.1),
-             init("wg", 12, 7), init("bg", 7)]
-    graph = helper.make_graph(nodes, "gen", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])], inits)
+    inits = [
+        init("wt", 4, 3, 3, 3),
+        init("bt", 6),
+        init("wc", 5, 6, 3, 3),
+        init("wm", 5 * 3 * 3, 12, scale=0.1),
+        init("wg", 12, 7),
+        init("bg", 7),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gen",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     data = rng.standard_normal((64, 4, 4, 4)).astype(np.float32)
-    return model, [{"x": data[i:i + 16]} for i in range(0, 64, 16)]
+    return model, [{"x": data[i : i + 16]} for i in range(0, 64, 16)]
 
 
 def _learned(pass_name: str, bits: int = 4, per_channel: bool = True, **options: object) -> list[Pass]:
-    return [REGISTRY.create_pass("fold-batchnorm"),
-            REGISTRY.create_pass(pass_name, weight_bw=bits, per_channel=per_channel, **{**FAST, **options})]
+    return [
+        REGISTRY.create_pass("fold-batchnorm"),
+        REGISTRY.create_pass(pass_name, weight_bw=bits, per_channel=per_channel, **{**FAST, **options}),
+    ]
 
 
 def _sqnr(model: onnx.ModelProto, reference: np.ndarray) -> float:
@@ -110,12 +137,18 @@ def test_adaround_w4a8_beats_min_max_and_seq_mse() -> None:
     # Measured on these 120 test images: min-max 12.5, SeqMSE 16.2, AdaRound 23.7 dB.
     assert adaround > seq_mse + 4.0 and adaround > minmax + 6.0, (adaround, seq_mse, minmax)
     # Without learning (no steps), the same pipeline rounds to nearest and loses that margin.
-    nearest = quantize_model(DIGITS, CALIB_PATH, config, pipeline=_learned("adaround", iterations=1, lr=1e-9),
-                             progress=False)
+    nearest = quantize_model(
+        DIGITS, CALIB_PATH, config, pipeline=_learned("adaround", iterations=1, lr=1e-9), progress=False
+    )
     assert _sqnr(nearest.model, fp32) < seq_mse
     applied = [r for r in result.report.remarks if r.pass_name == "adaround" and r.kind == "applied"]
-    assert [r.nodes for r in applied[:5]] == [("features.0.conv",), ("features.1.conv",), ("features.3.conv",),
-                                             ("features.4.conv",), ("fc",)]
+    assert [r.nodes for r in applied[:5]] == [
+        ("features.0.conv",),
+        ("features.1.conv",),
+        ("features.3.conv",),
+        ("features.4.conv",),
+        ("fc",),
+    ]
     assert all("output loss" in r.message and "rounded the other way" in r.message for r in applied[:5])
 
 
@@ -125,8 +158,12 @@ def test_rounded_weights_stay_within_one_grid_step() -> None:
     REGISTRY.create_pass("fold-batchnorm")(fp)
     g = fp.copy()
     ctx = PassContext(calibration_data=CALIB_PATH)
-    PassManager([REGISTRY.create_pass("adaround", weight_bw=4, **FAST),
-                 REGISTRY.create_pass("encode-weights", weight_bw=4, per_channel=True)]).run(g, ctx)
+    PassManager(
+        [
+            REGISTRY.create_pass("adaround", weight_bw=4, **FAST),
+            REGISTRY.create_pass("encode-weights", weight_bw=4, per_channel=True),
+        ]
+    ).run(g, ctx)
     flipped = 0
     for name in WEIGHTS:
         t, w = g.tensors[name], fp.tensors[name].data
@@ -149,9 +186,14 @@ def test_every_weighted_op_type_per_tensor_and_per_channel() -> None:
     for bits, per_channel, input_from in ((8, False, "quantized"), (4, True, "fp32")):
         g = graph_ir.load(model)
         ctx = PassContext(calibration_data=feeds)
-        PassManager([REGISTRY.create_pass("adaround", weight_bw=bits, per_channel=per_channel,
-                                          input_from=input_from, **FAST),
-                     REGISTRY.create_pass("encode-weights", weight_bw=bits, per_channel=per_channel)]).run(g, ctx)
+        PassManager(
+            [
+                REGISTRY.create_pass(
+                    "adaround", weight_bw=bits, per_channel=per_channel, input_from=input_from, **FAST
+                ),
+                REGISTRY.create_pass("encode-weights", weight_bw=bits, per_channel=per_channel),
+            ]
+        ).run(g, ctx)
         results = ctx.artifacts[AdaRoundResults]
         assert set(results) == {"deconv", "conv", "matmul", "gemm"}
         assert all(r.loss <= r.loss_nearest for r in results.values())
@@ -169,14 +211,19 @@ def test_seq_mse_grid_is_kept_and_bn_must_be_folded() -> None:
     REGISTRY.create_pass("fold-batchnorm")(fp)
     ctx = PassContext(calibration_data=CALIB_PATH)
     g = fp.copy()
-    report = PassManager([REGISTRY.create_pass("seq-mse", weight_bw=4, progress=False),
-                          REGISTRY.create_pass("adaround", weight_bw=4, **FAST)]).run(g, ctx)
+    report = PassManager(
+        [
+            REGISTRY.create_pass("seq-mse", weight_bw=4, progress=False),
+            REGISTRY.create_pass("adaround", weight_bw=4, **FAST),
+        ]
+    ).run(g, ctx)
     for name in WEIGHTS:
         assert g.tensors[name].encoding == ctx.artifacts[SeqMseResults][g.consumers(name)[0].name].encoding
     assert any("on the seq-mse grid" in r.message for r in report.remarks)
     unfolded = graph_ir.load(DIGITS)
     report = PassManager([REGISTRY.create_pass("adaround", weight_bw=4, **FAST)]).run(
-        unfolded, PassContext(calibration_data=CALIB_PATH))
+        unfolded, PassContext(calibration_data=CALIB_PATH)
+    )
     missed = {r.nodes[0]: r.reason for r in report.remarks if r.kind == "missed" and r.nodes}
     assert "run fold-batchnorm first" in missed["features.0.conv"]
 
@@ -191,14 +238,17 @@ def test_learned_encodings_round_trip_through_overrides(tmp_path: Path) -> None:
     snapshot = Snapshot()
     first = quantize_model(DIGITS, CALIB_PATH, config, pipeline=[*_learned("adaround"), snapshot], progress=False)
     first.save(tmp_path / "out")
-    again = quantize_model(snapshot.model, CALIB_PATH, config, overrides=tmp_path / "out" / "encodings.json",
-                           progress=False)
+    again = quantize_model(
+        snapshot.model, CALIB_PATH, config, overrides=tmp_path / "out" / "encodings.json", progress=False
+    )
     for name in WEIGHTS:
         enc, back = first.encodings.params[name], again.encodings.params[name]
         np.testing.assert_allclose(back.scale, enc.scale, rtol=1e-6)
         assert back.offset == enc.offset and back.bitwidth == 4
-    np.testing.assert_array_equal(exact_session(first.model).run(None, {"input": TEST_X})[0],
-                                  exact_session(again.model).run(None, {"input": TEST_X})[0])
+    np.testing.assert_array_equal(
+        exact_session(first.model).run(None, {"input": TEST_X})[0],
+        exact_session(again.model).run(None, {"input": TEST_X})[0],
+    )
     # and the lowered model stores the learned integers themselves
     lowered = first.model
     stored = {t.name: numpy_helper.to_array(t) for t in lowered.graph.initializer}
@@ -244,13 +294,19 @@ def test_base_install_imports_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 'PassError' in out.stdout and 'pip install "qpasses[learn]"' in out.stdout, out.stdout
+    assert "PassError" in out.stdout and 'pip install "qpasses[learn]"' in out.stdout, out.stdout
 
 
 @needs_torch
 def test_options_are_checked() -> None:
     g = graph_ir.load(DIGITS)
-    for bad in ({"input_from": "float"}, {"iterations": 0}, {"lr": 0.0}, {"warm_start": 1.0}, {"mode": "max"},
-                {"threads": -1}):
+    for bad in (
+        {"input_from": "float"},
+        {"iterations": 0},
+        {"lr": 0.0},
+        {"warm_start": 1.0},
+        {"mode": "max"},
+        {"threads": -1},
+    ):
         with pytest.raises(PassError, match="pass 'adaround'"):
             REGISTRY.create_pass("adaround", **bad)(g, PassContext(calibration_data=CALIB_PATH))

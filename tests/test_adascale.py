@@ -86,43 +86,68 @@ def test_torch_mapping_reproduces_shipped_models(name: str) -> None:
 def _conv_pool_block() -> tuple[onnx.ModelProto, dict]:
     """Conv (asymmetric pads, stride, dilation, groups) -> Relu -> pools with pads/ceil -> Gemm -> Softmax."""
     nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", group=2, strides=[2, 1], dilations=[1, 2],
-                         pads=[1, 0, 2, 1]),
+        helper.make_node(
+            "Conv", ["x", "w", "b"], ["c"], name="conv", group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1]
+        ),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        helper.make_node("MaxPool", ["r"], ["m"], name="maxpool", kernel_shape=[3, 2], strides=[2, 2],
-                         pads=[1, 0, 0, 1], ceil_mode=1),
+        helper.make_node(
+            "MaxPool", ["r"], ["m"], name="maxpool", kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 0, 1], ceil_mode=1
+        ),
         helper.make_node("AveragePool", ["m"], ["a"], name="avgpool", kernel_shape=[2, 2], pads=[1, 1, 0, 1]),
-        helper.make_node("AveragePool", ["a"], ["a2"], name="avgpool_incl", kernel_shape=[2, 2], pads=[0, 1, 1, 0],
-                         count_include_pad=1),
+        helper.make_node(
+            "AveragePool",
+            ["a"],
+            ["a2"],
+            name="avgpool_incl",
+            kernel_shape=[2, 2],
+            pads=[0, 1, 1, 0],
+            count_include_pad=1,
+        ),
         helper.make_node("GlobalAveragePool", ["a2"], ["g"], name="gap"),
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wg", "bg"], ["y0"], name="gemm", transB=1, alpha=0.5, beta=2.0),
         helper.make_node("Softmax", ["y0"], ["y"], name="softmax"),
     ]
     inits = [_init("w", _randn(6, 2, 3, 3)), _init("b", _randn(6)), _init("wg", _randn(5, 6)), _init("bg", _randn(5))]
-    return (_model(nodes, [_vi("x", ["N", 4, 11, 10])], [_vi("y", None)], inits),
-            {"x": _randn(3, 4, 11, 10)})
+    return (_model(nodes, [_vi("x", ["N", 4, 11, 10])], [_vi("y", None)], inits), {"x": _randn(3, 4, 11, 10)})
 
 
 def _conv_transpose_block() -> tuple[onnx.ModelProto, dict]:
     """ConvTranspose (grouped, pads, output_padding) and SAME-padded convs -> activations -> Clip."""
     nodes = [
-        helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["t"], name="deconv", group=2, strides=[2, 2],
-                         pads=[1, 0, 0, 1], output_padding=[1, 1]),
+        helper.make_node(
+            "ConvTranspose",
+            ["x", "wt", "bt"],
+            ["t"],
+            name="deconv",
+            group=2,
+            strides=[2, 2],
+            pads=[1, 0, 0, 1],
+            output_padding=[1, 1],
+        ),
         helper.make_node("LeakyRelu", ["t"], ["l"], name="leaky", alpha=0.2),
-        helper.make_node("Conv", ["l", "wc"], ["c"], name="conv_same", auto_pad="SAME_UPPER", strides=[2, 2],
-                         kernel_shape=[3, 3]),
+        helper.make_node(
+            "Conv", ["l", "wc"], ["c"], name="conv_same", auto_pad="SAME_UPPER", strides=[2, 2], kernel_shape=[3, 3]
+        ),
         helper.make_node("HardSwish", ["c"], ["hs"], name="hardswish"),
-        helper.make_node("ConvTranspose", ["hs", "wt2"], ["t2"], name="deconv_shape", strides=[2, 2],
-                         output_shape=[9, 9]),
+        helper.make_node(
+            "ConvTranspose", ["hs", "wt2"], ["t2"], name="deconv_shape", strides=[2, 2], output_shape=[9, 9]
+        ),
         helper.make_node("HardSigmoid", ["t2"], ["hg"], name="hardsigmoid", alpha=0.3, beta=0.4),
-        helper.make_node("Conv", ["hg", "wc2"], ["c2"], name="conv_same_lower", auto_pad="SAME_LOWER",
-                         kernel_shape=[2, 2]),
+        helper.make_node(
+            "Conv", ["hg", "wc2"], ["c2"], name="conv_same_lower", auto_pad="SAME_LOWER", kernel_shape=[2, 2]
+        ),
         helper.make_node("Clip", ["c2", "lo", "hi"], ["y"], name="clip"),
     ]
-    inits = [_init("wt", _randn(4, 3, 3, 3)), _init("bt", _randn(6)), _init("wc", _randn(5, 6, 3, 3, scale=0.3)),
-             _init("wt2", _randn(5, 2, 3, 3)), _init("wc2", _randn(3, 2, 2, 2)),
-             _init("lo", np.float32(-0.5)), _init("hi", np.float32(0.7))]
+    inits = [
+        _init("wt", _randn(4, 3, 3, 3)),
+        _init("bt", _randn(6)),
+        _init("wc", _randn(5, 6, 3, 3, scale=0.3)),
+        _init("wt2", _randn(5, 2, 3, 3)),
+        _init("wc2", _randn(3, 2, 2, 2)),
+        _init("lo", np.float32(-0.5)),
+        _init("hi", np.float32(0.7)),
+    ]
     return _model(nodes, [_vi("x", ["N", 4, 5, 6])], [_vi("y", None)], inits), {"x": _randn(2, 4, 5, 6)}
 
 
@@ -147,10 +172,18 @@ def _transformer_block() -> tuple[onnx.ModelProto, dict]:
         helper.make_node("Gemm", ["ident", "wg"], ["g"], name="gemm"),
         helper.make_node("Softmax", ["g"], ["y"], name="softmax", axis=1),
     ]
-    inits = [_init("wq", _randn(6, 8, scale=0.5)), _init("bq", _randn(8)), _init("ln_s", _randn(8)),
-             _init("ln_b", _randn(8)), _init("half", np.float32(0.5)), _init("two", np.float32(2.0)),
-             _init("zero", np.int64(0)), _init("axes0", np.array([0], np.int64)),
-             _init("minus1", np.array([-1], np.int64)), _init("wg", _randn(16 * 5, 7, scale=0.2))]
+    inits = [
+        _init("wq", _randn(6, 8, scale=0.5)),
+        _init("bq", _randn(8)),
+        _init("ln_s", _randn(8)),
+        _init("ln_b", _randn(8)),
+        _init("half", np.float32(0.5)),
+        _init("two", np.float32(2.0)),
+        _init("zero", np.int64(0)),
+        _init("axes0", np.array([0], np.int64)),
+        _init("minus1", np.array([-1], np.int64)),
+        _init("wg", _randn(16 * 5, 7, scale=0.2)),
+    ]
     return _model(nodes, [_vi("x", ["N", 5, 6])], [_vi("y", None)], inits), {"x": _randn(3, 5, 6)}
 
 
@@ -164,16 +197,21 @@ def _batchnorm_opset11_block() -> tuple[onnx.ModelProto, dict]:
         helper.make_node("Unsqueeze", ["f"], ["u"], name="unsqueeze", axes=[1]),
         helper.make_node("Squeeze", ["u"], ["y"], name="squeeze", axes=[1]),
     ]
-    inits = [_init("s", _randn(3)), _init("b", _randn(3)), _init("mean", _randn(3)),
-             _init("var", np.abs(_randn(3)) + 0.1), _init("hi", np.float32(0.8))]
-    return (_model(nodes, [_vi("x", ["N", 3, 4, 5])], [_vi("y", None)], inits, opset=11),
-            {"x": _randn(2, 3, 4, 5)})
+    inits = [
+        _init("s", _randn(3)),
+        _init("b", _randn(3)),
+        _init("mean", _randn(3)),
+        _init("var", np.abs(_randn(3)) + 0.1),
+        _init("hi", np.float32(0.8)),
+    ]
+    return (_model(nodes, [_vi("x", ["N", 3, 4, 5])], [_vi("y", None)], inits, opset=11), {"x": _randn(2, 3, 4, 5)})
 
 
-@pytest.mark.parametrize("make", [_conv_pool_block, _conv_transpose_block, _transformer_block,
-                                  _batchnorm_opset11_block],
-                         ids=["conv-pools-gemm", "convtranspose-same-activations", "matmul-layernorm-shapes",
-                              "batchnorm-opset11"])
+@pytest.mark.parametrize(
+    "make",
+    [_conv_pool_block, _conv_transpose_block, _transformer_block, _batchnorm_opset11_block],
+    ids=["conv-pools-gemm", "convtranspose-same-activations", "matmul-layernorm-shapes", "batchnorm-opset11"],
+)
 @needs_torch
 def test_torch_mapping_matches_onnxruntime_on_generated_blocks(make) -> None:
     model, feeds = make()
@@ -194,8 +232,12 @@ def test_torch_mapping_has_gradients_and_names_unsupported_ops() -> None:
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
     # the work estimate that picks torch's thread count: Conv out [3, 6, 6, 7] x 2*3*3, Gemm out [3, 5] x 6
     assert program.macs({"x": torch.from_numpy(feeds["x"])}) == 3 * 6 * 6 * 7 * 18 + 3 * 5 * 6
-    bad = _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")], [_vi("x", [2, 5])],
-                 [_vi("v", None), _vi("i", None, TensorProto.INT64)], [_init("k", np.array([2], np.int64))])
+    bad = _model(
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk")],
+        [_vi("x", [2, 5])],
+        [_vi("v", None), _vi("i", None, TensorProto.INT64)],
+        [_init("k", np.array([2], np.int64))],
+    )
     with pytest.raises(Unsupported, match="TopK 'topk'"):
         whole_graph(graph_ir.load(bad))
 
@@ -215,8 +257,9 @@ def _layers(g: graph_ir.Graph):
 
     ctx = PassContext()
     plan = ctx.get(QuantPlan, g).plan
-    layers = learnable_layers(g, g.topological_order(), plan.weights, RemarkCollector("t"), weight_bw=4,
-                              per_channel=True, mode="symmetric")
+    layers = learnable_layers(
+        g, g.topological_order(), plan.weights, RemarkCollector("t"), weight_bw=4, per_channel=True, mode="symmetric"
+    )
     dtypes = {n: d for n, (d, _) in ctx.get(Shapes, g).types.items()}
     return layers, dtypes
 
@@ -243,11 +286,22 @@ def test_residual_body_is_one_block() -> None:
 def _adascale(g: graph_ir.Graph, calibration: object = str(CALIB_PATH), **options: object) -> PassContext:
     """adascale then encode-weights on ``g`` in place (a short run: 10 epochs of 4 batches)."""
     ctx = PassContext(calibration_data=calibration)
-    options = {"weight_bw": 4, "per_channel": True, "num_epochs": 10, "num_batches": 4, "scale_lr": 5e-3,
-               "progress": False, "threads": 1, **options}
-    PassManager([REGISTRY.create_pass("adascale", **options),
-                 REGISTRY.create_pass("encode-weights", weight_bw=options["weight_bw"],
-                                      per_channel=options["per_channel"])]).run(g, ctx)
+    options = {
+        "weight_bw": 4,
+        "per_channel": True,
+        "num_epochs": 10,
+        "num_batches": 4,
+        "scale_lr": 5e-3,
+        "progress": False,
+        "threads": 1,
+        **options,
+    }
+    PassManager(
+        [
+            REGISTRY.create_pass("adascale", **options),
+            REGISTRY.create_pass("encode-weights", weight_bw=options["weight_bw"], per_channel=options["per_channel"]),
+        ]
+    ).run(g, ctx)
     return ctx
 
 
@@ -264,8 +318,10 @@ def test_named_blocks_are_checked() -> None:
     with pytest.raises(PassError, match="not single-input"):  # the Add also reads the skip path
         _adascale(_folded("digits_cnn_residual"), blocks=["features.3.body.0.act_out->features.3.act_out"])
     with pytest.raises(PassError, match="overlap"):
-        _adascale(_folded("digits_cnn_residual"), blocks=["features.0.act_out->features.2_out",
-                                                          "features.1.act_out->features.2_out"])
+        _adascale(
+            _folded("digits_cnn_residual"),
+            blocks=["features.0.act_out->features.2_out", "features.1.act_out->features.2_out"],
+        )
     with pytest.raises(PassError, match="start->end"):
         _adascale(_folded("digits_cnn"), blocks=["features.2_out"])
 
@@ -283,10 +339,12 @@ def test_adascale_w4a8_beats_min_max_and_keeps_weights_on_the_learned_grids() ->
     fp32 = exact_session(model).run(None, {"input": TEST_X})[0]
     config = QuantConfig(weight_bw=4, act_bw=8, per_channel=True)
     minmax = quantize_model(model, str(CALIB_PATH), config, progress=False)
-    learned = REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=20, num_batches=8, scale_lr=5e-3,
-                                   progress=False, threads=1)
-    result = quantize_model(model, str(CALIB_PATH), config, progress=False,
-                            pipeline=[REGISTRY.create_pass("fold-batchnorm"), learned])
+    learned = REGISTRY.create_pass(
+        "adascale", weight_bw=4, num_epochs=20, num_batches=8, scale_lr=5e-3, progress=False, threads=1
+    )
+    result = quantize_model(
+        model, str(CALIB_PATH), config, progress=False, pipeline=[REGISTRY.create_pass("fold-batchnorm"), learned]
+    )
     db_minmax, db = _sqnr(minmax.model, fp32), _sqnr(result.model, fp32)
     assert db > db_minmax + 4.0, (db, db_minmax)  # measured 23.3 vs 12.3 dB
     remarks = [r for r in result.report.remarks if r.pass_name == "adascale" and r.kind == "applied"]
@@ -315,7 +373,8 @@ def test_adascale_per_tensor_and_every_weighted_op_type() -> None:
             if not r.kept_start:  # on the learned grid: the lowering stores exactly the learned integers
                 assert t.encoding == r.encodings[name]
                 np.testing.assert_array_equal(
-                    dequantize(quantize(t.data, t.encoding), t.encoding).astype(np.float32), t.data)
+                    dequantize(quantize(t.data, t.encoding), t.encoding).astype(np.float32), t.data
+                )
 
 
 @needs_torch
@@ -323,13 +382,21 @@ def test_adascale_encodings_round_trip_through_overrides(tmp_path: Path) -> None
     model = str(MODELS / "digits_cnn_residual.onnx")
     config = QuantConfig(weight_bw=4, act_bw=8, per_channel=True)
     snapshot = Snapshot()
-    first = quantize_model(model, str(CALIB_PATH), config, progress=False, pipeline=[
-        REGISTRY.create_pass("fold-batchnorm"),
-        REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=3, num_batches=4, progress=False, threads=1),
-        snapshot])
+    first = quantize_model(
+        model,
+        str(CALIB_PATH),
+        config,
+        progress=False,
+        pipeline=[
+            REGISTRY.create_pass("fold-batchnorm"),
+            REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=3, num_batches=4, progress=False, threads=1),
+            snapshot,
+        ],
+    )
     first.save(tmp_path / "out")
-    again = quantize_model(snapshot.model, str(CALIB_PATH), config, progress=False,
-                           overrides=tmp_path / "out" / "encodings.json")
+    again = quantize_model(
+        snapshot.model, str(CALIB_PATH), config, progress=False, overrides=tmp_path / "out" / "encodings.json"
+    )
     learned = graph_ir.load(snapshot.model)
     weights = [op.inputs[1] for op in learned.ops if op.op_type in ("Conv", "Gemm")]
     assert sum(learned.tensors[name].meta.get("encoding_source") is None for name in weights) == len(weights)
@@ -338,8 +405,10 @@ def test_adascale_encodings_round_trip_through_overrides(tmp_path: Path) -> None
         enc, back = first.encodings.params[name], again.encodings.params[name]
         np.testing.assert_allclose(back.scale, enc.scale, rtol=1e-6)
         assert back.offset == enc.offset and back.bitwidth == 4
-    np.testing.assert_array_equal(exact_session(first.model).run(None, {"input": TEST_X})[0],
-                                  exact_session(again.model).run(None, {"input": TEST_X})[0])
+    np.testing.assert_array_equal(
+        exact_session(first.model).run(None, {"input": TEST_X})[0],
+        exact_session(again.model).run(None, {"input": TEST_X})[0],
+    )
 
 
 def test_adascale_without_torch_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,8 +417,12 @@ def test_adascale_without_torch_says_how_to_install(monkeypatch: pytest.MonkeyPa
     with pytest.raises(PassError, match=r'pip install "qpasses\[learn\]"'):
         REGISTRY.create_pass("adascale", progress=False)(g, PassContext(calibration_data=str(CALIB_PATH)))
     with pytest.raises(QPassesError, match=r'pass \'adascale\'.*pip install "qpasses\[learn\]"'):
-        quantize_model(str(MODELS / "digits_cnn.onnx"), str(CALIB_PATH), progress=False,
-                       pipeline=[REGISTRY.create_pass("adascale", progress=False)])
+        quantize_model(
+            str(MODELS / "digits_cnn.onnx"),
+            str(CALIB_PATH),
+            progress=False,
+            pipeline=[REGISTRY.create_pass("adascale", progress=False)],
+        )
 
 
 @needs_torch
@@ -369,8 +442,12 @@ def test_unsupported_op_in_a_block_is_a_missed_remark() -> None:
         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("Round", ["c2"], ["y"], name="round"),
     ]
-    model = _model(nodes, [_vi("x", ["N", 2, 6, 6])], [_vi("y", None)],
-                   [_init("w1", _randn(4, 2, 3, 3)), _init("w2", _randn(3, 4, 3, 3))])
+    model = _model(
+        nodes,
+        [_vi("x", ["N", 2, 6, 6])],
+        [_vi("y", None)],
+        [_init("w1", _randn(4, 2, 3, 3)), _init("w2", _randn(3, 4, 3, 3))],
+    )
     feeds = [{"x": _randn(8, 2, 6, 6)} for _ in range(2)]
     g = graph_ir.load(model)
     ctx = PassContext(calibration_data=feeds)
@@ -386,17 +463,30 @@ def test_weight_shared_across_output_channel_axes_is_not_learned() -> None:
     axis is None): AdaScale leaves it to encode-weights with a remark (it was a TypeError crash)."""
     w = RNG.normal(size=(8, 8)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
-         helper.make_node("Relu", ["a"], ["r"], name="relu"),
-         helper.make_node("Gemm", ["r", "w"], ["y"], name="g1", transB=1)],
-        "shared_axes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [numpy_helper.from_array(w, "w")])
+        [
+            helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "w"], ["y"], name="g1", transB=1),
+        ],
+        "shared_axes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     feeds = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(4)]
-    result = quantize_model(model, feeds, {"per_channel": True}, adascale=True, auto_fallback=False,
-                            adascale_options={"num_epochs": 1, "num_batches": 2}, progress=False)
-    assert any(r.pass_name == "adascale" and r.kind == "missed" and "different axes" in r.reason
-               for r in result.report.remarks)
+    result = quantize_model(
+        model,
+        feeds,
+        {"per_channel": True},
+        adascale=True,
+        auto_fallback=False,
+        adascale_options={"num_epochs": 1, "num_batches": 2},
+        progress=False,
+    )
+    assert any(
+        r.pass_name == "adascale" and r.kind == "missed" and "different axes" in r.reason for r in result.report.remarks
+    )
     assert "w" in result.encodings.params and result.encodings.params["w"].axis is None  # per tensor
 
 
@@ -404,27 +494,44 @@ def _shared_weight_model(mask: bool) -> tuple[onnx.ModelProto, list[dict[str, np
     """x [N, 6, 8] -> MatMul(w) -> Relu [-> * mask -> MatMul(Identity(w)) + x | -> MatMul(v) -> Relu ->
     MatMul(Identity(w))]: ALBERT's shape in small (one
     weight read twice, the second time through the Identity an exporter writes; an integer mask input)."""
-    nodes = [helper.make_node("Identity", ["w"], ["w_again"], name="alias"),
-             helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
-             helper.make_node("Relu", ["h1"], ["r1"], name="relu")]
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_again"], name="alias"),
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu"),
+    ]
     inputs = [_vi("x", ["N", 6, 8])]
     if mask:
         inputs.append(_vi("mask", ["N", 6], TensorProto.INT64))
-        nodes += [helper.make_node("Unsqueeze", ["mask", "axis2"], ["m3"], name="unsq"),
-                  helper.make_node("Cast", ["m3"], ["mf"], name="cast", to=TensorProto.FLOAT),
-                  helper.make_node("Mul", ["r1", "mf"], ["r1m"], name="masked")]
-        nodes += [helper.make_node("MatMul", ["r1m", "w_again"], ["h2"], name="mm2"),
-                  helper.make_node("Add", ["h2", "x"], ["y"], name="skip")]  # x live throughout: one block
+        nodes += [
+            helper.make_node("Unsqueeze", ["mask", "axis2"], ["m3"], name="unsq"),
+            helper.make_node("Cast", ["m3"], ["mf"], name="cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["r1", "mf"], ["r1m"], name="masked"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", ["r1m", "w_again"], ["h2"], name="mm2"),
+            helper.make_node("Add", ["h2", "x"], ["y"], name="skip"),
+        ]  # x live throughout: one block
     else:  # a layer with its own weight in between: the readers of w fall in two blocks
-        nodes += [helper.make_node("MatMul", ["r1", "v"], ["h3"], name="mm3"),
-                  helper.make_node("Relu", ["h3"], ["r3"], name="relu3"),
-                  helper.make_node("MatMul", ["r3", "w_again"], ["y"], name="mm2")]
-    model = _model(nodes, inputs, [_vi("y", None)], [_init("w", _randn(8, 8, scale=0.5)),
-                                                     _init("v", _randn(8, 8, scale=0.5)),
-                                                     _init("axis2", np.array([2], np.int64))])
+        nodes += [
+            helper.make_node("MatMul", ["r1", "v"], ["h3"], name="mm3"),
+            helper.make_node("Relu", ["h3"], ["r3"], name="relu3"),
+            helper.make_node("MatMul", ["r3", "w_again"], ["y"], name="mm2"),
+        ]
+    model = _model(
+        nodes,
+        inputs,
+        [_vi("y", None)],
+        [
+            _init("w", _randn(8, 8, scale=0.5)),
+            _init("v", _randn(8, 8, scale=0.5)),
+            _init("axis2", np.array([2], np.int64)),
+        ],
+    )
     rng = np.random.default_rng(3)
-    feeds = [{"x": _randn(4, 6, 8), **({"mask": rng.integers(0, 2, (4, 6)).astype(np.int64)} if mask else {})}
-             for _ in range(4)]
+    feeds = [
+        {"x": _randn(4, 6, 8), **({"mask": rng.integers(0, 2, (4, 6)).astype(np.int64)} if mask else {})}
+        for _ in range(4)
+    ]
     return model, feeds
 
 
@@ -465,17 +572,24 @@ def test_shared_weight_read_outside_its_block_is_a_missed_remark() -> None:
 def test_ops_the_block_output_does_not_need_are_left_out() -> None:
     """A tagger's logits are an output and an ArgMax (no torch mapping) reads them: the last block ends at the
     logits and is learned; the ArgMax is not part of its program."""
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2"),
-             helper.make_node("ArgMax", ["logits"], ["tags"], name="argmax", axis=-1, keepdims=0)]
-    model = _model(nodes, [_vi("x", ["N", 6, 8])], [_vi("tags", None, TensorProto.INT64), _vi("logits", None)],
-                   [_init("w1", _randn(8, 8, scale=0.5)), _init("w2", _randn(8, 5, scale=0.5))])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2"),
+        helper.make_node("ArgMax", ["logits"], ["tags"], name="argmax", axis=-1, keepdims=0),
+    ]
+    model = _model(
+        nodes,
+        [_vi("x", ["N", 6, 8])],
+        [_vi("tags", None, TensorProto.INT64), _vi("logits", None)],
+        [_init("w1", _randn(8, 8, scale=0.5)), _init("w2", _randn(8, 5, scale=0.5))],
+    )
     feeds = [{"x": _randn(4, 6, 8)} for _ in range(4)]
     g = graph_ir.load(model)
     ctx = PassContext(calibration_data=feeds)
-    report = PassManager([REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=5, scale_lr=5e-3,
-                                               progress=False)]).run(g, ctx)
+    report = PassManager(
+        [REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=5, scale_lr=5e-3, progress=False)]
+    ).run(g, ctx)
     assert not [r for r in report.remarks if r.kind == "missed" and "ArgMax" in (r.reason or "")]
     results = ctx.artifacts[AdaScaleResults]
     assert [(r.layers, r.output) for r in results] == [(("mm1",), "r"), (("mm2",), "logits")]

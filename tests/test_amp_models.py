@@ -37,9 +37,13 @@ def sensitive_chain(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Conv", ["c2", "w3", "b3"], ["y"], name="conv3"),
     ]
     inits = [_init(n, a) for n, a in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3))]
-    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                 ["n", 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "sensitive",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -68,16 +72,22 @@ def mixed_ops() -> onnx.ModelProto:
     ]
     inits = [
         numpy_helper.from_array(np.array([1, 3, 8, 8], np.int64), "shape"),
-        _init("wa", rng.standard_normal((4, 3, 3, 3))), _init("ba", rng.standard_normal(4)),
+        _init("wa", rng.standard_normal((4, 3, 3, 3))),
+        _init("ba", rng.standard_normal(4)),
         _init("ws", rng.standard_normal((4, 4, 3, 3))),
         numpy_helper.from_array(np.array([1, 4, 16], np.int64), "shape2"),
-        _init("wg", rng.standard_normal((5, 16))), _init("bg", rng.standard_normal(5)),
+        _init("wg", rng.standard_normal((5, 16))),
+        _init("bg", rng.standard_normal(5)),
     ]
     # Topologically sorted: the Transpose must come before the MatMul, the Flatten before the Gemm.
     order = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 12, 11]
-    graph = helper.make_graph([nodes[i] for i in order], "mixed_ops",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 192])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5])], inits)
+    graph = helper.make_graph(
+        [nodes[i] for i in order],
+        "mixed_ops",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 192])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -89,8 +99,13 @@ def mixed_feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
 def requantizations(model: onnx.ModelProto) -> int:
     """DequantizeLinear -> QuantizeLinear chains: the int8<->int16 conversions (QNN Converts)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    return sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear"
-               and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear")
+    return sum(
+        1
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear"
+        and producer.get(n.input[0]) is not None
+        and producer[n.input[0]].op_type == "DequantizeLinear"
+    )
 
 
 def op_counts(model: onnx.ModelProto) -> Counter[str]:

@@ -95,8 +95,9 @@ def test_cache_is_reused_without_evaluating_again(tmp_path):
     first = choose_mixed_precision(MODEL, CALIB, CANDIDATES, phase1, phase2, 0.02, tmp_path, progress=False)
     assert calls.count("phase1") == len(first.phase1) > 0
     calls.clear()
-    again = choose_mixed_precision(MODEL, CALIB, CANDIDATES, phase1, phase2, 0.02, tmp_path, clean_start=False,
-                                   progress=False)
+    again = choose_mixed_precision(
+        MODEL, CALIB, CANDIDATES, phase1, phase2, 0.02, tmp_path, clean_start=False, progress=False
+    )
     # No phase-1 or search evaluation; only the final check is measured again (runtime session + exact QDQ).
     assert calls == ["phase2"] * again.stats["verify"].evaluations and again.stats["verify"].evaluations >= 2
     assert any("reusing cached results" in m for m in again.messages)
@@ -110,8 +111,7 @@ def test_sensitive_layer_is_ranked_last_and_kept_high_with_conversions(tmp_path)
     model = sensitive_chain()
     data = chain_feeds(4, seed=5)
     metric = sqnr(data, model)
-    result = choose_mixed_precision(model, chain_feeds(4), "8/8,16/16", metric, metric, 15.0, tmp_path,
-                                    progress=False)
+    result = choose_mixed_precision(model, chain_feeds(4), "8/8,16/16", metric, metric, 15.0, tmp_path, progress=False)
     assert result.phase1[-1].group == "conv2"  # least sensitive first: the sensitive layer is last
     assert result.phase1[-1].score < result.phase1[0].score - 20
     assert result.assignment["conv2"] == parse_candidate("16/16")
@@ -126,8 +126,9 @@ def test_sensitive_layer_is_ranked_last_and_kept_high_with_conversions(tmp_path)
 def test_demotion_returns_promotions_and_a_valid_model(tmp_path):
     model = sensitive_chain()
     metric = sqnr(chain_feeds(4, seed=5), model)
-    result = choose_mixed_precision(model, chain_feeds(4), "8/8,16/16", None, metric, 15.0, tmp_path,
-                                    algorithm="demotion", progress=False)
+    result = choose_mixed_precision(
+        model, chain_feeds(4), "8/8,16/16", None, metric, 15.0, tmp_path, algorithm="demotion", progress=False
+    )
     assert result.promotions == ["conv2"]
     assert result.score >= result.target
     saved = onnx.load(str(tmp_path / "model.qdq.onnx"))
@@ -150,8 +151,9 @@ def test_simulation_scores_match_the_real_qdq_model(which):
     part = find_groups(graph)
     config = QuantConfig()
     cands = [parse_candidate(c) for c in names]
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16],
-                            bias_correction=True, batch_size=16)
+    tables = calibrate_once(
+        graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16], bias_correction=True, batch_size=16
+    )
     model = graph.to_onnx().SerializeToString()
     callbacks = {"phase1": metric, "phase2": metric}
     sim = SimulationScorer(ScorerSpec(model, part, config, callbacks, tables, prune=False))
@@ -174,8 +176,9 @@ def test_simulation_scores_match_the_real_qdq_model(which):
 
 def test_process_pool_gives_the_same_phase1_list(tmp_path, evals):
     local = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "local", progress=False)
-    pooled = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "pool", executor="process",
-                                    workers=2, progress=False)
+    pooled = choose_mixed_precision(
+        MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "pool", executor="process", workers=2, progress=False
+    )
     assert [e.to_dict() for e in pooled.phase1] == [e.to_dict() for e in local.phase1]
     assert pooled.stats["phase1"].evaluations == len(local.phase1)
     # At most one simulation session per worker (a busy machine may hand every task to one worker).
@@ -188,15 +191,17 @@ def test_unpicklable_callbacks_are_refused_for_the_pool(tmp_path):
 
     with pytest.raises(AmpError, match="picklable"):
         metric = top1_accuracy(TEST, limit=60)
-        choose_mixed_precision(MODEL, CALIB, CANDIDATES, lambda s: metric(s), metric, 0.01, tmp_path,
-                               executor="process", progress=False)
+        choose_mixed_precision(
+            MODEL, CALIB, CANDIDATES, lambda s: metric(s), metric, 0.01, tmp_path, executor="process", progress=False
+        )
 
 
 def test_ray_gives_the_same_phase1_list(tmp_path, evals):
     pytest.importorskip("ray")
     local = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "local", progress=False)
-    remote = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "ray", executor="ray",
-                                    workers=2, progress=False)
+    remote = choose_mixed_precision(
+        MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path / "ray", executor="ray", workers=2, progress=False
+    )
     assert [e.to_dict() for e in remote.phase1] == [e.to_dict() for e in local.phase1]
 
 
@@ -236,8 +241,25 @@ def test_cli_end_to_end(tmp_path, capsys):
     script = tmp_path / "eval.py"
     script.write_text(EVAL_SCRIPT.format(test=str(TEST)))
     out = tmp_path / "out"
-    code = main(["amp", MODEL, "--calib", CALIB, "--eval-script", str(script), "--candidates", CANDIDATES,
-                 "--allowed-drop", "0.01", "--algorithm", "brute-force", "-o", str(out), "-q"])
+    code = main(
+        [
+            "amp",
+            MODEL,
+            "--calib",
+            CALIB,
+            "--eval-script",
+            str(script),
+            "--candidates",
+            CANDIDATES,
+            "--allowed-drop",
+            "0.01",
+            "--algorithm",
+            "brute-force",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     for name in ("pareto.json", "model.qdq.onnx", "encodings.json", "overrides.json", "amp_info.json"):
         assert (out / name).is_file(), name
@@ -247,8 +269,23 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert info["final_score"] == info["runtime_score"] >= info["fp32_score"] - 0.01
     assert "AMP: score" in capsys.readouterr().out
     # Demotion through the CLI, then a bad candidate is a one-line error (exit 2).
-    code = main(["amp", MODEL, "--eval-script", str(script), "--candidates", "8/8,16/16", "--allowed-drop", "0.01",
-                 "--algorithm", "demotion", "-o", str(tmp_path / "dem"), "-q"])
+    code = main(
+        [
+            "amp",
+            MODEL,
+            "--eval-script",
+            str(script),
+            "--candidates",
+            "8/8,16/16",
+            "--allowed-drop",
+            "0.01",
+            "--algorithm",
+            "demotion",
+            "-o",
+            str(tmp_path / "dem"),
+            "-q",
+        ]
+    )
     assert code == 0 and "demotion:" in capsys.readouterr().out
     assert main(["amp", MODEL, "--eval-script", str(script), "--candidates", "8/x", "-o", str(tmp_path / "bad")]) == 2
     assert "A/W" in capsys.readouterr().err
@@ -257,8 +294,9 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_float16_candidates_fall_back_to_real_models(tmp_path):
     model = sensitive_chain()
     metric = sqnr(chain_feeds(2, seed=5), model)
-    result = choose_mixed_precision(model, chain_feeds(2), "8/8,16f/16f", metric, metric, 15.0, tmp_path,
-                                    progress=False)
+    result = choose_mixed_precision(
+        model, chain_feeds(2), "8/8,16f/16f", metric, metric, 15.0, tmp_path, progress=False
+    )
     assert not result.simulated and any("float candidates" in m for m in result.messages)
     assert result.assignment["conv2"] == parse_candidate("16f/16f") and result.score >= result.target
     assert math.isfinite(result.score)

@@ -70,10 +70,12 @@ def test_sample_feeds_slices_dynamic_batches_and_keeps_fixed_ones():
 def test_proxy_order_is_noise_per_bitops_with_free_groups_last():
     macs = MacTable({"a": 100, "b": 10}, by_group={"a": ("a",), "b": ("b",), "act": ()})
     base = {"a": C1616, "b": C1616, "act": C1616}
-    entries = [make_entry("a", C88, math.nan, base, macs, proxy=30.0),  # 1e-3 noise for 19200 BitOps
-               make_entry("b", C88, math.nan, base, macs, proxy=40.0),  # 1e-4 noise for 1920 BitOps
-               make_entry("act", C88, math.nan, base, macs, proxy=60.0),  # no BitOps saved
-               make_entry("b", C84, math.nan, base, macs, proxy=math.inf)]  # free of noise
+    entries = [
+        make_entry("a", C88, math.nan, base, macs, proxy=30.0),  # 1e-3 noise for 19200 BitOps
+        make_entry("b", C88, math.nan, base, macs, proxy=40.0),  # 1e-4 noise for 1920 BitOps
+        make_entry("act", C88, math.nan, base, macs, proxy=60.0),  # no BitOps saved
+        make_entry("b", C84, math.nan, base, macs, proxy=math.inf),
+    ]  # free of noise
     order = [(e.group, str(e.candidate)) for e in sort_accuracy_list(entries, ["a", "b", "act"], by="proxy")]
     assert order == [("b", "8/4"), ("a", "8/8"), ("b", "8/8"), ("act", "8/8")]
     restored = SensitivityEntry.from_dict(entries[0].to_dict())
@@ -102,6 +104,7 @@ def test_gallop_search_agrees_with_brute_force_after_a_known_good_point(good, ta
         def f():
             calls.append(i)
             return falling[i]
+
         return f
 
     values = [lazy(i) for i in range(len(falling))]
@@ -125,8 +128,9 @@ def _entries(misranked: bool) -> list[SensitivityEntry]:
     base = {g: C1616 for g in GROUPS}
     proxies = {g: 40.0 + i for i, g in enumerate(GROUPS)}
     proxies["g3"] = 80.0 if misranked else 10.0  # a misranking proxy calls the sensitive group harmless
-    return sort_accuracy_list([make_entry(g, C88, math.nan, base, macs, proxy=proxies[g]) for g in GROUPS],
-                              GROUPS, by="proxy")
+    return sort_accuracy_list(
+        [make_entry(g, C88, math.nan, base, macs, proxy=proxies[g]) for g in GROUPS], GROUPS, by="proxy"
+    )
 
 
 @pytest.mark.parametrize("misranked", [False, True])
@@ -144,8 +148,9 @@ def test_blocker_checks_move_a_misranked_group_and_match_exhaustive(misranked):
         calls.append("alone")
         return _metric({**base, g: c})
 
-    out = phase2_with_blocker_checks(_entries(misranked), base, 1.0, score, alone, macs, macs.bitops(base),
-                                     target, progress=False)
+    out = phase2_with_blocker_checks(
+        _entries(misranked), base, 1.0, score, alone, macs, macs.bitops(base), target, progress=False
+    )
     chosen = out.result.chosen.assignment
     assert chosen["g3"] == C1616 and sum(c == C88 for c in chosen.values()) == 7  # what exhaustive finds
     assert _metric(chosen) >= target
@@ -153,8 +158,18 @@ def test_blocker_checks_move_a_misranked_group_and_match_exhaustive(misranked):
     if misranked:
         assert out.order[-1].group == "g3"  # moved to the end of the phase-1 list
     assert calls.count("alone") == len(out.checks) and len(calls) < 2 * len(GROUPS)
-    none_left = phase2_with_blocker_checks(_entries(True), base, 1.0, _metric, lambda g, c: _metric({**base, g: c}),
-                                           macs, macs.bitops(base), target, max_repairs=0, progress=False)
+    none_left = phase2_with_blocker_checks(
+        _entries(True),
+        base,
+        1.0,
+        _metric,
+        lambda g, c: _metric({**base, g: c}),
+        macs,
+        macs.bitops(base),
+        target,
+        max_repairs=0,
+        progress=False,
+    )
     assert none_left.exhausted and [c.verdict for c in none_left.checks] == ["out of repairs"]
 
 
@@ -211,8 +226,9 @@ def test_pruned_sessions_give_the_full_sessions_outputs_bit_for_bit(which, act_m
         cands = [C88, C168, C1616]
     part = find_groups(graph)
     config = QuantConfig(act_mode=act_mode)
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16],
-                            bias_correction=True, batch_size=16)
+    tables = calibrate_once(
+        graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16], bias_correction=True, batch_size=16
+    )
     sim = SimulationModel(graph, part, tables, config)
     full = sim.session()
     rng = np.random.default_rng(7)
@@ -236,8 +252,15 @@ def test_pruned_sessions_give_the_full_sessions_outputs_bit_for_bit(which, act_m
 def test_simulated_session_binds_feeds_once_and_behaves_like_a_session():
     graph = prepare_graph(mixed_ops())
     part = find_groups(graph)
-    tables = calibrate_once(graph, mixed_feeds(4), QuantConfig(), act_bitwidths=[8, 16], weight_bitwidths=[8, 16],
-                            bias_correction=False, batch_size=16)
+    tables = calibrate_once(
+        graph,
+        mixed_feeds(4),
+        QuantConfig(),
+        act_bitwidths=[8, 16],
+        weight_bitwidths=[8, 16],
+        bias_correction=False,
+        batch_size=16,
+    )
     sim = SimulationModel(graph, part, tables, QuantConfig())
     sess = sim.session()
     sess.set_feeds(sim.feeds({g: C88 for g in part.names}))
@@ -278,8 +301,17 @@ def both_modes(tmp_path_factory):
         for mode in ("exhaustive", "proxy"):
             folder = tmp_path_factory.mktemp(f"{name}_{mode}")
             p1, p2 = Counting(top1_accuracy(TEST, limit=120)), Counting(top1_accuracy(TEST))
-            result = choose_mixed_precision(str(ROOT / "models" / f"{name}.onnx"), CALIB, "8/4,8/8,16/16", p1, p2,
-                                            0.01, folder, phase1=mode, progress=False)
+            result = choose_mixed_precision(
+                str(ROOT / "models" / f"{name}.onnx"),
+                CALIB,
+                "8/4,8/8,16/16",
+                p1,
+                p2,
+                0.01,
+                folder,
+                phase1=mode,
+                progress=False,
+            )
             out[name, mode] = (folder, result, p1.calls + p2.calls)
     return out
 
@@ -312,8 +344,23 @@ def evaluate(session):
     return float((session.run(None, {{name: _data["input"]}})[0].argmax(1) == _data["labels"]).mean())
 """)
     out = tmp_path / "out"
-    args = ["amp", model, "--calib", CALIB, "--eval-script", str(script), "--candidates", "8/4,8/8,16/16",
-            "--phase1", "proxy", "--proxy-samples", "4", "-o", str(out), "-q"]
+    args = [
+        "amp",
+        model,
+        "--calib",
+        CALIB,
+        "--eval-script",
+        str(script),
+        "--candidates",
+        "8/4,8/8,16/16",
+        "--phase1",
+        "proxy",
+        "--proxy-samples",
+        "4",
+        "-o",
+        str(out),
+        "-q",
+    ]
     assert main(args) == 0
     first = json.loads((out / "amp_info.json").read_text())
     assert first["phase1_mode"] == "proxy" and first["stats"]["phase1"]["proxy_runs"] > 0
@@ -328,8 +375,17 @@ def evaluate(session):
 def test_bad_phase1_options_are_named(tmp_path):
     for kwargs in ({"phase1": "fast"}, {"proxy_samples": 0}, {"max_proxy_repairs": -1}):
         with pytest.raises(AmpError):
-            choose_mixed_precision(onnx.load(str(ROOT / "models" / "digits_cnn.onnx")), CALIB, "8/8,16/16",
-                                   None, lambda s: 1.0, 0.01, tmp_path, progress=False, **kwargs)
+            choose_mixed_precision(
+                onnx.load(str(ROOT / "models" / "digits_cnn.onnx")),
+                CALIB,
+                "8/8,16/16",
+                None,
+                lambda s: 1.0,
+                0.01,
+                tmp_path,
+                progress=False,
+                **kwargs,
+            )
 
 
 def test_pruned_sessions_serve_expensive_evaluations_with_the_same_scores():
@@ -337,8 +393,9 @@ def test_pruned_sessions_serve_expensive_evaluations_with_the_same_scores():
     part = find_groups(graph)
     feeds = [{"input": x} for x in np.load(CALIB)["input"].reshape(16, 16, 1, 16, 16)[:4]]
     config = QuantConfig()
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16],
-                            bias_correction=True, batch_size=16)
+    tables = calibrate_once(
+        graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[4, 8, 16], bias_correction=True, batch_size=16
+    )
     metric = top1_accuracy(TEST)
     model = graph.to_onnx().SerializeToString()
 
@@ -352,8 +409,7 @@ def test_pruned_sessions_serve_expensive_evaluations_with_the_same_scores():
 
     auto = SimulationScorer(ScorerSpec(model, part, config, {"phase1": slow, "phase2": slow}, tables))
     delay.append(max(0.05, 2 * SimulationScorer.PRUNE_FACTOR * auto.stats.build_seconds))
-    never = SimulationScorer(ScorerSpec(model, part, config, {"phase1": metric, "phase2": metric}, tables,
-                                        prune=False))
+    never = SimulationScorer(ScorerSpec(model, part, config, {"phase1": metric, "phase2": metric}, tables, prune=False))
     rng = np.random.default_rng(5)
     cands = [C84, C88, C1616]
     assignments = [{g: cands[rng.integers(3)] for g in part.names} for _ in range(4)]

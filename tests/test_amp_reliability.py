@@ -69,8 +69,21 @@ def top1(session) -> float:
 
 
 def cli_args(script: Path, out: Path, model: str = MODEL) -> list[str]:
-    return ["amp", model, "--calib", CALIB, "--eval-script", str(script), "--candidates", "8/8,16/16",
-            "--allowed-drop", "0.01", "-o", str(out), "-q"]
+    return [
+        "amp",
+        model,
+        "--calib",
+        CALIB,
+        "--eval-script",
+        str(script),
+        "--candidates",
+        "8/8,16/16",
+        "--allowed-drop",
+        "0.01",
+        "-o",
+        str(out),
+        "-q",
+    ]
 
 
 def one_line_error(capsys) -> str:
@@ -105,8 +118,11 @@ def metric():
     return sqnr(TEST, MODEL, limit=32)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", True, ValueError("no labels")],
-                         ids=["nan", "inf", "-inf", "str", "bool", "raises"])
+@pytest.mark.parametrize(
+    "bad",
+    [math.nan, math.inf, -math.inf, "0.5", True, ValueError("no labels")],
+    ids=["nan", "inf", "-inf", "str", "bool", "raises"],
+)
 def test_api_bad_phase1_score_names_the_group_and_candidate(tmp_path, metric, bad):
     def phase1(session):
         if isinstance(bad, Exception):
@@ -115,8 +131,9 @@ def test_api_bad_phase1_score_names_the_group_and_candidate(tmp_path, metric, ba
 
     # SQNR: FP32 ~133 dB, all 16/16 ~71 dB, all 8/8 ~32 dB; a 70 dB drop needs phase 1.
     with pytest.raises(AmpError) as info:
-        choose_mixed_precision(MODEL, CALIB, "8/8,16/16", phase1, metric, 70.0, tmp_path, phase1="exhaustive",
-                               progress=False)
+        choose_mixed_precision(
+            MODEL, CALIB, "8/8,16/16", phase1, metric, 70.0, tmp_path, phase1="exhaustive", progress=False
+        )
     text = str(info.value)
     assert "\n" not in text
     assert "AMP phase1 score of " in text and " at 8/8 (the other " in text and "groups at 16/16)" in text
@@ -218,14 +235,17 @@ def test_tampered_verification_score_is_measured_again(first_run, tmp_path):
     assert info["stats"]["verify"]["evaluations"] >= 2
 
 
-@pytest.mark.parametrize("name,text,said", [
-    ("scores.json", "[]", "scores.json holds a list"),
-    ("scores.json", "garbage", "scores.json is not valid JSON"),
-    ("scores.json", None, "is 'good', not a finite number"),
-    ("scores.json", "nan", "is nan, not a finite number"),
-    ("fingerprint.json", "garbage", "fingerprint.json is not valid JSON"),
-    ("fingerprint.json", "[1, 2]", "fingerprint.json holds a list"),
-])
+@pytest.mark.parametrize(
+    "name,text,said",
+    [
+        ("scores.json", "[]", "scores.json holds a list"),
+        ("scores.json", "garbage", "scores.json is not valid JSON"),
+        ("scores.json", None, "is 'good', not a finite number"),
+        ("scores.json", "nan", "is nan, not a finite number"),
+        ("fingerprint.json", "garbage", "fingerprint.json is not valid JSON"),
+        ("fingerprint.json", "[1, 2]", "fingerprint.json holds a list"),
+    ],
+)
 def test_resume_refuses_a_damaged_cache_file(first_run, tmp_path, capsys, name, text, said):
     script, _ = first_run
     out = copy_out(first_run, tmp_path)
@@ -254,12 +274,34 @@ def test_a_file_in_place_of_the_cache_folder(first_run, tmp_path, capsys):
 
 
 def test_api_resume_refuses_a_builtin_metric_on_other_data(tmp_path):
-    choose_mixed_precision(MODEL, CALIB, "8/8,16/16", None, top1_accuracy(TEST, limit=60), 0.01, tmp_path,
-                           progress=False)
-    again = choose_mixed_precision(MODEL, CALIB, "8/8,16/16", None, top1_accuracy(TEST, limit=60), 0.01, tmp_path,
-                                   clean_start=False, progress=False)
+    choose_mixed_precision(
+        MODEL, CALIB, "8/8,16/16", None, top1_accuracy(TEST, limit=60), 0.01, tmp_path, progress=False
+    )
+    again = choose_mixed_precision(
+        MODEL,
+        CALIB,
+        "8/8,16/16",
+        None,
+        top1_accuracy(TEST, limit=60),
+        0.01,
+        tmp_path,
+        clean_start=False,
+        progress=False,
+    )
     assert any("reusing cached results" in m for m in again.messages)
-    with pytest.raises(AmpError, match=r"made for another eval script / callbacks; run without --resume "
-                                       r"\(clean_start=True\)"):
-        choose_mixed_precision(MODEL, CALIB, "8/8,16/16", None, top1_accuracy(TEST, limit=120), 0.01, tmp_path,
-                               clean_start=False, progress=False)
+    with pytest.raises(
+        AmpError,
+        match=r"made for another eval script / callbacks; run without --resume "
+        r"\(clean_start=True\)",
+    ):
+        choose_mixed_precision(
+            MODEL,
+            CALIB,
+            "8/8,16/16",
+            None,
+            top1_accuracy(TEST, limit=120),
+            0.01,
+            tmp_path,
+            clean_start=False,
+            progress=False,
+        )

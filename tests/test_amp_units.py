@@ -104,8 +104,13 @@ def test_conv_transpose_macs():
 
     w = numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")
     node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", strides=[2, 2])
-    g = helper.make_graph([node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    g = helper.make_graph(
+        [node],
+        "ct",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
     graph = graph_ir.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     macs = mac_table(graph, find_groups(graph))
     assert macs.macs["deconv"] == 5 * 5 * 3 * 2 * 3 * 3  # every input pixel x its channel's kernel slice
@@ -119,7 +124,9 @@ def _lazy(values, calls):
         def f():
             calls.append(i)
             return values[i]
+
         return f
+
     return [make(i) for i in range(len(values))]
 
 
@@ -127,8 +134,10 @@ def _lazy(values, calls):
 def test_binary_and_interpolation_agree_with_brute_force_on_a_monotone_curve(target):
     falling = [1.0, 0.98, 0.97, 0.95, 0.91, 0.9, 0.7, 0.5, 0.2]
     calls = {k: [] for k in ("b", "i", "f")}
-    got = {k: fn(_lazy(falling, calls[k]), target) for k, fn in
-           (("b", binary_search), ("i", interpolation_search), ("f", brute_force_search))}
+    got = {
+        k: fn(_lazy(falling, calls[k]), target)
+        for k, fn in (("b", binary_search), ("i", interpolation_search), ("f", brute_force_search))
+    }
     assert got["b"] == got["i"] == got["f"]
     if target <= 1.0:
         assert falling[got["b"]] >= target and (got["b"] == len(falling) - 1 or falling[got["b"] + 1] < target)
@@ -164,22 +173,41 @@ def test_phase1_and_phase2_keep_the_sensitive_groups_high():
     macs = MacTable({g: 100 for g in GROUPS}, by_group={g: (g,) for g in GROUPS})
     baseline = {g: C1616 for g in GROUPS}
     tasks = phase1_tasks(GROUPS, {g: [C88, C1616] for g in GROUPS}, baseline)
-    entries = sort_accuracy_list([make_entry(g, c, synthetic(with_group(baseline, g, c)), baseline, macs)
-                                  for g, c in tasks], GROUPS)
+    entries = sort_accuracy_list(
+        [make_entry(g, c, synthetic(with_group(baseline, g, c)), baseline, macs) for g, c in tasks], GROUPS
+    )
     assert {e.group for e in entries[-2:]} == set(SENSITIVE)  # most sensitive last
     assert entries[-1].group == "g2"
     target = 1.0 - 0.05
     for algorithm in ("binary", "interpolation", "brute-force"):
-        result = run_phase2(forward_steps(entries, baseline), baseline, 1.0, synthetic, macs, macs.bitops(baseline),
-                            target, algorithm=algorithm, progress=False)
+        result = run_phase2(
+            forward_steps(entries, baseline),
+            baseline,
+            1.0,
+            synthetic,
+            macs,
+            macs.bitops(baseline),
+            target,
+            algorithm=algorithm,
+            progress=False,
+        )
         chosen = result.chosen.assignment
         assert {g for g, c in chosen.items() if c == C1616} == set(SENSITIVE), algorithm
         assert synthetic(chosen) >= target
         bitops = [p.bitops for p in result.points]
         assert bitops == sorted(bitops, reverse=True)
     lowest = {g: C88 for g in GROUPS}
-    rev = run_phase2(reverse_steps(entries, baseline, lowest), lowest, synthetic(lowest), synthetic, macs,
-                     macs.bitops(baseline), target, reverse=True, progress=False)
+    rev = run_phase2(
+        reverse_steps(entries, baseline, lowest),
+        lowest,
+        synthetic(lowest),
+        synthetic,
+        macs,
+        macs.bitops(baseline),
+        target,
+        reverse=True,
+        progress=False,
+    )
     assert {g for g, c in rev.chosen.assignment.items() if c == C1616} == set(SENSITIVE)
 
 
@@ -192,13 +220,18 @@ def test_full_curve_is_monotone_in_bitops_and_scores_every_point():
 
     def metric(a):
         return synthetic({g: C88 if c != C1616 else C1616 for g, c in a.items()}) - 0.01 * sum(
-            c == C84 for c in a.values())
+            c == C84 for c in a.values()
+        )
 
-    entries = sort_accuracy_list([make_entry(g, c, metric(with_group(baseline, g, c)), baseline, macs)
-                                  for g, c in phase1_tasks(GROUPS, cands, baseline)], GROUPS)
+    entries = sort_accuracy_list(
+        [
+            make_entry(g, c, metric(with_group(baseline, g, c)), baseline, macs)
+            for g, c in phase1_tasks(GROUPS, cands, baseline)
+        ],
+        GROUPS,
+    )
     steps = forward_steps(entries, baseline)
-    result = run_phase2(steps, baseline, 1.0, metric, macs, macs.bitops(baseline), -math.inf, full=True,
-                        progress=False)
+    result = run_phase2(steps, baseline, 1.0, metric, macs, macs.bitops(baseline), -math.inf, full=True, progress=False)
     assert len(result.points) == len(steps) + 1
     bitops = [p.bitops for p in result.points]
     assert all(a > b for a, b in zip(bitops, bitops[1:], strict=False))
@@ -245,20 +278,20 @@ def test_phase3_removes_converts_without_missing_the_target(tmp_path):
         evaluated.append(dict(a))
         return 0.97
 
-    result = reduce_converts(part, chosen, {g: [C88, C1616] for g in names}, macs, metric, 0.96,
-                             current_score=0.97, progress=False)
+    result = reduce_converts(
+        part, chosen, {g: [C88, C1616] for g in names}, macs, metric, 0.96, current_score=0.97, progress=False
+    )
     assert result.converts_before == 2 and result.converts_after == 0
     assert result.assignment["gap"] == C88 and result.score >= 0.96 and len(evaluated) == 1
     assert macs.bitops(result.assignment) <= macs.bitops(chosen)
     # The real lowering agrees: the node lists lose the DQ->Q->DQ conversions.
     calib = np.load("models/digits_calib.npz")["input"][:32]
-    feeds = [{"input": calib[i:i + 16]} for i in range(0, 32, 16)]
+    feeds = [{"input": calib[i : i + 16]} for i in range(0, 32, 16)]
     before = quantize_assignment(graph, part, chosen, feeds, QuantConfig()).model
     after = quantize_assignment(graph, part, result.assignment, feeds, QuantConfig()).model
     assert requantizations(before) == 2 and requantizations(after) == 0
     # A flip that misses the target is refused.
-    refused = reduce_converts(part, chosen, {g: [C88, C1616] for g in names}, macs, lambda a: 0.5, 0.96,
-                              progress=False)
+    refused = reduce_converts(part, chosen, {g: [C88, C1616] for g in names}, macs, lambda a: 0.5, 0.96, progress=False)
     assert refused.assignment == chosen and refused.flips and not any(f.accepted for f in refused.flips)
 
 
@@ -300,12 +333,19 @@ def test_simulated_weight_encoding_matches_encode_weights_on_a_mixed_axis_weight
     from qpasses.quant.plan import QuantPlan
 
     w = (np.random.default_rng(0).normal(size=(8, 8)) + 0.5).astype(np.float32)
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
-         helper.make_node("Gemm", ["a", "w"], ["y"], name="g1", transB=1)],
-        "mixed_axes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [numpy_helper.from_array(w, "w")]),
-        opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("Gemm", ["x", "w"], ["a"], name="g0", transB=0),
+                helper.make_node("Gemm", ["a", "w"], ["y"], name="g1", transB=1),
+            ],
+            "mixed_axes",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+            [numpy_helper.from_array(w, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     graph, ctx = graph_ir.load(model), PassContext()
     default_registry().create_pass("encode-weights", per_channel=True, mode=mode)(graph, ctx)
     axis = ctx.get(QuantPlan, graph).plan.weights["w"].axis

@@ -56,8 +56,7 @@ def patch_verify(monkeypatch, change):
 def test_three_scores_are_reported_and_agree_on_the_portable_model(tmp_path, evals):
     with warnings.catch_warnings():
         warnings.simplefilter("error", AmpWarning)  # no divergence: no warning
-        result = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path, target="ort",
-                                        progress=False)
+        result = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path, target="ort", progress=False)
     tol = divergence_tolerance(result.fp32_score)
     assert result.divergence_tolerance == pytest.approx(tol) == pytest.approx(DIVERGENCE_RTOL * result.fp32_score)
     assert result.score == result.runtime_score >= result.target
@@ -71,10 +70,14 @@ def test_three_scores_are_reported_and_agree_on_the_portable_model(tmp_path, eva
     # The saved point is the last verified one; its simulated score is its search score.
     last = result.verification[-1]
     assert result.verification[0].kind == "chosen" and last.assignment == result.assignment
-    assert (last.simulated_score, last.runtime_score, last.exact_score) == \
-        (result.simulated_score, result.runtime_score, result.exact_score)
-    searched = {json.dumps({g: str(c) for g, c in p.assignment.items()}, sort_keys=True): p.score
-                for p in result.pareto}
+    assert (last.simulated_score, last.runtime_score, last.exact_score) == (
+        result.simulated_score,
+        result.runtime_score,
+        result.exact_score,
+    )
+    searched = {
+        json.dumps({g: str(c) for g, c in p.assignment.items()}, sort_keys=True): p.score for p in result.pareto
+    }
     key = json.dumps({g: str(c) for g, c in result.assignment.items()}, sort_keys=True)
     if key in searched:
         assert result.simulated_score == pytest.approx(searched[key])
@@ -124,9 +127,11 @@ def test_runtime_exact_divergence_is_a_loud_warning_with_its_size(tmp_path, eval
         result = choose_mixed_precision(MODEL, CALIB, CANDIDATES, *evals, 0.01, tmp_path, progress=False)
     [warning] = [w for w in result.warnings if "fused integer kernels" in w]
     assert warning in result.messages
-    assert warning.startswith(f"onnxruntime's default session scores the chosen point "
-                              f"{result.verification[0].runtime_score:.4f}, but exact QDQ semantics score the "
-                              f"same model {result.verification[0].exact_score:.4f}: 0.2000 lower")
+    assert warning.startswith(
+        f"onnxruntime's default session scores the chosen point "
+        f"{result.verification[0].runtime_score:.4f}, but exact QDQ semantics score the "
+        f"same model {result.verification[0].exact_score:.4f}: 0.2000 lower"
+    )
     assert f"% of |FP32 score {result.fp32_score:.4f}|" in warning
     assert f"qpasses check {tmp_path / 'model.qdq.onnx'} --runtime ort" in warning
     assert "quantize for target 'ort'" in warning and "AMP fell back from it to the baseline" in warning
@@ -146,11 +151,26 @@ def test_runtime_exact_divergence_is_a_loud_warning_with_its_size(tmp_path, eval
 def test_cli_prints_the_divergence_as_a_warning(tmp_path, capsys, monkeypatch):
     patch_verify(monkeypatch, lambda scorer, value: value if scorer.exact else value - 0.2)
     script = tmp_path / "eval.py"
-    script.write_text(f"import numpy as np\n_d = np.load({str(TEST)!r})\n"
-                      "def evaluate(s):\n"
-                      "    return float((s.run(None, {'input': _d['input']})[0].argmax(1) == _d['labels']).mean())\n")
-    code = main(["amp", MODEL, "--calib", CALIB, "--eval-script", str(script), "--candidates", "8/8,16/16",
-                 "-o", str(tmp_path / "out"), "-q"])
+    script.write_text(
+        f"import numpy as np\n_d = np.load({str(TEST)!r})\n"
+        "def evaluate(s):\n"
+        "    return float((s.run(None, {'input': _d['input']})[0].argmax(1) == _d['labels']).mean())\n"
+    )
+    code = main(
+        [
+            "amp",
+            MODEL,
+            "--calib",
+            CALIB,
+            "--eval-script",
+            str(script),
+            "--candidates",
+            "8/8,16/16",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     warning_lines = [line for line in captured.err.splitlines() if line.startswith("warning: ")]

@@ -61,7 +61,7 @@ def test_readme_pass_example_runs() -> None:
     from qpasses import api
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Writing a pass"):]
+    section = readme[readme.index("### Writing a pass") :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None
     scope: dict = {}

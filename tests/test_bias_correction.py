@@ -34,9 +34,13 @@ def _model(kind: str) -> onnx.ModelProto:
         b = RNG.normal(0, 0.1, 8).astype(np.float32)
         node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=groups, pads=[1, 1, 1, 1], name="conv")
         x_vi, y_vi = ([None, 8, 6, 6], [None, 8, 6, 6])
-    graph = helper.make_graph([node], kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_vi)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_vi)],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    graph = helper.make_graph(
+        [node],
+        kind,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_vi)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_vi)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -50,7 +54,7 @@ def _data(model: onnx.ModelProto, n: int = 64) -> np.ndarray:
 def test_mean_output_error_removed(kind: str) -> None:
     model = _model(kind)
     x = _data(model)
-    feeds = [{"x": x[i:i + 16]} for i in range(0, len(x), 16)]
+    feeds = [{"x": x[i : i + 16]} for i in range(0, len(x), 16)]
     ref = _run(model, x).astype(np.float64)
     axes = (0,) if kind == "gemm" else (0, 2, 3)
     # Weights at 4 bits per tensor so the rounding shift is large; 16-bit activations keep their noise small.
@@ -69,8 +73,9 @@ def test_works_with_a_one_shot_generator() -> None:
     """calibrate leaves the input means, so a generator of feeds (readable once) is enough."""
     model = _model("gemm")
     x = _data(model)
-    result = quantize_model(model, ({"x": x[i:i + 16]} for i in range(0, 64, 16)), QuantConfig(weight_bw=4),
-                            progress=False)
+    result = quantize_model(
+        model, ({"x": x[i : i + 16]} for i in range(0, 64, 16)), QuantConfig(weight_bw=4), progress=False
+    )
     applied = [r.message for r in result.report.remarks if r.pass_name == "bias-correction"]
     assert applied == ["corrected 1 biases from input means (calibration)"]
 
@@ -95,6 +100,5 @@ def test_pass_measures_means_itself_without_calibrate() -> None:
 def test_seq_mse_turns_default_bias_correction_off() -> None:
     model = _model("gemm")
     x = _data(model)
-    result = quantize_model(model, [{"x": x}], QuantConfig(weight_bw=4, per_channel=True), seq_mse=True,
-                            progress=False)
+    result = quantize_model(model, [{"x": x}], QuantConfig(weight_bw=4, per_channel=True), seq_mse=True, progress=False)
     assert "bias-correction" not in [r.name for r in result.report.records]

@@ -42,7 +42,7 @@ def calib_x() -> np.ndarray:
 
 def feeds(batch: int, x: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     x = calib_x() if x is None else x
-    return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+    return [{"input": x[i : i + batch]} for i in range(0, len(x), batch)]
 
 
 @functools.cache
@@ -172,13 +172,20 @@ def test_many_small_batches_equal_one_big_batch() -> None:
 def test_grid_histogram_counts_exactly_through_range_growth() -> None:
     """Growth on both sides, a value on the top edge, negative and tiny ranges: any batching, any order."""
     rng = np.random.default_rng(0)
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])]),
-        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    batches = [rng.standard_normal(200_000).astype(np.float32) * s + c
-               for s, c in [(1, 0), (0.1, 0), (5, 3), (1, -20), (30, 0), (0.5, 0.25)]]
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    batches = [
+        rng.standard_normal(200_000).astype(np.float32) * s + c
+        for s, c in [(1, 0), (0.1, 0), (5, 3), (1, -20), (30, 0), (0.5, 0.25)]
+    ]
     batches.append(np.full(10, batches[4].max(), np.float32))  # exactly the overall max
     everything = np.concatenate(batches)
     for order in (range(len(batches)), reversed(range(len(batches)))):
@@ -186,10 +193,13 @@ def test_grid_histogram_counts_exactly_through_range_growth() -> None:
         for cap in (None, 100_000):  # 100 kB: split into rows of the 1-D input
             stats = collect_statistics(model, ["y"], data, histogram=True, progress=False, max_bytes_per_run=cap)
             assert_same_histogram(stats["y"], canonical_histogram(everything))
-    for values in (np.zeros(7, np.float32), np.full(5, -3.5, np.float32), np.float32([1e-30, 3e-30, -2e-30]),
-                   np.float32([100.0, 100.00001, 99.99999])):
-        stats = collect_statistics(model, ["y"], [{"x": values[:2]}, {"x": values[2:]}], histogram=True,
-                                   progress=False)
+    for values in (
+        np.zeros(7, np.float32),
+        np.full(5, -3.5, np.float32),
+        np.float32([1e-30, 3e-30, -2e-30]),
+        np.float32([100.0, 100.00001, 99.99999]),
+    ):
+        stats = collect_statistics(model, ["y"], [{"x": values[:2]}, {"x": values[2:]}], histogram=True, progress=False)
         assert_same_histogram(stats["y"], canonical_histogram(values))
         assert compute(stats["y"], 8, "enhanced") == compute(canonical_histogram(values), 8, "enhanced")
 
@@ -199,8 +209,9 @@ def test_iterate_tensors_streams_requested_tensors() -> None:
     names = ("input", "features.1.act_out", "logits")
     seen = list(iterate_tensors(model, names, feeds(100)))
     assert [len(v["logits"]) for v in seen] == [100, 100, 56]
-    np.testing.assert_array_equal(np.concatenate([v["features.1.act_out"] for v in seen]),
-                                  reference(names)["features.1.act_out"])
+    np.testing.assert_array_equal(
+        np.concatenate([v["features.1.act_out"] for v in seen]), reference(names)["features.1.act_out"]
+    )
     assert seen[0]["input"] is not None and seen[0]["input"].shape == (100, 1, 16, 16)
 
 
@@ -229,7 +240,9 @@ def test_tensors_that_cannot_be_observed_are_reported() -> None:
     model = onnx.load(DIGITS)
     weight = model.graph.initializer[0].name
     assert unavailable_tensors(model, ["logits", "nope", weight]) == {
-        "nope": "not produced by any node of the main graph", weight: "a constant, not an activation"}
+        "nope": "not produced by any node of the main graph",
+        weight: "a constant, not an activation",
+    }
     stats = collect_statistics(model, ["logits", "nope", weight], feeds(64), progress=False)
     assert list(stats) == ["logits"]
 
@@ -280,9 +293,13 @@ def test_wrong_shape_names_the_input_and_batch() -> None:
 def test_onnxruntime_failures_become_calibration_data_errors() -> None:
     """Symbolic dims pass validation; onnxruntime's own error is re-raised naming the batch and inputs."""
     add = helper.make_node("Add", ["x", "c"], ["y"])
-    graph = helper.make_graph([add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor("c", TensorProto.FLOAT, [4], [1, 2, 3, 4])])
+    graph = helper.make_graph(
+        [add],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("c", TensorProto.FLOAT, [4], [1, 2, 3, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     good, bad = np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float32)
     with pytest.raises(CalibrationDataError, match=r"batch 1: onnxruntime failed on inputs 'x' float32 \[2, 3\]"):
@@ -308,8 +325,9 @@ class CountingTap(TensorTap):
         return values
 
 
-def gathered(model: onnx.ModelProto, names: list[str], data: list[dict[str, np.ndarray]],
-             cap: int | None) -> dict[str, np.ndarray]:
+def gathered(
+    model: onnx.ModelProto, names: list[str], data: list[dict[str, np.ndarray]], cap: int | None
+) -> dict[str, np.ndarray]:
     """Every piece ``iterate_chunks`` yields, put back together in row order."""
     parts: dict[str, list[np.ndarray]] = {}
     for _, piece in iterate_chunks(model, names, data, cap):
@@ -330,12 +348,14 @@ def test_encodings_do_not_depend_on_batch_size_or_cap(model_file: str) -> None:
     x = calib_x()
     modes = {False: ("tf", "symmetric"), True: ("enhanced", "percentile")}
     for histogram, mode_names in modes.items():
-        expected = collect_statistics(model, names, feeds(16, x), histogram=histogram, progress=False,
-                                      max_bytes_per_run=None)
+        expected = collect_statistics(
+            model, names, feeds(16, x), histogram=histogram, progress=False, max_bytes_per_run=None
+        )
         for batch in (1, 7, 16):
             for cap in (None, DEFAULT_MAX_BYTES_PER_RUN, 1):
-                stats = collect_statistics(model, names, feeds(batch, x), histogram=histogram, progress=False,
-                                           max_bytes_per_run=cap)
+                stats = collect_statistics(
+                    model, names, feeds(batch, x), histogram=histogram, progress=False, max_bytes_per_run=cap
+                )
                 assert list(stats) == list(expected)
                 for name in names:
                     if histogram:  # the same histogram, so the same encodings (checked once: the search is slow)
@@ -391,10 +411,18 @@ def branchy_model() -> onnx.ModelProto:
     w = helper.make_tensor("w", TensorProto.FLOAT, [6, 4], rng.standard_normal((6, 4)).astype(np.float32).ravel())
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
-    then_branch = helper.make_graph([helper.make_node("Add", ["a", "one"], ["t"])], "then", [],
-                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-    else_branch = helper.make_graph([helper.make_node("Sub", ["a", "one"], ["e"])], "else", [],
-                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["a", "one"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Sub", ["a", "one"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
     nodes = [
         helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
         helper.make_node("MatMul", ["x", "wt"], ["h"]),
@@ -406,8 +434,13 @@ def branchy_model() -> onnx.ModelProto:
         helper.make_node("If", ["cond"], ["branch"], then_branch=then_branch, else_branch=else_branch),
         helper.make_node("Sigmoid", ["branch"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], [w, one, zero])
+    graph = helper.make_graph(
+        nodes,
+        "branchy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])],
+        [w, one, zero],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 

@@ -207,15 +207,20 @@ def test_empty_iterable(dyn: onnx.ModelProto) -> None:
 BAD_FEEDS = [
     pytest.param({"input": _img(1), "extra": _img(1)}, r"unknown input name\(s\) \['extra'\]", id="unknown"),
     pytest.param({}, r"missing input\(s\) \['input'\]", id="missing"),
-    pytest.param({"input": np.zeros(IMG, np.float32)},
-                 r"'input' has shape \(3, 16, 16\), expected \(N, 3, 16, 16\) \(rank 3 instead of 4\)",
-                 id="rank"),
-    pytest.param({"input": np.zeros((1, 3, 16, 17), np.float32)},
-                 r"'input' has shape \(1, 3, 16, 17\), expected \(N, 3, 16, 16\) \(axis 3 is 17", id="dim"),
-    pytest.param({"input": np.zeros((1, *IMG), np.int32)}, "'input' has dtype int32, expected float32",
-                 id="dtype-int"),
-    pytest.param({"input": np.zeros((1, *IMG), np.float16)}, "'input' has dtype float16, expected float32",
-                 id="dtype-half"),
+    pytest.param(
+        {"input": np.zeros(IMG, np.float32)},
+        r"'input' has shape \(3, 16, 16\), expected \(N, 3, 16, 16\) \(rank 3 instead of 4\)",
+        id="rank",
+    ),
+    pytest.param(
+        {"input": np.zeros((1, 3, 16, 17), np.float32)},
+        r"'input' has shape \(1, 3, 16, 17\), expected \(N, 3, 16, 16\) \(axis 3 is 17",
+        id="dim",
+    ),
+    pytest.param({"input": np.zeros((1, *IMG), np.int32)}, "'input' has dtype int32, expected float32", id="dtype-int"),
+    pytest.param(
+        {"input": np.zeros((1, *IMG), np.float16)}, "'input' has dtype float16, expected float32", id="dtype-half"
+    ),
     pytest.param([1, 2, 3], "expected a dict", id="not-a-dict"),
     pytest.param({"input": [[1.0], [2.0, 3.0]]}, "cannot be converted", id="ragged"),
 ]
@@ -301,8 +306,7 @@ def test_npz_one_feed_per_row(tmp_path: Path, dyn: onnx.ModelProto, batch: int) 
 
 def test_npz_rows_for_fixed_batch_model(tmp_path: Path, fixed: onnx.ModelProto) -> None:
     np.savez(tmp_path / "rows.npz", input=_img(3)[:, None])
-    assert [f["input"].shape for f in CalibrationData.from_source(tmp_path / "rows.npz", fixed)] == [
-        (1, *IMG)] * 3
+    assert [f["input"].shape for f in CalibrationData.from_source(tmp_path / "rows.npz", fixed)] == [(1, *IMG)] * 3
 
 
 def test_npz_two_inputs_and_float64(tmp_path: Path, two_inputs: onnx.ModelProto) -> None:
@@ -323,16 +327,25 @@ def test_npz_scalar_input(tmp_path: Path) -> None:
 
 
 BAD_NPZ = [
-    pytest.param({"image": _img(2)}, r"no array for input\(s\) \['input'\]; arrays present: \['image'\]",
-                 id="missing-key"),
-    pytest.param({"input": np.zeros((2, 16, 16), np.float32)},
-                 r"array 'input'.*shape \(2, 16, 16\); expected .*\(N, 3, 16, 16\)", id="rank"),
-    pytest.param({"input": np.zeros((2, 3, 16, 17), np.float32)},
-                 r"array 'input'.*shape \(2, 3, 16, 17\), expected \(N, 3, 16, 16\) \(axis 3 is 17", id="dim"),
-    pytest.param({"input": np.zeros((4, 2, 3, 8, 16), np.float32)},
-                 r"one feed per row.*\(2, 3, 8, 16\), expected \(N, 3, 16, 16\)", id="row-shape"),
-    pytest.param({"input": np.zeros((2, *IMG), np.int32)}, "array 'input'.* dtype int32, expected float32",
-                 id="dtype"),
+    pytest.param(
+        {"image": _img(2)}, r"no array for input\(s\) \['input'\]; arrays present: \['image'\]", id="missing-key"
+    ),
+    pytest.param(
+        {"input": np.zeros((2, 16, 16), np.float32)},
+        r"array 'input'.*shape \(2, 16, 16\); expected .*\(N, 3, 16, 16\)",
+        id="rank",
+    ),
+    pytest.param(
+        {"input": np.zeros((2, 3, 16, 17), np.float32)},
+        r"array 'input'.*shape \(2, 3, 16, 17\), expected \(N, 3, 16, 16\) \(axis 3 is 17",
+        id="dim",
+    ),
+    pytest.param(
+        {"input": np.zeros((4, 2, 3, 8, 16), np.float32)},
+        r"one feed per row.*\(2, 3, 8, 16\), expected \(N, 3, 16, 16\)",
+        id="row-shape",
+    ),
+    pytest.param({"input": np.zeros((2, *IMG), np.int32)}, "array 'input'.* dtype int32, expected float32", id="dtype"),
     pytest.param({"input": np.zeros((0, *IMG), np.float32)}, "no calibration samples", id="empty"),
 ]
 
@@ -389,9 +402,7 @@ def test_input_list_single_input(tmp_path: Path, dyn: onnx.ModelProto) -> None:
     _raw(tmp_path / "data" / "a.raw", xs[0])
     _raw(tmp_path / "data" / "b.raw", xs[1])
     absolute = _raw(tmp_path / "elsewhere" / "c.raw", xs[2])
-    (tmp_path / "list.txt").write_text(
-        f"#out1 out2\n%logits\n\ndata/a.raw\n  data/b.raw  \n{absolute}\n\n"
-    )
+    (tmp_path / "list.txt").write_text(f"#out1 out2\n%logits\n\ndata/a.raw\n  data/b.raw  \n{absolute}\n\n")
     data = CalibrationData.from_source(str(tmp_path / "list.txt"), dyn)
     assert data.requested_outputs == ["out1", "out2", "logits"]
     assert len(data) == 3 and data.num_samples == 3
@@ -461,8 +472,11 @@ def test_parse_input_list(tmp_path: Path) -> None:
 
 BAD_LISTS = [
     pytest.param("ok.raw\nmissing.raw\n", r"line 2: input 'input': file not found: .*missing.raw", id="missing-file"),
-    pytest.param("ok.raw\n\nshort.raw\n", r"line 3: input 'input': file .*short.raw has 100 bytes, expected 3072",
-                 id="wrong-size"),
+    pytest.param(
+        "ok.raw\n\nshort.raw\n",
+        r"line 3: input 'input': file .*short.raw has 100 bytes, expected 3072",
+        id="wrong-size",
+    ),
     pytest.param("ok.raw ok.raw\n", "line 1: expected one path", id="two-bare-paths"),
     pytest.param("image:=ok.raw\n", r"line 1: unknown input name\(s\) \['image'\]", id="unknown-name"),
     pytest.param("input:=ok.raw ok.raw\n", "line 1: mixes", id="mixed"),

@@ -47,8 +47,10 @@ def test_float_ops_on_quantized_only_backends(capsys, tmp_path):
     enc = _overrides(tmp_path, {"features.3.act_out": [{"bitwidth": 32, "dtype": "float"}]})
     code, lines = _check(capsys, DEFAULT, "--target", "dsp", "--overrides", enc)
     assert code == 1
-    assert lines[:2] == ["features.3.conv (Conv): float32 op on quantized-only backend dsp",
-                         "features.3.act (Relu): float32 op on quantized-only backend dsp"]
+    assert lines[:2] == [
+        "features.3.conv (Conv): float32 op on quantized-only backend dsp",
+        "features.3.act (Relu): float32 op on quantized-only backend dsp",
+    ]
     code, lines = _check(capsys, DEFAULT, "--target", "htp", "--overrides", enc)
     assert code == 1 and "float32 is not supported: htp runs float ops in float16 only" in lines[0]
     fp16 = _overrides(tmp_path, {"features.3.act_out": [{"bitwidth": 16, "dtype": "float"}]})
@@ -59,8 +61,7 @@ def test_quantized_op_on_float_backend(capsys, tmp_path):
     enc = _overrides(tmp_path, {"logits": [{"bitwidth": 8, "min": -10.0, "max": 10.0}]})
     code, lines = _check(capsys, DEFAULT, "--target", "cpu", "--overrides", enc)
     assert code == 1
-    assert lines[0] == ("fc (Gemm): quantized op (int8) on float-only backend cpu: "
-                        "quantized models are incompatible")
+    assert lines[0] == ("fc (Gemm): quantized op (int8) on float-only backend cpu: quantized models are incompatible")
 
 
 def test_missing_encodings_without_calibration(capsys):
@@ -75,11 +76,15 @@ def test_unsupported_op_and_int32(capsys, tmp_path):
     w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Erf", ["c"], ["y"], name="erf")],
-        "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
+        "erf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [w],
+    )
     path = tmp_path / "erf.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                       ir_version=8).SerializeToString())
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    )
     code, lines = _check(capsys, str(path), "--target", "hta")
     assert code == 1 and lines[0] == "erf (Erf): unsupported op: hta does not run Erf"
     model = tmp_path / "int32.onnx"

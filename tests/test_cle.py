@@ -32,8 +32,9 @@ RTOL = 1e-4
 # --------------------------------------------------------------------------- helpers
 
 
-def run_passes(model: onnx.ModelProto, *, fold_first: bool = True, verify: str = "checker",
-               **cle_options: object) -> tuple[onnx.ModelProto, PipelineReport, PassContext]:
+def run_passes(
+    model: onnx.ModelProto, *, fold_first: bool = True, verify: str = "checker", **cle_options: object
+) -> tuple[onnx.ModelProto, PipelineReport, PassContext]:
     graph = graph_ir.load(model)
     ctx = PassContext()
     passes = ([FoldBatchNorm()] if fold_first else []) + [CrossLayerEqualization(**cle_options)]
@@ -142,8 +143,14 @@ def test_generated_models_equivalent(name: str) -> None:
         assert rel_err(model, out, feeds_for(model, seed)) < RTOL
 
 
-ZOO = ["conv_bn_relu", "constant_node_weights", "conv_no_group_attr", "opset11_model", "dynamic_dims",
-       "clip_relu6_attrs"]
+ZOO = [
+    "conv_bn_relu",
+    "constant_node_weights",
+    "conv_no_group_attr",
+    "opset11_model",
+    "dynamic_dims",
+    "clip_relu6_attrs",
+]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -160,11 +167,19 @@ def test_model_zoo_equivalent(name: str) -> None:
 # --------------------------------------------------------------------------- equalized ranges
 
 
-@pytest.mark.parametrize("make", [
-    cle_models.pair_100x, cle_models.depthwise_chain, cle_models.grouped_chain, cle_models.long_chain,
-    cle_models.convtranspose_chain, cle_models.gemm_mlp, cle_models.matmul_mlp,
-    lambda: shipped("digits_cnn.onnx"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        cle_models.pair_100x,
+        cle_models.depthwise_chain,
+        cle_models.grouped_chain,
+        cle_models.long_chain,
+        cle_models.convtranspose_chain,
+        cle_models.gemm_mlp,
+        cle_models.matmul_mlp,
+        lambda: shipped("digits_cnn.onnx"),
+    ],
+)
 def test_equalized_links_have_equal_channel_ranges(make: object) -> None:
     out, report, _ = run_passes(make())  # type: ignore[operator]
     links = [r for r in remarks(report, "applied") if r.message.startswith("equalized")]
@@ -196,10 +211,13 @@ def test_channel_ranges_100x_apart_are_equalized() -> None:
 
 def test_iterating_balances_overlapping_pairs_better_than_one_sweep() -> None:
     """DFQ iterates to a fixed point; one sweep (AIMET) leaves the earlier pairs of a chain unbalanced."""
+
     def worst_mismatch(model: onnx.ModelProto) -> float:
         names = ["conv0", "conv1", "conv2", "conv3", "output"]
-        return max(float(np.max(np.abs(np.log(ranges(model, a)[0] / ranges(model, b)[1]))))
-                   for a, b in zip(names, names[1:], strict=False))
+        return max(
+            float(np.max(np.abs(np.log(ranges(model, a)[0] / ranges(model, b)[1]))))
+            for a, b in zip(names, names[1:], strict=False)
+        )
 
     model = cle_models.long_chain()
     one, _, _ = run_passes(model, iterations=1)
@@ -433,5 +451,16 @@ def test_cli_fold_and_cle(tmp_path: Path) -> None:
     assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
     model = onnx.load(MODELS / "digits_cnn.onnx")
     assert rel_err(model, out, {"input": digits()["input"]}) < RTOL
-    assert main(["run", str(MODELS / "digits_cnn.onnx"), "--pipeline", "cle{iterations=2,relu6_to_relu=false}",
-                 "-o", str(tmp_path / "b.onnx")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(MODELS / "digits_cnn.onnx"),
+                "--pipeline",
+                "cle{iterations=2,relu6_to_relu=false}",
+                "-o",
+                str(tmp_path / "b.onnx"),
+            ]
+        )
+        == 0
+    )

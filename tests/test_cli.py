@@ -46,8 +46,12 @@ def test_run_empty_pipeline_is_round_trip(model, tmp_path):
 
 def test_run_pipeline_and_file(model, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    assert main(["run", str(model), "--pipeline", "remove-identity,dce,infer-shapes", "-o", str(out),
-                 "--verify", "numeric"]) == 0
+    assert (
+        main(
+            ["run", str(model), "--pipeline", "remove-identity,dce,infer-shapes", "-o", str(out), "--verify", "numeric"]
+        )
+        == 0
+    )
     assert "pass infer-shapes: modified" in capsys.readouterr().out
     onnx.checker.check_model(str(out), full_check=True)
     pf = tmp_path / "p.yaml"
@@ -73,11 +77,7 @@ def test_run_graphsurgeon_script(model, tmp_path):
 
 def test_run_ir_script(model, tmp_path):
     script = tmp_path / "rw.py"
-    script.write_text(
-        "REWRITE_API = 'ir'\n"
-        "def rewrite(graph):\n"
-        "    graph.insert_op_on_edge(graph.inputs[0], 'Neg')\n"
-    )
+    script.write_text("REWRITE_API = 'ir'\ndef rewrite(graph):\n    graph.insert_op_on_edge(graph.inputs[0], 'Neg')\n")
     out = tmp_path / "out.onnx"
     assert main(["run", str(model), "--script", str(script), "-o", str(out)]) == 0
     x = np.load(MODELS / "digits_test.npz")["input"][:4]
@@ -87,8 +87,23 @@ def test_run_ir_script(model, tmp_path):
 def test_dump_after(model, tmp_path):
     out = tmp_path / "out.onnx"
     dumps = tmp_path / "dumps"
-    assert main(["run", str(model), "--pipeline", "dce,infer-shapes", "-o", str(out),
-                 "--dump-after", "infer-shapes", "--dump-dir", str(dumps)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(model),
+                "--pipeline",
+                "dce,infer-shapes",
+                "-o",
+                str(out),
+                "--dump-after",
+                "infer-shapes",
+                "--dump-dir",
+                str(dumps),
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in dumps.iterdir()] == ["02-infer-shapes.onnx"]
 
 
@@ -162,16 +177,26 @@ def test_missing_file(tmp_path, capsys):
 
 def test_unknown_pass(model, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    _bad(["run", str(model), "--pipeline", "dce,no-such-pass", "-o", str(out)], [model], out, capsys,
-         "unknown pass 'no-such-pass'")
+    _bad(
+        ["run", str(model), "--pipeline", "dce,no-such-pass", "-o", str(out)],
+        [model],
+        out,
+        capsys,
+        "unknown pass 'no-such-pass'",
+    )
 
 
 def test_pipeline_file_bad_option(model, tmp_path, capsys):
     pf = tmp_path / "p.yaml"
     pf.write_text("- name: dce\n  options: {aggressive: true}\n")
     out = tmp_path / "out.onnx"
-    _bad(["run", str(model), "--pipeline-file", str(pf), "-o", str(out)], [model, pf], out, capsys,
-         "pass 'dce' has no option 'aggressive'")
+    _bad(
+        ["run", str(model), "--pipeline-file", str(pf), "-o", str(out)],
+        [model, pf],
+        out,
+        capsys,
+        "pass 'dce' has no option 'aggressive'",
+    )
 
 
 def test_output_equal_to_input_refused(model, capsys):
@@ -190,8 +215,22 @@ def test_failing_script_leaves_nothing(model, tmp_path, capsys):
 
 def test_quantize_with_eval_report(model, tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", str(model), "--calib", str(MODELS / "digits_calib.npz"), "-q", "-o", str(out),
-                 "--eval", str(MODELS / "digits_test.npz")]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model),
+                "--calib",
+                str(MODELS / "digits_calib.npz"),
+                "-q",
+                "-o",
+                str(out),
+                "--eval",
+                str(MODELS / "digits_test.npz"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("evaluated on 360 samples"))
     test = np.load(MODELS / "digits_test.npz")
@@ -206,17 +245,45 @@ def test_quantize_bad_eval_data_writes_nothing(model, tmp_path, capsys):
     bad = tmp_path / "eval.npz"
     np.savez(bad, pixels=np.zeros((2, 1, 16, 16), np.float32))
     out = tmp_path / "q"
-    assert main(["quantize", str(model), "--calib", str(MODELS / "digits_calib.npz"), "-q", "-o", str(out),
-                 "--eval", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(model),
+                "--calib",
+                str(MODELS / "digits_calib.npz"),
+                "-q",
+                "-o",
+                str(out),
+                "--eval",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     assert "has no array for input(s) ['input']" in capsys.readouterr().err
     assert not (out / "model.qdq.onnx").exists()
 
 
 def test_run_quantization_pipeline_with_calib(model, tmp_path):
     out = tmp_path / "q.onnx"
-    assert main(["run", str(model), "--pipeline", "fold-batchnorm,encode-weights{per_channel=true},"
-                 "calibrate{progress=false},quantize", "--calib", str(MODELS / "digits_calib.npz"),
-                 "--target", "ort", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(model),
+                "--pipeline",
+                "fold-batchnorm,encode-weights{per_channel=true},calibrate{progress=false},quantize",
+                "--calib",
+                str(MODELS / "digits_calib.npz"),
+                "--target",
+                "ort",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = onnx.load(str(out))
     assert sum(n.op_type == "QuantizeLinear" for n in m.graph.node) > 0
     x = np.load(MODELS / "digits_test.npz")["input"]
@@ -225,5 +292,4 @@ def test_run_quantization_pipeline_with_calib(model, tmp_path):
 
 def test_run_calibrate_without_data_is_a_user_error(model, tmp_path, capsys):
     out = tmp_path / "q.onnx"
-    _bad(["run", str(model), "--pipeline", "calibrate", "-o", str(out)], [model], out, capsys,
-         "no calibration data")
+    _bad(["run", str(model), "--pipeline", "calibrate", "-o", str(out)], [model], out, capsys, "no calibration data")

@@ -90,8 +90,21 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys) -> None:
 def test_contradicting_and_unknown_flags_are_errors(tmp_path, capsys) -> None:
     assert main(["quantize", DIGITS, "--calib", CALIB, "--no-calib", "-o", str(tmp_path / "q")]) == 2
     assert "contradict" in _err(capsys)
-    assert main(["run", DIGITS, "--pipeline", "remove-identity", "--dump-after", "no-such-pass",
-                 "-o", str(tmp_path / "o.onnx")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                DIGITS,
+                "--pipeline",
+                "remove-identity",
+                "--dump-after",
+                "no-such-pass",
+                "-o",
+                str(tmp_path / "o.onnx"),
+            ]
+        )
+        == 2
+    )
     assert "not in the pipeline" in _err(capsys)
 
 
@@ -144,11 +157,19 @@ def _opset7_conv_bn() -> onnx.ModelProto:
     """IR 3 / opset 7: initializers are also listed as graph inputs."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
-    inits += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
-              [("s", rng.uniform(0.5, 1.5, 4)), ("b", rng.standard_normal(4)), ("m", rng.standard_normal(4)),
-               ("v", rng.uniform(0.5, 1.5, 4))]]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    inits += [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in [
+            ("s", rng.uniform(0.5, 1.5, 4)),
+            ("b", rng.standard_normal(4)),
+            ("m", rng.standard_normal(4)),
+            ("v", rng.uniform(0.5, 1.5, 4)),
+        ]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+    ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
     inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -168,14 +189,22 @@ def test_ir3_model_folds_batchnorm(tmp_path, capsys) -> None:
 
 
 def test_dangling_input_and_cycle_are_named(tmp_path, capsys) -> None:
-    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], \
-         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
-    dangling = helper.make_model(helper.make_graph([helper.make_node("Relu", ["nothere"], ["y"], name="r")],
-                                                   "g", *io), opset_imports=[helper.make_opsetid("", 13)])
+    io = (
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    dangling = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["nothere"], ["y"], name="r")], "g", *io),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
     assert main(["run", _save(dangling, tmp_path / "d.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
     assert "Relu 'r' reads 'nothere'" in _err(capsys)
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="entry"), helper.make_node("Add", ["a", "c"], ["b"], name="p"),
-             helper.make_node("Relu", ["b"], ["c"], name="q"), helper.make_node("Relu", ["a"], ["y"], name="exit")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="entry"),
+        helper.make_node("Add", ["a", "c"], ["b"], name="p"),
+        helper.make_node("Relu", ["b"], ["c"], name="q"),
+        helper.make_node("Relu", ["a"], ["y"], name="exit"),
+    ]
     cyclic = helper.make_model(helper.make_graph(nodes, "g", *io), opset_imports=[helper.make_opsetid("", 13)])
     assert main(["run", _save(cyclic, tmp_path / "c.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
     err = _err(capsys)
@@ -183,15 +212,35 @@ def test_dangling_input_and_cycle_are_named(tmp_path, capsys) -> None:
 
 
 def test_custom_domain_model_with_numeric_verify_runs(tmp_path, capsys) -> None:
-    nodes = [helper.make_node("Identity", ["x"], ["i"], name="id"),
-             helper.make_node("MyOp", ["i"], ["y"], name="custom", domain="my.domain")]
+    nodes = [
+        helper.make_node("Identity", ["x"], ["i"], name="id"),
+        helper.make_node("MyOp", ["i"], ["y"], name="custom", domain="my.domain"),
+    ]
     model = helper.make_model(
-        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
-        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("my.domain", 1)])
+        helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("my.domain", 1)],
+    )
     out = tmp_path / "o.onnx"
-    assert main(["run", _save(model, tmp_path / "m.onnx"), "--pipeline", "remove-identity", "--verify", "numeric",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                _save(model, tmp_path / "m.onnx"),
+                "--pipeline",
+                "remove-identity",
+                "--verify",
+                "numeric",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "numeric verification skipped" in capsys.readouterr().out and out.exists()
 
 
@@ -199,19 +248,35 @@ def test_float16_numeric_verification_uses_float16_tolerance(tmp_path) -> None:
     import model_zoo
 
     model = model_zoo.float16_model()
-    assert main(["run", _save(model, tmp_path / "h.onnx"), "--pipeline", "fold-batchnorm,cle", "--verify",
-                 "numeric", "-o", str(tmp_path / "o.onnx")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                _save(model, tmp_path / "h.onnx"),
+                "--pipeline",
+                "fold-batchnorm,cle",
+                "--verify",
+                "numeric",
+                "-o",
+                str(tmp_path / "o.onnx"),
+            ]
+        )
+        == 0
+    )
 
 
 # --- --eval data ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("arrays", "message"), [
-    ({"input": np.zeros((4, 1, 9, 9), np.float32)}, "axis 2 is 9"),
-    ({"input": np.array([[1, "a"]], dtype=object)}, "evaluation data"),
-    ({"input": np.zeros((4, 1, 16, 16), np.float32), "labels": np.arange(3)}, "'labels' must be 4 integers"),
-    ({"input": np.zeros((0, 1, 16, 16), np.float32)}, "holds no samples"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"input": np.zeros((4, 1, 9, 9), np.float32)}, "axis 2 is 9"),
+        ({"input": np.array([[1, "a"]], dtype=object)}, "evaluation data"),
+        ({"input": np.zeros((4, 1, 16, 16), np.float32), "labels": np.arange(3)}, "'labels' must be 4 integers"),
+        ({"input": np.zeros((0, 1, 16, 16), np.float32)}, "holds no samples"),
+    ],
+)
 def test_bad_eval_data_is_one_line(tmp_path, capsys, arrays, message) -> None:
     data = tmp_path / "eval.npz"
     np.savez(data, **arrays)
@@ -237,13 +302,17 @@ def test_rewrite_script_without_a_path_says_so(tmp_path, capsys) -> None:
 # --- one declarative pipeline: --print-pipeline text through `qpasses run` is the same model -------------
 
 
-@pytest.mark.parametrize("flags", [
-    ["--per-channel"],
-    ["--per-channel", "--cle", "--act-mode", "enhanced"],
-    ["--act-bw", "16", "--weight-bw", "4", "--target", "htp"],
-    ["--seq-mse", "--seq-mse-candidates", "5", "--no-bias-correction"],
-    ["--no-fold-batchnorm", "--weight-mode", "tf", "--target", "ort-vnni"],
-], ids=["per-channel", "cle-enhanced", "a16w4-htp", "seq-mse", "no-fold-ort-vnni"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--per-channel"],
+        ["--per-channel", "--cle", "--act-mode", "enhanced"],
+        ["--act-bw", "16", "--weight-bw", "4", "--target", "htp"],
+        ["--seq-mse", "--seq-mse-candidates", "5", "--no-bias-correction"],
+        ["--no-fold-batchnorm", "--weight-mode", "tf", "--target", "ort-vnni"],
+    ],
+    ids=["per-channel", "cle-enhanced", "a16w4-htp", "seq-mse", "no-fold-ort-vnni"],
+)
 def test_printed_pipeline_through_run_gives_the_same_model(tmp_path, capsys, flags) -> None:
     base = ["quantize", DIGITS, "--calib", CALIB, *flags, "-o", str(tmp_path / "q"), "-q", "--no-auto-fallback"]
     assert main([*base, "--print-pipeline"]) == 0

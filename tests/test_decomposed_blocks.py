@@ -168,8 +168,10 @@ def test_quantized_only_target_gets_int16_internals() -> None:
 # name -> (model at an opset that has the op, the op it fuses into)
 FUSIONS = {
     "layernorm-opset17": (lambda: dbm.layernorm(opset=17), "LayerNormalization"),
-    "layernorm-mul-no-affine-opset17": (lambda: dbm.layernorm(opset=17, variant="mul", affine=False),
-                                        "LayerNormalization"),
+    "layernorm-mul-no-affine-opset17": (
+        lambda: dbm.layernorm(opset=17, variant="mul", affine=False),
+        "LayerNormalization",
+    ),
     "layernorm-reciprocal-opset18": (lambda: dbm.layernorm(opset=18, variant="reciprocal"), "LayerNormalization"),
     "rmsnorm-opset23": (lambda: dbm.rmsnorm(opset=23), "RMSNormalization"),
     "gelu-erf-opset20": (lambda: dbm.gelu_erf(opset=20), "Gelu"),
@@ -207,11 +209,15 @@ def test_fuse_in_quantization_gives_layernorm_and_gelu() -> None:
     assert _sqnr(model, result.model, dbm.token_feeds(8, seed=7)) > 15
 
 
-@pytest.mark.parametrize("factory, why", [
-    (lambda: dbm.layernorm(opset=13), "LayerNormalization needs opset 17, the model has 13"),
-    (lambda: dbm.gelu_erf(opset=17), "Gelu needs opset 20, the model has 17"),
-    (lambda: dbm.gelu_tanh(opset=20, k=0.7979), "is not Gelu's sqrt(2/pi)"),
-], ids=["layernorm-opset13", "gelu-opset17", "gelu-rounded-constant"])
+@pytest.mark.parametrize(
+    "factory, why",
+    [
+        (lambda: dbm.layernorm(opset=13), "LayerNormalization needs opset 17, the model has 13"),
+        (lambda: dbm.gelu_erf(opset=17), "Gelu needs opset 20, the model has 17"),
+        (lambda: dbm.gelu_tanh(opset=20, k=0.7979), "is not Gelu's sqrt(2/pi)"),
+    ],
+    ids=["layernorm-opset13", "gelu-opset17", "gelu-rounded-constant"],
+)
 def test_fuse_falls_back_to_keeping_float(factory, why: str) -> None:  # noqa: ANN001
     model = factory()
     graph = graph_ir.load(model)

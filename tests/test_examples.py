@@ -22,8 +22,7 @@ def test_examples_exist() -> None:
 def _run(script: Path) -> subprocess.CompletedProcess[str]:
     # The checkout under test, not whatever copy of qpasses the environment has installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)

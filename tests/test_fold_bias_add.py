@@ -22,8 +22,15 @@ from qpasses.quantize import quantize_model
 C = 4
 
 
-def _model(bias_shape: tuple[int, ...] | None, *, conv_bias: bool = False, conv_type: str = "Conv",
-           extra_reader: bool = False, conv_is_output: bool = False, bias_first: bool = False) -> onnx.ModelProto:
+def _model(
+    bias_shape: tuple[int, ...] | None,
+    *,
+    conv_bias: bool = False,
+    conv_type: str = "Conv",
+    extra_reader: bool = False,
+    conv_is_output: bool = False,
+    bias_first: bool = False,
+) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w_shape = (C, 3, 3, 3) if conv_type == "Conv" else (3, C, 3, 3)
     inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")]
@@ -43,8 +50,9 @@ def _model(bias_shape: tuple[int, ...] | None, *, conv_bias: bool = False, conv_
         outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
     if conv_is_output:
         outputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              outputs, inits)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])], outputs, inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -58,12 +66,15 @@ def _feeds() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
 
 
-@pytest.mark.parametrize(("bias_shape", "conv_bias", "conv_type", "bias_first"), [
-    ((1, C, 1, 1), False, "Conv", False),   # paddle2onnx: Add(conv, reshape(b))
-    ((C, 1, 1), True, "Conv", True),        # rank-3 constant, existing bias, constant first
-    ((1, 1, 1, 1), False, "Conv", False),   # one value for every channel
-    ((1, C, 1, 1), False, "ConvTranspose", False),
-])
+@pytest.mark.parametrize(
+    ("bias_shape", "conv_bias", "conv_type", "bias_first"),
+    [
+        ((1, C, 1, 1), False, "Conv", False),  # paddle2onnx: Add(conv, reshape(b))
+        ((C, 1, 1), True, "Conv", True),  # rank-3 constant, existing bias, constant first
+        ((1, 1, 1, 1), False, "Conv", False),  # one value for every channel
+        ((1, C, 1, 1), False, "ConvTranspose", False),
+    ],
+)
 def test_folds_per_channel_bias_and_keeps_outputs(bias_shape, conv_bias, conv_type, bias_first) -> None:
     model = _model(bias_shape, conv_bias=conv_bias, conv_type=conv_type, bias_first=bias_first)
     folded = _fold(model)
@@ -76,19 +87,23 @@ def test_folds_per_channel_bias_and_keeps_outputs(bias_shape, conv_bias, conv_ty
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"bias_shape": (1, 1, 8, 8)},                       # varies along space, not channels
-    {"bias_shape": (2, C, 1, 1)},                       # varies along the batch
-    {"bias_shape": (1, 1, C, 1, 1)},                    # would grow the output's rank
-    {"bias_shape": (1, C, 1, 1), "extra_reader": True},  # another op reads the bias-less result
-    {"bias_shape": (1, C, 1, 1), "conv_is_output": True},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"bias_shape": (1, 1, 8, 8)},  # varies along space, not channels
+        {"bias_shape": (2, C, 1, 1)},  # varies along the batch
+        {"bias_shape": (1, 1, C, 1, 1)},  # would grow the output's rank
+        {"bias_shape": (1, C, 1, 1), "extra_reader": True},  # another op reads the bias-less result
+        {"bias_shape": (1, C, 1, 1), "conv_is_output": True},
+    ],
+)
 def test_leaves_other_adds_alone(kwargs) -> None:
     model = _model(**kwargs)
     folded = _fold(model)
     assert "Add" in [n.op_type for n in folded.graph.node]
-    for want, got in zip(exact_session(model).run(None, _feeds()), exact_session(folded).run(None, _feeds()),
-                         strict=True):
+    for want, got in zip(
+        exact_session(model).run(None, _feeds()), exact_session(folded).run(None, _feeds()), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -51,10 +51,12 @@ def _write(tmp: Path, case: EncodingsCase) -> Path:
 
 def _same_grid(x: object, y: object) -> bool:
     """Equal, taking a one-channel per-channel encoding as the per-tensor one (0.6.1 cannot tell them apart)."""
+
     def canonical(e: object) -> object:
         if isinstance(e, Encoding) and e.axis is not None and len(e.scale) == 1:
             return Encoding(e.bitwidth, e.scale, e.offset, e.symmetric, None)
         return e
+
     return canonical(x) == canonical(y)
 
 
@@ -88,12 +90,18 @@ def check_loaded(loaded: encodings_io.EncodingsFile, case: EncodingsCase, tmp: P
             assert all(math.isfinite(s) and s > 0 for s in entry.scale), f"{name}: scales {entry.scale}"
             levels = 2**entry.bitwidth - 1
             assert all(isinstance(o, int) for o in entry.offset), f"{name}: offsets {entry.offset}"
-            assert all(-levels <= o <= 0 for o in entry.offset) or entry.symmetric, \
+            assert all(-levels <= o <= 0 for o in entry.offset) or entry.symmetric, (
                 f"{name}: offsets {entry.offset} outside the {entry.bitwidth}-bit grid"
-    tiny = not all(carried_by_0_6_1(name, e, section, case) for section in ("activations", "params")
-                   for name, e in getattr(loaded, section).items())
-    if any(below_min_range(e) for section in (loaded.activations, loaded.params) for e in section.values()) \
-            and not tiny:
+            )
+    tiny = not all(
+        carried_by_0_6_1(name, e, section, case)
+        for section in ("activations", "params")
+        for name, e in getattr(loaded, section).items()
+    )
+    if (
+        any(below_min_range(e) for section in (loaded.activations, loaded.params) for e in section.values())
+        and not tiny
+    ):
         STATS.note("bias grid below the minimum range: 0.6.1 round trip compared")
     if tiny:
         STATS.note("grid below the minimum range: 0.6.1 round trip not compared")
@@ -141,8 +149,9 @@ def check_feed(feed: object, case: CalibrationCase) -> None:
 
 @fuzz_settings(800)
 @given(case=calibration_cases())
-def test_calibration_data_loads_or_fails_clearly(case: CalibrationCase,
-                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_calibration_data_loads_or_fails_clearly(
+    case: CalibrationCase, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     tmp = tmp_path_factory.mktemp("calib")
     model = case.specs.model()
     try:
@@ -166,9 +175,15 @@ def test_calibration_data_loads_or_fails_clearly(case: CalibrationCase,
 EMPTY_DOC = '{"activation_encodings": {}, "param_encodings": {}}'
 
 
-@pytest.mark.parametrize("raw", [EMPTY_DOC.encode("utf-16"), EMPTY_DOC.encode("utf-16-be"),
-                                 EMPTY_DOC.replace("{}", '{"\xe9": []}', 1).encode("latin-1")],
-                         ids=["utf16-bom", "utf16-no-bom", "latin1"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        EMPTY_DOC.encode("utf-16"),
+        EMPTY_DOC.encode("utf-16-be"),
+        EMPTY_DOC.replace("{}", '{"\xe9": []}', 1).encode("latin-1"),
+    ],
+    ids=["utf16-bom", "utf16-no-bom", "latin1"],
+)
 def test_b1_non_utf8_encodings_file_is_an_encoding_error(tmp_path: Path, raw: bytes) -> None:
     """B1: a file that is not UTF-8 (UTF-16 as Windows Notepad saves 'Unicode') escaped as UnicodeDecodeError."""
     path = tmp_path / "enc.json"
@@ -198,8 +213,10 @@ def test_b3_huge_integer_in_encodings_file_is_an_encoding_error(tmp_path: Path, 
     """B3: JSON integers beyond float range escaped as OverflowError from float()/math.isfinite()."""
     huge = 10**400
     if field == "scale":
-        doc = {"activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [huge], "offset": [0]}],
-               "param_encodings": []}
+        doc = {
+            "activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [huge], "offset": [0]}],
+            "param_encodings": [],
+        }
     else:
         entry = {"bitwidth": 8, "min": -1.0, "max": 1.0, field: -huge if field == "min" else huge}
         doc = {"activation_encodings": {"a": [entry]}, "param_encodings": {}}
@@ -212,8 +229,10 @@ def test_b3_huge_integer_in_encodings_file_is_an_encoding_error(tmp_path: Path, 
 def test_loaded_encoding_saves_as_loadable_0_6_1(tmp_path: Path) -> None:
     """Found by this fuzzing, fixed meanwhile (bb1232f): a 1.0.0 grid overflowing float (scale 1e308) loaded, and
     saving it as 0.6.1 wrote "max": Infinity, which load() rejected."""
-    doc = {"activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [1e308], "offset": [-128]}],
-           "param_encodings": []}
+    doc = {
+        "activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [1e308], "offset": [-128]}],
+        "param_encodings": [],
+    }
     path = tmp_path / "enc.json"
     path.write_text(json.dumps(doc))
     try:
@@ -226,8 +245,10 @@ def test_loaded_encoding_saves_as_loadable_0_6_1(tmp_path: Path) -> None:
 
 def test_b5_offset_beyond_int64_is_an_encoding_error(tmp_path: Path) -> None:
     """B5: an offset beyond int64 became an object array in Encoding, and np.round raised TypeError."""
-    doc = {"activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [1.0],
-                                     "offset": [-(2**63) - 1]}], "param_encodings": []}
+    doc = {
+        "activation_encodings": [{"name": "a", "bw": 8, "dtype": "INT", "scale": [1.0], "offset": [-(2**63) - 1]}],
+        "param_encodings": [],
+    }
     path = tmp_path / "enc.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(QPassesError):
@@ -241,11 +262,17 @@ def test_b5_encoding_rejects_offsets_beyond_int64(offset: int) -> None:
         Encoding(8, (1.0,), (offset,))
 
 
-@pytest.mark.parametrize("raw", [EMPTY_DOC.encode("utf-16"),
-                                 ('{"activation_encodings": ' + "[" * 100_000 + "]" * 100_000
-                                  + ', "param_encodings": {}}').encode()], ids=["B1-utf16", "B2-nested"])
-def test_cli_bad_overrides_file_is_exit_2_with_one_line(tmp_path: Path, raw: bytes,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        EMPTY_DOC.encode("utf-16"),
+        ('{"activation_encodings": ' + "[" * 100_000 + "]" * 100_000 + ', "param_encodings": {}}').encode(),
+    ],
+    ids=["B1-utf16", "B2-nested"],
+)
+def test_cli_bad_overrides_file_is_exit_2_with_one_line(
+    tmp_path: Path, raw: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``qpasses quantize --overrides BAD.json``: the user's file, so exit 2 and one line naming it, no output."""
     from qpasses.cli.commands import main
 
@@ -260,8 +287,9 @@ def test_cli_bad_overrides_file_is_exit_2_with_one_line(tmp_path: Path, raw: byt
 
 
 @pytest.mark.parametrize(("role", "bitwidth"), [("bias", 32), (None, 32), ("weight", 16)])
-def test_q3_symmetric_bias_grid_below_min_range_round_trips_in_0_6_1(tmp_path: Path, role: str | None,
-                                                                     bitwidth: int) -> None:
+def test_q3_symmetric_bias_grid_below_min_range_round_trips_in_0_6_1(
+    tmp_path: Path, role: str | None, bitwidth: int
+) -> None:
     """Q3 at the file level: a per-channel symmetric bias grid whose first channel spans < 1e-4, saved as 0.6.1,
     loads back unchanged for a bias (or a 32-bit parameter of unknown role). A weight's min/max still get the
     spec's minimum-range rule, which moves the tiny channel's grid off symmetric: a clear error."""
@@ -280,8 +308,12 @@ def test_q3_symmetric_bias_grid_below_min_range_round_trips_in_0_6_1(tmp_path: P
 def test_q3_inconsistent_tiny_bias_entry_follows_the_spec_rule(tmp_path: Path) -> None:
     """Only a grid stated exactly (min = -2^31 * scale, max = (2^31 - 1) * scale) is taken as it is: a tiny bias
     entry whose scale disagrees with its min/max gets the spec's minimum range from min/max."""
-    doc = {"activation_encodings": {}, "param_encodings": {"b": [
-        {"bitwidth": 32, "dtype": "int", "is_symmetric": "True", "min": -1e-6, "max": 1e-6, "scale": 1e-20}]}}
+    doc = {
+        "activation_encodings": {},
+        "param_encodings": {
+            "b": [{"bitwidth": 32, "dtype": "int", "is_symmetric": "True", "min": -1e-6, "max": 1e-6, "scale": 1e-20}]
+        },
+    }
     path = tmp_path / "enc.json"
     path.write_text(json.dumps(doc))
     loaded = encodings_io.load(path, tensors={"b": encodings_io.TensorSpec("bias", 1, 0)}).params["b"]

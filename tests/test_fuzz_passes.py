@@ -53,9 +53,13 @@ RTOL = 1e-4
 def _option_strategies(name: str, model: onnx.ModelProto) -> dict[str, st.SearchStrategy[Any]]:
     """Random options for the passes that have them; the rest run with their defaults."""
     if name == "cle":
-        return {"iterations": st.sampled_from([0, 1, 2, 100]), "tolerance": st.sampled_from([1e-4, 1e-2]),
-                "high_bias_absorption": st.booleans(), "absorb_into_padded": st.booleans(),
-                "relu6_to_relu": st.booleans()}
+        return {
+            "iterations": st.sampled_from([0, 1, 2, 100]),
+            "tolerance": st.sampled_from([1e-4, 1e-2]),
+            "high_bias_absorption": st.booleans(),
+            "absorb_into_padded": st.booleans(),
+            "relu6_to_relu": st.booleans(),
+        }
     if name == "upgrade-opset":
         return {"opset": st.sampled_from([11, 13, 17, 21])}
     if name == "keep-data-independent-float":
@@ -99,8 +103,7 @@ def approximations(p: Pass, result: PassResult) -> list[str]:
     return found
 
 
-def run_passes(model: onnx.ModelProto, passes: list[Pass], calib_seed: int = 1) -> tuple[onnx.ModelProto,
-                                                                                          list[str]]:
+def run_passes(model: onnx.ModelProto, passes: list[Pass], calib_seed: int = 1) -> tuple[onnx.ModelProto, list[str]]:
     """The model after ``passes`` and the approximations they reported."""
     graph = graph_ir.load(model)
     ctx = PassContext(calibration_data=random_feeds(model, calib_seed, count=3))
@@ -112,8 +115,10 @@ def run_passes(model: onnx.ModelProto, passes: list[Pass], calib_seed: int = 1) 
 
 def check_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, what: str) -> None:
     onnx.checker.check_model(after, full_check=True)
-    interface = lambda m: ([i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
-                           [o.name for o in m.graph.output])
+    interface = lambda m: (
+        [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}],
+        [o.name for o in m.graph.output],
+    )
     assert interface(after) == interface(before), f"{what} changed the graph interface"
     ref_session, got_session = exact_session(before), exact_session(after)
     names = [o.name for o in before.graph.output]
@@ -172,11 +177,15 @@ def test_cle_without_approximations_is_exact(g: FuzzGraph, iterations: int) -> N
 def test_fold_batchnorm_then_cle_idempotent(g: FuzzGraph, data: st.DataObject) -> None:
     """fold-batchnorm and CLE (exact options) reach a fixed point: a second run changes no output and
     no weight beyond float rounding."""
-    passes = [REGISTRY.create_pass("fold-batchnorm"), REGISTRY.create_pass("cle", high_bias_absorption=False,
-                                                                           relu6_to_relu=False)]
+    passes = [
+        REGISTRY.create_pass("fold-batchnorm"),
+        REGISTRY.create_pass("cle", high_bias_absorption=False, relu6_to_relu=False),
+    ]
     once, _ = run_passes(g.model, passes)
-    again = [REGISTRY.create_pass("fold-batchnorm"), REGISTRY.create_pass("cle", high_bias_absorption=False,
-                                                                          relu6_to_relu=False)]
+    again = [
+        REGISTRY.create_pass("fold-batchnorm"),
+        REGISTRY.create_pass("cle", high_bias_absorption=False, relu6_to_relu=False),
+    ]
     twice, _ = run_passes(once, again)
     STATS.case()
     check_same_outputs(once, twice, "second fold-batchnorm + cle")

@@ -62,15 +62,22 @@ ACCEPTED_ERRORS = {
     "empty": (CalibrationDataError, QPassesError),
 }
 
-configs = st.fixed_dictionaries({
-    "per_channel": st.booleans(),
-    "act_bw": st.sampled_from([8, 16]),
-    "weight_bw": st.sampled_from([4, 8]),
-    "bias_bw": st.sampled_from([32, 32, 8]),
-    "act_mode": st.sampled_from(["tf", "tf", "enhanced", "percentile", "symmetric"]),
-    "weight_mode": st.sampled_from(["symmetric", "symmetric", "tf", "enhanced", "adjusted"]),
-}).map(lambda c: {**c, "weight_mode": "symmetric"} if c["weight_mode"] == "adjusted"
-       and (c["weight_bw"] != 8 or c["per_channel"]) else c)
+configs = st.fixed_dictionaries(
+    {
+        "per_channel": st.booleans(),
+        "act_bw": st.sampled_from([8, 16]),
+        "weight_bw": st.sampled_from([4, 8]),
+        "bias_bw": st.sampled_from([32, 32, 8]),
+        "act_mode": st.sampled_from(["tf", "tf", "enhanced", "percentile", "symmetric"]),
+        "weight_mode": st.sampled_from(["symmetric", "symmetric", "tf", "enhanced", "adjusted"]),
+    }
+).map(
+    lambda c: (
+        {**c, "weight_mode": "symmetric"}
+        if c["weight_mode"] == "adjusted" and (c["weight_bw"] != 8 or c["per_channel"])
+        else c
+    )
+)
 
 
 def calibration(model: onnx.ModelProto, kind: str, seed: int, count: int) -> list[dict[str, np.ndarray]]:
@@ -130,28 +137,40 @@ def check_encodings_export(result: QuantizeResult, model: onnx.ModelProto, tmp: 
             want, got = getattr(result.encodings, section), getattr(loaded, section)
             assert set(got) == set(want), f"{version}: export -> load changed the {section} names"
             for name in want:
-                assert _canonical(got[name]) == _canonical(want[name]), \
+                assert _canonical(got[name]) == _canonical(want[name]), (
                     f"{version}: export -> load changed {name}: {want[name]} -> {got[name]}"
+                )
 
 
 @fuzz_settings(200)
 @given(g=graphs(), config=configs, data=st.data())
-def test_quantize_model_random_configs(g: FuzzGraph, config: dict[str, Any], data: st.DataObject,
-                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_quantize_model_random_configs(
+    g: FuzzGraph, config: dict[str, Any], data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     kinds = ["normal", "normal", "normal", "scaled", "constant", "nan", "inf"]
     kinds += ["empty"] if empty_batch_possible(g.model) else []
     kind = data.draw(st.sampled_from(kinds), label="calibration")
     calib = calibration(g.model, kind, data.draw(st.integers(0, 9)), data.draw(st.integers(1, 3)))
-    options = data.draw(st.fixed_dictionaries({
-        "cle": st.booleans(), "bias_correction": st.booleans(), "auto_fallback": st.booleans(),
-        "fold_batchnorm": st.booleans(), "target": st.sampled_from([None, None, "ort", "ort-vnni"]),
-        "runtime_check": st.booleans(), "batch_size": st.sampled_from([1, 16]),
-    }), label="options")
+    options = data.draw(
+        st.fixed_dictionaries(
+            {
+                "cle": st.booleans(),
+                "bias_correction": st.booleans(),
+                "auto_fallback": st.booleans(),
+                "fold_batchnorm": st.booleans(),
+                "target": st.sampled_from([None, None, "ort", "ort-vnni"]),
+                "runtime_check": st.booleans(),
+                "batch_size": st.sampled_from([1, 16]),
+            }
+        ),
+        label="options",
+    )
     try:
         result = quantize_model(g.model, calib, QuantConfig(**config), progress=False, **options)
     except QPassesError as exc:
-        assert kind in ACCEPTED_ERRORS and isinstance(exc, ACCEPTED_ERRORS[kind]), \
+        assert kind in ACCEPTED_ERRORS and isinstance(exc, ACCEPTED_ERRORS[kind]), (
             f"{type(exc).__name__} on a valid graph with {kind} calibration data: {exc}"
+        )
         STATS.case(f"{kind} calibration: {type(exc).__name__}")
         return
     STATS.case(f"{kind} calibration: quantized")
@@ -159,8 +178,9 @@ def test_quantize_model_random_configs(g: FuzzGraph, config: dict[str, Any], dat
     for enc in [*result.encodings.activations.values(), *result.encodings.params.values()]:
         if isinstance(enc, Encoding):
             assert all(math.isfinite(s) and s > 0 for s in enc.scale), enc
-    check_encodings_export(result, g.model, tmp_path_factory.mktemp("enc"), cle=options["cle"],
-                           fold=options["fold_batchnorm"])
+    check_encodings_export(
+        result, g.model, tmp_path_factory.mktemp("enc"), cle=options["cle"], fold=options["fold_batchnorm"]
+    )
 
 
 def structural_fp32(model: onnx.ModelProto, cle: bool = False, fold: bool = True) -> onnx.ModelProto:
@@ -173,8 +193,9 @@ def structural_fp32(model: onnx.ModelProto, cle: bool = False, fold: bool = True
     return graph.to_onnx()
 
 
-def reference_outputs(result: QuantizeResult, fp32: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                      bias_bw: int) -> dict[str, np.ndarray]:
+def reference_outputs(
+    result: QuantizeResult, fp32: onnx.ModelProto, feeds: dict[str, np.ndarray], bias_bw: int
+) -> dict[str, np.ndarray]:
     acts = {n: Grid.of(e) for n, e in result.encodings.activations.items() if isinstance(e, Encoding)}
     params = {n: Grid.of(e) for n, e in result.encodings.params.items() if isinstance(e, Encoding)}
     names = {o for n in fp32.graph.node for o in n.output} | {"input"}
@@ -197,11 +218,20 @@ def output_bound(result: QuantizeResult, name: str, expected: np.ndarray) -> tup
 
 @fuzz_settings(200)
 @given(g=graphs(), config=configs, cle=st.booleans(), auto_fallback=st.booleans())
-def test_quantized_model_matches_numpy_reference(g: FuzzGraph, config: dict[str, Any], cle: bool,
-                                                 auto_fallback: bool) -> None:
+def test_quantized_model_matches_numpy_reference(
+    g: FuzzGraph, config: dict[str, Any], cle: bool, auto_fallback: bool
+) -> None:
     calib = random_feeds(g.model, 1, count=3)
-    result = quantize_model(g.model, calib, QuantConfig(**config), progress=False, bias_correction=False, cle=cle,
-                            runtime_check=False, auto_fallback=auto_fallback)
+    result = quantize_model(
+        g.model,
+        calib,
+        QuantConfig(**config),
+        progress=False,
+        bias_correction=False,
+        cle=cle,
+        runtime_check=False,
+        auto_fallback=auto_fallback,
+    )
     STATS.case()
     check_matches_reference(result, g.model, config["bias_bw"], cle=cle)
 
@@ -221,11 +251,19 @@ def check_matches_reference(result: QuantizeResult, model: onnx.ModelProto, bias
         within = float(np.mean(diff <= step + 1e-6))
         span = float(np.ptp(expected[name])) if expected[name].size else 0.0
         worst = float(diff.max())
-        STATS.note("outputs equal to the reference" if worst <= 1e-6 else "outputs within 1 step" if worst <= step
-                   + 1e-6 else "outputs within 3 steps" if worst <= tolerance else "an upstream flip amplified")
+        STATS.note(
+            "outputs equal to the reference"
+            if worst <= 1e-6
+            else "outputs within 1 step"
+            if worst <= step + 1e-6
+            else "outputs within 3 steps"
+            if worst <= tolerance
+            else "an upstream flip amplified"
+        )
         assert within >= 0.95 and worst <= max(tolerance, 0.02 * span + 1e-6), (
             f"output {name}: max |QDQ - reference| = {worst / step:.2f} steps (step {step:.3g}, range {span:.3g}); "
-            f"{within:.1%} of elements within 1 step")
+            f"{within:.1%} of elements within 1 step"
+        )
 
 
 @st.composite
@@ -235,34 +273,67 @@ def precision_overrides(draw: st.DrawFn, model: onnx.ModelProto) -> dict[str, An
     graph = graph_ir.load(model)
     specs = tensor_specs(graph)
     acts = sorted(n for n, spec in specs.items() if spec.role == "activation")
-    weights = sorted({op.inputs[1] for op in graph.ops if op.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-                      and len(op.inputs) > 1 and graph.tensors[op.inputs[1]].is_constant})
+    weights = sorted(
+        {
+            op.inputs[1]
+            for op in graph.ops
+            if op.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and len(op.inputs) > 1
+            and graph.tensors[op.inputs[1]].is_constant
+        }
+    )
     doc: dict[str, Any] = {"version": "0.6.1", "activation_encodings": {}, "param_encodings": {}}
     for name in draw(st.lists(st.sampled_from(acts), unique=True, min_size=1, max_size=4)):
-        doc["activation_encodings"][name] = [draw(st.sampled_from([
-            {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
-            {"bitwidth": 32, "dtype": "float"}]))]
+        doc["activation_encodings"][name] = [
+            draw(
+                st.sampled_from(
+                    [
+                        {"bitwidth": 16, "dtype": "int"},
+                        {"bitwidth": 16, "dtype": "int"},
+                        {"bitwidth": 8, "dtype": "int"},
+                        {"bitwidth": 32, "dtype": "float"},
+                    ]
+                )
+            )
+        ]
     if weights:
         for name in draw(st.lists(st.sampled_from(weights), unique=True, max_size=2)):
-            doc["param_encodings"][name] = [draw(st.sampled_from([
-                {"bitwidth": 16, "dtype": "int"}, {"bitwidth": 4, "dtype": "int"}, {"bitwidth": 8, "dtype": "int"},
-                {"bitwidth": 32, "dtype": "float"}]))]
+            doc["param_encodings"][name] = [
+                draw(
+                    st.sampled_from(
+                        [
+                            {"bitwidth": 16, "dtype": "int"},
+                            {"bitwidth": 4, "dtype": "int"},
+                            {"bitwidth": 8, "dtype": "int"},
+                            {"bitwidth": 32, "dtype": "float"},
+                        ]
+                    )
+                )
+            ]
     return doc
 
 
 @fuzz_settings(150)
 @given(g=graphs(), config=configs, data=st.data())
-def test_precision_overrides_mixed_precision_matches_reference(g: FuzzGraph, config: dict[str, Any],
-                                                               data: st.DataObject,
-                                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_precision_overrides_mixed_precision_matches_reference(
+    g: FuzzGraph, config: dict[str, Any], data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Random int8/int16/float precision overrides: the mixed-precision model (with the conversions
     insert-converts adds) is valid, runs, and computes the fake-quant reference with the exported grids."""
     doc = data.draw(precision_overrides(g.model), label="overrides")
     path = tmp_path_factory.mktemp("overrides") / "overrides.json"
     path.write_text(json.dumps(doc))
     calib = random_feeds(g.model, 1, count=3)
-    result = quantize_model(g.model, calib, QuantConfig(**config), progress=False, bias_correction=False,
-                            runtime_check=False, auto_fallback=False, overrides=path)
+    result = quantize_model(
+        g.model,
+        calib,
+        QuantConfig(**config),
+        progress=False,
+        bias_correction=False,
+        runtime_check=False,
+        auto_fallback=False,
+        overrides=path,
+    )
     STATS.case()
     check_runs(result, g.model)
     check_matches_reference(result, g.model, config["bias_bw"], cle=False)
@@ -273,8 +344,15 @@ def test_precision_overrides_mixed_precision_matches_reference(g: FuzzGraph, con
 def test_portable_storage_is_bit_identical(g: FuzzGraph, config: dict[str, Any]) -> None:
     """An int8-weight model (target ort-vnni) re-stored as uint8 + 128 computes the same exact outputs."""
     calib = random_feeds(g.model, 1, count=2)
-    result = quantize_model(g.model, calib, QuantConfig(**config), progress=False, target="ort-vnni",
-                            runtime_check=False, auto_fallback=False)
+    result = quantize_model(
+        g.model,
+        calib,
+        QuantConfig(**config),
+        progress=False,
+        target="ort-vnni",
+        runtime_check=False,
+        auto_fallback=False,
+    )
     before = result.model
     graph = graph_ir.load(before)
     PassManager([REGISTRY.create_pass("portable-storage")], verify="none").run(graph)
@@ -283,15 +361,17 @@ def test_portable_storage_is_bit_identical(g: FuzzGraph, config: dict[str, Any])
     feeds = random_feeds(g.model, 3)[0]
     names = [o.name for o in before.graph.output]
     STATS.case()
-    for a, b, name in zip(exact_session(before).run(names, feeds), exact_session(after).run(names, feeds), names,
-                          strict=True):
+    for a, b, name in zip(
+        exact_session(before).run(names, feeds), exact_session(after).run(names, feeds), names, strict=True
+    ):
         assert np.array_equal(a, b), f"output {name} changed: max diff {np.abs(a - b).max()}"
 
 
 @fuzz_settings(80)
 @given(g=graphs(), config=configs, version=st.sampled_from(["0.6.1", "1.0.0"]))
 def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
-        g: FuzzGraph, config: dict[str, Any], version: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    g: FuzzGraph, config: dict[str, Any], version: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """README: the exported file re-applied as overrides reproduces the same model."""
     calib = random_feeds(g.model, 1, count=2)
     options = dict(progress=False, bias_correction=False, runtime_check=False, auto_fallback=False)
@@ -302,11 +382,13 @@ def test_exported_encodings_reapplied_as_overrides_reproduce_the_model(
     feeds = random_feeds(g.model, 3)[0]
     names = [o.name for o in g.model.graph.output]
     STATS.case()
-    for a, b, name in zip(exact_session(first.model).run(names, feeds), exact_session(again.model).run(names, feeds),
-                          names, strict=True):
+    for a, b, name in zip(
+        exact_session(first.model).run(names, feeds), exact_session(again.model).run(names, feeds), names, strict=True
+    ):
         step, _ = output_bound(first, name, a)
-        assert a.shape == b.shape and (not a.size or float(np.abs(a - b).max()) <= step + 1e-6), \
+        assert a.shape == b.shape and (not a.size or float(np.abs(a - b).max()) <= step + 1e-6), (
             f"output {name}: re-applied encodings moved it by {float(np.abs(a - b).max()) / step:.2f} steps"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,11 +402,17 @@ def _shared_weight_two_axes() -> tuple[onnx.ModelProto, list[dict[str, np.ndarra
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal((3, 7)) * 0.5).astype(np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["input", "w"], ["y"], name="mm"),
-             helper.make_node("Gemm", ["y", "w"], ["z"], name="gemm", transB=1)]
-    graph = helper.make_graph(nodes, "shared_two_axes",
-                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3])],
-                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3])], [w])
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["y"], name="mm"),
+        helper.make_node("Gemm", ["y", "w"], ["z"], name="gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared_two_axes",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     return model, [{"input": rng.standard_normal((4, 3)).astype(np.float32)}]
 
@@ -337,8 +425,9 @@ def test_q1a_shared_weight_with_two_channel_axes_quantizes() -> None:
     check_runs(result, model)
     w = result.encodings.params["w"]
     assert isinstance(w, Encoding) and w.axis is None and w.num_channels == 1
-    assert any("w" in r.nodes and "different axes" in r.reason for r in result.report.remarks), \
-        [str(r) for r in result.report.remarks]
+    assert any("w" in r.nodes and "different axes" in r.reason for r in result.report.remarks), [
+        str(r) for r in result.report.remarks
+    ]
 
 
 def test_q1b_shared_weight_encodings_reapply_as_overrides(tmp_path: Path) -> None:
@@ -349,8 +438,9 @@ def test_q1b_shared_weight_encodings_reapply_as_overrides(tmp_path: Path) -> Non
     options = dict(progress=False, runtime_check=False, auto_fallback=False, bias_correction=False)
     first = quantize_model(model, calib, QuantConfig(per_channel=True), **options)
     encodings_io.save(tmp_path / "encodings.json", first.encodings)
-    again = quantize_model(model, calib, QuantConfig(per_channel=True), overrides=tmp_path / "encodings.json",
-                           **options)
+    again = quantize_model(
+        model, calib, QuantConfig(per_channel=True), overrides=tmp_path / "encodings.json", **options
+    )
     assert again.encodings.params == first.encodings.params
     doc = json.loads((tmp_path / "encodings.json").read_text())
     doc["param_encodings"]["w"] = doc["param_encodings"]["w"] * 3  # three per-channel entries: the Gemm's count
@@ -364,9 +454,22 @@ def _conv_bn_initializers_as_inputs() -> tuple[onnx.ModelProto, list[dict[str, n
     exporters)."""
     from fuzz_graphs import GraphSpec, Step, Style, build
 
-    conv = Step("conv", (("cout", 2), ("group", 1), ("kernel", 1), ("stride", 1), ("pads", (0, 0, 0, 0)),
-                         ("dilation", 1), ("bias", True), ("omit_group", False), ("gain", 1.0), ("quirk", "none"),
-                         ("source", "init")))
+    conv = Step(
+        "conv",
+        (
+            ("cout", 2),
+            ("group", 1),
+            ("kernel", 1),
+            ("stride", 1),
+            ("pads", (0, 0, 0, 0)),
+            ("dilation", 1),
+            ("bias", True),
+            ("omit_group", False),
+            ("gain", 1.0),
+            ("quirk", "none"),
+            ("source", "init"),
+        ),
+    )
     bn = Step("batchnorm", (("epsilon", 1e-05), ("negative_gamma", False), ("source", "init")))
     model = build(GraphSpec(13, "N", (3, 4, 4), 0, (conv, bn), Style(inits_as_inputs=True)))
     return model, random_feeds(model, 1, count=2)
@@ -374,14 +477,16 @@ def _conv_bn_initializers_as_inputs() -> tuple[onnx.ModelProto, list[dict[str, n
 
 @pytest.mark.parametrize("bitwidth", [4, 16])
 def test_q2_weight_override_applies_when_batchnorm_is_folded_into_an_input_listed_weight(
-        tmp_path: Path, bitwidth: int) -> None:
+    tmp_path: Path, bitwidth: int
+) -> None:
     """Q2: with initializers listed as graph inputs (IR < 4), fold-batchnorm wrote the folded weight under a new
     name and left 'w1' an unread graph input that tensor_specs called an activation, so the override of 'w1' was
     rejected ({bitwidth: 4}) or applied to nothing ({bitwidth: 16}). The folded weight keeps its name now."""
     model, calib = _conv_bn_initializers_as_inputs()
     path = tmp_path / "overrides.json"
-    path.write_text(json.dumps({"activation_encodings": {},
-                                "param_encodings": {"w1": [{"bitwidth": bitwidth, "dtype": "int"}]}}))
+    path.write_text(
+        json.dumps({"activation_encodings": {}, "param_encodings": {"w1": [{"bitwidth": bitwidth, "dtype": "int"}]}})
+    )
     result = quantize_model(model, calib, QuantConfig(), progress=False, runtime_check=False, overrides=path)
     conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
     weight = next(e for n, e in result.encodings.params.items() if conv.input[1].startswith(n))
@@ -401,21 +506,29 @@ def test_q3_tiny_bias_grid_encodings_reapply_as_overrides(tmp_path: Path) -> Non
     w2 = rng.standard_normal((2, 2, 1, 1)).astype(np.float32)
     w2[0] = 0.0
     arrays = {"w1": w1, "b1": np.full(2, -100.0, np.float32), "w2": w2, "b2": np.array([0.0, -0.25], np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "dead_relu", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                                 ["N", 2, 3, 3])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
-                              [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dead_relu",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     calib = [{"x": np.abs(rng.standard_normal((2, 2, 3, 3))).astype(np.float32)}]
     config = QuantConfig(per_channel=True, act_bw=16)
     options = dict(progress=False, runtime_check=False, auto_fallback=False)
     first = quantize_model(model, calib, config, **options)
     first.save(tmp_path / "out")
-    tiny = [n for n, e in first.encodings.params.items() if isinstance(e, Encoding) and e.bitwidth == 32
-            and min(e.scale) * (2**32 - 1) < 1e-4]
+    tiny = [
+        n
+        for n, e in first.encodings.params.items()
+        if isinstance(e, Encoding) and e.bitwidth == 32 and min(e.scale) * (2**32 - 1) < 1e-4
+    ]
     assert tiny, "the reproducer no longer makes a bias grid below the minimum range"
     again = quantize_model(model, calib, config, overrides=tmp_path / "out" / "encodings.json", **options)
     assert again.encodings.params == first.encodings.params

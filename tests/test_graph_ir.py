@@ -112,8 +112,10 @@ def test_optional_empty_slots_survive():
 
 def _small_model(**graph_kw) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
-    nodes = [helper.make_node("Add", ["x", "w"], ["h"], name="add"),
-             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    nodes = [
+        helper.make_node("Add", ["x", "w"], ["h"], name="add"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph(nodes, "g", [x], [y], [w], **graph_kw)
@@ -180,13 +182,16 @@ def test_replace_all_uses_renames_inside_subgraph_without_touching_source():
 def _chain_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"),
-             helper.make_node("Neg", ["a"], ["b"], name="n1"),
-             helper.make_node("Sigmoid", ["a"], ["dead"], name="dead1"),
-             helper.make_node("Abs", ["dead"], ["dead2"], name="dead2"),
-             helper.make_node("Relu", ["b"], ["y"], name="r2")]
-    return helper.make_model(helper.make_graph(nodes, "chain", [x], [y]),
-                             opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="r1"),
+        helper.make_node("Neg", ["a"], ["b"], name="n1"),
+        helper.make_node("Sigmoid", ["a"], ["dead"], name="dead1"),
+        helper.make_node("Abs", ["dead"], ["dead2"], name="dead2"),
+        helper.make_node("Relu", ["b"], ["y"], name="r2"),
+    ]
+    return helper.make_model(
+        helper.make_graph(nodes, "chain", [x], [y]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    )
 
 
 def test_producer_consumers_and_dead_code():
@@ -316,10 +321,15 @@ def test_constant_data_and_static_shape() -> None:
     from qpasses.core.errors import InternalError
 
     w = np.arange(6, dtype=np.float32).reshape(2, 3)
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [numpy_helper.from_array(w, "w")]))
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+            [numpy_helper.from_array(w, "w")],
+        )
+    )
     graph = graph_ir.load(model)
     np.testing.assert_array_equal(graph.tensors["w"].constant_data(), w)
     assert graph.tensors["w"].static_shape == (2, 3)

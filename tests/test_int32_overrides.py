@@ -48,8 +48,7 @@ def test_add_runs_in_int32_between_quantized_ops(tmp_path):
 
 
 def test_chained_int32_ops_stay_int32_between_them(tmp_path):
-    overrides = {"activation_encodings": {n: [{"bitwidth": 32, "dtype": "int"}] for n in "abcd"},
-                 "param_encodings": {}}
+    overrides = {"activation_encodings": {n: [{"bitwidth": 32, "dtype": "int"}] for n in "abcd"}, "param_encodings": {}}
     model = _quantize(int32_model(chain=True), tmp_path, overrides).model
     assert data_path(model, "x") == [Q, DQ, "Relu", Q, DQ, "Cast", "Add", "Relu", "Cast", Q, DQ, "Relu", Q, DQ]
     assert op_counts(model)["Cast"] == 3
@@ -58,8 +57,10 @@ def test_chained_int32_ops_stay_int32_between_them(tmp_path):
 
 
 def test_op_with_weights_is_refused(tmp_path):
-    overrides = {"activation_encodings": {n: [{"bitwidth": 32, "dtype": "int"}] for n in ("conv1_1", "conv2_1")},
-                 "param_encodings": {}}
+    overrides = {
+        "activation_encodings": {n: [{"bitwidth": 32, "dtype": "int"}] for n in ("conv1_1", "conv2_1")},
+        "param_encodings": {},
+    }
     path = write_json(tmp_path / "w.json", overrides)
     with pytest.raises(QPassesError, match=r"conv2 \(Conv\).*weights or bias"):
         quantize_model(three_convs(), None, overrides=path, progress=False)

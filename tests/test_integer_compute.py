@@ -19,28 +19,42 @@ def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
 def _qdq(nodes: list, inits: list, src: str, dst: str, scale: float, zp: np.ndarray) -> None:
     """src -> QuantizeLinear -> DequantizeLinear -> dst (per-tensor)."""
     inits += [_init(f"{dst}.s", np.float32(scale)), _init(f"{dst}.z", zp)]
-    nodes += [helper.make_node("QuantizeLinear", [src, f"{dst}.s", f"{dst}.z"], [f"{dst}.q"]),
-              helper.make_node("DequantizeLinear", [f"{dst}.q", f"{dst}.s", f"{dst}.z"], [dst])]
+    nodes += [
+        helper.make_node("QuantizeLinear", [src, f"{dst}.s", f"{dst}.z"], [f"{dst}.q"]),
+        helper.make_node("DequantizeLinear", [f"{dst}.q", f"{dst}.s", f"{dst}.z"], [dst]),
+    ]
 
 
 def _qdq_conv(nodes: list, inits: list, x: str, name: str, cin: int, cout: int, k: int) -> str:
     """A QDQ Conv (int8 per-tensor weight, int32 bias at input scale x weight scale: onnxruntime fuses
     only then) + Relu whose output is quantized (uint8). The input scale must be 0.01."""
     w = RNG.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
-    inits += [_init(f"{name}.wq", w), _init(f"{name}.ws", np.float32(0.01)), _init(f"{name}.wz", np.int8(0)),
-              _init(f"{name}.bq", RNG.integers(-100, 100, cout).astype(np.int32)),
-              _init(f"{name}.bs", np.float32(0.01 * 0.01)), _init(f"{name}.bz", np.int32(0))]
-    nodes += [helper.make_node("DequantizeLinear", [f"{name}.wq", f"{name}.ws", f"{name}.wz"], [f"{name}.w"]),
-              helper.make_node("DequantizeLinear", [f"{name}.bq", f"{name}.bs", f"{name}.bz"], [f"{name}.b"]),
-              helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name),
-              helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"])]
+    inits += [
+        _init(f"{name}.wq", w),
+        _init(f"{name}.ws", np.float32(0.01)),
+        _init(f"{name}.wz", np.int8(0)),
+        _init(f"{name}.bq", RNG.integers(-100, 100, cout).astype(np.int32)),
+        _init(f"{name}.bs", np.float32(0.01 * 0.01)),
+        _init(f"{name}.bz", np.int32(0)),
+    ]
+    nodes += [
+        helper.make_node("DequantizeLinear", [f"{name}.wq", f"{name}.ws", f"{name}.wz"], [f"{name}.w"]),
+        helper.make_node("DequantizeLinear", [f"{name}.bq", f"{name}.bs", f"{name}.bz"], [f"{name}.b"]),
+        helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name),
+        helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"]),
+    ]
     _qdq(nodes, inits, f"{name}.r", f"{name}.out", 0.05, np.uint8(0))
     return f"{name}.out"
 
 
 def _model(nodes: list, inits: list, x_shape: list, out: str, out_shape: list) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -79,16 +93,20 @@ def test_one_float_conv_gives_the_hand_computed_share() -> None:
 
 def test_matmul_gemm_and_conv_transpose_macs() -> None:
     """Float MatMul (batched), Gemm (transB) and ConvTranspose (group 2) MACs from their shapes."""
-    nodes = [helper.make_node("MatMul", ["x", "m.w"], ["m"], name="matmul"),  # [2,3,5,6] x [6,4]
-             helper.make_node("Reshape", ["m", "shape"], ["r"]),  # -> [30, 4]
-             helper.make_node("Gemm", ["r", "g.w"], ["g"], name="gemm", transB=1),  # [30,4] x [7,4]^T
-             helper.make_node("Reshape", ["g", "shape2"], ["g4"]),  # -> [1, 6, 5, 7]
-             helper.make_node("ConvTranspose", ["g4", "t.w"], ["y"], name="deconv", group=2, strides=[2, 2])]
-    inits = [_init("m.w", RNG.standard_normal((6, 4)).astype(np.float32)),
-             _init("shape", np.array([30, 4], np.int64)),
-             _init("g.w", RNG.standard_normal((7, 4)).astype(np.float32)),
-             _init("shape2", np.array([1, 6, 5, 7], np.int64)),
-             _init("t.w", RNG.standard_normal((6, 3, 2, 2)).astype(np.float32))]  # C_in 6, M/group 3, 2x2
+    nodes = [
+        helper.make_node("MatMul", ["x", "m.w"], ["m"], name="matmul"),  # [2,3,5,6] x [6,4]
+        helper.make_node("Reshape", ["m", "shape"], ["r"]),  # -> [30, 4]
+        helper.make_node("Gemm", ["r", "g.w"], ["g"], name="gemm", transB=1),  # [30,4] x [7,4]^T
+        helper.make_node("Reshape", ["g", "shape2"], ["g4"]),  # -> [1, 6, 5, 7]
+        helper.make_node("ConvTranspose", ["g4", "t.w"], ["y"], name="deconv", group=2, strides=[2, 2]),
+    ]
+    inits = [
+        _init("m.w", RNG.standard_normal((6, 4)).astype(np.float32)),
+        _init("shape", np.array([30, 4], np.int64)),
+        _init("g.w", RNG.standard_normal((7, 4)).astype(np.float32)),
+        _init("shape2", np.array([1, 6, 5, 7], np.int64)),
+        _init("t.w", RNG.standard_normal((6, 3, 2, 2)).astype(np.float32)),
+    ]  # C_in 6, M/group 3, 2x2
     ic = integer_mac_share(_model(nodes, inits, [2, 3, 5, 6], "y", [1, 6, 10, 14]), input_shapes={"x": [2, 3, 5, 6]})
     matmul, gemm, deconv = 2 * 3 * 5 * 4 * 6, 30 * 7 * 4, (1 * 6 * 5 * 7) * (3 * 2 * 2)
     assert ic.total_macs == matmul + gemm + deconv and ic.integer_macs == 0 and ic.share == 0.0
@@ -99,10 +117,15 @@ def test_qdq_matmul_is_an_integer_kernel() -> None:
     nodes: list = []
     inits: list = []
     _qdq(nodes, inits, "x", "x.dq", 0.01, np.uint8(128))
-    inits += [_init("w.q", RNG.integers(-127, 128, (8, 3)).astype(np.int8)), _init("w.s", np.float32(0.02)),
-              _init("w.z", np.int8(0))]
-    nodes += [helper.make_node("DequantizeLinear", ["w.q", "w.s", "w.z"], ["w"]),
-              helper.make_node("MatMul", ["x.dq", "w"], ["m"], name="matmul")]
+    inits += [
+        _init("w.q", RNG.integers(-127, 128, (8, 3)).astype(np.int8)),
+        _init("w.s", np.float32(0.02)),
+        _init("w.z", np.int8(0)),
+    ]
+    nodes += [
+        helper.make_node("DequantizeLinear", ["w.q", "w.s", "w.z"], ["w"]),
+        helper.make_node("MatMul", ["x.dq", "w"], ["m"], name="matmul"),
+    ]
     _qdq(nodes, inits, "m", "y", 0.05, np.uint8(128))
     ic = integer_mac_share(_model(nodes, inits, [4, 8], "y", [4, 3]), _x([4, 8]))
     assert ic.total_macs == 4 * 3 * 8 and ic.share == 1.0

@@ -66,8 +66,11 @@ def _conv2_back_to_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.Mo
     return out
 
 
-@pytest.mark.parametrize(("overrides", "bias_bw", "bias_type"), [(SPEC_FULL, 8, INT8_T), (SPEC_PARTIAL, 32, INT32_T)],
-                         ids=["full", "partial"])
+@pytest.mark.parametrize(
+    ("overrides", "bias_bw", "bias_type"),
+    [(SPEC_FULL, 8, INT8_T), (SPEC_PARTIAL, 32, INT32_T)],
+    ids=["full", "partial"],
+)
 def test_spec_example_converts_before_and_after_conv2_only(three, tmp_path, overrides, bias_bw, bias_type):
     result = _quantize(three, tmp_path, overrides)
     model = result.model
@@ -133,10 +136,20 @@ def test_int8_int16_mix_runs_and_its_sqnr_lies_between(tmp_path):
     ref = run(onnx.load(model), {"input": x})
     calib = str(MODELS / "digits_calib.npz")
     results = {}
-    for label, act_bw, overrides in (("int8", 8, None), ("int16", 16, None), ("mixed", 8, {
-            "activation_encodings": {n: [{"bitwidth": 16, "dtype": "int"}]
-                                     for n in ("features.1.act_out", "features.3.act_out")},
-            "param_encodings": {}})):
+    for label, act_bw, overrides in (
+        ("int8", 8, None),
+        ("int16", 16, None),
+        (
+            "mixed",
+            8,
+            {
+                "activation_encodings": {
+                    n: [{"bitwidth": 16, "dtype": "int"}] for n in ("features.1.act_out", "features.3.act_out")
+                },
+                "param_encodings": {},
+            },
+        ),
+    ):
         path = write_json(tmp_path / f"{label}.json", overrides) if overrides else None
         # 16-bit weights: the activation bitwidth then decides the error.
         r = quantize_model(model, calib, QuantConfig(act_bw=act_bw, weight_bw=16), overrides=path, progress=False)
@@ -153,11 +166,18 @@ def _conv_reshape_model() -> onnx.ModelProto:
     w = numpy_helper.from_array((rng.standard_normal((4, 2, 3, 3)) * 0.3).astype(np.float32), "w")
     b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
     shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
-             helper.make_node("Reshape", ["c", "shape"], ["r"], name="reshape"),
-             helper.make_node("Relu", ["r"], ["out"], name="relu")]
-    graph = helper.make_graph(nodes, "fallback", [helper.make_tensor_value_info("x", FLOAT_T, [1, 2, 6, 6])],
-                              [helper.make_tensor_value_info("out", FLOAT_T, [1, 64])], [w, b, shape])
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "shape"], ["r"], name="reshape"),
+        helper.make_node("Relu", ["r"], ["out"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fallback",
+        [helper.make_tensor_value_info("x", FLOAT_T, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("out", FLOAT_T, [1, 64])],
+        [w, b, shape],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -190,8 +210,10 @@ def _annotated(model: onnx.ModelProto, overrides: dict | None, tmp_path, *, targ
 
 
 def test_rule_float_bias_bitwidth_and_conflicting_int_override(three, tmp_path):
-    overrides = {"activation_encodings": {"conv2_1": [{"bitwidth": 16, "dtype": "float"}]},
-                 "param_encodings": {"conv2_b_0": [{"bitwidth": 8, "dtype": "int"}]}}
+    overrides = {
+        "activation_encodings": {"conv2_1": [{"bitwidth": 16, "dtype": "float"}]},
+        "param_encodings": {"conv2_b_0": [{"bitwidth": 8, "dtype": "int"}]},
+    }
     graph, report = _annotated(three, overrides, tmp_path, float_bias_bw=32)
     t = graph.tensors
     assert (t["conv2_w_0"].precision, t["conv2_b_0"].precision) == (FLOAT16, FLOAT32)
@@ -208,8 +230,10 @@ def test_data_invariant_ops_follow_their_input(tmp_path):
     from conftest import MODELS
 
     model = onnx.load(MODELS / "digits_cnn.onnx")
-    overrides = {"activation_encodings": {"features.1.act_out": [{"bitwidth": 16, "dtype": "int"}]},
-                 "param_encodings": {}}
+    overrides = {
+        "activation_encodings": {"features.1.act_out": [{"bitwidth": 16, "dtype": "int"}]},
+        "param_encodings": {},
+    }
     graph, _ = _annotated(model, overrides, tmp_path)
     assert graph.tensors["features.2_out"].precision == INT16  # MaxPool after the int16 Relu
     assert graph.tensors["features.2_out"].meta["precision_source"] == "propagated"

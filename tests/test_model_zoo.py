@@ -72,8 +72,7 @@ def test_conv_bn_relu_opsets() -> None:
         assert model.opset_import[0].version == opset
         onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in zoo.conv_bn_relu().graph.node]
-    assert ops == ["Conv", "BatchNormalization", "Relu"] * 2 + [
-        "GlobalAveragePool", "Flatten", "Gemm"]
+    assert ops == ["Conv", "BatchNormalization", "Relu"] * 2 + ["GlobalAveragePool", "Flatten", "Gemm"]
 
 
 def test_constant_node_weights_has_no_initializers() -> None:
@@ -140,9 +139,7 @@ def test_external_data(tmp_path: Path) -> None:
     assert path.exists() and (tmp_path / "model.onnx.data").exists()
     onnx.checker.check_model(str(path), full_check=True)
     skeleton = onnx.load(str(path), load_external_data=False)
-    assert any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in skeleton.graph.initializer
-    )
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in skeleton.graph.initializer)
     out = _session(path).run(None, zoo.random_feeds(skeleton))[0]
     expected = _session(zoo.conv_bn_relu()).run(None, zoo.random_feeds(skeleton))[0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
@@ -177,8 +174,7 @@ def test_conv_group_attrs() -> None:
 def test_already_quantized_has_qdq() -> None:
     ops = [n.op_type for n in zoo.already_quantized().graph.node]
     assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 3
-    w = next(t for t in zoo.already_quantized().graph.initializer
-             if t.name == "conv.weight_quantized")
+    w = next(t for t in zoo.already_quantized().graph.initializer if t.name == "conv.weight_quantized")
     assert numpy_helper.to_array(w).dtype == np.int8
 
 

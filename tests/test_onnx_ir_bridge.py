@@ -47,28 +47,52 @@ def _control_flow_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B")
-    then_g = helper.make_graph([helper.make_node("Add", ["h", "B"], ["t"])], "then",
-                               [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 4])])
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["h", "B"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 4])],
+    )
     else_g = helper.make_graph(
-        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32(-1.5))),
-         helper.make_node("Mul", ["h", "c"], ["e"])],
-        "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 4])])
+        [
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32(-1.5))),
+            helper.make_node("Mul", ["h", "c"], ["e"]),
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 4])],
+    )
     leaky = helper.make_node("LeakyRelu", ["X"], ["Y"])
     ref = onnx.AttributeProto()
     ref.name, ref.ref_attr_name, ref.type = "alpha", "alpha", onnx.AttributeProto.FLOAT
     leaky.attribute.append(ref)
-    func = helper.make_function("local", "LeakyScale", ["X"], ["Y"], [leaky],
-                                [helper.make_opsetid("", 17)], attributes=["alpha"])
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm", doc_string="first layer"),
-             helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=then_g, else_branch=else_g),
-             helper.make_node("LeakyScale", ["z"], ["y"], name="act", domain="local", alpha=0.2)]
+    func = helper.make_function(
+        "local", "LeakyScale", ["X"], ["Y"], [leaky], [helper.make_opsetid("", 17)], attributes=["alpha"]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm", doc_string="first layer"),
+        helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=then_g, else_branch=else_g),
+        helper.make_node("LeakyScale", ["z"], ["y"], name="act", domain="local", alpha=0.2),
+    ]
     graph = helper.make_graph(
-        nodes, "cf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
-                      helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w, b],
-        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-                              functions=[func], ir_version=10, producer_name="test", doc_string="control flow")
+        nodes,
+        "cf",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [w, b],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[func],
+        ir_version=10,
+        producer_name="test",
+        doc_string="control flow",
+    )
     helper.set_model_props(model, {"author": "tests"})
     onnx.checker.check_model(model)
     return model
@@ -120,8 +144,14 @@ def test_external_data_is_read_in(tmp_path: Path) -> None:
     """onnx_ir keeps external weights in their file; the IR gets the bytes (no base folder to resolve)."""
     original = _control_flow_model()
     copy = onnx.ModelProto.FromString(original.SerializeToString())  # saving with external data edits it
-    onnx.save_model(copy, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="m.onnx.data", size_threshold=0)
+    onnx.save_model(
+        copy,
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
     model = ir.load(tmp_path / "m.onnx")
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
     graph = from_onnx_ir(model)
@@ -138,15 +168,19 @@ def _annotated() -> graph_ir.Graph:
     graph.tensors["input"].encoding = Encoding(8, (1 / 255,), (0,))
     graph.tensors["input"].precision = Precision("int", 8)
     graph.tensors["input"].meta.update(precision_source="override", encoding_bw=8)
-    graph.tensors[weight].encoding = Encoding(4, (0.01, 0.02, 0.5, 1e-7, 3.0, 0.1, 0.2, 0.3),
-                                              (-8,) * 8, symmetric=True, axis=0)
+    graph.tensors[weight].encoding = Encoding(
+        4, (0.01, 0.02, 0.5, 1e-7, 3.0, 0.1, 0.2, 0.3), (-8,) * 8, symmetric=True, axis=0
+    )
     graph.tensors["features.1.act_out"].precision = Precision("float", 16)
     return graph
 
 
 def _annotations(graph: graph_ir.Graph) -> dict[str, tuple]:
-    return {t.name: (t.encoding, t.precision, t.meta) for t in graph.tensors.values()
-            if t.encoding is not None or t.precision is not None or t.meta}
+    return {
+        t.name: (t.encoding, t.precision, t.meta)
+        for t in graph.tensors.values()
+        if t.encoding is not None or t.precision is not None or t.meta
+    }
 
 
 def test_annotations_survive_graph_ir_onnx_ir_graph_ir(tmp_path: Path) -> None:
@@ -168,8 +202,13 @@ def test_annotations_survive_graph_ir_onnx_ir_graph_ir(tmp_path: Path) -> None:
 def test_quantized_model_annotations_cross_both_ways() -> None:
     from qpasses.quantize import quantize_model
 
-    result = quantize_model(MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz", progress=False,
-                            runtime_check=False, auto_fallback=False)
+    result = quantize_model(
+        MODELS / "digits_cnn.onnx",
+        MODELS / "digits_calib.npz",
+        progress=False,
+        runtime_check=False,
+        auto_fallback=False,
+    )
     expected = _annotations(result.graph)
     assert {"input", "features.0.act_out"} <= {n for n, (e, _, _) in expected.items() if isinstance(e, Encoding)}
     again = from_onnx_ir(ir.from_proto(ir.to_proto(to_onnx_ir(result.graph))))  # via metadata_props only
@@ -182,8 +221,9 @@ def test_quantize_onnx_ir_equals_quantize_model() -> None:
     from qpasses.quantize import quantize_model
 
     options = {"progress": False, "runtime_check": False, "auto_fallback": False}
-    qmodel, encodings = quantize_onnx_ir(ir.load(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_calib.npz"),
-                                         **options)
+    qmodel, encodings = quantize_onnx_ir(
+        ir.load(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_calib.npz"), **options
+    )
     reference = quantize_model(MODELS / "digits_cnn.onnx", str(MODELS / "digits_calib.npz"), **options)
     assert from_onnx_ir(qmodel).to_onnx() == reference.model
     feeds = {"input": np.load(MODELS / "digits_test.npz")["input"][:32]}

@@ -29,15 +29,24 @@ from qpasses.quant.range_search import from_min_max
 
 def _model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc")]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-             helper.make_node("MatMul", ["f", "fc"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -122,8 +131,9 @@ def test_artifacts_are_typed_and_name_what_is_missing() -> None:
 def test_apply_overrides_takes_an_encodings_file_object() -> None:
     g = graph_ir.load(_model())
     ctx = PassContext()
-    overrides = EncodingsFile(activations={"r": from_min_max(0.0, 4.0, 8)},
-                              params={"w": PrecisionOverride(32, "float")})
+    overrides = EncodingsFile(
+        activations={"r": from_min_max(0.0, 4.0, 8)}, params={"w": PrecisionOverride(32, "float")}
+    )
     ctx.artifacts.put(Overrides(overrides))
     PassManager([default_registry().create_pass("apply-overrides")], verify="none").run(g, ctx)
     assert g.tensors["r"].encoding.max[0] == pytest.approx(4.0, rel=0.01)
@@ -132,8 +142,10 @@ def test_apply_overrides_takes_an_encodings_file_object() -> None:
 
 
 def test_the_ir_imports_nothing_from_qpasses() -> None:
-    code = ("import sys, graph_ir, graph_ir.graphsurgeon_bridge; "
-            "print(sorted(m for m in sys.modules if m.startswith('qpasses')))")
+    code = (
+        "import sys, graph_ir, graph_ir.graphsurgeon_bridge; "
+        "print(sorted(m for m in sys.modules if m.startswith('qpasses')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -164,5 +176,6 @@ def test_amp_searches_the_graph_quantize_lowers() -> None:
     lowered = quantize_model(model, None, progress=False, runtime_check=False)
     amp_ops = sorted(op.op_type for op in amp_graph.ops)
     assert all(op.domain in ("", "ai.onnx") for op in amp_graph.ops)
-    assert amp_ops == sorted(op.op_type for op in lowered.graph.ops
-                             if op.op_type not in ("QuantizeLinear", "DequantizeLinear"))
+    assert amp_ops == sorted(
+        op.op_type for op in lowered.graph.ops if op.op_type not in ("QuantizeLinear", "DequantizeLinear")
+    )

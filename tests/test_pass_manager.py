@@ -192,11 +192,15 @@ def test_pipeline_text():
 
 def test_pipeline_files(tmp_path):
     y = tmp_path / "p.yaml"
-    y.write_text("pipeline:\n  - dce\n  - name: with-options\n    options: {iterations: 2}\n"
-                 "  - with-options: {scale: 3}\n")
+    y.write_text(
+        "pipeline:\n  - dce\n  - name: with-options\n    options: {iterations: 2}\n  - with-options: {scale: 3}\n"
+    )
     specs = load_pipeline_file(y)
-    assert [(s.name, s.options) for s in specs] == [("dce", {}), ("with-options", {"iterations": 2}),
-                                                   ("with-options", {"scale": 3})]
+    assert [(s.name, s.options) for s in specs] == [
+        ("dce", {}),
+        ("with-options", {"iterations": 2}),
+        ("with-options", {"scale": 3}),
+    ]
     reg = Registry()
     reg.add_pass(WithOptions)
     reg.add_pass(default_registry().pass_class("dce"))

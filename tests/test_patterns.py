@@ -25,11 +25,14 @@ def relu_only(graph: Graph, op: Op) -> str | None:
     return None if op.op_type == "Relu" else f"{op.op_type} is not Relu"
 
 
-CONV_ACT_CONV = Pattern("conv-act-conv", (
-    Step("conv1", ("Conv",)),
-    Step("act", ("Relu", "Sigmoid"), optional=True, where=relu_only),
-    Step("conv2", ("Conv",)),
-))
+CONV_ACT_CONV = Pattern(
+    "conv-act-conv",
+    (
+        Step("conv1", ("Conv",)),
+        Step("act", ("Relu", "Sigmoid"), optional=True, where=relu_only),
+        Step("conv2", ("Conv",)),
+    ),
+)
 
 
 def test_match_with_and_without_optional_step() -> None:
@@ -94,11 +97,14 @@ def test_trailing_optional_steps_may_be_missing() -> None:
 
 
 def test_repeat_step_takes_every_fitting_op() -> None:
-    p = Pattern("conv-glue-conv", (
-        Step("conv1", ("Conv",)),
-        Step("glue", ("Relu", "MaxPool"), optional=True, repeat=True),
-        Step("conv2", ("Conv",)),
-    ))
+    p = Pattern(
+        "conv-glue-conv",
+        (
+            Step("conv1", ("Conv",)),
+            Step("glue", ("Relu", "MaxPool"), optional=True, repeat=True),
+            Step("conv2", ("Conv",)),
+        ),
+    )
     g, ops = chain("Conv", "Relu", "MaxPool", "Relu", "Conv")
     m = p.match(g, ops[0])
     assert isinstance(m, Match)
@@ -112,11 +118,14 @@ def test_non_strict_rejection_skips_an_optional_step() -> None:
     def never(graph: Graph, op: Op) -> str | None:
         return "not a bias"
 
-    p = Pattern("conv-add-relu", (
-        Step("conv", ("Conv",)),
-        Step("bias", ("Add",), optional=True, strict=False, where=never),
-        Step("act", ("Relu", "Add")),
-    ))
+    p = Pattern(
+        "conv-add-relu",
+        (
+            Step("conv", ("Conv",)),
+            Step("bias", ("Add",), optional=True, strict=False, where=never),
+            Step("act", ("Relu", "Add")),
+        ),
+    )
     g, ops = chain("Conv", "Add")
     m = p.match(g, ops[0])
     assert isinstance(m, Match) and m.one("bias") is None and m.one("act") is ops[1]

@@ -46,8 +46,17 @@ TEST_X, TEST_Y = _split("digits_test.npz")
 # quant_plan): the graph input, every op output a backend materializes (Conv/Gemm outputs are
 # fused with the Relu/Clip that follows), data-movement outputs (sharing their input's encoding)
 # and the logits. ``bn_out`` names stand for the folded Conv output under either of its names.
-_CHAIN = ["input", "features.0.act_out", "features.1.act_out", "features.2_out", "features.3.act_out",
-          "features.4.act_out", "gap_out", "flatten_out", "logits"]
+_CHAIN = [
+    "input",
+    "features.0.act_out",
+    "features.1.act_out",
+    "features.2_out",
+    "features.3.act_out",
+    "features.4.act_out",
+    "gap_out",
+    "flatten_out",
+    "logits",
+]
 EXPECTED_ACTIVATIONS = {
     "digits_cnn": set(_CHAIN),
     "digits_cnn_relu6": set(_CHAIN),
@@ -61,7 +70,7 @@ SHARED = [("features.2_out", "features.1.act_out"), ("flatten_out", "gap_out")]
 
 
 def calib_feeds(x: np.ndarray = CALIB_X, batch: int = 16) -> list[dict[str, np.ndarray]]:
-    return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+    return [{"input": x[i : i + batch]} for i in range(0, len(x), batch)]
 
 
 @functools.cache
@@ -70,8 +79,13 @@ def quantized(name: str, per_channel: bool = False, **config: object) -> Quantiz
 
     Bias correction is off: the reference is plain fake quantization of the FP32 graph (bias
     correction has its own tests in test_bias_correction.py)."""
-    return quantize_model(MODELS / f"{name}.onnx", calib_feeds(), {"per_channel": per_channel, **config},
-                          progress=False, bias_correction=False)
+    return quantize_model(
+        MODELS / f"{name}.onnx",
+        calib_feeds(),
+        {"per_channel": per_channel, **config},
+        progress=False,
+        bias_correction=False,
+    )
 
 
 @functools.cache
@@ -144,8 +158,11 @@ def canonical_activations(name: str, result: QuantizeResult) -> dict[str, Grid]:
 
 
 def quant_spec(result: QuantizeResult, bias_bw: int = 32) -> QuantSpec:
-    return QuantSpec({n: Grid.of(e) for n, e in result.encodings.activations.items()},
-                     {n: Grid.of(e) for n, e in result.encodings.params.items()}, bias_bw)
+    return QuantSpec(
+        {n: Grid.of(e) for n, e in result.encodings.activations.items()},
+        {n: Grid.of(e) for n, e in result.encodings.params.items()},
+        bias_bw,
+    )
 
 
 def check_matches_reference(name: str, result: QuantizeResult, steps: float = 3.0, bias_bw: int = 32) -> None:
@@ -278,8 +295,9 @@ def test_stored_weights_and_biases_are_the_folded_fp32_values(name: str, per_cha
 # --- 2. structure of the QDQ model ------------------------------------------------------------------------
 
 
-def check_weight_and_bias_storage(view: QDQView, per_channel: bool, weight_type: int = TensorProto.UINT8,
-                                  bias_type: int = TensorProto.INT32) -> int:
+def check_weight_and_bias_storage(
+    view: QDQView, per_channel: bool, weight_type: int = TensorProto.UINT8, bias_type: int = TensorProto.INT32
+) -> int:
     """Every Conv/Gemm reads int weights and int biases through DQs; bias scale = s_in x s_w.
     Symmetric weights: zero point 0 when signed, 128 when stored as portable uint8."""
     weight_zp = 128 if weight_type == TensorProto.UINT8 else 0
@@ -345,8 +363,9 @@ def test_qdq_structure(name: str, per_channel: bool) -> None:
     assert interface(model) == interface(onnx.load(MODELS / f"{name}.onnx"))
 
 
-def test_cli_quantize_writes_outputs_and_leaves_input_alone(digits: Path, calib_npz: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_quantize_writes_outputs_and_leaves_input_alone(
+    digits: Path, calib_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = digest(digits)
     out = tmp_path / "out"
     assert main(["quantize", str(digits), "--calib", str(calib_npz), "-o", str(out), "-q"]) == 0
@@ -370,13 +389,17 @@ def _quantize_cli(model: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "encodings.json").read_text())
 
 
-def test_exported_per_channel_encodings_follow_spec(digits: Path, calib_npz: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_exported_per_channel_encodings_follow_spec(
+    digits: Path, calib_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Per-channel: one entry per output channel, offset -2^(bw-1), is_symmetric True (0.6.1 and 1.0.0)."""
     doc = _quantize_cli(digits, tmp_path / "a", "--calib", str(calib_npz), "--per-channel")
     assert set(doc) >= {"activation_encodings", "param_encodings"}
-    channels = {t.name: t.dims[0] for t in onnx.load(digits).graph.initializer if t.name.endswith(".weight")
-                and len(t.dims) >= 2}
+    channels = {
+        t.name: t.dims[0]
+        for t in onnx.load(digits).graph.initializer
+        if t.name.endswith(".weight") and len(t.dims) >= 2
+    }
     for name, count in channels.items():
         entries = doc["param_encodings"][name]
         assert len(entries) == count, name
@@ -387,8 +410,9 @@ def test_exported_per_channel_encodings_follow_spec(digits: Path, calib_npz: Pat
         assert e["bitwidth"] == 8 and -255 <= e["offset"] <= 0, name
         assert e["scale"] == pytest.approx((e["max"] - e["min"]) / 255, rel=1e-6), name
         assert e["min"] == pytest.approx(e["offset"] * e["scale"], rel=1e-6, abs=1e-12), name
-    v1 = _quantize_cli(digits, tmp_path / "b", "--calib", str(calib_npz), "--per-channel",
-                       "--encodings-version", "1.0.0")
+    v1 = _quantize_cli(
+        digits, tmp_path / "b", "--calib", str(calib_npz), "--per-channel", "--encodings-version", "1.0.0"
+    )
     capsys.readouterr()
     by_name = {e["name"]: e for e in v1["param_encodings"]}
     for name, count in channels.items():
@@ -405,8 +429,8 @@ def _round_trip(model: Path, out: Path, first: list[str], overrides_doc: dict | 
         path = out / "overrides.json"
         path.write_text(json.dumps(overrides_doc))
     keep = [a for a in first if a in ("--per-channel",)] + (
-        ["--encodings-version", first[first.index("--encodings-version") + 1]]
-        if "--encodings-version" in first else [])
+        ["--encodings-version", first[first.index("--encodings-version") + 1]] if "--encodings-version" in first else []
+    )
     again = _quantize_cli(model, out / "second", "--no-calib", "--overrides", str(path), *keep)
     return doc, again
 
@@ -417,29 +441,33 @@ def _same_outputs(a: Path, b: Path, feeds: dict[str, np.ndarray]) -> None:
 
 
 @LAYOUTS
-def test_round_trip_shipped_model_with_folded_biases(digits: Path, calib_npz: Path, tmp_path: Path,
-                                                     per_channel: bool) -> None:
+def test_round_trip_shipped_model_with_folded_biases(
+    digits: Path, calib_npz: Path, tmp_path: Path, per_channel: bool
+) -> None:
     flags = ["--calib", str(calib_npz)] + (["--per-channel"] if per_channel else [])
     doc, again = _round_trip(digits, tmp_path, flags)
     assert again == doc
 
 
 @LAYOUTS
-def test_round_trip_shipped_model_without_bias_entries(digits: Path, calib_npz: Path, tmp_path: Path,
-                                                       per_channel: bool) -> None:
+def test_round_trip_shipped_model_without_bias_entries(
+    digits: Path, calib_npz: Path, tmp_path: Path, per_channel: bool
+) -> None:
     """Activation and weight encodings survive export -> --overrides import exactly; so do the
     derived biases and the model's outputs (bias entries dropped)."""
     flags = ["--calib", str(calib_npz)] + (["--per-channel"] if per_channel else [])
     doc = _quantize_cli(digits, tmp_path / "first", *flags)
-    ov = {"activation_encodings": doc["activation_encodings"],
-          "param_encodings": {k: v for k, v in doc["param_encodings"].items() if not k.endswith(".bias")}}
+    ov = {
+        "activation_encodings": doc["activation_encodings"],
+        "param_encodings": {k: v for k, v in doc["param_encodings"].items() if not k.endswith(".bias")},
+    }
     path = tmp_path / "ov.json"
     path.write_text(json.dumps(ov))
-    again = _quantize_cli(digits, tmp_path / "second", "--no-calib", "--overrides", str(path),
-                          *(["--per-channel"] if per_channel else []))
+    again = _quantize_cli(
+        digits, tmp_path / "second", "--no-calib", "--overrides", str(path), *(["--per-channel"] if per_channel else [])
+    )
     assert again == doc
-    _same_outputs(tmp_path / "first" / "model.qdq.onnx", tmp_path / "second" / "model.qdq.onnx",
-                  {"input": TEST_X})
+    _same_outputs(tmp_path / "first" / "model.qdq.onnx", tmp_path / "second" / "model.qdq.onnx", {"input": TEST_X})
 
 
 @pytest.mark.parametrize("version", ["0.6.1", "1.0.0"])
@@ -467,13 +495,17 @@ def test_partial_overrides_keep_calibrated_values(digits: Path, calib_npz: Path,
     """Overriding the logits and fc.weight changes exactly those (to the spec's grid of the given
     min/max) and the fc bias derived from them; everything else stays as calibrated."""
     base = _quantize_cli(digits, tmp_path / "base", "--calib", str(calib_npz))
-    ov = {"activation_encodings": {"logits": [{"bitwidth": 8, "min": -20.0, "max": 12.0}]},
-          "param_encodings": {"fc.weight": [{"bitwidth": 8, "min": -1.0, "max": 1.5}]}}
+    ov = {
+        "activation_encodings": {"logits": [{"bitwidth": 8, "min": -20.0, "max": 12.0}]},
+        "param_encodings": {"fc.weight": [{"bitwidth": 8, "min": -1.0, "max": 1.5}]},
+    }
     path = tmp_path / "ov.json"
     path.write_text(json.dumps(ov))
     doc = _quantize_cli(digits, tmp_path / "ov", "--calib", str(calib_npz), "--overrides", str(path))
-    for section, name, lo, hi in (("activation_encodings", "logits", -20.0, 12.0),
-                                  ("param_encodings", "fc.weight", -1.0, 1.5)):
+    for section, name, lo, hi in (
+        ("activation_encodings", "logits", -20.0, 12.0),
+        ("param_encodings", "fc.weight", -1.0, 1.5),
+    ):
         (e,) = doc[section][name]
         want = spec_encoding(lo, hi, 8)
         assert e["offset"] == want.offset[0] and e["scale"] == pytest.approx(want.scale[0], rel=1e-9), name
@@ -489,11 +521,31 @@ def test_partial_overrides_keep_calibrated_values(digits: Path, calib_npz: Path,
 
 def test_overrides_in_1_0_0_layout(digits: Path, calib_npz: Path, tmp_path: Path) -> None:
     """The 1.0.0 list layout is read like 0.6.1: scale/offset taken as given."""
-    ov = {"version": "1.0.0",
-          "activation_encodings": [{"name": "logits", "dtype": "INT", "bw": 8, "enc_type": "PER_TENSOR",
-                                    "is_sym": False, "scale": [0.125], "offset": [-160]}],
-          "param_encodings": [{"name": "fc.weight", "dtype": "INT", "bw": 8, "enc_type": "PER_CHANNEL",
-                               "is_sym": True, "scale": [0.01] * 10, "offset": [-128] * 10}]}
+    ov = {
+        "version": "1.0.0",
+        "activation_encodings": [
+            {
+                "name": "logits",
+                "dtype": "INT",
+                "bw": 8,
+                "enc_type": "PER_TENSOR",
+                "is_sym": False,
+                "scale": [0.125],
+                "offset": [-160],
+            }
+        ],
+        "param_encodings": [
+            {
+                "name": "fc.weight",
+                "dtype": "INT",
+                "bw": 8,
+                "enc_type": "PER_CHANNEL",
+                "is_sym": True,
+                "scale": [0.01] * 10,
+                "offset": [-128] * 10,
+            }
+        ],
+    }
     path = tmp_path / "ov.json"
     path.write_text(json.dumps(ov))
     doc = _quantize_cli(digits, tmp_path / "out", "--calib", str(calib_npz), "--overrides", str(path))
@@ -576,7 +628,8 @@ def test_constant_node_weights_quantize_like_initializers() -> None:
     assert a.encodings.activations == b.encodings.activations
     view = QDQView(a.model)
     assert not view.ops("Constant") or all(
-        attr(c, "value").data_type != TensorProto.FLOAT for c in view.ops("Constant"))
+        attr(c, "value").data_type != TensorProto.FLOAT for c in view.ops("Constant")
+    )
     check_weight_and_bias_storage(view, False)
     feeds = model_zoo.random_feeds(const_model, batch=1, seed=9)
     np.testing.assert_allclose(run(a.model, feeds)[0], run(b.model, feeds)[0], atol=1e-5)
@@ -604,9 +657,12 @@ def _fp16_input_model() -> onnx.ModelProto:
         helper.make_node("Relu", ["c"], ["out"], name="Relu"),
     ]
     graph = helper.make_graph(
-        nodes, "fp16_input", [helper.make_tensor_value_info("image", TensorProto.FLOAT16, ["N", 3, 8, 8])],
+        nodes,
+        "fp16_input",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT16, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(4, 0.1, np.float32), "b")])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(4, 0.1, np.float32), "b")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -711,19 +767,32 @@ def test_input_list_with_wrong_size_file(digits: Path, tmp_path: Path, capsys) -
 
 
 BAD_OVERRIDES = {
-    "unknown-tensor": ({"activation_encodings": {"no_such_tensor": [{"bitwidth": 8, "min": 0.0, "max": 1.0}]},
-                        "param_encodings": {}}, "no_such_tensor"),
-    "bitwidth-out-of-range": ({"activation_encodings": {"gap_out": [{"bitwidth": 12, "min": 0.0, "max": 1.0}]},
-                               "param_encodings": {}}, "gap_out"),
-    "weight-bitwidth-out-of-range": ({"activation_encodings": {},
-                                      "param_encodings": {"fc.weight": [{"bitwidth": 2, "min": -1.0, "max": 1.0}]}},
-                                     "fc.weight"),
-    "min-greater-than-max": ({"activation_encodings": {"logits": [{"bitwidth": 8, "min": 3.0, "max": -3.0}]},
-                              "param_encodings": {}}, "logits"),
-    "per-channel-count": ({"activation_encodings": {},
-                           "param_encodings": {"features.1.conv.weight": [
-                               {"bitwidth": 8, "min": -1.0, "max": 1.0, "offset": -128, "scale": 1 / 127.5}] * 3}},
-                          "features.1.conv.weight"),
+    "unknown-tensor": (
+        {"activation_encodings": {"no_such_tensor": [{"bitwidth": 8, "min": 0.0, "max": 1.0}]}, "param_encodings": {}},
+        "no_such_tensor",
+    ),
+    "bitwidth-out-of-range": (
+        {"activation_encodings": {"gap_out": [{"bitwidth": 12, "min": 0.0, "max": 1.0}]}, "param_encodings": {}},
+        "gap_out",
+    ),
+    "weight-bitwidth-out-of-range": (
+        {"activation_encodings": {}, "param_encodings": {"fc.weight": [{"bitwidth": 2, "min": -1.0, "max": 1.0}]}},
+        "fc.weight",
+    ),
+    "min-greater-than-max": (
+        {"activation_encodings": {"logits": [{"bitwidth": 8, "min": 3.0, "max": -3.0}]}, "param_encodings": {}},
+        "logits",
+    ),
+    "per-channel-count": (
+        {
+            "activation_encodings": {},
+            "param_encodings": {
+                "features.1.conv.weight": [{"bitwidth": 8, "min": -1.0, "max": 1.0, "offset": -128, "scale": 1 / 127.5}]
+                * 3
+            },
+        },
+        "features.1.conv.weight",
+    ),
 }
 
 
@@ -733,8 +802,9 @@ def test_bad_overrides(digits: Path, tmp_path: Path, capsys, case: str) -> None:
     path = tmp_path / "ov.json"
     path.write_text(json.dumps(doc))
     out = tmp_path / "out"
-    line = cli_error(capsys, ["quantize", str(digits), "--no-calib", "--overrides", str(path), "-o", str(out)],
-                     digits, out)
+    line = cli_error(
+        capsys, ["quantize", str(digits), "--no-calib", "--overrides", str(path), "-o", str(out)], digits, out
+    )
     assert culprit in line, line
 
 
@@ -742,8 +812,9 @@ def test_malformed_overrides_json(digits: Path, tmp_path: Path, capsys) -> None:
     path = tmp_path / "broken_overrides.json"
     path.write_text('{"activation_encodings": {"logits": [{"bitwidth": 8,,}]}')
     out = tmp_path / "out"
-    line = cli_error(capsys, ["quantize", str(digits), "--no-calib", "--overrides", str(path), "-o", str(out)],
-                     digits, out)
+    line = cli_error(
+        capsys, ["quantize", str(digits), "--no-calib", "--overrides", str(path), "-o", str(out)], digits, out
+    )
     assert "broken_overrides.json" in line and "JSON" in line, line
 
 

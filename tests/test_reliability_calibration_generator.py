@@ -27,17 +27,26 @@ BATCHES, ROWS = 8, 16
 
 def _model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((6, 3, 3, 3)) * 0.3).astype(np.float32), "conv.weight"),
-             numpy_helper.from_array((rng.standard_normal(6) * 0.1).astype(np.float32), "conv.bias"),
-             numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.3).astype(np.float32), "fc.weight"),
-             numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "fc.bias")]
-    nodes = [helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-             helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((6, 3, 3, 3)) * 0.3).astype(np.float32), "conv.weight"),
+        numpy_helper.from_array((rng.standard_normal(6) * 0.1).astype(np.float32), "conv.bias"),
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.3).astype(np.float32), "fc.weight"),
+        numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -53,10 +62,12 @@ def _generator() -> Iterator[dict[str, np.ndarray]]:
 
 def _run(source: object) -> tuple[graph_ir.Graph, PipelineReport]:
     reg = default_registry()
-    passes = [reg.create_pass("seq-mse", num_batches=4, num_candidates=4, weight_bw=4, progress=False),
-              reg.create_pass("encode-weights", weight_bw=4),
-              reg.create_pass("calibrate", progress=False),
-              reg.create_pass("bias-correction", num_batches=BATCHES)]
+    passes = [
+        reg.create_pass("seq-mse", num_batches=4, num_candidates=4, weight_bw=4, progress=False),
+        reg.create_pass("encode-weights", weight_bw=4),
+        reg.create_pass("calibrate", progress=False),
+        reg.create_pass("bias-correction", num_batches=BATCHES),
+    ]
     graph = graph_ir.load(_model())
     report = PassManager(passes, verify="checker").run(graph, PassContext(calibration_data=source))
     return graph, report

@@ -50,7 +50,7 @@ def _calib(outlier: float | None = 1e30, sample: int = BAD_SAMPLE) -> np.ndarray
 
 
 def _feeds(x: np.ndarray, batch: int = 16) -> list[dict[str, np.ndarray]]:
-    return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+    return [{"input": x[i : i + batch]} for i in range(0, len(x), batch)]
 
 
 def _test_split() -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +63,9 @@ def _calibrate(x: np.ndarray, mode: str) -> tuple[graph_ir.Graph, list, list[war
     ctx = PassContext(calibration_data=_feeds(x))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = PassManager([default_registry().create_pass("calibrate", mode=mode, progress=False)],
-                             verify="none").run(graph, ctx)
+        report = PassManager(
+            [default_registry().create_pass("calibrate", mode=mode, progress=False)], verify="none"
+        ).run(graph, ctx)
     return graph, report.remarks, [w for w in caught if issubclass(w.category, CalibrationOutlierWarning)]
 
 
@@ -114,18 +115,30 @@ def _top1_and_sqnr(model: object) -> tuple[float, float]:
     x, labels = _test_split()
     got = exact_session(model).run(None, {"input": x})[0].astype(np.float64)
     ref = exact_session(str(MODEL)).run(None, {"input": x})[0].astype(np.float64)
-    sqnr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum((got - ref) ** 2), 1e-30))
+    sqnr = 10 * np.log10(np.sum(ref**2) / max(np.sum((got - ref) ** 2), 1e-30))
     return float(np.mean(got.argmax(axis=1) == labels)), float(sqnr)
 
 
 def test_quantize_in_percentile_mode_keeps_accuracy() -> None:
     """The reproducer end to end: was top-1 0.10 / SQNR 0 dB; now as good as on clean data."""
     with pytest.warns(CalibrationOutlierWarning, match="'input'"):
-        result = quantize_model(str(MODEL), _feeds(_calib()), QuantConfig(act_mode="percentile"), progress=False,
-                                runtime_check=False, auto_fallback=False)
+        result = quantize_model(
+            str(MODEL),
+            _feeds(_calib()),
+            QuantConfig(act_mode="percentile"),
+            progress=False,
+            runtime_check=False,
+            auto_fallback=False,
+        )
     top1, sqnr = _top1_and_sqnr(result.model)
-    clean = quantize_model(str(MODEL), _feeds(_calib(None)), QuantConfig(act_mode="percentile"), progress=False,
-                           runtime_check=False, auto_fallback=False)
+    clean = quantize_model(
+        str(MODEL),
+        _feeds(_calib(None)),
+        QuantConfig(act_mode="percentile"),
+        progress=False,
+        runtime_check=False,
+        auto_fallback=False,
+    )
     clean_top1, clean_sqnr = _top1_and_sqnr(clean.model)
     assert top1 >= clean_top1 - 0.02 and sqnr >= clean_sqnr - 3.0, (top1, sqnr, clean_top1, clean_sqnr)
     assert sqnr > 20.0
@@ -138,7 +151,7 @@ def test_sample_extremes_finds_the_outlier_samples() -> None:
     x[17, 0, 0, 0] = -3e5
     tracker = SampleExtremes()
     for i in range(0, 40, 7):  # pieces of uneven sizes: sample indices count rows in arrival order
-        tracker.update(x[i:i + 7])
+        tracker.update(x[i : i + 7])
     found = tracker.outliers()
     assert found is not None and found.samples == (5, 17)
     rest = np.delete(x, [5, 17], axis=0)
@@ -172,7 +185,7 @@ def test_fixed_histogram_leaves_out_samples_and_does_not_depend_on_batching() ->
     for step in (1, 7, 30):
         obs = FixedHistogramObserver(outliers.rest_min, outliers.rest_max, frozenset(outliers.samples), bins=32)
         for i in range(0, 30, step):
-            obs.update(x[i:i + step])
+            obs.update(x[i : i + step])
         histograms.append(obs.histogram)
     assert all(np.array_equal(h.counts, histograms[0].counts) for h in histograms)
     assert histograms[0].total == 29 * 5 and obs.dropped == 0

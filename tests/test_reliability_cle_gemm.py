@@ -24,8 +24,20 @@ from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
 RTOL = 1e-4
 
 
-def _gemm(rng: np.random.Generator, x: str, name: str, cin: int, cout: int, *, alpha: float, beta: float,
-          trans_b: bool, spread: bool, inits: list[onnx.TensorProto], trans_a: bool = False) -> onnx.NodeProto:
+def _gemm(
+    rng: np.random.Generator,
+    x: str,
+    name: str,
+    cin: int,
+    cout: int,
+    *,
+    alpha: float,
+    beta: float,
+    trans_b: bool,
+    spread: bool,
+    inits: list[onnx.TensorProto],
+    trans_a: bool = False,
+) -> onnx.NodeProto:
     w = rng.standard_normal((cin, cout)) / np.sqrt(cin)
     if spread:  # output-channel ranges spanning 30x: something for cle to equalize
         w = w * np.logspace(0, 1.5, cout)[None, :]
@@ -44,8 +56,16 @@ def _gemm(rng: np.random.Generator, x: str, name: str, cin: int, cout: int, *, a
     return helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [name], name=name, **attrs)
 
 
-def gemm_bn_gemm(seed: int, *, alphas: tuple[float, float], betas: tuple[float, float],
-                 trans_b: tuple[bool, bool], glue: str, bn_beta: float = 2.0, trans_a: bool = False) -> onnx.ModelProto:
+def gemm_bn_gemm(
+    seed: int,
+    *,
+    alphas: tuple[float, float],
+    betas: tuple[float, float],
+    trans_b: tuple[bool, bool],
+    glue: str,
+    bn_beta: float = 2.0,
+    trans_a: bool = False,
+) -> onnx.ModelProto:
     """x -> Gemm1 (transA: x is [features, batch]) -> BN(beta ~ bn_beta, huge variance) -> [glue] -> Gemm2 -> y.
 
     With a variance of 1e4 the BN's normalized output stays within about +-1 for standard-normal
@@ -54,8 +74,21 @@ def gemm_bn_gemm(seed: int, *, alphas: tuple[float, float], betas: tuple[float, 
     rng = np.random.default_rng(seed)
     cin, hidden, cout = 5, 8, 4
     inits: list[onnx.TensorProto] = []
-    nodes = [_gemm(rng, "x", "gemm1", cin, hidden, alpha=alphas[0], beta=betas[0], trans_b=trans_b[0],
-                   spread=True, inits=inits, trans_a=trans_a)]
+    nodes = [
+        _gemm(
+            rng,
+            "x",
+            "gemm1",
+            cin,
+            hidden,
+            alpha=alphas[0],
+            beta=betas[0],
+            trans_b=trans_b[0],
+            spread=True,
+            inits=inits,
+            trans_a=trans_a,
+        )
+    ]
     bn = {
         "scale": (0.2 + 0.3 * rng.random(hidden)) * np.where(np.arange(hidden) % 3 == 0, -1, 1),
         "B": bn_beta * (1.0 + rng.random(hidden)),
@@ -64,17 +97,24 @@ def gemm_bn_gemm(seed: int, *, alphas: tuple[float, float], betas: tuple[float, 
     }
     for key, value in bn.items():
         inits.append(numpy_helper.from_array(value.astype(np.float32), f"bn.{key}"))
-    nodes.append(helper.make_node("BatchNormalization", ["gemm1", *(f"bn.{k}" for k in bn)], ["bn"], name="bn",
-                                  epsilon=1e-5))
+    nodes.append(
+        helper.make_node("BatchNormalization", ["gemm1", *(f"bn.{k}" for k in bn)], ["bn"], name="bn", epsilon=1e-5)
+    )
     x = "bn"
     if glue != "none":
         nodes.append(helper.make_node(glue, [x], ["glue"], name="glue"))
         x = "glue"
-    nodes.append(_gemm(rng, x, "y", hidden, cout, alpha=alphas[1], beta=betas[1], trans_b=trans_b[1],
-                       spread=False, inits=inits))
+    nodes.append(
+        _gemm(rng, x, "y", hidden, cout, alpha=alphas[1], beta=betas[1], trans_b=trans_b[1], spread=False, inits=inits)
+    )
     x_shape = [cin, 3] if trans_a else [3, cin]
-    graph = helper.make_graph(nodes, "gemm_bn_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, cout])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "gemm_bn_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, cout])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -111,8 +151,14 @@ def test_random_alpha_beta_trans_b_keep_fp32_outputs(glue: str, seed: int) -> No
     betas = tuple(float(b) for b in rng.choice([1.0, 0.0, 0.25, -1.5, 3.0], 2))
     trans_b = tuple(bool(t) for t in rng.integers(0, 2, 2))
     trans_a = bool(seed % 2)  # the first Gemm's transA does not move its output channels
-    model = gemm_bn_gemm(seed, alphas=alphas, betas=betas, trans_b=trans_b, glue=glue,  # type: ignore[arg-type]
-                         trans_a=trans_a)
+    model = gemm_bn_gemm(
+        seed,
+        alphas=alphas,
+        betas=betas,
+        trans_b=trans_b,
+        glue=glue,  # type: ignore[arg-type]
+        trans_a=trans_a,
+    )
     after, report = run_cle(model)
     err = rel_err(model, after, seed)
     assert err < RTOL, (alphas, betas, trans_b, trans_a, err, report.format())
@@ -125,11 +171,18 @@ def test_equalization_without_bn_keeps_gemm_alpha_beta(alpha2: float, trans_b: b
     """Plain Gemm -> Relu -> Gemm (no BN, so no absorption): scaling alone must stay exact."""
     rng = np.random.default_rng(7)
     inits: list[onnx.TensorProto] = []
-    nodes = [_gemm(rng, "x", "gemm1", 5, 8, alpha=-1.3, beta=0.5, trans_b=trans_b, spread=True, inits=inits),
-             helper.make_node("Relu", ["gemm1"], ["relu"], name="relu"),
-             _gemm(rng, "relu", "y", 8, 4, alpha=alpha2, beta=2.0, trans_b=not trans_b, spread=False, inits=inits)]
-    graph = helper.make_graph(nodes, "gemm_relu_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], inits)
+    nodes = [
+        _gemm(rng, "x", "gemm1", 5, 8, alpha=-1.3, beta=0.5, trans_b=trans_b, spread=True, inits=inits),
+        helper.make_node("Relu", ["gemm1"], ["relu"], name="relu"),
+        _gemm(rng, "relu", "y", 8, 4, alpha=alpha2, beta=2.0, trans_b=not trans_b, spread=False, inits=inits),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_relu_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     after, report = run_cle(model)
     assert rel_err(model, after) < RTOL

@@ -49,10 +49,17 @@ def _gemm_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
-             helper.make_node("Relu", ["h"], ["y"], name="relu")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w, b])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [w, b],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -73,8 +80,7 @@ def test_v1_entry_with_min_max_is_rejected(tmp_path: Path) -> None:
 
 def test_v1_entry_with_min_max_in_a_0_6_1_file_is_rejected(tmp_path: Path) -> None:
     """The audit's reproducer: version 0.6.1, list sections, a 1.0.0-style entry with min/max."""
-    path = _write(tmp_path, _v1([{"name": "act", "dtype": "int", "bw": 8, "min": -1.0, "max": 1.0}],
-                                version="0.6.1"))
+    path = _write(tmp_path, _v1([{"name": "act", "dtype": "int", "bw": 8, "min": -1.0, "max": 1.0}], version="0.6.1"))
     with pytest.raises(EncodingError, match=rf"^{re.escape(path)}: .*0\.6\.1"):
         load(path, tensors=KNOWN)
 
@@ -98,8 +104,9 @@ def test_legacy_scale_offset_without_min_max_is_rejected(tmp_path: Path) -> None
 
 
 def test_bitwidth_only_overrides_still_load(tmp_path: Path) -> None:
-    doc = _legacy({"act": [{"bitwidth": 16, "dtype": "int"}]}, {"w": [{"bitwidth": 32, "dtype": "float"}]},
-                  version="0.6.1")
+    doc = _legacy(
+        {"act": [{"bitwidth": 16, "dtype": "int"}]}, {"w": [{"bitwidth": 32, "dtype": "float"}]}, version="0.6.1"
+    )
     loaded = load(_write(tmp_path, doc), tensors=KNOWN)
     assert loaded.activations["act"] == PrecisionOverride(16, "int")
     assert loaded.params["w"] == PrecisionOverride(32, "float")
@@ -120,25 +127,31 @@ def test_quantize_reports_the_dropped_range_instead_of_recalibrating(tmp_path: P
 
 
 def test_duplicate_tensor_in_a_legacy_section_is_rejected(tmp_path: Path) -> None:
-    text = ('{"version": "0.6.1", "activation_encodings": {'
-            '"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0}], '
-            '"act": [{"bitwidth": 8, "min": -5.0, "max": 5.0}]}, "param_encodings": {}}')
+    text = (
+        '{"version": "0.6.1", "activation_encodings": {'
+        '"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0}], '
+        '"act": [{"bitwidth": 8, "min": -5.0, "max": 5.0}]}, "param_encodings": {}}'
+    )
     path = _write(tmp_path, text)
     with _raises(path, "activation_encodings 'act'", "more than once"):
         load(path, tensors=KNOWN)
 
 
 def test_duplicate_key_inside_an_entry_is_rejected(tmp_path: Path) -> None:
-    text = ('{"activation_encodings": {"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0, "max": 9.0}]},'
-            ' "param_encodings": {}}')
+    text = (
+        '{"activation_encodings": {"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0, "max": 9.0}]},'
+        ' "param_encodings": {}}'
+    )
     path = _write(tmp_path, text)
     with _raises(path, "activation_encodings 'act'", "'max'.*more than once"):
         load(path, tensors=KNOWN)
 
 
 def test_duplicate_section_is_rejected(tmp_path: Path) -> None:
-    text = ('{"activation_encodings": {"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0}]},'
-            ' "param_encodings": {}, "activation_encodings": {}}')
+    text = (
+        '{"activation_encodings": {"act": [{"bitwidth": 8, "min": -1.0, "max": 1.0}]},'
+        ' "param_encodings": {}, "activation_encodings": {}}'
+    )
     path = _write(tmp_path, text)
     with _raises(path, "", "'activation_encodings'.*more than once"):
         load(path, tensors=KNOWN)
@@ -162,9 +175,19 @@ def test_unknown_version_is_rejected(tmp_path: Path, version: object) -> None:
 
 def test_matching_versions_and_no_version_still_load(tmp_path: Path) -> None:
     entry = {"bitwidth": 8, "min": -1.0, "max": 1.0}
-    for doc in (_legacy({"act": [entry]}), _legacy({"act": [entry]}, version="0.6.1"),
-                _legacy({"act": [entry]}, version="0.6.0")):
+    for doc in (
+        _legacy({"act": [entry]}),
+        _legacy({"act": [entry]}, version="0.6.1"),
+        _legacy({"act": [entry]}, version="0.6.0"),
+    ):
         assert isinstance(load(_write(tmp_path, doc), tensors=KNOWN).activations["act"], Encoding)
-    v1 = {"name": "act", "dtype": "INT", "bw": 8, "enc_type": "PER_TENSOR", "is_sym": False, "scale": [0.01],
-          "offset": [-100]}
+    v1 = {
+        "name": "act",
+        "dtype": "INT",
+        "bw": 8,
+        "enc_type": "PER_TENSOR",
+        "is_sym": False,
+        "scale": [0.01],
+        "offset": [-100],
+    }
     assert from_json(_v1([v1])).activations["act"] == Encoding(8, (0.01,), (-100,))

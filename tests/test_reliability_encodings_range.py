@@ -55,8 +55,15 @@ def test_legacy_range_beyond_float32_is_rejected(tmp_path: Path, lo: float, hi: 
 
 @pytest.mark.parametrize(("scale", "offset"), [(1e300, -128), (1e39, 0), (1e-50, -10), (1e37, -128)])
 def test_v1_scale_beyond_float32_is_rejected(tmp_path: Path, scale: float, offset: int) -> None:
-    entry = {"name": "act", "dtype": "INT", "bw": 8, "enc_type": "PER_TENSOR", "is_sym": False,
-             "scale": [scale], "offset": [offset]}
+    entry = {
+        "name": "act",
+        "dtype": "INT",
+        "bw": 8,
+        "enc_type": "PER_TENSOR",
+        "is_sym": False,
+        "scale": [scale],
+        "offset": [offset],
+    }
     path = _write(tmp_path, _v1([entry]))
     with _raises(path, "activation_encodings 'act'", "float32"):
         load(path, tensors=KNOWN)
@@ -77,10 +84,17 @@ def _gemm_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
-             helper.make_node("Relu", ["h"], ["y"], name="relu")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w, b])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [w, b],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 

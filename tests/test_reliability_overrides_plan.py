@@ -25,22 +25,34 @@ from qpasses.quant.plan import QuantPlan
 
 def _model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.weight"),
-             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "conv.bias"),
-             numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc.weight")]
-    nodes = [helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
-             helper.make_node("MatMul", ["f", "fc.weight"], ["y"], name="fc")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.weight"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "conv.bias"),
+        numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc.weight"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc.weight"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def _overrides(tmp_path: Path) -> str:
-    doc = {"version": "0.6.1", "activation_encodings": {},
-           "param_encodings": {"conv.weight": [{"bitwidth": 32, "dtype": "float"}]}}
+    doc = {
+        "version": "0.6.1",
+        "activation_encodings": {},
+        "param_encodings": {"conv.weight": [{"bitwidth": 32, "dtype": "float"}]},
+    }
     path = tmp_path / "overrides.json"
     path.write_text(json.dumps(doc))
     return str(path)
@@ -49,8 +61,9 @@ def _overrides(tmp_path: Path) -> str:
 def test_float32_weight_override_is_not_encoded_by_a_later_pass(tmp_path: Path) -> None:
     graph = graph_ir.load(_model())
     ctx = PassContext()
-    passes = build_passes(parse_pipeline(f"apply-overrides{{path={_overrides(tmp_path)}}},encode-weights"),
-                          default_registry())
+    passes = build_passes(
+        parse_pipeline(f"apply-overrides{{path={_overrides(tmp_path)}}},encode-weights"), default_registry()
+    )
     PassManager(passes, verify="checker").run(graph, ctx)
     weight = graph.tensors["conv.weight"]
     assert weight.precision is not None and weight.precision.dtype == "float"

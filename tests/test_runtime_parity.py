@@ -35,19 +35,26 @@ from qpasses.runtime.parity import check_parity, strip_activation_qdq
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CALIB = np.load(MODELS / "digits_calib.npz")["input"]
-FEEDS = [{"input": CALIB[i:i + 16]} for i in range(0, 64, 16)]
+FEEDS = [{"input": CALIB[i : i + 16]} for i in range(0, 64, 16)]
 
 
 @pytest.fixture(scope="module")
 def portable() -> onnx.ModelProto:
-    return quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), progress=False,
-                          runtime_check=False).model
+    return quantize_model(
+        MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), progress=False, runtime_check=False
+    ).model
 
 
 @pytest.fixture(scope="module")
 def signed() -> onnx.ModelProto:
-    return quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), target="ort-vnni",
-                          progress=False, runtime_check=False).model
+    return quantize_model(
+        MODELS / "digits_cnn.onnx",
+        FEEDS,
+        QuantConfig(per_channel=True),
+        target="ort-vnni",
+        progress=False,
+        runtime_check=False,
+    ).model
 
 
 def _weight_dqs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -76,8 +83,14 @@ def test_default_and_ort_store_8bit_as_uint8_and_qnn_targets_keep_int8(portable,
         assert _elem(portable, q.input[2]) == TensorProto.UINT8
     weight_types = {_elem(signed, dq.input[0]) for dq in _weight_dqs(signed)}
     assert weight_types == {TensorProto.INT8, TensorProto.INT32}
-    htp = quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), target="htp",
-                         progress=False, runtime_check=False).model
+    htp = quantize_model(
+        MODELS / "digits_cnn.onnx",
+        FEEDS,
+        QuantConfig(per_channel=True),
+        target="htp",
+        progress=False,
+        runtime_check=False,
+    ).model
     assert TensorProto.INT8 in {_elem(htp, dq.input[0]) for dq in _weight_dqs(htp)}
 
 
@@ -106,8 +119,9 @@ def test_emulation_saturates_pairs_as_computed_by_hand() -> None:
     assert small.saturated_pairs == 0 and not small.diverges
 
 
-@pytest.mark.parametrize(("group", "stride", "pads", "dilation"),
-                         [(1, 1, (1, 1, 1, 1), 1), (2, 2, (0, 1, 1, 0), 1), (1, 1, (2, 2, 2, 2), 2)])
+@pytest.mark.parametrize(
+    ("group", "stride", "pads", "dilation"), [(1, 1, (1, 1, 1, 1), 1), (2, 2, (0, 1, 1, 0), 1), (1, 1, (2, 2, 2, 2), 2)]
+)
 def test_emulation_im2col_matches_onnxruntime_conv(group: int, stride: int, pads: tuple, dilation: int) -> None:
     """The replayed accumulators (without saturation) equal onnxruntime's float Conv of the same integers."""
     rng = np.random.default_rng(group + stride)
@@ -115,14 +129,25 @@ def test_emulation_im2col_matches_onnxruntime_conv(group: int, stride: int, pads
     w = rng.integers(-127, 128, (cout, cin // group, 3, 3)).astype(np.int8)
     x = rng.integers(0, 256, (2, cin, 7, 9)).astype(np.uint8)
     zp_a = 3
-    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.uint8(zp_a), "z"),
-             numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.int8(0), "zw")]
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+        numpy_helper.from_array(np.uint8(zp_a), "z"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.int8(0), "zw"),
+    ]
     attrs = {"group": group, "strides": [stride, stride], "pads": list(pads), "dilations": [dilation, dilation]}
-    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
-             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", **attrs)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", **attrs),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     expected = verification.exact_session(model).run(None, {"x": x})[0]  # [N, cout, OH, OW]
     (mac,) = fused_macs(model)
@@ -170,8 +195,11 @@ def test_divergence_is_localized_to_the_first_op(portable, monkeypatch) -> None:
     broken = onnx.ModelProto()
     broken.CopyFrom(portable)
     conv = next(n for n in broken.graph.node if n.name == "features.3.conv")
-    wq = next(t for t in broken.graph.initializer if t.name == next(
-        n for n in broken.graph.node if n.output[0] == conv.input[1]).input[0])
+    wq = next(
+        t
+        for t in broken.graph.initializer
+        if t.name == next(n for n in broken.graph.node if n.output[0] == conv.input[1]).input[0]
+    )
     w = numpy_helper.to_array(wq).copy()
     w[: w.shape[0] // 2] = 128  # half the output channels read zero weights
     wq.CopyFrom(numpy_helper.from_array(w, wq.name))
@@ -214,8 +242,7 @@ def test_quantize_model_reports_parity_and_warns_on_divergence(monkeypatch) -> N
     monkeypatch.setattr(rp, "runtime_saturates", lambda: False)
     from qpasses.runtime.kernel_emulation import MacEmulation
 
-    monkeypatch.setattr(rp, "emulate_mac",
-                        lambda mac, a, **kw: MacEmulation(mac.op, mac.op_type, "u8s8", 1, 0.5, 3.0))
+    monkeypatch.setattr(rp, "emulate_mac", lambda mac, a, **kw: MacEmulation(mac.op, mac.op_type, "u8s8", 1, 0.5, 3.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), progress=False)
@@ -240,8 +267,15 @@ def ort_quantized(tmp_path_factory: pytest.TempPathFactory) -> Path:
             return next(self.it, None)
 
     path = tmp_path_factory.mktemp("ort") / "ort_s8.onnx"
-    quantize_static(str(MODELS / "digits_cnn.onnx"), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(MODELS / "digits_cnn.onnx"),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return path
 
 
@@ -251,15 +285,17 @@ def test_portable_storage_pass_is_exact_and_removes_u8s8(ort_quantized: Path) ->
     after = g.to_onnx()
     before = onnx.load(ort_quantized)
     x = {"input": CALIB[:32]}
-    np.testing.assert_array_equal(verification.exact_session(before).run(None, x)[0],
-                                  verification.exact_session(after).run(None, x)[0])
+    np.testing.assert_array_equal(
+        verification.exact_session(before).run(None, x)[0], verification.exact_session(after).run(None, x)[0]
+    )
     assert {m.kernel for m in fused_macs(before)} == {"u8s8"}
     assert {m.kernel for m in fused_macs(after)} == {"u8u8"}
     assert not any(t.data_type == TensorProto.INT8 for t in after.graph.initializer)
 
 
-def test_check_runtime_cli_flags_ort_s8_model_and_passes_portable(ort_quantized: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_runtime_cli_flags_ort_s8_model_and_passes_portable(
+    ort_quantized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     calib = str(MODELS / "digits_calib.npz")
     assert main(["check", str(ort_quantized), "--runtime", "ort", "--calib", calib]) == 1
     out = capsys.readouterr().out
@@ -273,12 +309,30 @@ def test_check_runtime_cli_flags_ort_s8_model_and_passes_portable(ort_quantized:
 
 
 def test_cli_eval_prints_exact_and_runtime_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["quantize", str(MODELS / "digits_cnn.onnx"), "--per-channel", "--eval",
-                 str(MODELS / "digits_test.npz"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(MODELS / "digits_cnn.onnx"),
+                "--per-channel",
+                "--eval",
+                str(MODELS / "digits_test.npz"),
+                "-o",
+                str(tmp_path / "out"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     line = next(s for s in out.splitlines() if s.startswith("evaluated on"))
-    exact, runtime = (float(v) for v in
-                      line.split("SQNR vs FP32 ")[1].split(" onnxruntime")[0].replace(" dB exact QDQ /", "")
-                      .replace(" dB", "").split())
+    exact, runtime = (
+        float(v)
+        for v in line.split("SQNR vs FP32 ")[1]
+        .split(" onnxruntime")[0]
+        .replace(" dB exact QDQ /", "")
+        .replace(" dB", "")
+        .split()
+    )
     assert abs(exact - runtime) <= 0.5
     assert "runtime parity" in out and "parity: ok" in out

@@ -34,23 +34,29 @@ REGISTRY = default_registry()
 BATCH = 16
 NUM_BATCHES = 4
 CALIB = np.load(MODELS / "digits_calib.npz")["input"]
-FEEDS = [{"input": CALIB[i * BATCH:(i + 1) * BATCH]} for i in range(NUM_BATCHES)]
+FEEDS = [{"input": CALIB[i * BATCH : (i + 1) * BATCH]} for i in range(NUM_BATCHES)]
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return exact_session(model)
 
 
-def _single_op(op_type: str, x_shape: list[int], weight: np.ndarray, bias: np.ndarray | None = None,
-               **attrs: object) -> onnx.ModelProto:
+def _single_op(
+    op_type: str, x_shape: list[int], weight: np.ndarray, bias: np.ndarray | None = None, **attrs: object
+) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(weight, "w")]
     inputs = ["x", "w"]
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "b"))
         inputs.append("b")
     node = helper.make_node(op_type, inputs, ["y"], name="op", **attrs)
-    graph = helper.make_graph([node], "single", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        [node],
+        "single",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -78,38 +84,61 @@ def _randn(*shape: int) -> np.ndarray:
 # --- numpy kernels vs onnxruntime ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cin", "cout", "group", "kernel", "attrs"), [
-    (4, 6, 1, (3, 3), {}),
-    (4, 6, 2, (3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}),
-    (8, 8, 8, (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),  # depthwise
-    (8, 16, 8, (5, 3), {"dilations": [2, 1], "pads": [2, 1, 2, 1]}),  # depthwise x2
-    (3, 5, 1, (1, 1), {"strides": [3, 3]}),
-    (4, 6, 1, (3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
-    (4, 6, 2, (4, 4), {"auto_pad": "SAME_LOWER"}),
-    (4, 6, 1, (3, 3), {"auto_pad": "VALID", "dilations": [2, 2]}),
-], ids=["plain", "grouped-stride-pad-dilation", "depthwise-stride", "depthwise-mult", "1x1-stride",
-        "same-upper", "same-lower", "valid"])
-def test_conv_kernel_matches_onnxruntime(cin: int, cout: int, group: int, kernel: tuple[int, int],
-                                          attrs: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    ("cin", "cout", "group", "kernel", "attrs"),
+    [
+        (4, 6, 1, (3, 3), {}),
+        (4, 6, 2, (3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}),
+        (8, 8, 8, (3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),  # depthwise
+        (8, 16, 8, (5, 3), {"dilations": [2, 1], "pads": [2, 1, 2, 1]}),  # depthwise x2
+        (3, 5, 1, (1, 1), {"strides": [3, 3]}),
+        (4, 6, 1, (3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        (4, 6, 2, (4, 4), {"auto_pad": "SAME_LOWER"}),
+        (4, 6, 1, (3, 3), {"auto_pad": "VALID", "dilations": [2, 2]}),
+    ],
+    ids=[
+        "plain",
+        "grouped-stride-pad-dilation",
+        "depthwise-stride",
+        "depthwise-mult",
+        "1x1-stride",
+        "same-upper",
+        "same-lower",
+        "valid",
+    ],
+)
+def test_conv_kernel_matches_onnxruntime(
+    cin: int, cout: int, group: int, kernel: tuple[int, int], attrs: dict[str, object]
+) -> None:
     w = _randn(cout, cin // group, *kernel)
     model = _single_op("Conv", [3, cin, 11, 10], w, _randn(cout), group=group, kernel_shape=list(kernel), **attrs)
     _check_kernel(model, _randn(3, cin, 11, 10), channel_last=False)
 
 
 def test_conv1d_and_conv3d_kernels_match_onnxruntime() -> None:
-    _check_kernel(_single_op("Conv", [2, 4, 17], _randn(6, 2, 3), group=2, strides=[2], pads=[1, 2]),
-                  _randn(2, 4, 17), channel_last=False)
-    _check_kernel(_single_op("Conv", [2, 3, 5, 6, 7], _randn(4, 3, 3, 1, 2), pads=[1, 0, 1, 1, 0, 0]),
-                  _randn(2, 3, 5, 6, 7), channel_last=False)
+    _check_kernel(
+        _single_op("Conv", [2, 4, 17], _randn(6, 2, 3), group=2, strides=[2], pads=[1, 2]),
+        _randn(2, 4, 17),
+        channel_last=False,
+    )
+    _check_kernel(
+        _single_op("Conv", [2, 3, 5, 6, 7], _randn(4, 3, 3, 1, 2), pads=[1, 0, 1, 1, 0, 0]),
+        _randn(2, 3, 5, 6, 7),
+        channel_last=False,
+    )
 
 
-@pytest.mark.parametrize("attrs", [
-    {},
-    {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
-    {"strides": [2, 3], "dilations": [2, 1], "pads": [0, 1, 2, 0]},
-    {"strides": [2, 2], "output_shape": [15, 13]},
-    {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
-], ids=["plain", "stride-pad-outpad", "dilation-asym-pads", "output-shape", "same-upper"])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+        {"strides": [2, 3], "dilations": [2, 1], "pads": [0, 1, 2, 0]},
+        {"strides": [2, 2], "output_shape": [15, 13]},
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    ],
+    ids=["plain", "stride-pad-outpad", "dilation-asym-pads", "output-shape", "same-upper"],
+)
 @pytest.mark.parametrize("group", [1, 2])
 def test_conv_transpose_kernel_matches_onnxruntime(attrs: dict[str, object], group: int) -> None:
     w = _randn(4, 3, 3, 3)  # [C_in, C_out / group, kH, kW]
@@ -142,8 +171,10 @@ def _folded_digits(name: str = "digits_cnn") -> graph_ir.Graph:
 def _encode(g: graph_ir.Graph, weight_bw: int, calibration: object = FEEDS, **seq_options: object) -> PassContext:
     """seq-mse then encode-weights (the encodings quantize_model would lower), on ``g`` in place."""
     ctx = PassContext(calibration_data=calibration)
-    passes = [REGISTRY.create_pass("seq-mse", weight_bw=weight_bw, progress=False, **seq_options),
-              REGISTRY.create_pass("encode-weights", weight_bw=weight_bw, per_channel=True)]
+    passes = [
+        REGISTRY.create_pass("seq-mse", weight_bw=weight_bw, progress=False, **seq_options),
+        REGISTRY.create_pass("encode-weights", weight_bw=weight_bw, per_channel=True),
+    ]
     PassManager(passes).run(g, ctx)
     return ctx
 
@@ -166,6 +197,7 @@ def _fake_quant(w: np.ndarray, scale: np.ndarray, axis: int, bits: int) -> np.nd
 
 def _layer_mse(model: onnx.ModelProto, weights: dict[str, np.ndarray], output: str, feeds: list[dict]) -> float:
     """MSE of ``output`` with ``weights`` swapped in vs ``model`` as is (same inputs), over ``feeds``."""
+
     def variant(swaps: dict[str, np.ndarray]) -> ort.InferenceSession:
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -184,8 +216,9 @@ def _weighted_ops(g: graph_ir.Graph) -> list[graph_ir.Op]:
     return [op for op in g.topological_order() if op.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
 
 
-def _assert_never_worse(g_fp: graph_ir.Graph, g: graph_ir.Graph, bits: int, symmetry: str,
-                        feeds: list[dict] = FEEDS) -> list[float]:
+def _assert_never_worse(
+    g_fp: graph_ir.Graph, g: graph_ir.Graph, bits: int, symmetry: str, feeds: list[dict] = FEEDS
+) -> list[float]:
     """Per layer: output MSE with SeqMSE weights <= with min-max weights, on the inputs of ``symmetry``.
 
     symfp: the FP32 model upstream. symqt: upstream layers carry their SeqMSE weights (the
@@ -232,24 +265,43 @@ def _generated_model() -> onnx.ModelProto:
         return numpy_helper.from_array((rng.standard_t(3, shape) * 0.3).astype(np.float32), name)
 
     nodes = [
-        helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["t"], name="deconv", group=2, strides=[2, 2],
-                         pads=[1, 1, 1, 1], output_padding=[1, 1]),
+        helper.make_node(
+            "ConvTranspose",
+            ["x", "wt", "bt"],
+            ["t"],
+            name="deconv",
+            group=2,
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            output_padding=[1, 1],
+        ),
         helper.make_node("Relu", ["t"], ["tr"], name="relu"),
         helper.make_node("Conv", ["tr", "wc"], ["c"], name="conv", kernel_shape=[3, 3], strides=[2, 2]),
         helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
         helper.make_node("MatMul", ["f", "wm"], ["m"], name="matmul"),
         helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="gemm"),
     ]
-    inits = [init("wt", 4, 3, 3, 3), init("bt", 6), init("wc", 5, 6, 3, 3), init("wm", 5 * 3 * 3, 12),
-             init("wg", 12, 7), init("bg", 7)]
-    graph = helper.make_graph(nodes, "gen", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])], inits)
+    inits = [
+        init("wt", 4, 3, 3, 3),
+        init("bt", 6),
+        init("wc", 5, 6, 3, 3),
+        init("wm", 5 * 3 * 3, 12),
+        init("wg", 12, 7),
+        init("bg", 7),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gen",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_conv_transpose_matmul_gemm_never_worse_than_minmax() -> None:
     data = np.random.default_rng(2).standard_normal((64, 4, 4, 4)).astype(np.float32)
-    feeds = [{"x": data[i * BATCH:(i + 1) * BATCH]} for i in range(NUM_BATCHES)]
+    feeds = [{"x": data[i * BATCH : (i + 1) * BATCH]} for i in range(NUM_BATCHES)]
     g_fp = graph_ir.load(_generated_model())
     g = g_fp.copy()
     ctx = _encode(g, 4, calibration=feeds)
@@ -275,8 +327,9 @@ def test_searched_ranges_are_fractions_of_minmax() -> None:
         assert res.mse <= res.minmax_mse * (1 + 1e-9)
 
 
-@pytest.mark.parametrize(("symmetry", "loss"), list(itertools.product(["asym", "symfp", "symqt"],
-                                                                      ["mse", "l1", "sqnr"])))
+@pytest.mark.parametrize(
+    ("symmetry", "loss"), list(itertools.product(["asym", "symfp", "symqt"], ["mse", "l1", "sqnr"]))
+)
 def test_each_symmetry_and_loss_runs(symmetry: str, loss: str) -> None:
     g = _folded_digits()
     ctx = _encode(g, 4, inp_symmetry=symmetry, loss_fn=loss, num_candidates=10, num_batches=2)
@@ -300,10 +353,17 @@ def test_per_tensor_search() -> None:
 
 
 def test_excluded_ops_keep_minmax_encodings() -> None:
-    result = quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(weight_bw=4, per_channel=True),
-                            seq_mse=True, seq_mse_options={"exclude": ["fc", "features.3.conv"]}, progress=False)
-    plain = quantize_model(MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(weight_bw=4, per_channel=True),
-                           progress=False)
+    result = quantize_model(
+        MODELS / "digits_cnn.onnx",
+        FEEDS,
+        QuantConfig(weight_bw=4, per_channel=True),
+        seq_mse=True,
+        seq_mse_options={"exclude": ["fc", "features.3.conv"]},
+        progress=False,
+    )
+    plain = quantize_model(
+        MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(weight_bw=4, per_channel=True), progress=False
+    )
     weights = {op.name: op.inputs[1] for op in _weighted_ops(_folded_digits())}
     for op_name in ("fc", "features.3.conv"):
         assert result.encodings.params[weights[op_name]] == plain.encodings.params[weights[op_name]]
@@ -318,8 +378,12 @@ def test_pipeline_option_text_and_missing_data() -> None:
     g = graph_ir.load(MODELS / "digits_cnn.onnx")
     from qpasses.core.pipeline import build_passes, parse_pipeline
 
-    passes = build_passes(parse_pipeline("fold-batchnorm,seq-mse{num_candidates=5,weight_bw=4,progress=false,"
-                                         "exclude=fc;features.0.conv}"), REGISTRY)
+    passes = build_passes(
+        parse_pipeline(
+            "fold-batchnorm,seq-mse{num_candidates=5,weight_bw=4,progress=false,exclude=fc;features.0.conv}"
+        ),
+        REGISTRY,
+    )
     ctx = PassContext(calibration_data=str(MODELS / "digits_calib.npz"))
     PassManager(passes).run(g, ctx)
     assert set(ctx.artifacts[SeqMseResults]) == {"features.1.conv", "features.3.conv", "features.4.conv"}
@@ -343,8 +407,21 @@ def test_unfolded_batchnorm_layers_are_left_to_minmax() -> None:
 
 def test_cli_quantize_with_seq_mse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q"
-    rc = main(["quantize", str(MODELS / "digits_cnn.onnx"), "--weight-bw", "4", "--per-channel", "--seq-mse",
-               "--seq-mse-candidates", "10", "-q", "-o", str(out)])
+    rc = main(
+        [
+            "quantize",
+            str(MODELS / "digits_cnn.onnx"),
+            "--weight-bw",
+            "4",
+            "--per-channel",
+            "--seq-mse",
+            "--seq-mse-candidates",
+            "10",
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "pass seq-mse: modified" in text and "searched 5 layers (10 candidates, asym, mse)" in text
@@ -370,15 +447,18 @@ def _branches_model() -> onnx.ModelProto:
         helper.make_node("Conv", ["r", "wc"], ["y"], name="convC", kernel_shape=[3, 3]),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])
-    graph = helper.make_graph(nodes, "branches", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [init("wa", 4, 3, 3, 3), init("wb", 4, 3, 1, 1), init("wc", 5, 8, 3, 3)])
+    graph = helper.make_graph(
+        nodes,
+        "branches",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [init("wa", 4, 3, 3, 3), init("wb", 4, 3, 1, 1), init("wc", 5, 8, 3, 3)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.parametrize(("symmetry", "captures"), [("symqt", 2), ("symfp", 1), ("asym", 3)])
-def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, symmetry: str,
-                                              captures: int) -> None:
+def test_independent_layers_share_one_capture(monkeypatch: pytest.MonkeyPatch, symmetry: str, captures: int) -> None:
     import qpasses.passes.quantize.seq_mse as seq_mse
 
     calls: list[list[str]] = []

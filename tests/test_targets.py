@@ -84,16 +84,19 @@ def test_user_target_from_any_pathlike(tmp_path):
     assert resolve_target(_FsPath(str(path))) == load_target_file(path) == resolve_target(path)
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"needs_quantized": "yes"}, "needs_quantized"),
-    ({"kernels": {"Conv": [["int8", "int9x", "int32"]]}}, "kernels.Conv[0]"),
-    ({"kernels": {"Conv": "int8"}}, "kernels.Conv"),
-    ({"float_bitwidths": [8]}, "float_bitwidths"),
-    ({"float_bitwidths": [32], "default_float_bw": 16}, "default_float_bw"),
-    ({"default_act_bw": 12}, "default_act_bw"),
-    ({"int32_ops": "Add"}, "int32_ops"),
-    ({"colour": "blue"}, "colour"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"needs_quantized": "yes"}, "needs_quantized"),
+        ({"kernels": {"Conv": [["int8", "int9x", "int32"]]}}, "kernels.Conv[0]"),
+        ({"kernels": {"Conv": "int8"}}, "kernels.Conv"),
+        ({"float_bitwidths": [8]}, "float_bitwidths"),
+        ({"float_bitwidths": [32], "default_float_bw": 16}, "default_float_bw"),
+        ({"default_act_bw": 12}, "default_act_bw"),
+        ({"int32_ops": "Add"}, "int32_ops"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
 def test_validation_errors_name_the_field(tmp_path, change, field):
     import yaml
 
@@ -124,8 +127,9 @@ def test_entry_point_target_is_resolved_by_name(monkeypatch):
         def load(self):
             return npu
 
-    monkeypatch.setattr(registry_mod, "entry_points",
-                        lambda group: [EntryPoint()] if group == "qpasses.targets" else [])
+    monkeypatch.setattr(
+        registry_mod, "entry_points", lambda group: [EntryPoint()] if group == "qpasses.targets" else []
+    )
     assert resolve_target("ep-npu", default_registry()) is npu
     assert npu.supported_kernels("Conv") == (Kernel(INT8, INT8, INT32),)  # a quantized target's default kernel
 
@@ -134,8 +138,11 @@ def _weight_scale_counts(model: onnx.ModelProto) -> list[int]:
     """Number of scales of each weight DequantizeLinear (1 = per tensor)."""
     inits = {t.name: t for t in model.graph.initializer}
     stored = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    return [int(onnx.numpy_helper.to_array(inits[n.input[1]]).size) for n in stored
-            if inits[n.input[0]].data_type == TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    return [
+        int(onnx.numpy_helper.to_array(inits[n.input[1]]).size)
+        for n in stored
+        if inits[n.input[0]].data_type == TensorProto.INT8 and len(inits[n.input[0]].dims) == 4
+    ]
 
 
 def test_quantize_uses_the_descriptor(tmp_path):
@@ -150,6 +157,21 @@ def test_quantize_uses_the_descriptor(tmp_path):
     shutil.copy(MODELS / "digits_cnn.onnx", model)
     target = tmp_path / "my_npu.yaml"
     target.write_text(NPU_YAML)
-    assert main(["quantize", str(model), "--calib", str(calib), "--per-channel", "--target", str(target),
-                 "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model),
+                "--calib",
+                str(calib),
+                "--per-channel",
+                "--target",
+                str(target),
+                "-o",
+                str(tmp_path / "out"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert set(_weight_scale_counts(onnx.load(tmp_path / "out" / "model.qdq.onnx"))) == {1}

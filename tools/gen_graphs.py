@@ -39,9 +39,7 @@ def _num_blocks(num_nodes: int) -> int:
     return blocks
 
 
-def conv_bn_relu_chain(
-    num_nodes: int, channels: int = 8, seed: int = 0, *, kernel: int = 3
-) -> onnx.ModelProto:
+def conv_bn_relu_chain(num_nodes: int, channels: int = 8, seed: int = 0, *, kernel: int = 3) -> onnx.ModelProto:
     """A chain of Conv->BatchNormalization->Relu blocks with a residual Add every few blocks.
 
     Exactly ``num_nodes`` nodes (the tail is padded with up to 3 Relus). Input and
@@ -59,8 +57,7 @@ def conv_bn_relu_chain(
     fan_in = channels * kernel * kernel
     w_size = channels * fan_in
     # One draw for all parameters; each tensor's raw_data is a slice of one buffer.
-    conv_w = (rng.standard_normal((num_blocks, w_size), dtype=np.float32)
-              * np.float32(0.5 / np.sqrt(fan_in)))
+    conv_w = rng.standard_normal((num_blocks, w_size), dtype=np.float32) * np.float32(0.5 / np.sqrt(fan_in))
     vecs = rng.standard_normal((num_blocks, 5, channels), dtype=np.float32) * np.float32(0.1)
     vecs[:, 1] += 0.25  # small BN scale: each branch contracts, so depth cannot blow up
     vecs[:, 4] = 1.0 + np.abs(vecs[:, 4])  # BN variance positive
@@ -89,18 +86,21 @@ def conv_bn_relu_chain(
     x = skip = "input"
     for b in range(num_blocks):
         p = f"b{b}"
-        add_init(name=f"{p}.w", data_type=f32, dims=w_dims,
-                 raw_data=w_bytes[b * w_len:(b + 1) * w_len])
+        add_init(name=f"{p}.w", data_type=f32, dims=w_dims, raw_data=w_bytes[b * w_len : (b + 1) * w_len])
         base = b * 5 * v_len
         for k, suffix in enumerate(suffixes):
             off = base + k * v_len
-            add_init(name=p + suffix, data_type=f32, dims=vec_dims,
-                     raw_data=vec_bytes[off:off + v_len])
-        add_node(op_type="Conv", input=[x, f"{p}.w", f"{p}.b"], output=[f"{p}.conv"],
-                 name=f"{p}/Conv", attribute=conv_attrs)
-        add_node(op_type="BatchNormalization",
-                 input=[f"{p}.conv", f"{p}.scale", f"{p}.bias", f"{p}.mean", f"{p}.var"],
-                 output=[f"{p}.bn"], name=f"{p}/BatchNormalization", attribute=eps_attr)
+            add_init(name=p + suffix, data_type=f32, dims=vec_dims, raw_data=vec_bytes[off : off + v_len])
+        add_node(
+            op_type="Conv", input=[x, f"{p}.w", f"{p}.b"], output=[f"{p}.conv"], name=f"{p}/Conv", attribute=conv_attrs
+        )
+        add_node(
+            op_type="BatchNormalization",
+            input=[f"{p}.conv", f"{p}.scale", f"{p}.bias", f"{p}.mean", f"{p}.var"],
+            output=[f"{p}.bn"],
+            name=f"{p}/BatchNormalization",
+            attribute=eps_attr,
+        )
         add_node(op_type="Relu", input=[f"{p}.bn"], output=[f"{p}.relu"], name=f"{p}/Relu")
         x = f"{p}.relu"
         if (b + 1) % RESIDUAL_EVERY == 0 and b + 1 < num_blocks:
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--kernel", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--external-data", action="store_true",
-                        help="store weights in <output>.data next to the model")
+    parser.add_argument("--external-data", action="store_true", help="store weights in <output>.data next to the model")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -133,13 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     built = time.perf_counter()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.external_data:
-        onnx.save(model, str(args.output), save_as_external_data=True,
-                  all_tensors_to_one_file=True, location=args.output.name + ".data")
+        onnx.save(
+            model,
+            str(args.output),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=args.output.name + ".data",
+        )
     else:
         onnx.save(model, str(args.output))
-    print(f"{args.output}: {len(model.graph.node)} nodes, "
-          f"{len(model.graph.initializer)} initializers; built in {built - start:.2f}s, "
-          f"saved in {time.perf_counter() - built:.2f}s", file=sys.stderr)
+    print(
+        f"{args.output}: {len(model.graph.node)} nodes, "
+        f"{len(model.graph.initializer)} initializers; built in {built - start:.2f}s, "
+        f"saved in {time.perf_counter() - built:.2f}s",
+        file=sys.stderr,
+    )
     return 0
 
 

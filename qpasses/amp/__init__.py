@@ -19,11 +19,20 @@ from typing import Any
 
 # Public names -> defining module; imported on first use so `qpasses --help` stays light.
 _EXPORTS = {
-    "AmpError": "errors", "AmpWarning": "errors", "AmpResult": "results", "Candidate": "candidates",
+    "AmpError": "errors",
+    "AmpWarning": "errors",
+    "AmpResult": "results",
+    "Candidate": "candidates",
     "parse_candidate": "candidates",
-    "parse_candidates": "candidates", "EvalCallbackFactory": "evaluation", "ScriptFunction": "evaluation",
-    "sqnr": "evaluation", "top1_accuracy": "evaluation", "GroupPartition": "groups", "QuantizerGroup": "groups",
-    "find_groups": "groups", "choose_mixed_precision": "mixed_precision",
+    "parse_candidates": "candidates",
+    "EvalCallbackFactory": "evaluation",
+    "ScriptFunction": "evaluation",
+    "sqnr": "evaluation",
+    "top1_accuracy": "evaluation",
+    "GroupPartition": "groups",
+    "QuantizerGroup": "groups",
+    "find_groups": "groups",
+    "choose_mixed_precision": "mixed_precision",
 }
 __all__ = sorted(_EXPORTS)
 

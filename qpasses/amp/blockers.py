@@ -54,8 +54,15 @@ class BlockerCheck:
         return self.verdict == "moved"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.group, "candidate": str(self.candidate), "position": self.position,
-                "proxy_db": self.proxy, "score_alone": self.score, "drop": self.drop, "verdict": self.verdict}
+        return {
+            "group": self.group,
+            "candidate": str(self.candidate),
+            "position": self.position,
+            "proxy_db": self.proxy,
+            "score_alone": self.score,
+            "drop": self.drop,
+            "verdict": self.verdict,
+        }
 
 
 @dataclass
@@ -69,10 +76,19 @@ class RepairedPhase2:
 
 
 def phase2_with_blocker_checks(
-    entries: Sequence[SensitivityEntry], baseline: Assignment, baseline_score: float,
-    score: Callable[[Assignment], float], alone: Callable[[str, Candidate], float], macs: MacTable,
-    reference_bitops: float, target: float, *, algorithm: str = "binary", max_repairs: int = DEFAULT_MAX_REPAIRS,
-    share: float = DEFAULT_SHARE, progress: bool = True,
+    entries: Sequence[SensitivityEntry],
+    baseline: Assignment,
+    baseline_score: float,
+    score: Callable[[Assignment], float],
+    alone: Callable[[str, Candidate], float],
+    macs: MacTable,
+    reference_bitops: float,
+    target: float,
+    *,
+    algorithm: str = "binary",
+    max_repairs: int = DEFAULT_MAX_REPAIRS,
+    share: float = DEFAULT_SHARE,
+    progress: bool = True,
 ) -> RepairedPhase2:
     """Forward phase 2 over ``entries`` (proxy order), moving misranked blockers to the end (see module doc)."""
     front = list(entries)
@@ -83,8 +99,17 @@ def phase2_with_blocker_checks(
     def order() -> list[SensitivityEntry]:
         return front + [e for _, e in sorted(moved, key=lambda m: -m[0])]
 
-    result = run_phase2(forward_steps(order(), baseline), baseline, baseline_score, score, macs, reference_bitops,
-                        target, algorithm=algorithm, progress=progress)
+    result = run_phase2(
+        forward_steps(order(), baseline),
+        baseline,
+        baseline_score,
+        score,
+        macs,
+        reference_bitops,
+        target,
+        algorithm=algorithm,
+        progress=progress,
+    )
     exhausted = False
     while True:
         cut = result.chosen.index if result.chosen is not None else -1
@@ -93,8 +118,9 @@ def phase2_with_blocker_checks(
         blocker = result.steps[cut + 1]
         value = alone(blocker.group, blocker.candidate)
         drop = baseline_score - value
-        entry = next(e for e in front + [m[1] for m in moved]
-                     if e.group == blocker.group and e.candidate == blocker.candidate)
+        entry = next(
+            e for e in front + [m[1] for m in moved] if e.group == blocker.group and e.candidate == blocker.candidate
+        )
         position = order().index(entry)
         if entry not in front:
             verdict = "sensitive"
@@ -110,7 +136,17 @@ def phase2_with_blocker_checks(
         front.remove(entry)
         moved.append((value, entry))
         known = {p.index: p for p in result.points if 0 <= p.index <= cut}
-        result = run_phase2(forward_steps(order(), baseline), baseline, baseline_score, score, macs,
-                            reference_bitops, target, algorithm=algorithm, progress=progress, resume_after=cut,
-                            known=known)
+        result = run_phase2(
+            forward_steps(order(), baseline),
+            baseline,
+            baseline_score,
+            score,
+            macs,
+            reference_bitops,
+            target,
+            algorithm=algorithm,
+            progress=progress,
+            resume_after=cut,
+            known=known,
+        )
     return RepairedPhase2(result, order(), checks, exhausted)

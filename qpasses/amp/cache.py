@@ -32,8 +32,12 @@ UNCACHED = ("verify|", "verify-exact|")
 """Key prefixes of older caches' final-verification scores: dropped on read, measured again."""
 INFINITE_OK = ("fp32|", "proxy")
 """Key prefixes whose scores may be +-inf (SQNR of FP32 against itself, the proxy); NaN never."""
-FIELD_NAMES = {"model_sha256": "model", "eval_callbacks": "eval script / callbacks",
-               "qpasses_version": "qpasses version", "config": "quantization options"}
+FIELD_NAMES = {
+    "model_sha256": "model",
+    "eval_callbacks": "eval script / callbacks",
+    "qpasses_version": "qpasses version",
+    "config": "quantization options",
+}
 
 
 def qpasses_version() -> str:
@@ -48,8 +52,11 @@ def qpasses_version() -> str:
 
 def fingerprint(model: bytes, **fields: Any) -> dict[str, Any]:
     """What the cached scores depend on: the model's sha256, the qpasses version and ``fields`` (JSON-able)."""
-    return {"model_sha256": hashlib.sha256(model).hexdigest(), "qpasses_version": qpasses_version(),
-            **json.loads(json.dumps(fields, default=str))}
+    return {
+        "model_sha256": hashlib.sha256(model).hexdigest(),
+        "qpasses_version": qpasses_version(),
+        **json.loads(json.dumps(fields, default=str)),
+    }
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -101,8 +108,9 @@ class AmpCache:
         _write_json(self.dir / "fingerprint.json", dict(stamp))
 
     def _refuse(self, why: str) -> AmpError:
-        return AmpError(f"cannot resume from the cache in {self.dir}: {why}; run without --resume "
-                        "(clean_start=True) to start fresh")
+        return AmpError(
+            f"cannot resume from the cache in {self.dir}: {why}; run without --resume (clean_start=True) to start fresh"
+        )
 
     def _resume(self, stamp: dict[str, Any]) -> None:
         """Reuse the scores of a cache made for the same fingerprint; refuse anything else."""
@@ -124,8 +132,9 @@ class AmpCache:
             raise self._refuse(f"scores.json holds a {type(scores).__name__}, not an object of scores")
         for key, value in scores.items():
             if not _valid_score(key, value):
-                raise self._refuse(f"scores.json: {key!r} is {value!r}, not a finite number (a damaged or "
-                                   "hand-edited cache)")
+                raise self._refuse(
+                    f"scores.json: {key!r} is {value!r}, not a finite number (a damaged or hand-edited cache)"
+                )
         self.scores = {k: float(v) for k, v in scores.items() if not k.startswith(UNCACHED)}
         self.messages.append(f"reusing cached results from {self.dir} ({len(self.scores)} scores)")
 

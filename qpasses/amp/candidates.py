@@ -37,8 +37,10 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if self.act.is_float != self.param.is_float:
-            raise AmpError(f"candidate {self}: activation and parameter must both be int or both float "
-                           "(an op runs all-integer or all-float)")
+            raise AmpError(
+                f"candidate {self}: activation and parameter must both be int or both float "
+                "(an op runs all-integer or all-float)"
+            )
         if not self.act.is_float and self.act.bitwidth not in (8, 16):
             raise AmpError(f"candidate {self}: int activations are 8 or 16 bits")
         if not self.param.is_float and not 4 <= self.param.bitwidth <= 16:
@@ -94,8 +96,11 @@ def parse_candidate(value: Any) -> Candidate:
             return Candidate(act, param)
         except QPassesError as exc:
             raise AmpError(str(exc)) from None
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-            isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2 for v in value):
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2 for v in value)
+    ):
         (abw, adt), (pbw, pdt) = value
         return Candidate(_precision(abw, adt, repr(value)), _precision(pbw, pdt, repr(value)))
     raise AmpError(f"candidate {value!r}: expected 'A/W' or ((act_bw, act_dtype), (param_bw, param_dtype))")
@@ -135,29 +140,40 @@ def supports(target: Any, kernels: Sequence[OpKernel], candidate: Candidate, bia
     if candidate.is_float:
         return bool(target.supports_float(candidate.act.bitwidth))
     bias = Precision("int", bias_bw)
-    return all(target.supports_kernel(k.op_type, candidate.act, candidate.param if k.weight else None,
-                                      bias if k.bias else None) for k in kernels)
+    return all(
+        target.supports_kernel(
+            k.op_type, candidate.act, candidate.param if k.weight else None, bias if k.bias else None
+        )
+        for k in kernels
+    )
 
 
 def filter_candidates(
-    groups: Mapping[str, Sequence[OpKernel]], candidates: Sequence[Candidate], target: Any, *,
-    use_all: bool = False, bias_bw: int = 32,
+    groups: Mapping[str, Sequence[OpKernel]],
+    candidates: Sequence[Candidate],
+    target: Any,
+    *,
+    use_all: bool = False,
+    bias_bw: int = 32,
 ) -> dict[str, list[Candidate]]:
     """Per group, the candidates the target supports (all of them with ``use_all``), lowest first."""
     out: dict[str, list[Candidate]] = {}
     for name, kernels in groups.items():
         ok = list(candidates) if use_all else [c for c in candidates if supports(target, kernels, c, bias_bw)]
         if not ok:
-            raise AmpError(f"target {getattr(target, 'name', target)!r} supports none of the candidates "
-                           f"{[str(c) for c in candidates]} for group {name!r} "
-                           f"({', '.join(sorted({k.op_type for k in kernels}))}); pass other candidates or "
-                           "use_all_amp_candidates=True (--use-all-candidates) to ignore the target's kernels")
+            raise AmpError(
+                f"target {getattr(target, 'name', target)!r} supports none of the candidates "
+                f"{[str(c) for c in candidates]} for group {name!r} "
+                f"({', '.join(sorted({k.op_type for k in kernels}))}); pass other candidates or "
+                "use_all_amp_candidates=True (--use-all-candidates) to ignore the target's kernels"
+            )
         out[name] = ok
     return out
 
 
-def collapse_unweighted(group_candidates: Mapping[str, Sequence[Candidate]], weighted: set[str]
-                        ) -> dict[str, list[Candidate]]:
+def collapse_unweighted(
+    group_candidates: Mapping[str, Sequence[Candidate]], weighted: set[str]
+) -> dict[str, list[Candidate]]:
     """Groups without weights only have an activation precision: one candidate per activation (the dearest)."""
     out: dict[str, list[Candidate]] = {}
     for name, cands in group_candidates.items():

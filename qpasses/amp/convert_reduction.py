@@ -53,9 +53,16 @@ class Flip:
     """How many flips the evaluation that decided this one applied together."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.group, "from": str(self.before), "to": str(self.after),
-                "converts_removed": self.converts_removed, "bitops_change": self.bitops_change,
-                "score": self.score, "accepted": self.accepted, "batch": self.batch}
+        return {
+            "group": self.group,
+            "from": str(self.before),
+            "to": str(self.after),
+            "converts_removed": self.converts_removed,
+            "bitops_change": self.bitops_change,
+            "score": self.score,
+            "accepted": self.accepted,
+            "batch": self.batch,
+        }
 
 
 @dataclass
@@ -69,9 +76,17 @@ class Phase3Result:
 
 
 def reduce_converts(
-    partition: GroupPartition, assignment: Assignment, group_candidates: Mapping[str, Sequence[Candidate]],
-    macs: MacTable, score: Callable[[Assignment], float], target: float, *, current_score: float | None = None,
-    max_bitops_increase: float = 0.0, max_evaluations: int | None = None, progress: bool = True,
+    partition: GroupPartition,
+    assignment: Assignment,
+    group_candidates: Mapping[str, Sequence[Candidate]],
+    macs: MacTable,
+    score: Callable[[Assignment], float],
+    target: float,
+    *,
+    current_score: float | None = None,
+    max_bitops_increase: float = 0.0,
+    max_evaluations: int | None = None,
+    progress: bool = True,
 ) -> Phase3Result:
     """Greedy flips that remove conversions and keep ``score >= target``, tested in batches.
 

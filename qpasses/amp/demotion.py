@@ -47,16 +47,29 @@ class DemotionResult:
     evaluations: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"promotions": self.promotions, "score": self.score, "high_score": self.high_score,
-                "low_score": self.low_score, "evaluations": self.evaluations,
-                "assignment": {g: str(c) for g, c in self.assignment.items()},
-                "history": [{"group": d.group, "score": d.score} for d in self.history]}
+        return {
+            "promotions": self.promotions,
+            "score": self.score,
+            "high_score": self.high_score,
+            "low_score": self.low_score,
+            "evaluations": self.evaluations,
+            "assignment": {g: str(c) for g, c in self.assignment.items()},
+            "history": [{"group": d.group, "score": d.score} for d in self.history],
+        }
 
 
 def demotion_search(
-    groups: Sequence[str], high: Candidate | Assignment, low: Candidate | Assignment,
-    metric: Callable[[Assignment], float], target: float, *, m: float = 0.5, seed: int = 1, progress: bool = True,
-    high_score: float | None = None, low_score: float | None = None,
+    groups: Sequence[str],
+    high: Candidate | Assignment,
+    low: Candidate | Assignment,
+    metric: Callable[[Assignment], float],
+    target: float,
+    *,
+    m: float = 0.5,
+    seed: int = 1,
+    progress: bool = True,
+    high_score: float | None = None,
+    low_score: float | None = None,
 ) -> DemotionResult:
     """Demote groups from ``high`` to ``low`` while ``metric`` (higher is better) stays >= ``target``."""
     highs = {g: high for g in groups} if isinstance(high, Candidate) else dict(high)
@@ -70,8 +83,9 @@ def demotion_search(
 
     acc_high = measure(highs) if high_score is None else high_score
     if acc_high < target:
-        return DemotionResult(None, highs, acc_high, [], acc_high, low_score if low_score is not None else float("nan"),
-                              count)
+        return DemotionResult(
+            None, highs, acc_high, [], acc_high, low_score if low_score is not None else float("nan"), count
+        )
     acc_low = measure(lows) if low_score is None else low_score
     if acc_low > target:
         return DemotionResult([], lows, acc_low, [], acc_high, acc_low, count)
@@ -81,8 +95,9 @@ def demotion_search(
     remaining = [g for g in groups if highs[g] != lows[g]]
     history: list[Demotion] = []
     pos = 0
-    bar = tqdm(total=len(remaining), desc="AMP demotion", unit="demotion", file=sys.stderr, disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=len(remaining), desc="AMP demotion", unit="demotion", file=sys.stderr, disable=not progress, leave=False
+    )
     with bar:
         while remaining:
             tried: dict[str, float] = {}

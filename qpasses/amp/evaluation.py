@@ -43,8 +43,9 @@ def _feed(session: Any, x: Any) -> Mapping[str, Any]:
     return x if isinstance(x, Mapping) else {_input_name(session): x}
 
 
-def labelled_batches(data: Any, *, label_key: str = "labels", batch_size: int = 64, limit: int | None = None
-                     ) -> list[tuple[Any, np.ndarray | None]]:
+def labelled_batches(
+    data: Any, *, label_key: str = "labels", batch_size: int = 64, limit: int | None = None
+) -> list[tuple[Any, np.ndarray | None]]:
     """(inputs, labels) batches from an ``.npz`` (arrays by input name + ``label_key``) or an iterable.
 
     An iterable yields ``(inputs, labels)`` pairs (inputs: an array or ``{name: array}``) or bare
@@ -61,8 +62,7 @@ def labelled_batches(data: Any, *, label_key: str = "labels", batch_size: int = 
         out: list[tuple[Any, np.ndarray | None]] = []
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            out.append(({k: v[start:stop] for k, v in arrays.items()},
-                        None if labels is None else labels[start:stop]))
+            out.append(({k: v[start:stop] for k, v in arrays.items()}, None if labels is None else labels[start:stop]))
         return out
     if not isinstance(data, Iterable):
         raise AmpError(f"evaluation data must be an .npz path or an iterable of batches, got {type(data).__name__}")
@@ -131,14 +131,22 @@ class Sqnr:
         return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def top1_accuracy(data: Any, *, label_key: str = "labels", batch_size: int = 64, limit: int | None = None,
-                  output: int = 0) -> TopOneAccuracy:
+def top1_accuracy(
+    data: Any, *, label_key: str = "labels", batch_size: int = 64, limit: int | None = None, output: int = 0
+) -> TopOneAccuracy:
     """Top-1 accuracy callback on labelled data (see ``labelled_batches``)."""
     return TopOneAccuracy(labelled_batches(data, label_key=label_key, batch_size=batch_size, limit=limit), output)
 
 
-def sqnr(data: Any, reference: str | os.PathLike[str] | onnx.ModelProto | bytes, *, batch_size: int = 64,
-         limit: int | None = None, output: int = 0, label_key: str = "labels") -> Sqnr:
+def sqnr(
+    data: Any,
+    reference: str | os.PathLike[str] | onnx.ModelProto | bytes,
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    output: int = 0,
+    label_key: str = "labels",
+) -> Sqnr:
     """SQNR (dB) callback against the FP32 ``reference`` model's outputs."""
     if isinstance(reference, onnx.ModelProto):
         blob = reference.SerializeToString()

@@ -96,7 +96,7 @@ def describe(assignment: Assignment) -> str:
 
 def _short(value: Any, limit: int = 60) -> str:
     text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_score(value: Any, where: str, *, callback: Any = None, finite: bool = True) -> float:
@@ -109,16 +109,20 @@ def check_score(value: Any, where: str, *, callback: Any = None, finite: bool = 
     """
     who = f"the eval callback {callback_name(callback)}" if callback is not None else "the eval callback"
     if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__float__"):
-        raise AmpError(f"{where}: {who} must return a number (higher is better), got {type(value).__name__} "
-                       f"{_short(value)}")
+        raise AmpError(
+            f"{where}: {who} must return a number (higher is better), got {type(value).__name__} {_short(value)}"
+        )
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise AmpError(f"{where}: {who} must return a number (higher is better), got {type(value).__name__} "
-                       f"{_short(value)}") from None
+        raise AmpError(
+            f"{where}: {who} must return a number (higher is better), got {type(value).__name__} {_short(value)}"
+        ) from None
     if math.isnan(score) or (finite and math.isinf(score)):
-        raise AmpError(f"{where}: {who} returned {_short(value)}: a score must be a finite number (NaN fails every "
-                       "comparison with the target, inf meets any target)")
+        raise AmpError(
+            f"{where}: {who} returned {_short(value)}: a score must be a finite number (NaN fails every "
+            "comparison with the target, inf meets any target)"
+        )
     return score
 
 
@@ -139,8 +143,10 @@ def evaluate(fn: Any, session: Any, where: str, *, finite: bool = True) -> float
             raise
         text = " ".join(str(exc).split())
         text = text if len(text) <= 300 else text[:297] + "..."
-        raise AmpError(f"{where}: the eval callback {callback_name(fn)} raised {type(exc).__name__}"
-                       + (f": {text}" if text else "")) from exc
+        raise AmpError(
+            f"{where}: the eval callback {callback_name(fn)} raised {type(exc).__name__}"
+            + (f": {text}" if text else "")
+        ) from exc
     return check_score(value, where, callback=fn, finite=finite)
 
 
@@ -200,8 +206,13 @@ class SimulationScorer:
         graph = graph_ir.from_onnx(onnx.load_from_string(spec.model))
         target = spec.target_descriptor()
         assert spec.tables is not None
-        self.model = SimulationModel(graph, spec.partition, spec.tables, spec.config,
-                                     per_channel_weights=target is None or target.per_channel_weights)
+        self.model = SimulationModel(
+            graph,
+            spec.partition,
+            spec.tables,
+            spec.config,
+            per_channel_weights=target is None or target.per_channel_weights,
+        )
         built = time.perf_counter()
         self.session = self.model.session(intra_op_threads=spec.intra_op_threads)
         self.stats.session_builds += 1
@@ -284,9 +295,16 @@ class RebuildScorer:
 
     def session(self, assignment: Assignment) -> ort.InferenceSession:
         start = time.perf_counter()
-        result = quantize_assignment(self._graph, self.spec.partition, assignment, self.spec.feeds, self.spec.config,
-                                     target=self._target, bias_correction=self.spec.bias_correction,
-                                     batch_size=self.spec.batch_size)
+        result = quantize_assignment(
+            self._graph,
+            self.spec.partition,
+            assignment,
+            self.spec.feeds,
+            self.spec.config,
+            target=self._target,
+            bias_correction=self.spec.bias_correction,
+            batch_size=self.spec.batch_size,
+        )
         sess = exact_session(result.model.SerializeToString(), intra_op_threads=self.spec.intra_op_threads)
         self.stats.session_builds += 1
         self.stats.build_seconds += time.perf_counter() - start

@@ -33,16 +33,25 @@ class Executor(Protocol):
 
     name: str
 
-    def map(self, spec: Callable[[], ScorerSpec], local: Callable[[], Scorer], tasks: Sequence[Task], *,
-            progress: bool, desc: str) -> list[Result]: ...
+    def map(
+        self,
+        spec: Callable[[], ScorerSpec],
+        local: Callable[[], Scorer],
+        tasks: Sequence[Task],
+        *,
+        progress: bool,
+        desc: str,
+    ) -> list[Result]: ...
 
 
 def _shippable(spec: ScorerSpec, executor: str) -> ScorerSpec:
     try:
         pickle.dumps(spec.callbacks)
     except Exception as exc:
-        raise AmpError(f"executor {executor!r} needs picklable eval callbacks (module-level functions, or the "
-                       f"callbacks of qpasses.amp.evaluation): {type(exc).__name__}: {exc}") from None
+        raise AmpError(
+            f"executor {executor!r} needs picklable eval callbacks (module-level functions, or the "
+            f"callbacks of qpasses.amp.evaluation): {type(exc).__name__}: {exc}"
+        ) from None
     return spec
 
 
@@ -61,8 +70,15 @@ class LocalExecutor:
 
     name: str = "local"
 
-    def map(self, spec: Callable[[], ScorerSpec], local: Callable[[], Scorer], tasks: Sequence[Task], *,
-            progress: bool, desc: str) -> list[Result]:
+    def map(
+        self,
+        spec: Callable[[], ScorerSpec],
+        local: Callable[[], Scorer],
+        tasks: Sequence[Task],
+        *,
+        progress: bool,
+        desc: str,
+    ) -> list[Result]:
         scorer = local()
         out: list[Result] = []
         with progress_bar(len(tasks), progress, desc) as bar:
@@ -104,8 +120,15 @@ class ProcessExecutor:
     workers: int | None = None
     name: str = "process"
 
-    def map(self, spec: Callable[[], ScorerSpec], local: Callable[[], Scorer], tasks: Sequence[Task], *,
-            progress: bool, desc: str) -> list[Result]:
+    def map(
+        self,
+        spec: Callable[[], ScorerSpec],
+        local: Callable[[], Scorer],
+        tasks: Sequence[Task],
+        *,
+        progress: bool,
+        desc: str,
+    ) -> list[Result]:
         if not tasks:
             return []
         recipe = _shippable(spec(), self.name)
@@ -113,8 +136,10 @@ class ProcessExecutor:
         recipe.intra_op_threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
         out: list[Result | None] = [None] * len(tasks)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(recipe,)) as pool, \
-                progress_bar(len(tasks), progress, desc) as bar:
+        with (
+            ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(recipe,)) as pool,
+            progress_bar(len(tasks), progress, desc) as bar,
+        ):
             futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
             for future in as_completed(futures):
                 out[futures[future]] = future.result()
@@ -130,8 +155,15 @@ class RayExecutor:
     workers: int | None = None
     name: str = "ray"
 
-    def map(self, spec: Callable[[], ScorerSpec], local: Callable[[], Scorer], tasks: Sequence[Task], *,
-            progress: bool, desc: str) -> list[Result]:
+    def map(
+        self,
+        spec: Callable[[], ScorerSpec],
+        local: Callable[[], Scorer],
+        tasks: Sequence[Task],
+        *,
+        progress: bool,
+        desc: str,
+    ) -> list[Result]:
         try:
             import ray
             from ray.util import ActorPool
@@ -142,8 +174,12 @@ class RayExecutor:
         recipe = _shippable(spec(), self.name)
         started = not ray.is_initialized()  # a Ray we start here is stopped here; a caller's keeps running
         if started:
-            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
-                     **({} if self.address else {"include_dashboard": False}))
+            ray.init(
+                address=self.address,
+                ignore_reinit_error=True,
+                log_to_driver=False,
+                **({} if self.address else {"include_dashboard": False}),
+            )
         try:
             available = int(ray.available_resources().get("CPU", 1)) or 1
             count = max(1, min(self.workers or available, len(tasks)))

@@ -49,9 +49,17 @@ class QuantizerGroup:
         return tuple(n for n, t in zip(self.ops, self.op_types, strict=True) if t in MAC_OPS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ops": list(self.ops), "op_types": list(self.op_types),
-                "activations": list(self.activations), "inputs": list(self.inputs), "shared": list(self.shared),
-                "weights": list(self.weights), "biases": list(self.biases), "reads": list(self.reads)}
+        return {
+            "name": self.name,
+            "ops": list(self.ops),
+            "op_types": list(self.op_types),
+            "activations": list(self.activations),
+            "inputs": list(self.inputs),
+            "shared": list(self.shared),
+            "weights": list(self.weights),
+            "biases": list(self.biases),
+            "reads": list(self.reads),
+        }
 
 
 @dataclass(frozen=True)
@@ -215,11 +223,19 @@ def find_groups(graph: Graph) -> GroupPartition:
                     reads.append(t)
         if not (activations.get(key) or weights.get(key)):
             continue  # controls no quantizer (e.g. an op whose output is never quantized)
-        groups.append(QuantizerGroup(
-            name=names[key], ops=tuple(o.name for o in ops), op_types=tuple(o.op_type for o in ops),
-            activations=tuple(activations.get(key, ())), inputs=tuple(inputs.get(key, ())),
-            shared=tuple(shared.get(key, ())), weights=tuple(weights.get(key, ())),
-            biases=tuple(biases.get(key, ())), reads=tuple(reads)))
+        groups.append(
+            QuantizerGroup(
+                name=names[key],
+                ops=tuple(o.name for o in ops),
+                op_types=tuple(o.op_type for o in ops),
+                activations=tuple(activations.get(key, ())),
+                inputs=tuple(inputs.get(key, ())),
+                shared=tuple(shared.get(key, ())),
+                weights=tuple(weights.get(key, ())),
+                biases=tuple(biases.get(key, ())),
+                reads=tuple(reads),
+            )
+        )
     kept = {names[k] for k in keys}
     owner = {t: names[k] for t, k in tensor_key.items() if names.get(k) in kept}
     return GroupPartition(tuple(groups), owner, tuple(float_sources))

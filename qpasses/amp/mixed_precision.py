@@ -120,10 +120,24 @@ def _nearest(available: Sequence[Candidate], wanted: Candidate) -> Candidate:
 class _Run:
     """One AMP run's state: the lazily built scorer, the cache and the per-phase statistics."""
 
-    def __init__(self, graph: Graph, partition: GroupPartition, macs: MacTable,
-                 group_candidates: dict[str, list[Candidate]], feeds: list[dict[str, Any]], config: QuantConfig,
-                 target: Any, callbacks: dict[str, EvalFn], cache: AmpCache, *, simulate: bool,
-                 bias_correction: bool, batch_size: int, progress: bool, prune: bool | None = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        partition: GroupPartition,
+        macs: MacTable,
+        group_candidates: dict[str, list[Candidate]],
+        feeds: list[dict[str, Any]],
+        config: QuantConfig,
+        target: Any,
+        callbacks: dict[str, EvalFn],
+        cache: AmpCache,
+        *,
+        simulate: bool,
+        bias_correction: bool,
+        batch_size: int,
+        progress: bool,
+        prune: bool | None = None,
+    ) -> None:
         self.graph, self.partition, self.macs = graph, partition, macs
         self.group_candidates, self.feeds, self.config, self.target = group_candidates, feeds, config, target
         self.callbacks, self.cache = callbacks, cache
@@ -142,8 +156,11 @@ class _Run:
 
     def set_proxy(self, baseline: Assignment, samples: int) -> str:
         """Phase-1 proxy on the first ``samples`` calibration samples against ``baseline``; returns the cache key."""
-        dims = {name: (self.graph.tensors[name].shape or (None,))[0] for name in self.graph.inputs
-                if name in self.graph.tensors}
+        dims = {
+            name: (self.graph.tensors[name].shape or (None,))[0]
+            for name in self.graph.inputs
+            if name in self.graph.tensors
+        }
         self.proxy_feeds = sample_feeds(self.feeds, samples, dims)
         self.proxy_baseline = dict(baseline)
         if self._scorer is not None:
@@ -161,15 +178,31 @@ class _Run:
             start = time.perf_counter()
             acts = {c.act.bitwidth for cs in self.group_candidates.values() for c in cs if not c.is_float}
             weights = {c.param.bitwidth for cs in self.group_candidates.values() for c in cs if not c.is_float}
-            self._tables = calibrate_once(self.graph, self.feeds, self.config, act_bitwidths=sorted(acts),
-                                          weight_bitwidths=sorted(weights), bias_correction=self.bias_correction,
-                                          batch_size=self.batch_size, progress=self.progress)
+            self._tables = calibrate_once(
+                self.graph,
+                self.feeds,
+                self.config,
+                act_bitwidths=sorted(acts),
+                weight_bitwidths=sorted(weights),
+                bias_correction=self.bias_correction,
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
             self.phase("setup").seconds += time.perf_counter() - start
-        return ScorerSpec(self.model_bytes, self.partition, self.config, self.callbacks,
-                          self._tables if simulated else None, () if simulated else self.feeds,
-                          self.target.to_dict() if self.target is not None else None, self.bias_correction,
-                          self.batch_size, proxy_feeds=self.proxy_feeds, proxy_baseline=self.proxy_baseline,
-                          prune=self.prune)
+        return ScorerSpec(
+            self.model_bytes,
+            self.partition,
+            self.config,
+            self.callbacks,
+            self._tables if simulated else None,
+            () if simulated else self.feeds,
+            self.target.to_dict() if self.target is not None else None,
+            self.bias_correction,
+            self.batch_size,
+            proxy_feeds=self.proxy_feeds,
+            proxy_baseline=self.proxy_baseline,
+            prune=self.prune,
+        )
 
     def scorer(self) -> Scorer:
         if self._scorer is None:
@@ -192,8 +225,9 @@ class _Run:
         self.cache.put(key, value)
         return value
 
-    def score_model(self, model: bytes, key: str | None, where: str, what: str, *, exact: bool = False,
-                    finite: bool = True) -> float:
+    def score_model(
+        self, model: bytes, key: str | None, where: str, what: str, *, exact: bool = False, finite: bool = True
+    ) -> float:
         """A fixed model's phase-2 score: in the default (runtime) session, or with exact QDQ semantics.
 
         ``key`` None: measured on every run, never cached (the final verification). ``what`` names the
@@ -219,8 +253,9 @@ class _Run:
         stats.cache_hits += sum(v is not None for v in values)
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
-            results = executor.map(self.spec, self.scorer, [tasks[i] for i in missing], progress=self.progress,
-                                   desc=f"AMP {where}")
+            results = executor.map(
+                self.spec, self.scorer, [tasks[i] for i in missing], progress=self.progress, desc=f"AMP {where}"
+            )
             fresh: dict[str, float] = {}
             for i, (value, worker_stats) in zip(missing, results, strict=True):
                 values[i] = fresh[keys[i]] = float(value)
@@ -315,19 +350,41 @@ def choose_mixed_precision(
         raise AmpError("the model has no quantizable ops: nothing for AMP to choose")
     macs = mac_table(graph, partition)
     group_cands = collapse_unweighted(
-        filter_candidates(_op_kernels(graph, partition), cands, target_desc, use_all=use_all_amp_candidates,
-                          bias_bw=config.bias_bw), {g.name for g in partition if g.weights})
+        filter_candidates(
+            _op_kernels(graph, partition), cands, target_desc, use_all=use_all_amp_candidates, bias_bw=config.bias_bw
+        ),
+        {g.name for g in partition if g.weights},
+    )
     feeds = [dict(f) for f in CalibrationData.from_source(calibration_data, graph, batch_size=batch_size)]
     callbacks = {"phase1": eval_callback_for_phase1 or eval_callback_for_phase2, "phase2": eval_callback_for_phase2}
-    stamp = fingerprint(graph.to_onnx().SerializeToString(), candidates=[str(c) for c in cands],
-                        config=asdict(config), target=getattr(target_desc, "name", None),
-                        use_all_amp_candidates=use_all_amp_candidates, bias_correction=bias_correction,
-                        simulate=simulate, groups=partition.names,
-                        eval_callbacks={k: callback_identity(fn) for k, fn in callbacks.items()})
+    stamp = fingerprint(
+        graph.to_onnx().SerializeToString(),
+        candidates=[str(c) for c in cands],
+        config=asdict(config),
+        target=getattr(target_desc, "name", None),
+        use_all_amp_candidates=use_all_amp_candidates,
+        bias_correction=bias_correction,
+        simulate=simulate,
+        groups=partition.names,
+        eval_callbacks={k: callback_identity(fn) for k, fn in callbacks.items()},
+    )
     cache = AmpCache(results_dir, stamp, clean_start)
-    run = _Run(graph, partition, macs, group_cands, feeds, config, target_desc, callbacks, cache,
-               simulate=simulate, bias_correction=bias_correction, batch_size=batch_size, progress=progress,
-               prune=prune_sessions)
+    run = _Run(
+        graph,
+        partition,
+        macs,
+        group_cands,
+        feeds,
+        config,
+        target_desc,
+        callbacks,
+        cache,
+        simulate=simulate,
+        bias_correction=bias_correction,
+        batch_size=batch_size,
+        progress=progress,
+        prune=prune_sessions,
+    )
     run.messages += cache.messages
     if run.sim_reason is not None:
         run.messages.append(f"scoring with rebuilt QDQ models: {run.sim_reason}")
@@ -366,8 +423,16 @@ def choose_mixed_precision(
     if algorithm == "demotion":
         start = time.perf_counter()
         high = {g: group_cands[g][-1] for g in partition.names}
-        demotion = demotion_search(partition.names, high, lowest, lambda a: run.score(a, "phase2", "demotion"),
-                                   goal, m=demotion_threshold, seed=demotion_seed, progress=progress)
+        demotion = demotion_search(
+            partition.names,
+            high,
+            lowest,
+            lambda a: run.score(a, "phase2", "demotion"),
+            goal,
+            m=demotion_threshold,
+            seed=demotion_seed,
+            progress=progress,
+        )
         chosen = dict(demotion.assignment)
         state = dict(high)
         base_bits = macs.bitops(baseline)
@@ -381,12 +446,15 @@ def choose_mixed_precision(
             run.messages.append(f"demotion: even all-high ({demotion.high_score:.4f}) misses the target {goal:.4f}")
         run.phase("demotion").seconds += time.perf_counter() - start
     elif allowed_accuracy_drop is not None and reference - baseline_score > allowed_accuracy_drop:
-        run.messages.append(f"the best candidate {baseline_cand} scores {baseline_score:.4f}, already more than "
-                            f"{allowed_accuracy_drop} below {reference:.4f}: keeping every group at it")
+        run.messages.append(
+            f"the best candidate {baseline_cand} scores {baseline_score:.4f}, already more than "
+            f"{allowed_accuracy_drop} below {reference:.4f}: keeping every group at it"
+        )
     elif allowed_accuracy_drop is not None and lowest_score >= goal:
         chosen = dict(lowest)
-        run.messages.append(f"the lowest candidates already score {lowest_score:.4f} >= {goal:.4f}: "
-                            "no sensitivity search needed")
+        run.messages.append(
+            f"the lowest candidates already score {lowest_score:.4f} >= {goal:.4f}: no sensitivity search needed"
+        )
     else:
         start = time.perf_counter()
         tasks = phase1_tasks(partition.names, group_cands, baseline)
@@ -396,15 +464,19 @@ def choose_mixed_precision(
             proxies = run.run_tasks([(with_group(baseline, g, c), "proxy") for g, c in tasks], pool, "phase1", key)
             phase1_entries = sort_accuracy_list(
                 [make_entry(g, c, math.nan, baseline, macs, proxy=p) for (g, c), p in zip(tasks, proxies, strict=True)],
-                partition.names, by="proxy")
-            run.messages.append(f"phase 1: {len(tasks)} (group, candidate) pairs ranked by the proxy (output SQNR vs "
-                                f"the baseline on {key[5:]} calibration samples, per BitOps saved) instead of "
-                                f"{len(tasks)} metric calls")
+                partition.names,
+                by="proxy",
+            )
+            run.messages.append(
+                f"phase 1: {len(tasks)} (group, candidate) pairs ranked by the proxy (output SQNR vs "
+                f"the baseline on {key[5:]} calibration samples, per BitOps saved) instead of "
+                f"{len(tasks)} metric calls"
+            )
         else:
             scores = run.run_tasks([(with_group(baseline, g, c), "phase1") for g, c in tasks], pool, "phase1")
             phase1_entries = sort_accuracy_list(
-                [make_entry(g, c, s, baseline, macs) for (g, c), s in zip(tasks, scores, strict=True)],
-                partition.names)
+                [make_entry(g, c, s, baseline, macs) for (g, c), s in zip(tasks, scores, strict=True)], partition.names
+            )
         cache.save("phase1.json", [e.to_dict() for e in phase1_entries])
         run.phase("phase1").seconds += time.perf_counter() - start
 
@@ -415,9 +487,18 @@ def choose_mixed_precision(
 
         if mode == "proxy" and not phase2_reverse and allowed_accuracy_drop is not None:
             repaired = phase2_with_blocker_checks(
-                phase1_entries, baseline, baseline_score, phase2_score,
-                lambda g, c: run.score(with_group(baseline, g, c), "phase2", "phase2"), macs, macs.bitops(baseline),
-                goal, algorithm=algorithm, max_repairs=max_proxy_repairs, progress=progress)
+                phase1_entries,
+                baseline,
+                baseline_score,
+                phase2_score,
+                lambda g, c: run.score(with_group(baseline, g, c), "phase2", "phase2"),
+                macs,
+                macs.bitops(baseline),
+                goal,
+                algorithm=algorithm,
+                max_repairs=max_proxy_repairs,
+                progress=progress,
+            )
             result2, checks = repaired.result, repaired.checks
             phase1_entries = repaired.order
             cache.save("phase1.json", [e.to_dict() for e in phase1_entries])
@@ -427,9 +508,19 @@ def choose_mixed_precision(
                 steps, first, first_score = reverse_steps(phase1_entries, baseline, lowest), lowest, lowest_score
             else:
                 steps, first, first_score = forward_steps(phase1_entries, baseline), baseline, baseline_score
-            result2 = run_phase2(steps, first, first_score, phase2_score, macs, macs.bitops(baseline), goal,
-                                 algorithm=algorithm, reverse=phase2_reverse, full=allowed_accuracy_drop is None,
-                                 progress=progress)
+            result2 = run_phase2(
+                steps,
+                first,
+                first_score,
+                phase2_score,
+                macs,
+                macs.bitops(baseline),
+                goal,
+                algorithm=algorithm,
+                reverse=phase2_reverse,
+                full=allowed_accuracy_drop is None,
+                progress=progress,
+            )
         points = result2.points
         cache.save("pareto.json", [p.to_dict() for p in points])
         if result2.chosen is None:
@@ -451,8 +542,9 @@ def choose_mixed_precision(
     start = time.perf_counter()
     tolerance = divergence_tolerance(reference)
     base_bits = macs.bitops(baseline)
-    fallbacks = sorted((p for p in points if p.score >= goal and p.assignment not in (chosen, baseline)),
-                       key=lambda p: p.bitops)
+    fallbacks = sorted(
+        (p for p in points if p.score >= goal and p.assignment not in (chosen, baseline)), key=lambda p: p.bitops
+    )
     todo: list[tuple[str, PointKind, dict[str, Candidate]]] = [("the chosen point", "chosen", chosen)]
     todo += [(f"pareto point {p.index}", "pareto", p.assignment) for p in fallbacks]
     todo.append((f"the baseline ({baseline_cand} on every group)", "baseline", baseline))
@@ -463,8 +555,16 @@ def choose_mixed_precision(
     quantized = None
     with progress_bar(len(unique), progress, "AMP verify", unit="point") as bar:
         for label, kind, assignment in unique.values():
-            quantized = quantize_assignment(graph, partition, assignment, feeds, config, target=target_desc,
-                                            bias_correction=bias_correction, batch_size=batch_size)
+            quantized = quantize_assignment(
+                graph,
+                partition,
+                assignment,
+                feeds,
+                config,
+                target=target_desc,
+                bias_correction=bias_correction,
+                batch_size=batch_size,
+            )
             blob = quantized.model.SerializeToString()
             what = f"{label}'s QDQ model ({describe(assignment)})"  # measured every run: never from the cache
             runtime = run.score_model(blob, None, "verify", f"{what} in the default session")
@@ -472,8 +572,9 @@ def choose_mixed_precision(
             simulated = run.score(assignment, "phase2", "verify")
             bits = macs.bitops(assignment)
             relative = bits / base_bits if base_bits else math.nan
-            verified.append(VerifiedPoint(label, kind, dict(assignment), bits, relative, simulated, runtime, exact,
-                                          runtime >= goal))
+            verified.append(
+                VerifiedPoint(label, kind, dict(assignment), bits, relative, simulated, runtime, exact, runtime >= goal)
+            )
             bar.update()
             if runtime >= goal:
                 break
@@ -481,9 +582,14 @@ def choose_mixed_precision(
     chosen = dict(final.assignment)
     run.messages += fallback_messages(verified, goal, tolerance)
     reference_name = "FP32 score" if math.isfinite(fp32) else "baseline score"
-    warns = verification_warnings(verified, reference=reference, reference_name=reference_name,
-                                  tolerance=tolerance, simulated=run.sim_reason is None,
-                                  saved_model=str(Path(results_dir) / "model.qdq.onnx"))
+    warns = verification_warnings(
+        verified,
+        reference=reference,
+        reference_name=reference_name,
+        tolerance=tolerance,
+        simulated=run.sim_reason is None,
+        saved_model=str(Path(results_dir) / "model.qdq.onnx"),
+    )
     for text in warns:
         run.messages.append(text)
         warnings.warn(text, AmpWarning, stacklevel=2)
@@ -491,15 +597,36 @@ def choose_mixed_precision(
     run.phase("total").seconds = time.perf_counter() - wall
 
     result = AmpResult(
-        partition=partition, candidates=group_cands, fp32_score=fp32, baseline=baseline_cand,
-        baseline_score=baseline_score, uniform_scores={k: v[2] for k, v in uniform.items()}, target=goal,
-        assignment=chosen, score=final.runtime_score, bitops=macs.bitops(chosen), baseline_bitops=base_bits,
-        bitops_per_group=macs.per_group(chosen), phase1=phase1_entries, pareto=points, phase3=phase3,
-        demotion=demotion, conversions=len(conversions(partition, chosen)), quantized=quantized,
-        simulated=run.sim_reason is None, messages=run.messages, stats=run.stats, phase1_mode=mode,
+        partition=partition,
+        candidates=group_cands,
+        fp32_score=fp32,
+        baseline=baseline_cand,
+        baseline_score=baseline_score,
+        uniform_scores={k: v[2] for k, v in uniform.items()},
+        target=goal,
+        assignment=chosen,
+        score=final.runtime_score,
+        bitops=macs.bitops(chosen),
+        baseline_bitops=base_bits,
+        bitops_per_group=macs.per_group(chosen),
+        phase1=phase1_entries,
+        pareto=points,
+        phase3=phase3,
+        demotion=demotion,
+        conversions=len(conversions(partition, chosen)),
+        quantized=quantized,
+        simulated=run.sim_reason is None,
+        messages=run.messages,
+        stats=run.stats,
+        phase1_mode=mode,
         proxy_checks=checks,
-        simulated_score=final.simulated_score, runtime_score=final.runtime_score, exact_score=final.exact_score,
-        divergence_tolerance=tolerance, verification=verified, warnings=warns)
+        simulated_score=final.simulated_score,
+        runtime_score=final.runtime_score,
+        exact_score=final.exact_score,
+        divergence_tolerance=tolerance,
+        verification=verified,
+        warnings=warns,
+    )
     write_results(result, results_dir, precision_overrides(partition, chosen))
     return result
 
@@ -508,9 +635,11 @@ def proxy_check_messages(checks: Sequence[BlockerCheck], max_repairs: int) -> li
     """What the metric said about the proxy's order: one line per blocker checked."""
     out = []
     for c in checks:
-        head = (f"proxy check: {c.group} at {c.candidate} (phase-1 position {c.position}"
-                + (f", proxy {c.proxy:.1f} dB" if c.proxy is not None else "")
-                + f") alone scores {c.score:.4f} (drop {c.drop:.4f})")
+        head = (
+            f"proxy check: {c.group} at {c.candidate} (phase-1 position {c.position}"
+            + (f", proxy {c.proxy:.1f} dB" if c.proxy is not None else "")
+            + f") alone scores {c.score:.4f} (drop {c.drop:.4f})"
+        )
         if c.verdict == "moved":
             out.append(f"{head}: misranked, moved to the end of the phase-1 list")
         elif c.verdict == "accumulated":
@@ -518,21 +647,32 @@ def proxy_check_messages(checks: Sequence[BlockerCheck], max_repairs: int) -> li
         elif c.verdict == "sensitive":
             out.append(f"{head} and stops phase 2: only individually sensitive steps are left")
         else:
-            out.append(f"{head} and stops phase 2, but the {max_repairs} repairs are used: the proxy misranks "
-                       "this model; phase1='exhaustive' (--phase1 exhaustive) may demote more groups")
+            out.append(
+                f"{head} and stops phase 2, but the {max_repairs} repairs are used: the proxy misranks "
+                "this model; phase1='exhaustive' (--phase1 exhaustive) may demote more groups"
+            )
     return out
 
 
-def reduce_converts_step(run: _Run, chosen: Assignment, current: float, goal: float, max_increase: float
-                         ) -> Phase3Result:
+def reduce_converts_step(
+    run: _Run, chosen: Assignment, current: float, goal: float, max_increase: float
+) -> Phase3Result:
     """Phase 3 on the run's scorer (kept apart so the flow above reads as the phases)."""
-    return reduce_converts(run.partition, chosen, run.group_candidates, run.macs,
-                           lambda a: run.score(a, "phase2", "phase3"), goal, current_score=current,
-                           max_bitops_increase=max_increase, progress=run.progress)
+    return reduce_converts(
+        run.partition,
+        chosen,
+        run.group_candidates,
+        run.macs,
+        lambda a: run.score(a, "phase2", "phase3"),
+        goal,
+        current_score=current,
+        max_bitops_increase=max_increase,
+        progress=run.progress,
+    )
 
 
-def uniform_assignment(partition: GroupPartition, group_candidates: dict[str, list[Candidate]],
-                       candidate: Candidate) -> dict[str, Candidate]:
+def uniform_assignment(
+    partition: GroupPartition, group_candidates: dict[str, list[Candidate]], candidate: Candidate
+) -> dict[str, Candidate]:
     """Every group at ``candidate`` (or its nearest supported one)."""
     return {g: _nearest(group_candidates[g], candidate) for g in partition.names}
-

@@ -39,12 +39,28 @@ def precision_overrides(partition: GroupPartition, assignment: Assignment) -> di
 
 
 def quantize_assignment(
-    graph: Graph, partition: GroupPartition, assignment: Assignment, feeds: Sequence[Mapping[str, Any]],
-    config: QuantConfig, *, target: Any = None, bias_correction: bool = True, batch_size: int = 16,
+    graph: Graph,
+    partition: GroupPartition,
+    assignment: Assignment,
+    feeds: Sequence[Mapping[str, Any]],
+    config: QuantConfig,
+    *,
+    target: Any = None,
+    bias_correction: bool = True,
+    batch_size: int = 16,
 ) -> QuantizeResult:
     """The real QDQ model of an assignment (``graph`` is already prepared: batch norms folded)."""
     with tempfile.TemporaryDirectory(prefix="qpasses-amp-") as tmp:
         path = Path(tmp) / "overrides.json"
         path.write_text(json.dumps(precision_overrides(partition, assignment)))
-        return quantize_model(graph, list(feeds), config, overrides=path, fold_batchnorm=False, target=target,
-                              bias_correction=bias_correction, batch_size=batch_size, progress=False)
+        return quantize_model(
+            graph,
+            list(feeds),
+            config,
+            overrides=path,
+            fold_batchnorm=False,
+            target=target,
+            bias_correction=bias_correction,
+            batch_size=batch_size,
+            progress=False,
+        )

@@ -44,8 +44,7 @@ def forward_steps(accuracy_list: Sequence[SensitivityEntry], baseline: Assignmen
     return steps
 
 
-def reverse_steps(accuracy_list: Sequence[SensitivityEntry], baseline: Assignment, lowest: Assignment
-                  ) -> list[Step]:
+def reverse_steps(accuracy_list: Sequence[SensitivityEntry], baseline: Assignment, lowest: Assignment) -> list[Step]:
     """Most sensitive first; each entry promotes its group to the next candidate in that order (last: baseline)."""
     reversed_list = list(reversed(accuracy_list))
     order: dict[str, list[Candidate]] = {}
@@ -83,16 +82,27 @@ class ParetoPoint:
     candidate: Candidate | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "bitops": self.bitops, "relative_bitops": self.relative_bitops,
-                "score": self.score, "changed_group": self.group,
-                "candidate": None if self.candidate is None else str(self.candidate),
-                "precisions": {g: str(c) for g, c in self.assignment.items()}}
+        return {
+            "index": self.index,
+            "bitops": self.bitops,
+            "relative_bitops": self.relative_bitops,
+            "score": self.score,
+            "changed_group": self.group,
+            "candidate": None if self.candidate is None else str(self.candidate),
+            "precisions": {g: str(c) for g, c in self.assignment.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParetoPoint:
-        return cls(int(data["index"]), float(data["bitops"]), float(data["relative_bitops"]), float(data["score"]),
-                   {g: parse_candidate(c) for g, c in data["precisions"].items()}, data.get("changed_group"),
-                   None if data.get("candidate") is None else parse_candidate(data["candidate"]))
+        return cls(
+            int(data["index"]),
+            float(data["bitops"]),
+            float(data["relative_bitops"]),
+            float(data["score"]),
+            {g: parse_candidate(c) for g, c in data["precisions"].items()},
+            data.get("changed_group"),
+            None if data.get("candidate") is None else parse_candidate(data["candidate"]),
+        )
 
 
 @dataclass
@@ -104,9 +114,19 @@ class Phase2Result:
 
 
 def run_phase2(
-    steps: Sequence[Step], start: Assignment, start_score: float, score: Callable[[Assignment], float],
-    macs: MacTable, reference_bitops: float, target: float, *, algorithm: str = "binary", reverse: bool = False,
-    full: bool = False, progress: bool = True, resume_after: int | None = None,
+    steps: Sequence[Step],
+    start: Assignment,
+    start_score: float,
+    score: Callable[[Assignment], float],
+    macs: MacTable,
+    reference_bitops: float,
+    target: float,
+    *,
+    algorithm: str = "binary",
+    reverse: bool = False,
+    full: bool = False,
+    progress: bool = True,
+    resume_after: int | None = None,
     known: Mapping[int, ParetoPoint] | None = None,
 ) -> Phase2Result:
     """Search the cumulative sequence for the lowest-BitOps point meeting ``target``.
@@ -116,22 +136,29 @@ def run_phase2(
     (the same first steps), reported again without scoring them.
     """
     evaluated: dict[int, ParetoPoint] = dict(known or {})
-    bar = tqdm(total=len(steps), desc="AMP phase 2", unit="point", file=sys.stderr, disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(steps), desc="AMP phase 2", unit="point", file=sys.stderr, disable=not progress, leave=False)
 
     def point(i: int) -> ParetoPoint:
         if i not in evaluated:
             assignment = apply_steps(start, steps, i + 1)
             bitops = macs.bitops(assignment)
             value = score(assignment)
-            evaluated[i] = ParetoPoint(i, bitops, bitops / reference_bitops if reference_bitops else math.nan,
-                                       value, assignment, steps[i].group, steps[i].candidate)
+            evaluated[i] = ParetoPoint(
+                i,
+                bitops,
+                bitops / reference_bitops if reference_bitops else math.nan,
+                value,
+                assignment,
+                steps[i].group,
+                steps[i].candidate,
+            )
             bar.update()
         return evaluated[i]
 
     start_bitops = macs.bitops(start)
-    first = ParetoPoint(-1, start_bitops, start_bitops / reference_bitops if reference_bitops else math.nan,
-                        start_score, dict(start))
+    first = ParetoPoint(
+        -1, start_bitops, start_bitops / reference_bitops if reference_bitops else math.nan, start_score, dict(start)
+    )
     with bar:
         if not steps:
             return Phase2Result([first], first if start_score >= target else None, [])
@@ -140,8 +167,7 @@ def run_phase2(
             if resume_after < 0 and values[0]() < target:
                 index = 0  # nothing after the start meets the target: as the searches answer it
             else:
-                index = gallop_search(values, target, max(resume_after, 0),
-                                      brute_force=algorithm == "brute-force")
+                index = gallop_search(values, target, max(resume_after, 0), brute_force=algorithm == "brute-force")
         else:
             search = full_scan if full else SEARCHES[algorithm]
             index = search(values, target, reverse)

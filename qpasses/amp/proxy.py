@@ -24,8 +24,9 @@ import numpy as np
 DEFAULT_SAMPLES = 2
 
 
-def sample_feeds(feeds: Sequence[Mapping[str, np.ndarray]], count: int, batch_dims: Mapping[str, Any]
-                 ) -> list[dict[str, np.ndarray]]:
+def sample_feeds(
+    feeds: Sequence[Mapping[str, np.ndarray]], count: int, batch_dims: Mapping[str, Any]
+) -> list[dict[str, np.ndarray]]:
     """The first ``count`` samples of the calibration feeds (whole feeds where the batch axis is fixed)."""
     out: list[dict[str, np.ndarray]] = []
     left = count

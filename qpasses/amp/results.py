@@ -105,24 +105,37 @@ class AmpResult:
 
     def info(self) -> dict[str, Any]:
         return {
-            "fp32_score": self.fp32_score, "baseline_candidate": str(self.baseline),
-            "baseline_score": self.baseline_score, "uniform_scores": self.uniform_scores, "target": self.target,
-            "final_score": self.score, "simulated_score": self.simulated_score,
-            "runtime_score": self.runtime_score, "exact_score": self.exact_score,
+            "fp32_score": self.fp32_score,
+            "baseline_candidate": str(self.baseline),
+            "baseline_score": self.baseline_score,
+            "uniform_scores": self.uniform_scores,
+            "target": self.target,
+            "final_score": self.score,
+            "simulated_score": self.simulated_score,
+            "runtime_score": self.runtime_score,
+            "exact_score": self.exact_score,
             "divergence_tolerance": self.divergence_tolerance,
             "verification": [v.to_dict() for v in self.verification],
-            "bitops": self.bitops, "baseline_bitops": self.baseline_bitops,
+            "bitops": self.bitops,
+            "baseline_bitops": self.baseline_bitops,
             "relative_bitops": self.bitops / self.baseline_bitops if self.baseline_bitops else math.nan,
-            "bitops_per_group": self.bitops_per_group, "conversions": self.conversions,
+            "bitops_per_group": self.bitops_per_group,
+            "conversions": self.conversions,
             "precisions": {g: str(c) for g, c in self.assignment.items()},
             "candidates": {g: [str(c) for c in cs] for g, cs in self.candidates.items()},
-            "phase3": None if self.phase3 is None else {
-                "converts_before": self.phase3.converts_before, "converts_after": self.phase3.converts_after,
-                "flips": [f.to_dict() for f in self.phase3.flips]},
+            "phase3": None
+            if self.phase3 is None
+            else {
+                "converts_before": self.phase3.converts_before,
+                "converts_after": self.phase3.converts_after,
+                "flips": [f.to_dict() for f in self.phase3.flips],
+            },
             "demotion": None if self.demotion is None else self.demotion.to_dict(),
-            "simulated": self.simulated, "phase1_mode": self.phase1_mode,
+            "simulated": self.simulated,
+            "phase1_mode": self.phase1_mode,
             "proxy_checks": [c.to_dict() for c in self.proxy_checks],
-            "messages": self.messages, "warnings": self.warnings,
+            "messages": self.messages,
+            "warnings": self.warnings,
             "stats": {k: vars(v) for k, v in self.stats.items()},
         }
 
@@ -133,12 +146,15 @@ class AmpResult:
         builds = sum(s.session_builds for s in self.stats.values())
         proxies = sum(s.proxy_runs for s in self.stats.values())
         search = "simulated" if self.simulated else "search"
-        return (f"AMP: score {self.score:.4f} in onnxruntime's default session (exact QDQ {self.exact_score:.4f}, "
-                f"{search} {self.simulated_score:.4f}; FP32 {self.fp32_score:.4f}, baseline {self.baseline} "
-                f"{self.baseline_score:.4f}, target {self.target:.4f}); {lowered}/{len(self.assignment)} groups below "
-                f"baseline; BitOps {self.bitops:.4g} = {rel:.3f} x baseline; {self.conversions} conversions; "
-                f"{evals} evaluations" + (f" (phase 1 by proxy: {proxies} proxy runs)" if proxies else "") +
-                f", {builds} session builds")
+        return (
+            f"AMP: score {self.score:.4f} in onnxruntime's default session (exact QDQ {self.exact_score:.4f}, "
+            f"{search} {self.simulated_score:.4f}; FP32 {self.fp32_score:.4f}, baseline {self.baseline} "
+            f"{self.baseline_score:.4f}, target {self.target:.4f}); {lowered}/{len(self.assignment)} groups below "
+            f"baseline; BitOps {self.bitops:.4g} = {rel:.3f} x baseline; {self.conversions} conversions; "
+            f"{evals} evaluations"
+            + (f" (phase 1 by proxy: {proxies} proxy runs)" if proxies else "")
+            + f", {builds} session builds"
+        )
 
 
 def pareto_csv(points: list[ParetoPoint], groups: list[str]) -> str:
@@ -146,8 +162,17 @@ def pareto_csv(points: list[ParetoPoint], groups: list[str]) -> str:
     writer = csv.writer(out)
     writer.writerow(["index", "bitops", "relative_bitops", "score", "changed_group", "candidate", *groups])
     for p in points:
-        writer.writerow([p.index, p.bitops, p.relative_bitops, p.score, p.group or "",
-                         "" if p.candidate is None else str(p.candidate), *(str(p.assignment[g]) for g in groups)])
+        writer.writerow(
+            [
+                p.index,
+                p.bitops,
+                p.relative_bitops,
+                p.score,
+                p.group or "",
+                "" if p.candidate is None else str(p.candidate),
+                *(str(p.assignment[g]) for g in groups),
+            ]
+        )
     return out.getvalue()
 
 

@@ -113,5 +113,7 @@ def gallop_search(values: Values, target: float, good: int, *, brute_force: bool
 
 
 SEARCHES: dict[str, Callable[[Values, float, bool], int]] = {
-    "binary": binary_search, "interpolation": interpolation_search, "brute-force": brute_force_search,
+    "binary": binary_search,
+    "interpolation": interpolation_search,
+    "brute-force": brute_force_search,
 }

@@ -30,8 +30,12 @@ class SensitivityEntry:
     written as null)."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"group": self.group, "candidate": str(self.candidate),
-               "score": None if math.isnan(self.score) else self.score, "bitops_reduction": self.bitops_reduction}
+        out = {
+            "group": self.group,
+            "candidate": str(self.candidate),
+            "score": None if math.isnan(self.score) else self.score,
+            "bitops_reduction": self.bitops_reduction,
+        }
         if self.proxy is not None:
             out["proxy_db"] = self.proxy
         return out
@@ -40,12 +44,18 @@ class SensitivityEntry:
     def from_dict(cls, data: Mapping[str, Any]) -> SensitivityEntry:
         proxy = data.get("proxy_db")
         score = data.get("score")
-        return cls(str(data["group"]), parse_candidate(data["candidate"]), math.nan if score is None else float(score),
-                   float(data["bitops_reduction"]), None if proxy is None else float(proxy))
+        return cls(
+            str(data["group"]),
+            parse_candidate(data["candidate"]),
+            math.nan if score is None else float(score),
+            float(data["bitops_reduction"]),
+            None if proxy is None else float(proxy),
+        )
 
 
-def phase1_tasks(order: Sequence[str], group_candidates: Mapping[str, Sequence[Candidate]],
-                 baseline: Assignment) -> list[tuple[str, Candidate]]:
+def phase1_tasks(
+    order: Sequence[str], group_candidates: Mapping[str, Sequence[Candidate]], baseline: Assignment
+) -> list[tuple[str, Candidate]]:
     """(group, candidate) for every candidate cheaper than the group's baseline, in model order."""
     tasks = []
     for name in order:
@@ -60,8 +70,9 @@ def with_group(baseline: Assignment, group: str, candidate: Candidate) -> dict[s
     return {**baseline, group: candidate}
 
 
-def make_entry(group: str, candidate: Candidate, score: float, baseline: Assignment, macs: MacTable, *,
-               proxy: float | None = None) -> SensitivityEntry:
+def make_entry(
+    group: str, candidate: Candidate, score: float, baseline: Assignment, macs: MacTable, *, proxy: float | None = None
+) -> SensitivityEntry:
     reduction = macs.group_bitops(group, baseline[group]) - macs.group_bitops(group, candidate)
     return SensitivityEntry(group, candidate, score, reduction, proxy)
 
@@ -73,8 +84,9 @@ def proxy_noise(entry: SensitivityEntry) -> float:
     return 10.0 ** (-entry.proxy / 10.0) if entry.proxy > -math.inf else math.inf
 
 
-def sort_accuracy_list(entries: Sequence[SensitivityEntry], order: Sequence[str], *,
-                       by: Literal["score", "proxy"] = "score") -> list[SensitivityEntry]:
+def sort_accuracy_list(
+    entries: Sequence[SensitivityEntry], order: Sequence[str], *, by: Literal["score", "proxy"] = "score"
+) -> list[SensitivityEntry]:
     """The phase-1 list, least sensitive first.
 
     ``score`` (AIMET's order): score, bit sum, BitOps reduction (all descending), then model position.
@@ -84,6 +96,7 @@ def sort_accuracy_list(entries: Sequence[SensitivityEntry], order: Sequence[str]
     """
     position = {name: i for i, name in enumerate(order)}
     if by == "proxy":
+
         def ratio(e: SensitivityEntry) -> tuple[int, float, float, int]:
             noise = proxy_noise(e)
             if e.bitops_reduction > 0:

@@ -86,8 +86,7 @@ class FakeQuantizer:
 def weight_encoding(data: np.ndarray, bitwidth: int, axis: int | None, *, per_channel: bool, mode: Mode) -> Encoding:
     """The encoding ``encode-weights`` gives a weight (same mode rules; axis None: per tensor, as there)."""
     if per_channel and axis is not None:
-        return compute(data, bitwidth, "tf" if mode in ("symmetric", "adjusted") else mode,
-                       axis=axis, role="weight")
+        return compute(data, bitwidth, "tf" if mode in ("symmetric", "adjusted") else mode, axis=axis, role="weight")
     mode = mode if mode != "adjusted" or bitwidth == 8 else "symmetric"
     return compute(data, bitwidth, mode, role="weight")
 
@@ -112,12 +111,16 @@ def quantizer_inputs(enc: Encoding) -> tuple[np.ndarray, ...]:
     the values the b-bit DequantizeLinear produces at ``qmin``/``qmax``.
     """
     qp = enc.qparams()
-    levels = 2 ** enc.bitwidth
+    levels = 2**enc.bitwidth
     qmin, qmax = (-(levels // 2), levels // 2 - 1) if enc.symmetric else (0, levels - 1)
     scale = np.float32(qp.scale.reshape(-1)[0])
     zp = int(qp.zero_point.reshape(-1)[0])
-    return (np.array(scale, np.float32), np.array(zp, np.int16 if enc.symmetric else np.uint16),
-            np.array(np.float32(qmin - zp) * scale, np.float32), np.array(np.float32(qmax - zp) * scale, np.float32))
+    return (
+        np.array(scale, np.float32),
+        np.array(zp, np.int16 if enc.symmetric else np.uint16),
+        np.array(np.float32(qmin - zp) * scale, np.float32),
+        np.array(np.float32(qmax - zp) * scale, np.float32),
+    )
 
 
 @dataclass(eq=False)
@@ -149,11 +152,13 @@ class SimulatedSession:
         if self.accepts is None:
             self.extra = dict(feeds)
             return
-        self.extra = {k: (v.astype(self.narrow[k]) if k in self.narrow else v)
-                      for k, v in feeds.items() if k in self.accepts}
+        self.extra = {
+            k: (v.astype(self.narrow[k]) if k in self.narrow else v) for k, v in feeds.items() if k in self.accepts
+        }
 
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
-            ) -> list[np.ndarray]:
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None
+    ) -> list[np.ndarray]:
         missing = [n for n in self.input_names if n not in input_feed]
         if missing:
             raise ValueError(f"Required inputs ({missing}) are missing from input feed ({list(input_feed)}).")
@@ -176,7 +181,7 @@ class SimulatedSession:
             held.append(value if isinstance(value, ort.OrtValue) else array)
         self._held = held
         binding.clear_binding_outputs()
-        for name in (list(output_names) if output_names else self.output_names):
+        for name in list(output_names) if output_names else self.output_names:
             binding.bind_output(name)
         self.session.run_with_iobinding(binding, run_options)
         return binding.copy_outputs_to_cpu()
@@ -197,8 +202,15 @@ class SimulatedSession:
 class SimulationModel:
     """The fake-quant model of a prepared FP32 graph, and the feeds of any assignment."""
 
-    def __init__(self, graph: Graph, partition: GroupPartition, tables: CalibrationTables,
-                 config: QuantConfig, *, per_channel_weights: bool = True) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        partition: GroupPartition,
+        tables: CalibrationTables,
+        config: QuantConfig,
+        *,
+        per_channel_weights: bool = True,
+    ) -> None:
         self.partition = partition
         self.tables = tables
         self.config = config
@@ -222,8 +234,16 @@ class SimulationModel:
         self.model = self._build(work)
 
     # --- construction --------------------------------------------------------------------------
-    def _fake_quant(self, graph: Graph, x: str, prefix: str, out: str | None = None, *,
-                    edge: tuple[str, str] | None = None, follows: bool = False) -> str:
+    def _fake_quant(
+        self,
+        graph: Graph,
+        x: str,
+        prefix: str,
+        out: str | None = None,
+        *,
+        edge: tuple[str, str] | None = None,
+        follows: bool = False,
+    ) -> str:
         """``Clip(DQ(Q(x)))`` on a 16-bit grid: every bitwidth up to 16 is the same ops, other inputs.
 
         Clamping the dequantized value to ``[(qmin - zp) s, (qmax - zp) s]`` equals clamping the
@@ -238,10 +258,15 @@ class SimulationModel:
                 graph.tensors[n].set_type(elem, ())
         scale, zp, lo, hi = names
         base = graph.unique_name(f"{x}_amp")
-        q = graph.add_op("QuantizeLinear", [x, scale, zp], [graph.unique_name(f"{base}_q")],
-                         name=graph.unique_name(f"{base}_Q"))
-        dq = graph.add_op("DequantizeLinear", [q.outputs[0], scale, zp], [graph.unique_name(f"{base}_dq")],
-                          name=graph.unique_name(f"{base}_DQ"))
+        q = graph.add_op(
+            "QuantizeLinear", [x, scale, zp], [graph.unique_name(f"{base}_q")], name=graph.unique_name(f"{base}_Q")
+        )
+        dq = graph.add_op(
+            "DequantizeLinear",
+            [q.outputs[0], scale, zp],
+            [graph.unique_name(f"{base}_dq")],
+            name=graph.unique_name(f"{base}_DQ"),
+        )
         result = out if out is not None else graph.unique_name(f"{base}_fq")
         clip = graph.add_op("Clip", [dq.outputs[0], lo, hi], [result], name=graph.unique_name(f"{base}_Clip"))
         self.quantizers.append(FakeQuantizer(prefix, (q.name, dq.name, clip.name), x, result, edge, follows))
@@ -251,8 +276,12 @@ class SimulationModel:
         """Fake-quantize an activation where it is produced; every reader (and a graph output) sees it."""
         producer = graph.producer(name)
         # Data movement keeps values (Pad may add a constant): its output is on its input's grid already.
-        follows = (self.plan.root(name) != name and producer is not None and producer.op_type in DATA_MOVEMENT
-                   and producer.op_type != "Pad")
+        follows = (
+            self.plan.root(name) != name
+            and producer is not None
+            and producer.op_type in DATA_MOVEMENT
+            and producer.op_type != "Pad"
+        )
         if graph.is_graph_output(name):
             pre = graph.rename_tensor(name, graph.unique_name(f"{name}_fp")).name
             graph.outputs = [name if o == pre else o for o in graph.outputs]
@@ -325,8 +354,9 @@ class SimulationModel:
         key = ("we", name, bitwidth)
         if key not in self._cache:
             spec = self.plan.weights[name]
-            self._cache[key] = weight_encoding(self._data[name], bitwidth, spec.axis, per_channel=self.per_channel,
-                                               mode=self.config.weight_mode)
+            self._cache[key] = weight_encoding(
+                self._data[name], bitwidth, spec.axis, per_channel=self.per_channel, mode=self.config.weight_mode
+            )
         return self._cache[key]
 
     def _source(self, tensor: str, assignment: Assignment) -> tuple[str, int]:
@@ -407,8 +437,13 @@ class SimulationModel:
                 last_bias[name] = None
         for name, spec in self.plan.biases.items():
             group = assignment[self.group_of[spec.op]]
-            key = (name, self._source(spec.input, assignment), group.act.bitwidth, group.param.bitwidth,
-                   last_bias[spec.weight])
+            key = (
+                name,
+                self._source(spec.input, assignment),
+                group.act.bitwidth,
+                group.param.bitwidth,
+                last_bias[spec.weight],
+            )
             out[f"amp.p.{name}"] = self._bias(key)[0]
             last_bias[spec.weight] = key
         for name, bw in weight_bw.items():
@@ -418,8 +453,14 @@ class SimulationModel:
                 enc = self._weight_enc(name, bw) if previous is None else self._bias(previous)[1]
                 self._cache[cache_key] = dequantized(self._data[name], enc)
             out[f"amp.p.{name}"] = self._cache[cache_key]
-        layout = tuple(_IDENTITY if q.follows or (q.edge is not None and bits[q.prefix] == _IDENTITY)
-                       else bits[q.prefix] if bits[q.prefix] in (8, 16) else _GENERIC for q in self.quantizers)
+        layout = tuple(
+            _IDENTITY
+            if q.follows or (q.edge is not None and bits[q.prefix] == _IDENTITY)
+            else bits[q.prefix]
+            if bits[q.prefix] in (8, 16)
+            else _GENERIC
+            for q in self.quantizers
+        )
         return out, layout
 
     def pruned(self, layout: Layout) -> onnx.ModelProto:
@@ -489,10 +530,18 @@ class SimulationModel:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         if layout is None:
             return SimulatedSession(sess, self.input_names, self.output_names)
-        narrow = {i.name: np.int8 if i.type.tensor_type.elem_type == TensorProto.INT8 else np.uint8
-                  for i in model.graph.input if i.type.tensor_type.elem_type in (TensorProto.INT8, TensorProto.UINT8)}
-        return SimulatedSession(sess, self.input_names, self.output_names,
-                                accepts=frozenset(i.name for i in sess.get_inputs()), narrow=narrow)
+        narrow = {
+            i.name: np.int8 if i.type.tensor_type.elem_type == TensorProto.INT8 else np.uint8
+            for i in model.graph.input
+            if i.type.tensor_type.elem_type in (TensorProto.INT8, TensorProto.UINT8)
+        }
+        return SimulatedSession(
+            sess,
+            self.input_names,
+            self.output_names,
+            accepts=frozenset(i.name for i in sess.get_inputs()),
+            narrow=narrow,
+        )
 
 
 def unsupported_reason(partition: GroupPartition, plan: QuantPlanData, has_float_candidates: bool) -> str | None:

@@ -51,27 +51,41 @@ class CalibrationTables:
         return self.biases.get((name, weight_bw))
 
 
-def activation_encodings(observers: Mapping[str, Any], bitwidths: Sequence[int], config: QuantConfig
-                         ) -> dict[tuple[str, int], Encoding]:
+def activation_encodings(
+    observers: Mapping[str, Any], bitwidths: Sequence[int], config: QuantConfig
+) -> dict[tuple[str, int], Encoding]:
     """The ``calibrate`` pass's encoding of every observed tensor at every bitwidth."""
-    return {(name, bw): compute(obs, bw, config.act_mode, percentile=config.percentile)
-            for name, obs in observers.items() for bw in sorted(set(bitwidths))}
+    return {
+        (name, bw): compute(obs, bw, config.act_mode, percentile=config.percentile)
+        for name, obs in observers.items()
+        for bw in sorted(set(bitwidths))
+    }
 
 
-def corrected_biases(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantConfig,
-                     weight_bitwidths: Sequence[int], *, batch_size: int) -> dict[tuple[str, int], np.ndarray]:
+def corrected_biases(
+    graph: Graph,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    config: QuantConfig,
+    weight_bitwidths: Sequence[int],
+    *,
+    batch_size: int,
+) -> dict[tuple[str, int], np.ndarray]:
     """Biases after the real ``bias-correction`` pass, for each weight bitwidth (one short pass each)."""
     registry = default_registry()
     out: dict[tuple[str, int], np.ndarray] = {}
     for bw in sorted(set(weight_bitwidths)):
         g = graph.copy()
         # The tail of quantize_model's pipeline up to the correction, so it sees what it sees there.
-        passes = [registry.create_pass("annotate-precision", weight_bw=bw, bias_bw=config.bias_bw, calibrated=True),
-                  registry.create_pass("encode-weights", weight_bw=bw, per_channel=config.per_channel,
-                                       mode=config.weight_mode),
-                  registry.create_pass("calibrate", mode=config.act_mode, percentile=config.percentile,
-                                       batch_size=batch_size, progress=False),
-                  registry.create_pass("bias-correction", batch_size=batch_size)]
+        passes = [
+            registry.create_pass("annotate-precision", weight_bw=bw, bias_bw=config.bias_bw, calibrated=True),
+            registry.create_pass(
+                "encode-weights", weight_bw=bw, per_channel=config.per_channel, mode=config.weight_mode
+            ),
+            registry.create_pass(
+                "calibrate", mode=config.act_mode, percentile=config.percentile, batch_size=batch_size, progress=False
+            ),
+            registry.create_pass("bias-correction", batch_size=batch_size),
+        ]
         PassManager(passes, verify="none").run(g, PassContext(calibration_data=list(feeds)))
         plan = build_plan(g, PassContext().get(Shapes, g))
         for name in plan.biases:
@@ -79,12 +93,25 @@ def corrected_biases(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], co
     return out
 
 
-def calibrate_once(graph: Graph, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantConfig, *,
-                   act_bitwidths: Sequence[int], weight_bitwidths: Sequence[int], bias_correction: bool,
-                   batch_size: int, progress: bool = False) -> CalibrationTables:
+def calibrate_once(
+    graph: Graph,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    config: QuantConfig,
+    *,
+    act_bitwidths: Sequence[int],
+    weight_bitwidths: Sequence[int],
+    bias_correction: bool,
+    batch_size: int,
+    progress: bool = False,
+) -> CalibrationTables:
     """One FP32 statistics pass (plus one bias-correction pass per weight bitwidth when on)."""
     plan = build_plan(graph, PassContext().get(Shapes, graph))
-    observers = collect_statistics(graph.to_onnx(), plan.activations, feeds,
-                                   histogram=config.act_mode in ("enhanced", "percentile"), progress=progress)
+    observers = collect_statistics(
+        graph.to_onnx(),
+        plan.activations,
+        feeds,
+        histogram=config.act_mode in ("enhanced", "percentile"),
+        progress=progress,
+    )
     biases = corrected_biases(graph, feeds, config, weight_bitwidths, batch_size=batch_size) if bias_correction else {}
     return CalibrationTables(activation_encodings(observers, act_bitwidths, config), biases)

@@ -67,11 +67,18 @@ class VerifiedPoint:
         return self.runtime_score - self.exact_score
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "kind": self.kind, "bitops": self.bitops,
-                "relative_bitops": self.relative_bitops, "simulated_score": self.simulated_score,
-                "runtime_score": self.runtime_score, "exact_score": self.exact_score,
-                "runtime_minus_exact": self.runtime_gap, "meets_target": self.meets_target,
-                "precisions": {g: str(c) for g, c in self.assignment.items()}}
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "bitops": self.bitops,
+            "relative_bitops": self.relative_bitops,
+            "simulated_score": self.simulated_score,
+            "runtime_score": self.runtime_score,
+            "exact_score": self.exact_score,
+            "runtime_minus_exact": self.runtime_gap,
+            "meets_target": self.meets_target,
+            "precisions": {g: str(c) for g, c in self.assignment.items()},
+        }
 
 
 def _share(gap: float, reference: float, reference_name: str) -> str:
@@ -85,34 +92,48 @@ def fallback_messages(verified: list[VerifiedPoint], goal: float, tolerance: flo
     if len(verified) < 2 and (not verified or verified[0].meets_target):
         return []
     first, final = verified[0], verified[-1]
-    text = (f"the chosen point scored {first.runtime_score:.4f} on its real QDQ model in onnxruntime's default "
-            f"session, {goal - first.runtime_score:.4f} below the target {goal:.4f} (exact QDQ semantics: "
-            f"{first.exact_score:.4f}; simulated: {first.simulated_score:.4f}; BitOps "
-            f"{first.relative_bitops:.3f} x baseline)")
+    text = (
+        f"the chosen point scored {first.runtime_score:.4f} on its real QDQ model in onnxruntime's default "
+        f"session, {goal - first.runtime_score:.4f} below the target {goal:.4f} (exact QDQ semantics: "
+        f"{first.exact_score:.4f}; simulated: {first.simulated_score:.4f}; BitOps "
+        f"{first.relative_bitops:.3f} x baseline)"
+    )
     if diverges(first.runtime_score, first.exact_score, tolerance):
         verdict = "meets" if first.exact_score >= goal else "misses"
-        text += (f": the runtime session is {abs(first.runtime_gap):.4f} off exact QDQ semantics, which "
-                 f"{verdict} the target (see the warning)")
+        text += (
+            f": the runtime session is {abs(first.runtime_gap):.4f} off exact QDQ semantics, which "
+            f"{verdict} the target (see the warning)"
+        )
     elif diverges(first.simulated_score, first.exact_score, tolerance):
-        text += (f": the real model scores {first.simulated_score - first.exact_score:+.4f} off its simulated "
-                 "score")
+        text += f": the real model scores {first.simulated_score - first.exact_score:+.4f} off its simulated score"
     if len(verified) == 1:
         return [text + "; it is the baseline, kept as is"]
     between = len(verified) - 2
-    took = (f"fell back to {final.label}" if final.kind == "baseline" else f"took {final.label} instead")
-    tail = (f"{took}: it scores {final.runtime_score:.4f} in the runtime session (exact QDQ "
-            f"{final.exact_score:.4f}, simulated {final.simulated_score:.4f}) at BitOps "
-            f"{final.relative_bitops:.3f} x baseline, against {first.relative_bitops:.3f} for the chosen point")
+    took = f"fell back to {final.label}" if final.kind == "baseline" else f"took {final.label} instead"
+    tail = (
+        f"{took}: it scores {final.runtime_score:.4f} in the runtime session (exact QDQ "
+        f"{final.exact_score:.4f}, simulated {final.simulated_score:.4f}) at BitOps "
+        f"{final.relative_bitops:.3f} x baseline, against {first.relative_bitops:.3f} for the chosen point"
+    )
     if between:
-        tail += (f"; the {between} point{'s' if between > 1 else ''} tried in between (dearer than the chosen one) "
-                 "missed the target too")
+        tail += (
+            f"; the {between} point{'s' if between > 1 else ''} tried in between (dearer than the chosen one) "
+            "missed the target too"
+        )
     if not final.meets_target:
         tail += "; it misses the target as well: no verified point meets it"
     return [text, tail]
 
 
-def verification_warnings(verified: list[VerifiedPoint], *, reference: float, reference_name: str,
-                          tolerance: float, simulated: bool, saved_model: str) -> list[str]:
+def verification_warnings(
+    verified: list[VerifiedPoint],
+    *,
+    reference: float,
+    reference_name: str,
+    tolerance: float,
+    simulated: bool,
+    saved_model: str,
+) -> list[str]:
     """Loud warnings: the runtime session diverging from exact QDQ semantics; the simulation from the model."""
     out: list[str] = []
     final = verified[-1] if verified else None
@@ -120,29 +141,37 @@ def verification_warnings(verified: list[VerifiedPoint], *, reference: float, re
     if runtime_off:
         v = runtime_off[0]
         lower = "lower" if v.runtime_gap < 0 else "higher"
-        text = (f"onnxruntime's default session scores {v.label} {v.runtime_score:.4f}, but exact QDQ semantics "
-                f"score the same model {v.exact_score:.4f}: {abs(v.runtime_gap):.4f} {lower} "
-                f"({_share(v.runtime_gap, reference, reference_name)}; tolerance {tolerance:.4g}). The "
-                "onnxruntime fused integer kernels on this CPU diverge from QDQ semantics (on x86 without VNNI "
-                "its u8s8 kernels saturate int16 pair sums), so users of the default session do not get the "
-                "scores AMP searched with")
+        text = (
+            f"onnxruntime's default session scores {v.label} {v.runtime_score:.4f}, but exact QDQ semantics "
+            f"score the same model {v.exact_score:.4f}: {abs(v.runtime_gap):.4f} {lower} "
+            f"({_share(v.runtime_gap, reference, reference_name)}; tolerance {tolerance:.4g}). The "
+            "onnxruntime fused integer kernels on this CPU diverge from QDQ semantics (on x86 without VNNI "
+            "its u8s8 kernels saturate int16 pair sums), so users of the default session do not get the "
+            "scores AMP searched with"
+        )
         if v.kind == "chosen" and final is not None and final is not v:
             text += f"; AMP fell back from it to {final.label}, at BitOps {final.relative_bitops:.3f} x baseline"
         if len(runtime_off) > 1:
             worst = max(runtime_off, key=lambda w: abs(w.runtime_gap))
-            text += (f"; {len(runtime_off)} of the {len(verified)} points verified diverge (the largest gap: "
-                     f"{abs(worst.runtime_gap):.4f}, {worst.label})")
-        text += (f". Localize it: qpasses check {saved_model} --runtime ort; fix it: quantize for target 'ort' "
-                 "(portable uint8 storage: --target ort)")
+            text += (
+                f"; {len(runtime_off)} of the {len(verified)} points verified diverge (the largest gap: "
+                f"{abs(worst.runtime_gap):.4f}, {worst.label})"
+            )
+        text += (
+            f". Localize it: qpasses check {saved_model} --runtime ort; fix it: quantize for target 'ort' "
+            "(portable uint8 storage: --target ort)"
+        )
         out.append(text)
     if simulated:
         sim_off = [v for v in verified if diverges(v.simulated_score, v.exact_score, tolerance)]
         if sim_off:
             v = sim_off[0]
             gap = v.simulated_score - v.exact_score
-            out.append(f"the simulation scored {v.label} {v.simulated_score:.4f}, but its lowered QDQ model scores "
-                       f"{v.exact_score:.4f} with exact QDQ semantics: off by {gap:+.4f} "
-                       f"({_share(gap, reference, reference_name)}; tolerance {tolerance:.4g}). The search's "
-                       "scores do not match the real lowering here: please report it; simulate=False "
-                       "(--no-simulate) searches on rebuilt models instead")
+            out.append(
+                f"the simulation scored {v.label} {v.simulated_score:.4f}, but its lowered QDQ model scores "
+                f"{v.exact_score:.4f} with exact QDQ semantics: off by {gap:+.4f} "
+                f"({_share(gap, reference, reference_name)}; tolerance {tolerance:.4g}). The search's "
+                "scores do not match the real lowering here: please report it; simulate=False "
+                "(--no-simulate) searches on rebuilt models instead"
+            )
     return out

@@ -33,8 +33,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dump_after:
         unknown = sorted(set(args.dump_after) - {p.name for p in passes} - {"all"})
         if unknown:
-            raise QPassesError(f"--dump-after {', '.join(unknown)}: not in the pipeline "
-                               f"({', '.join(p.name for p in passes) or 'empty'})")
+            raise QPassesError(
+                f"--dump-after {', '.join(unknown)}: not in the pipeline "
+                f"({', '.join(p.name for p in passes) or 'empty'})"
+            )
         dump_dir = Path(args.dump_dir or Path(args.output).with_suffix("").as_posix() + ".dumps")
         names = () if args.dump_after == ["all"] else tuple(args.dump_after)
         instrumentations.append(DumpAfter(dump_dir, names))
@@ -69,16 +71,25 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.no_calib and args.calib is not None:
         raise QPassesError("--no-calib and --calib contradict each other: give one")
     _check_output_dir(args.model, args.output)
-    config = QuantConfig(act_bw=args.act_bw, weight_bw=args.weight_bw, bias_bw=args.bias_bw,
-                         per_channel=args.per_channel, act_mode=args.act_mode, weight_mode=args.weight_mode,
-                         float_bw=args.float_bw, float_bias_bw=args.float_bias_bw)
+    config = QuantConfig(
+        act_bw=args.act_bw,
+        weight_bw=args.weight_bw,
+        bias_bw=args.bias_bw,
+        per_channel=args.per_channel,
+        act_mode=args.act_mode,
+        weight_mode=args.weight_mode,
+        float_bw=args.float_bw,
+        float_bias_bw=args.float_bias_bw,
+    )
     calib = args.calib
     # As in the spec, --float-bw without calibration data asks for a non-quantized (float) model.
     if calib is None and not args.no_calib and args.float_bw is None:
         found = default_calibration(args.model)
         if found is None:
-            raise QPassesError(f"no --calib given and no shipped calibration data beside {args.model} "
-                               "(pass --calib DATA, or --no-calib to quantize weights only)")
+            raise QPassesError(
+                f"no --calib given and no shipped calibration data beside {args.model} "
+                "(pass --calib DATA, or --no-calib to quantize weights only)"
+            )
         calib = str(found)
         print(f"using calibration data {calib}", file=sys.stderr if args.print_pipeline else sys.stdout)
     pipeline = args.pipeline
@@ -86,19 +97,43 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from qpasses.core.pipeline import load_pipeline_file
 
         pipeline = load_pipeline_file(args.pipeline_file)
-    seq_mse_options = {key: value for key, value in (
-        ("num_candidates", args.seq_mse_candidates), ("num_batches", args.seq_mse_batches),
-        ("loss_fn", args.seq_mse_loss), ("inp_symmetry", args.seq_mse_symmetry), ("exclude", args.seq_mse_exclude),
-    ) if value is not None}
+    seq_mse_options = {
+        key: value
+        for key, value in (
+            ("num_candidates", args.seq_mse_candidates),
+            ("num_batches", args.seq_mse_batches),
+            ("loss_fn", args.seq_mse_loss),
+            ("inp_symmetry", args.seq_mse_symmetry),
+            ("exclude", args.seq_mse_exclude),
+        )
+        if value is not None
+    }
     if seq_mse_options and not args.seq_mse:
         raise QPassesError(f"--seq-mse-* options ({', '.join(seq_mse_options)}) need --seq-mse")
-    learned = {"adaround": args.adaround, "adaround_options": {key: value for key, value in (
-        ("iterations", args.adaround_iterations), ("num_batches", args.adaround_batches),
-        ("input_from", args.adaround_inputs), ("exclude", args.adaround_exclude),
-    ) if value is not None}, "adascale": args.adascale, "adascale_options": {key: value for key, value in (
-        ("num_epochs", args.adascale_epochs), ("num_batches", args.adascale_batches),
-        ("blocks", args.adascale_block), ("exclude", args.adascale_exclude),
-    ) if value is not None}}
+    learned = {
+        "adaround": args.adaround,
+        "adaround_options": {
+            key: value
+            for key, value in (
+                ("iterations", args.adaround_iterations),
+                ("num_batches", args.adaround_batches),
+                ("input_from", args.adaround_inputs),
+                ("exclude", args.adaround_exclude),
+            )
+            if value is not None
+        },
+        "adascale": args.adascale,
+        "adascale_options": {
+            key: value
+            for key, value in (
+                ("num_epochs", args.adascale_epochs),
+                ("num_batches", args.adascale_batches),
+                ("blocks", args.adascale_block),
+                ("exclude", args.adascale_exclude),
+            )
+            if value is not None
+        },
+    }
     for flag in ("adaround", "adascale"):
         if learned[f"{flag}_options"] and not learned[flag]:
             raise QPassesError(f"--{flag}-* options ({', '.join(learned[f'{flag}_options'])}) need --{flag}")
@@ -107,20 +142,44 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
 
         user = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
-        flow = build_quantize_pipeline(config, QuantizeOptions(
-            calibrated=calib is not None, overrides=args.overrides, fold_batchnorm=not args.no_fold_batchnorm,
-            cle=args.cle, seq_mse=args.seq_mse, seq_mse_options=seq_mse_options, **learned,
-            bias_correction=False if args.no_bias_correction else None, target_given=args.target is not None,
-            batch_size=args.batch_size, progress=not args.quiet),
-            user_passes=[s if isinstance(s, PassSpec) else PassSpec(str(s)) for s in user])
+        flow = build_quantize_pipeline(
+            config,
+            QuantizeOptions(
+                calibrated=calib is not None,
+                overrides=args.overrides,
+                fold_batchnorm=not args.no_fold_batchnorm,
+                cle=args.cle,
+                seq_mse=args.seq_mse,
+                seq_mse_options=seq_mse_options,
+                **learned,
+                bias_correction=False if args.no_bias_correction else None,
+                target_given=args.target is not None,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            ),
+            user_passes=[s if isinstance(s, PassSpec) else PassSpec(str(s)) for s in user],
+        )
         print(flow.text())
         return 0
-    result = quantize_model(args.model, calib, config, overrides=args.overrides, pipeline=pipeline,
-                            seq_mse=args.seq_mse, seq_mse_options=seq_mse_options, **learned,
-                            cle=args.cle, fold_batchnorm=not args.no_fold_batchnorm, target=args.target,
-                            bias_correction=False if args.no_bias_correction else None,
-                            batch_size=args.batch_size, progress=not args.quiet, verify=args.verify,
-                            auto_fallback=not args.no_auto_fallback, sqnr_floor_db=args.sqnr_floor)
+    result = quantize_model(
+        args.model,
+        calib,
+        config,
+        overrides=args.overrides,
+        pipeline=pipeline,
+        seq_mse=args.seq_mse,
+        seq_mse_options=seq_mse_options,
+        **learned,
+        cle=args.cle,
+        fold_batchnorm=not args.no_fold_batchnorm,
+        target=args.target,
+        bias_correction=False if args.no_bias_correction else None,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        verify=args.verify,
+        auto_fallback=not args.no_auto_fallback,
+        sqnr_floor_db=args.sqnr_floor,
+    )
     quality = None
     if args.eval:  # before saving: bad evaluation data must not leave half the outputs behind
         import graph_ir
@@ -149,10 +208,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
         status = _check_runtime(args)
     if args.target is None:
         return status
-    options = PrecisionOptions(act_bw=args.act_bw, weight_bw=args.weight_bw, bias_bw=args.bias_bw,
-                               float_bw=args.float_bw, float_bias_bw=args.float_bias_bw, calibrated=not args.no_calib)
-    findings = check_model(args.model, args.target, overrides=args.overrides, options=options,
-                           fold_batchnorm=not args.no_fold_batchnorm)
+    options = PrecisionOptions(
+        act_bw=args.act_bw,
+        weight_bw=args.weight_bw,
+        bias_bw=args.bias_bw,
+        float_bw=args.float_bw,
+        float_bias_bw=args.float_bias_bw,
+        calibrated=not args.no_calib,
+    )
+    findings = check_model(
+        args.model, args.target, overrides=args.overrides, options=options, fold_batchnorm=not args.no_fold_batchnorm
+    )
     for finding in findings:
         print(finding)
     if findings:
@@ -271,9 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pipeline-file", help="YAML/JSON pipeline with per-pass options")
     run.add_argument("--script", help="Python file defining rewrite(graph), run after the pipeline")
     run.add_argument("-o", "--output", required=True)
-    run.add_argument("--verify", choices=["none", "checker", "numeric"], default="numeric",
-                     help="after each pass: onnx.checker, plus FP32 equivalence for semantics-preserving passes "
-                          "(numeric, default); checker is the fast opt-out")
+    run.add_argument(
+        "--verify",
+        choices=["none", "checker", "numeric"],
+        default="numeric",
+        help="after each pass: onnx.checker, plus FP32 equivalence for semantics-preserving passes "
+        "(numeric, default); checker is the fast opt-out",
+    )
     run.add_argument("--fixed-point", action="store_true", help="repeat the pipeline until nothing changes")
     run.add_argument("--dump-after", action="append", metavar="PASS", help="save the model after PASS ('all')")
     run.add_argument("--dump-dir")
@@ -306,72 +376,127 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-mse-candidates", type=int, metavar="N", help="SeqMSE candidate ranges per channel (20)")
     q.add_argument("--seq-mse-batches", type=int, metavar="N", help="SeqMSE calibration batches (4)")
     q.add_argument("--seq-mse-loss", choices=["mse", "l1", "sqnr"], help="SeqMSE loss (mse)")
-    q.add_argument("--seq-mse-symmetry", choices=["asym", "symfp", "symqt"],
-                   help="SeqMSE layer inputs: asym quantized inputs vs FP32 outputs (default), "
-                        "symqt quantized model so far, symfp FP32")
+    q.add_argument(
+        "--seq-mse-symmetry",
+        choices=["asym", "symfp", "symqt"],
+        help="SeqMSE layer inputs: asym quantized inputs vs FP32 outputs (default), "
+        "symqt quantized model so far, symfp FP32",
+    )
     q.add_argument("--seq-mse-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
-    q.add_argument("--adaround", action="store_true",
-                   help="learn each weight's rounding layer by layer (AdaRound; needs data and torch: "
-                        'pip install "qpasses[learn]")')
+    q.add_argument(
+        "--adaround",
+        action="store_true",
+        help="learn each weight's rounding layer by layer (AdaRound; needs data and torch: "
+        'pip install "qpasses[learn]")',
+    )
     q.add_argument("--adaround-iterations", type=int, metavar="N", help="AdaRound steps per layer (1000)")
     q.add_argument("--adaround-batches", type=int, metavar="N", help="AdaRound calibration batches (16)")
-    q.add_argument("--adaround-inputs", choices=["quantized", "fp32"],
-                   help="AdaRound layer inputs: the model with earlier layers rounded (default) or FP32")
+    q.add_argument(
+        "--adaround-inputs",
+        choices=["quantized", "fp32"],
+        help="AdaRound layer inputs: the model with earlier layers rounded (default) or FP32",
+    )
     q.add_argument("--adaround-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
-    q.add_argument("--adascale", action="store_true",
-                   help="learn weight clipping/scaling per block (AdaScale; needs data and torch: "
-                        'pip install "qpasses[learn]")')
+    q.add_argument(
+        "--adascale",
+        action="store_true",
+        help='learn weight clipping/scaling per block (AdaScale; needs data and torch: pip install "qpasses[learn]")',
+    )
     q.add_argument("--adascale-epochs", type=int, metavar="N", help="AdaScale passes over the batches per block (60)")
     q.add_argument("--adascale-batches", type=int, metavar="N", help="AdaScale calibration batches (16)")
-    q.add_argument("--adascale-block", action="append", metavar="START->END",
-                   help="a block by its input and output tensor names (repeatable; default: found automatically)")
+    q.add_argument(
+        "--adascale-block",
+        action="append",
+        metavar="START->END",
+        help="a block by its input and output tensor names (repeatable; default: found automatically)",
+    )
     q.add_argument("--adascale-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument("--no-fold-batchnorm", action="store_true")
-    q.add_argument("--print-pipeline", action="store_true",
-                   help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
-                        "--target; identical model unless the automatic fallback acts)")
-    q.add_argument("--no-auto-fallback", action="store_true",
-                   help="don't keep the quantizers that push an output below --sqnr-floor in higher precision")
-    q.add_argument("--sqnr-floor", type=float, default=20.0,
-                   help="output SQNR vs FP32 (dB, on calibration batches) below which the fallback acts (default 20)")
-    q.add_argument("--no-bias-correction", action="store_true",
-                   help="skip empirical bias correction (on by default with calibration data, off with "
-                        "--seq-mse/--adaround/--adascale)")
+    q.add_argument(
+        "--print-pipeline",
+        action="store_true",
+        help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
+        "--target; identical model unless the automatic fallback acts)",
+    )
+    q.add_argument(
+        "--no-auto-fallback",
+        action="store_true",
+        help="don't keep the quantizers that push an output below --sqnr-floor in higher precision",
+    )
+    q.add_argument(
+        "--sqnr-floor",
+        type=float,
+        default=20.0,
+        help="output SQNR vs FP32 (dB, on calibration batches) below which the fallback acts (default 20)",
+    )
+    q.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="skip empirical bias correction (on by default with calibration data, off with "
+        "--seq-mse/--adaround/--adascale)",
+    )
     q.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
-    q.add_argument("--float-bw", type=int, choices=[16, 32],
-                   help="precision of float tensors; without --calib, 16 converts the whole model to FP16")
-    q.add_argument("--float-bias-bw", type=int, choices=[16, 32],
-                   help="float bias bitwidth when an op turns float by an override (default: the op's)")
+    q.add_argument(
+        "--float-bw",
+        type=int,
+        choices=[16, 32],
+        help="precision of float tensors; without --calib, 16 converts the whole model to FP16",
+    )
+    q.add_argument(
+        "--float-bias-bw",
+        type=int,
+        choices=[16, 32],
+        help="float bias bitwidth when an op turns float by an override (default: the op's)",
+    )
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--eval", metavar="NPZ", help="report SQNR vs FP32 (and top-1 with 'labels') on this data")
     q.add_argument("--encodings-version", default="0.6.1", choices=["0.6.1", "1.0.0"])
-    q.add_argument("--verify", choices=["none", "checker", "numeric"], default="numeric",
-                   help="per-pass verification (default numeric; checker is the fast opt-out)")
+    q.add_argument(
+        "--verify",
+        choices=["none", "checker", "numeric"],
+        default="numeric",
+        help="per-pass verification (default numeric; checker is the fast opt-out)",
+    )
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
-    c = sub.add_parser("check", help="list ops a target cannot run as annotated; with --runtime ort, check that "
-                                     "onnxruntime runs a QDQ model as its QDQ semantics say (exit 1 on findings)")
+    c = sub.add_parser(
+        "check",
+        help="list ops a target cannot run as annotated; with --runtime ort, check that "
+        "onnxruntime runs a QDQ model as its QDQ semantics say (exit 1 on findings)",
+    )
     c.add_argument("model")
     c.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
-    c.add_argument("--runtime", choices=["ort"],
-                   help="runtime parity of a QDQ model: default onnxruntime session vs exact QDQ semantics, "
-                        "plus the x86 non-VNNI kernels replayed")
+    c.add_argument(
+        "--runtime",
+        choices=["ort"],
+        help="runtime parity of a QDQ model: default onnxruntime session vs exact QDQ semantics, "
+        "plus the x86 non-VNNI kernels replayed",
+    )
     c.add_argument("--calib", help="data for --runtime (.npz or input list; default: random inputs in range)")
-    c.add_argument("--reference", help="the FP32 model, for SQNR figures vs FP32 (default: the QDQ model with "
-                                       "its activation Q/DQ removed)")
+    c.add_argument(
+        "--reference",
+        help="the FP32 model, for SQNR figures vs FP32 (default: the QDQ model with its activation Q/DQ removed)",
+    )
     c.add_argument("--batches", type=int, default=4, help="batches for --runtime (default 4)")
     c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--tolerance-db", type=float, default=1.0,
-                   help="SQNR the runtime may lose vs exact QDQ semantics before it counts as diverging")
+    c.add_argument(
+        "--tolerance-db",
+        type=float,
+        default=1.0,
+        help="SQNR the runtime may lose vs exact QDQ semantics before it counts as diverging",
+    )
     c.add_argument("--overrides", help="encodings / mixed-precision JSON applied as overrides")
     c.add_argument("--act-bw", type=int, choices=[8, 16], help="default activation bitwidth (target default)")
     c.add_argument("--weight-bw", type=int, help="default weight bitwidth, 4..16 (target default)")
     c.add_argument("--bias-bw", type=int, choices=[8, 32], help="default bias bitwidth (target default)")
     c.add_argument("--float-bw", type=int, choices=[16, 32])
     c.add_argument("--float-bias-bw", type=int, choices=[16, 32])
-    c.add_argument("--no-calib", action="store_true",
-                   help="no calibration data will be given: tensors without an override encoding fall back to float")
+    c.add_argument(
+        "--no-calib",
+        action="store_true",
+        help="no calibration data will be given: tensors without an override encoding fall back to float",
+    )
     c.add_argument("--no-fold-batchnorm", action="store_true")
     c.set_defaults(func=_cmd_check)
 
@@ -402,8 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not text.startswith("internal error"):
             text = f"internal error: {type(exc).__name__}: {text}"
-        print(f"qpasses: {text} (a bug in qpasses; full traceback written to {_write_traceback(exc)})",
-              file=sys.stderr)
+        print(f"qpasses: {text} (a bug in qpasses; full traceback written to {_write_traceback(exc)})", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 
 

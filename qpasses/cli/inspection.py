@@ -22,7 +22,10 @@ def inspect_graph(graph: Graph) -> dict[str, Any]:
     weights = graph.constants()
     params = sum(math.prod(shape) for t in weights if (shape := t.static_shape) is not None)
     activations = [
-        name for op in ops if op.op_type != "Constant" for name in op.outputs
+        name
+        for op in ops
+        if op.op_type != "Constant"
+        for name in op.outputs
         if name and graph.tensors[name].dtype in (*_FLOAT_TYPES, 0)
     ]
     float_inputs = [n for n in graph.inputs if graph.tensors[n].dtype in _FLOAT_TYPES]
@@ -39,8 +42,9 @@ def inspect_graph(graph: Graph) -> dict[str, Any]:
             "activations": len(activations) + len(float_inputs),
             "weights": len(float_weights),
         },
-        "control_flow_ops": [f"{op.name} ({op.op_type}, captures {len(op.captures)})"
-                             for op in ops if op.op_type in CONTROL_FLOW],
+        "control_flow_ops": [
+            f"{op.name} ({op.op_type}, captures {len(op.captures)})" for op in ops if op.op_type in CONTROL_FLOW
+        ],
         "functions": [f"{f.domain}.{f.name}" for f in graph.shell.functions],
         "already_quantized": any(op.op_type in ("QuantizeLinear", "DequantizeLinear") for op in ops),
     }
@@ -62,8 +66,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     ]
     lines += [f"  {k:<24} {v}" for k, v in info["op_histogram"].items()]
     w = info["weights"]
-    lines.append(f"weights: {w['initializers']} initializers, {w['constant_nodes']} Constant nodes, "
-                 f"{w['parameters']} parameters")
+    lines.append(
+        f"weights: {w['initializers']} initializers, {w['constant_nodes']} Constant nodes, {w['parameters']} parameters"
+    )
     q = info["quantizable_tensors"]
     lines.append(f"quantizable tensors: {q['activations']} activations, {q['weights']} weights")
     lines.append("control flow: " + (", ".join(info["control_flow_ops"]) or "none"))

@@ -58,8 +58,9 @@ class Shapes(Analysis):
                     tt = vi.type.tensor_type
                     dims = None
                     if tt.HasField("shape"):
-                        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                     for d in tt.shape.dim)
+                        dims = tuple(
+                            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+                        )
                     self.types[vi.name] = (tt.elem_type, dims)
         for t in graph.tensors.values():
             if t.is_constant:
@@ -85,4 +86,3 @@ class ConstantData(Analysis):
             t = self.graph.tensors.get(name)
             self._cache[name] = None if t is None else t.data
         return self._cache[name]
-

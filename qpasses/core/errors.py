@@ -7,8 +7,19 @@ traceback written to a file.
 
 from graph_ir.errors import GraphError, InputError, InternalError, ModelLoadError
 
-__all__ = ["QPassesError", "ModelLoadError", "GraphError", "PassError", "PipelineError", "VerificationError",
-           "EncodingError", "CalibrationDataError", "TargetError", "InternalError", "NumericCheckUnavailable"]
+__all__ = [
+    "QPassesError",
+    "ModelLoadError",
+    "GraphError",
+    "PassError",
+    "PipelineError",
+    "VerificationError",
+    "EncodingError",
+    "CalibrationDataError",
+    "TargetError",
+    "InternalError",
+    "NumericCheckUnavailable",
+]
 
 # The IR defines the root and its own two errors (it imports nothing from qpasses); they are ours too.
 QPassesError = InputError

@@ -41,10 +41,12 @@ def check_quantizable(model: Graph | onnx.ModelProto, source: str | None = None)
         raise ModelCheckError(
             f"{where} has no graph outputs: nothing it computes can be observed, so there is nothing to "
             "quantize (every node is dead code) and onnxruntime cannot load the result; list the tensors "
-            "the model should return in graph.output")
+            "the model should return in graph.output"
+        )
     missing = [o for o in outputs if o not in available]
     if missing:
         shown = ", ".join(f"'{o}'" for o in missing)
         raise ModelCheckError(
             f"{where}: graph output(s) {shown} are produced by no node and are neither a graph input nor an "
-            "initializer, so onnxruntime cannot load the model")
+            "initializer, so onnxruntime cannot load the model"
+        )

@@ -68,8 +68,9 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def result(self, modified: bool, *, exact: bool = True,
-               preserves: tuple[type[Analysis], ...] | None = None) -> PassResult:
+    def result(
+        self, modified: bool, *, exact: bool = True, preserves: tuple[type[Analysis], ...] | None = None
+    ) -> PassResult:
         """Wrap up: the remarks collected during ``run`` go with the result."""
         out = PassResult(modified, list(self.remarks.remarks), exact, preserves)
         self.remarks = RemarkCollector(self.name)

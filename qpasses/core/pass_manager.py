@@ -43,8 +43,9 @@ class PipelineReport:
     def modified(self) -> bool:
         return any(r.modified for r in self.records)
 
-    def add_remark(self, kind: RemarkKind, step: str, message: str, nodes: Sequence[str] = (),
-                   reason: str = "") -> None:
+    def add_remark(
+        self, kind: RemarkKind, step: str, message: str, nodes: Sequence[str] = (), reason: str = ""
+    ) -> None:
         """A remark from a step outside the pass list (e.g. quantize's automatic fallback)."""
         self.records.append(PassRecord(step, False, 0.0, [Remark(kind, step, message, tuple(nodes), reason)]))
 
@@ -136,8 +137,12 @@ class PassManager:
                 verification.check_model(graph.to_onnx(), "(input)")
             except VerificationError as exc:
                 self._input_invalid = str(exc).split(": ", 1)[-1]
-                report.add_remark("analysis", "verify", "onnx.checker verification off for this model",
-                                  reason=f"the input model already fails it: {self._input_invalid}")
+                report.add_remark(
+                    "analysis",
+                    "verify",
+                    "onnx.checker verification off for this model",
+                    reason=f"the input model already fails it: {self._input_invalid}",
+                )
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             changed = False
             for p in self.passes:
@@ -169,8 +174,9 @@ class PassManager:
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:
-            raise InternalError(f"internal error in pass '{p.name}'{_after(done)}: {type(exc).__name__}: {exc}",
-                                p.name) from exc
+            raise InternalError(
+                f"internal error in pass '{p.name}'{_after(done)}: {type(exc).__name__}: {exc}", p.name
+            ) from exc
         seconds = time.perf_counter() - start
         modified = result.modified or graph.version != version
         if modified:  # a modified graph preserves nothing unless the pass says what it kept
@@ -181,9 +187,9 @@ class PassManager:
             inst.after_pass(p, graph, ctx, result)
         return PassRecord(p.name, modified, seconds, result.remarks, iteration, analysis_seconds)
 
-
-    def _verify(self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None,
-                result: PassResult) -> None:
+    def _verify(
+        self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None, result: PassResult
+    ) -> None:
         after = graph.to_onnx()
         try:
             if self._input_invalid is None:
@@ -191,8 +197,14 @@ class PassManager:
             if before is not None and result.exact:
                 verification.assert_equivalent(before, after, p.name, rtol=self.rtol, seed=ctx.seed)
             elif before is not None:
-                result.remarks.append(Remark("analysis", p.name, "numeric verification skipped",
-                                             reason="the pass reported an approximate rewrite"))
+                result.remarks.append(
+                    Remark(
+                        "analysis",
+                        p.name,
+                        "numeric verification skipped",
+                        reason="the pass reported an approximate rewrite",
+                    )
+                )
         except NumericCheckUnavailable as exc:
             result.remarks.append(Remark("analysis", p.name, "numeric verification skipped", reason=str(exc)))
         except VerificationError as exc:

@@ -144,8 +144,11 @@ class Pattern:
             if done:
                 break
             expected = "/".join(sorted(step.op_types))
-            why = (f"'{nxt.name}' reads it at input {slot}" if step.fits(nxt) and slot not in step.slots
-                   else f"{nxt.op_type} '{nxt.name}' where {expected} ({step.role}) was expected")
+            why = (
+                f"'{nxt.name}' reads it at input {slot}"
+                if step.fits(nxt) and slot not in step.slots
+                else f"{nxt.op_type} '{nxt.name}' where {expected} ({step.role}) was expected"
+            )
             return NearMiss(self, [*walked, nxt], i, "mismatch", why)
         match = Match(self, walked, roles)
         if self.check is not None and (why := self.check(graph, match)):

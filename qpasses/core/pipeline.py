@@ -99,7 +99,7 @@ def load_pipeline_file(path: str | Path) -> list[PassSpec]:
                 raise PipelineError(f"{path}: step {i + 1} ({step['name']}): expected keys name, options")
             specs.append(PassSpec(str(step["name"]), dict(opts)))
         elif isinstance(step, dict) and len(step) == 1:
-            (name, opts), = step.items()
+            ((name, opts),) = step.items()
             if opts is not None and not isinstance(opts, dict):
                 raise PipelineError(f"{path}: step {i + 1} ({name}): options must be a mapping")
             specs.append(PassSpec(str(name), dict(opts or {})))

@@ -49,16 +49,20 @@ def session_options(*, intra_op_threads: int = 0, optimize: bool = True) -> ort.
     return opts
 
 
-def session(model: onnx.ModelProto | str | bytes, *, optimize: bool = True,
-            intra_op_threads: int = 0) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto | str | bytes, *, optimize: bool = True, intra_op_threads: int = 0
+) -> ort.InferenceSession:
     """A CPU session; ``optimize=False`` gives exact QDQ semantics (see ``exact_session``)."""
     source: str | bytes
     if isinstance(model, onnx.ModelProto):
         source = model.SerializeToString()
     else:
         source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(optimize=optimize, intra_op_threads=intra_op_threads),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        source,
+        session_options(optimize=optimize, intra_op_threads=intra_op_threads),
+        providers=["CPUExecutionProvider"],
+    )
 
 
 def exact_session(model: onnx.ModelProto | str | bytes, *, intra_op_threads: int = 0) -> ort.InferenceSession:
@@ -83,8 +87,7 @@ _TYPE_RTOL = {onnx.TensorProto.FLOAT16: 2e-2, onnx.TensorProto.BFLOAT16: 5e-2}
 
 def model_rtol(model: onnx.ModelProto, rtol: float) -> float:
     """``rtol``, widened for float16/bfloat16 models (their own precision is ~1e-3 / ~8e-3)."""
-    types = {vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output,
-                                                      *model.graph.value_info]}
+    types = {vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
     types |= {t.data_type for t in model.graph.initializer}
     return max([rtol, *(_TYPE_RTOL[t] for t in types if t in _TYPE_RTOL)])
 
@@ -101,13 +104,15 @@ def assert_equivalent(
     try:
         ref = run(before, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no useful base class
-        raise NumericCheckUnavailable(f"onnxruntime cannot run the model before the pass "
-                                      f"({str(exc).splitlines()[0][:160]})") from None
+        raise NumericCheckUnavailable(
+            f"onnxruntime cannot run the model before the pass ({str(exc).splitlines()[0][:160]})"
+        ) from None
     try:
         got = run(after, feeds)
     except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"pass '{after_pass}' left a model onnxruntime cannot run: "
-                                f"{str(exc).splitlines()[0][:200]}") from None
+        raise VerificationError(
+            f"pass '{after_pass}' left a model onnxruntime cannot run: {str(exc).splitlines()[0][:200]}"
+        ) from None
     rtol = model_rtol(before, rtol)
     worst = 0.0
     for i, (r, g) in enumerate(zip(ref, got, strict=True)):
@@ -125,6 +130,5 @@ def assert_equivalent(
         err = float(np.max(np.abs(rf - gf))) / scale if rf.size else 0.0
         worst = max(worst, err)
         if err > rtol:
-            raise VerificationError(
-                f"pass '{after_pass}' changed FP32 output {i}: relative error {err:.3g} > {rtol:g}")
+            raise VerificationError(f"pass '{after_pass}' changed FP32 output {i}: relative error {err:.3g} > {rtol:g}")
     return worst

@@ -128,12 +128,12 @@ class _GridHistogram:
         scale, counts = math.ldexp(1.0, -e), self.counts
         flat = x.reshape(-1)
         for start in range(0, flat.size, _CHUNK):
-            chunk = flat[start:start + _CHUNK]
-            q = scratch.values[:chunk.size]
+            chunk = flat[start : start + _CHUNK]
+            q = scratch.values[: chunk.size]
             np.multiply(chunk, scale, out=q, dtype=np.float64)  # exact: a power of two, far from overflow
             np.floor(q, out=q)
             np.subtract(q, base, out=q)  # exact: integers whose difference is below the capacity
-            index = scratch.index[:chunk.size]
+            index = scratch.index[: chunk.size]
             np.copyto(index, q, casting="unsafe")
             counts += np.bincount(index, minlength=self.capacity)
 
@@ -143,7 +143,7 @@ class _GridHistogram:
         used = math.floor(math.ldexp(self.max, -self.exponent)) - self.base + 1
         obs = HistogramObserver(max(used, 2))
         obs._lo, obs._width = math.ldexp(float(self.base), self.exponent), math.ldexp(1.0, self.exponent)
-        obs._counts = self.counts[:obs.bins].copy()
+        obs._counts = self.counts[: obs.bins].copy()
         obs._min, obs._max = self.min, self.max
         return obs
 

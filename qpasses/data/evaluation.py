@@ -28,8 +28,10 @@ class QualityReport:
             return exact if runtime is None else f"{exact} exact QDQ / {runtime} onnxruntime default session"
 
         runtime = None if self.runtime_sqnr_db is None else ", ".join(f"{s:.2f} dB" for s in self.runtime_sqnr_db)
-        parts = [f"evaluated on {self.samples} samples: SQNR vs FP32 " +
-                 pair(", ".join(f"{s:.2f} dB" for s in self.sqnr_db), runtime)]
+        parts = [
+            f"evaluated on {self.samples} samples: SQNR vs FP32 "
+            + pair(", ".join(f"{s:.2f} dB" for s in self.sqnr_db), runtime)
+        ]
         if self.top1_fp32 is not None:
             top1 = None if self.runtime_top1 is None else f"{self.runtime_top1:.4f}"
             parts.append(f"top-1 FP32 {self.top1_fp32:.4f} -> quantized {pair(f'{self.top1_quantized:.4f}', top1)}")
@@ -70,17 +72,21 @@ def evaluate_npz(fp32: onnx.ModelProto, quantized: onnx.ModelProto, path: str | 
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise CalibrationDataError(f"evaluation data {path} has no array for input(s) {missing} "
-                                   f"(arrays: {sorted(arrays)})")
+        raise CalibrationDataError(
+            f"evaluation data {path} has no array for input(s) {missing} (arrays: {sorted(arrays)})"
+        )
     feeds = dict(validate_feed({n: arrays[n] for n in names}, specs, f"evaluation data {path}"))
     samples = len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 0
     if samples == 0:
         raise CalibrationDataError(f"evaluation data {path} holds no samples")
     labels = arrays.get("labels")
-    if labels is not None and (labels.ndim != 1 or len(labels) != samples
-                               or not np.issubdtype(labels.dtype, np.integer)):
-        raise CalibrationDataError(f"evaluation data {path}: 'labels' must be {samples} integers (one per sample), "
-                                   f"got {labels.dtype} {list(labels.shape)}")
+    if labels is not None and (
+        labels.ndim != 1 or len(labels) != samples or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise CalibrationDataError(
+            f"evaluation data {path}: 'labels' must be {samples} integers (one per sample), "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
     ref = verification.session(fp32).run(None, feeds)
     exact = verification.exact_session(quantized).run(None, feeds)
     runtime = verification.runtime_session(quantized).run(None, feeds)

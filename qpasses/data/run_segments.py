@@ -16,8 +16,9 @@ from onnx import helper
 # Initializers above this many bytes are left out of the copy that shape inference sees.
 _SHAPE_ONLY_BYTES = 1024
 # Ops whose outputs are not a function of their inputs: never duplicated into several segments.
-_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                               "Multinomial", "Bernoulli"})
+_NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 
 # --- splitting a run: the graph's structure ----------------------------------------------------------------
 
@@ -149,8 +150,12 @@ class GraphStructure:
         for node in ordered:
             reads = node_reads(node)
             outputs = [o for o in node.output if o]
-            if (all(r in constant for r in reads) and node.op_type not in _NONDETERMINISTIC
-                    and not any(True for _ in _subgraphs(node)) and not wanted.intersection(outputs)):
+            if (
+                all(r in constant for r in reads)
+                and node.op_type not in _NONDETERMINISTIC
+                and not any(True for _ in _subgraphs(node))
+                and not wanted.intersection(outputs)
+            ):
                 constant.update(outputs)
                 for o in outputs:
                     self.static[o] = (node, reads)
@@ -184,8 +189,9 @@ class GraphStructure:
             visit(name)
         return out
 
-    def cut(self, sizes: Mapping[str, int], requested: set[str], limit: int,
-            non_tensors: set[str]) -> tuple[tuple[int, int], ...]:
+    def cut(
+        self, sizes: Mapping[str, int], requested: set[str], limit: int, non_tensors: set[str]
+    ) -> tuple[tuple[int, int], ...]:
         """Consecutive node ranges whose returned values (requested + read later) stay within ``limit`` bytes.
 
         Greedy in execution order, cutting only where every value that crosses the cut is requested:
@@ -203,16 +209,21 @@ class GraphStructure:
         crossing = 0
         for c in range(1, n):
             i = c - 1
-            crossing += sum(1 for o in self.nodes[i].output
-                            if o and last.get(o, -1) > i and (o not in requested or o in non_tensors))
-            crossing -= sum(1 for o in ending.get(i, ())
-                            if self.producer.get(o, i) < i and (o not in requested or o in non_tensors))
+            crossing += sum(
+                1
+                for o in self.nodes[i].output
+                if o and last.get(o, -1) > i and (o not in requested or o in non_tensors)
+            )
+            crossing -= sum(
+                1 for o in ending.get(i, ()) if self.producer.get(o, i) < i and (o not in requested or o in non_tensors)
+            )
             clean[c] = crossing == 0
 
         def returned(i: int, stop: int) -> int:
             """Bytes node ``i`` adds to a range ending before ``stop``."""
-            return sum(sizes.get(o, 0) for o in self.nodes[i].output
-                       if o and (o in requested or last.get(o, -1) >= stop))
+            return sum(
+                sizes.get(o, 0) for o in self.nodes[i].output if o and (o in requested or last.get(o, -1) >= stop)
+            )
 
         ranges: list[tuple[int, int]] = []
         start = 0
@@ -221,9 +232,15 @@ class GraphStructure:
             best = stop if clean[stop] else None
             while stop < n:
                 # [start, stop + 1): node ``stop`` joins; the values it is the last to read stop crossing.
-                grown = cost + returned(stop, stop + 1) - sum(
-                    sizes.get(o, 0) for o in ending.get(stop, ())
-                    if o not in requested and start <= self.producer.get(o, -1) < stop)
+                grown = (
+                    cost
+                    + returned(stop, stop + 1)
+                    - sum(
+                        sizes.get(o, 0)
+                        for o in ending.get(stop, ())
+                        if o not in requested and start <= self.producer.get(o, -1) < stop
+                    )
+                )
                 if grown > limit and best is not None:
                     break
                 stop, cost = stop + 1, grown

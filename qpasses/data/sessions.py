@@ -79,8 +79,9 @@ def tap_session(
             tmp = tempfile.TemporaryDirectory(prefix="qpasses-calib-")
             source = os.path.join(tmp.name, "model.onnx")
             onnx.save(model, source, save_as_external_data=True, location="model.onnx.data")
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=_DISABLED_OPTIMIZERS)
+        session = ort.InferenceSession(
+            source, options, providers=["CPUExecutionProvider"], disabled_optimizers=_DISABLED_OPTIMIZERS
+        )
         return session, tmp
     except Exception as exc:
         if tmp is not None:

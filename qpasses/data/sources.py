@@ -72,17 +72,12 @@ def _dim(d: Any) -> Dim:
 
 def _spec_from_value_info(vi: onnx.ValueInfoProto) -> InputSpec:
     if not vi.type.HasField("tensor_type"):
-        raise CalibrationDataError(
-            f"graph input {vi.name!r} is not a tensor; only tensor inputs can be calibrated"
-        )
+        raise CalibrationDataError(f"graph input {vi.name!r} is not a tensor; only tensor inputs can be calibrated")
     tt = vi.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
     shape: tuple[Dim, ...] | None = None
     if tt.HasField("shape"):
-        shape = tuple(
-            _dim(d.dim_value) if d.HasField("dim_value")
-            else (d.dim_param or None) for d in tt.shape.dim
-        )
+        shape = tuple(_dim(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
     return InputSpec(vi.name, shape, dtype)
 
 
@@ -168,28 +163,20 @@ def validate_feed(feed: Any, specs: Sequence[InputSpec], where: str = "feed") ->
     ``where`` (the sample, file or line) on any mismatch.
     """
     if not isinstance(feed, Mapping):
-        raise CalibrationDataError(
-            f"{where}: expected a dict mapping input names to arrays, got {type(feed).__name__}"
-        )
+        raise CalibrationDataError(f"{where}: expected a dict mapping input names to arrays, got {type(feed).__name__}")
     names = [s.name for s in specs]
     unknown = [k for k in feed if k not in names]
     if unknown:
-        raise CalibrationDataError(
-            f"{where}: unknown input name(s) {unknown}; the model's inputs are {names}"
-        )
+        raise CalibrationDataError(f"{where}: unknown input name(s) {unknown}; the model's inputs are {names}")
     missing = [n for n in names if n not in feed]
     if missing:
-        raise CalibrationDataError(
-            f"{where}: missing input(s) {missing}; the model's inputs are {names}"
-        )
+        raise CalibrationDataError(f"{where}: missing input(s) {missing}; the model's inputs are {names}")
     out: Feed = {}
     for spec in specs:
         try:
             arr = np.asarray(feed[spec.name])
         except (ValueError, TypeError) as e:
-            raise CalibrationDataError(
-                f"{where}: input {spec.name!r} cannot be converted to an array ({e})"
-            ) from e
+            raise CalibrationDataError(f"{where}: input {spec.name!r} cannot be converted to an array ({e})") from e
         _check_dtype(where, spec, arr.dtype)
         if spec.dtype is not None and arr.dtype != spec.dtype:
             arr = arr.astype(spec.dtype)
@@ -261,9 +248,7 @@ def parse_input_list(path: str | os.PathLike[str], input_names: Sequence[str]) -
         pairs = [t for t in tokens if ":=" in t]
         files: dict[str, str] = {}
         if pairs and len(pairs) != len(tokens):
-            raise CalibrationDataError(
-                f"{where}: mixes 'name:=path' pairs and bare paths: {line!r}"
-            )
+            raise CalibrationDataError(f"{where}: mixes 'name:=path' pairs and bare paths: {line!r}")
         if pairs:
             for tok in tokens:
                 name, _, file = tok.partition(":=")
@@ -281,14 +266,12 @@ def parse_input_list(path: str | os.PathLike[str], input_names: Sequence[str]) -
             )
         else:
             raise CalibrationDataError(
-                f"{where}: the model has {len(input_names)} inputs {list(input_names)}; "
-                f"use 'name:=path' pairs"
+                f"{where}: the model has {len(input_names)} inputs {list(input_names)}; use 'name:=path' pairs"
             )
         unknown = [n for n in files if n not in input_names]
         if unknown:
             raise CalibrationDataError(
-                f"{where}: unknown input name(s) {unknown}; the model's inputs are "
-                f"{list(input_names)}"
+                f"{where}: unknown input name(s) {unknown}; the model's inputs are {list(input_names)}"
             )
         missing = [n for n in input_names if n not in files]
         if missing:
@@ -304,9 +287,7 @@ def parse_input_list(path: str | os.PathLike[str], input_names: Sequence[str]) -
 def _raw_shape(spec: InputSpec, where: str) -> tuple[int, ...]:
     """The concrete shape raw files are read as: the input's shape with batch 1."""
     if spec.shape is None:
-        raise CalibrationDataError(
-            f"{where}: input {spec.name!r} has unknown rank; raw input files need a fixed shape"
-        )
+        raise CalibrationDataError(f"{where}: input {spec.name!r} has unknown rank; raw input files need a fixed shape")
     shape = []
     for axis, d in enumerate(spec.shape):
         if isinstance(d, int):
@@ -337,9 +318,7 @@ def _raw_layout(spec: InputSpec, file: Path, where: str) -> tuple[tuple[int, ...
     try:
         size = file.stat().st_size
     except FileNotFoundError:
-        raise CalibrationDataError(
-            f"{where}: input {spec.name!r}: file not found: {file}"
-        ) from None
+        raise CalibrationDataError(f"{where}: input {spec.name!r}: file not found: {file}") from None
     except OSError as e:
         raise CalibrationDataError(f"{where}: input {spec.name!r}: cannot read {file}: {e}") from e
     if not file.is_file():
@@ -350,8 +329,7 @@ def _raw_layout(spec: InputSpec, file: Path, where: str) -> tuple[tuple[int, ...
             return shape, dtype
     expected = " or ".join(f"{count * d.itemsize} ({d})" for d in options)
     raise CalibrationDataError(
-        f"{where}: input {spec.name!r}: file {file} has {size} bytes, expected {expected} "
-        f"for shape {_fmt_shape(shape)}"
+        f"{where}: input {spec.name!r}: file {file} has {size} bytes, expected {expected} for shape {_fmt_shape(shape)}"
     )
 
 
@@ -396,9 +374,7 @@ class _NpzPlan:
     rows: int | None = None  # rows along axis 0 when split, to check inputs agree
 
 
-def _npz_plan(
-    path: Path, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, batch_size: int
-) -> _NpzPlan:
+def _npz_plan(path: Path, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, batch_size: int) -> _NpzPlan:
     where = f"{path} array {spec.name!r}"
     _check_dtype(where, spec, dtype)
     if dtype.hasobject:
@@ -425,8 +401,7 @@ def _npz_plan(
                 f"{where}: {shape[0]} rows cannot be split into batches of {step} "
                 f"(the model fixes the batch dim at {step})"
             )
-        return _NpzPlan(per_row=False, step=step, feeds=-(-shape[0] // step), samples=shape[0],
-                        rows=shape[0])
+        return _NpzPlan(per_row=False, step=step, feeds=-(-shape[0] // step), samples=shape[0], rows=shape[0])
     raise CalibrationDataError(
         f"{where}: has shape {_fmt_shape(shape)}; expected the input's shape "
         f"{_fmt_shape(spec.shape)} (split along the batch axis) or one more leading axis "
@@ -458,7 +433,8 @@ def _nbytes(feed: Any) -> int:
 
 def _spillable(feed: Any) -> bool:
     return isinstance(feed, Mapping) and all(
-        isinstance(k, str) and isinstance(v, np.ndarray) and not v.dtype.hasobject for k, v in feed.items())
+        isinstance(k, str) and isinstance(v, np.ndarray) and not v.dtype.hasobject for k, v in feed.items()
+    )
 
 
 class _Replay:
@@ -652,12 +628,18 @@ class CalibrationData:
             size = len(replay) if replay.complete else None
         else:
             size = len(source) if isinstance(source, Sized) else None
-        return cls(batches, specs, description=f"{type(source).__name__} of feeds", num_batches=size,
-                   keep_alive=source if one_shot else None)
+        return cls(
+            batches,
+            specs,
+            description=f"{type(source).__name__} of feeds",
+            num_batches=size,
+            keep_alive=source if one_shot else None,
+        )
 
     @classmethod
     def from_callable(
-        cls, factory: Callable[[], Iterable[Mapping[str, Any]]],
+        cls,
+        factory: Callable[[], Iterable[Mapping[str, Any]]],
         specs: Sequence[InputSpec] | onnx.ModelProto | Any,
     ) -> CalibrationData:
         """Feeds from a callable, called afresh on every iteration so passes can re-read."""
@@ -678,8 +660,11 @@ class CalibrationData:
 
     @classmethod
     def from_npz(
-        cls, path: str | os.PathLike[str], specs: Sequence[InputSpec] | onnx.ModelProto | Any,
-        *, batch_size: int = DEFAULT_BATCH_SIZE,
+        cls,
+        path: str | os.PathLike[str],
+        specs: Sequence[InputSpec] | onnx.ModelProto | Any,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> CalibrationData:
         """Feeds from an ``.npz`` keyed by input name; other keys (e.g. labels) are ignored.
 
@@ -697,9 +682,7 @@ class CalibrationData:
         headers = _npz_headers(path)
         missing = [s.name for s in specs if s.name not in headers]
         if missing:
-            raise CalibrationDataError(
-                f"{path}: no array for input(s) {missing}; arrays present: {sorted(headers)}"
-            )
+            raise CalibrationDataError(f"{path}: no array for input(s) {missing}; arrays present: {sorted(headers)}")
         unparsed = [s.name for s in specs if headers[s.name] is None]
         if unparsed:  # rare .npy format versions: fall back to loading those arrays
             with np.load(path, allow_pickle=False) as npz:
@@ -719,9 +702,7 @@ class CalibrationData:
             )
         split_rows = {name: p.rows for name, p in plans.items() if p.rows is not None}
         if len(set(split_rows.values())) > 1:
-            raise CalibrationDataError(
-                f"{path}: input arrays have different numbers of rows {split_rows}"
-            )
+            raise CalibrationDataError(f"{path}: input arrays have different numbers of rows {split_rows}")
         num_feeds = next(iter(counts.values()))
         if num_feeds == 0:
             raise CalibrationDataError(f"{path}: contains no calibration samples")
@@ -739,16 +720,17 @@ class CalibrationData:
                         elif plan.per_row:
                             feed[name] = arr[i]
                         else:
-                            feed[name] = arr[i * plan.step:(i + 1) * plan.step]
+                            feed[name] = arr[i * plan.step : (i + 1) * plan.step]
                     yield f"{path} feed {i}", feed
 
         first = plans[specs[0].name]
-        return cls(batches, specs, description=str(path), num_batches=num_feeds,
-                   num_samples=first.samples)
+        return cls(batches, specs, description=str(path), num_batches=num_feeds, num_samples=first.samples)
 
     @classmethod
     def from_input_list(
-        cls, path: str | os.PathLike[str], specs: Sequence[InputSpec] | onnx.ModelProto | Any,
+        cls,
+        path: str | os.PathLike[str],
+        specs: Sequence[InputSpec] | onnx.ModelProto | Any,
     ) -> CalibrationData:
         """Feeds of batch 1 from a QNN-style input list of raw files.
 
@@ -764,9 +746,7 @@ class CalibrationData:
         layouts: list[dict[str, tuple[tuple[int, ...], np.dtype]]] = []
         for entry in parsed.entries:
             where = f"input list {path} line {entry.line}"
-            layouts.append({
-                name: _raw_layout(by_name[name], file, where) for name, file in entry.files.items()
-            })
+            layouts.append({name: _raw_layout(by_name[name], file, where) for name, file in entry.files.items()})
 
         def batches() -> Iterator[tuple[str, Any]]:
             for entry, layout in zip(parsed.entries, layouts, strict=True):
@@ -790,8 +770,14 @@ class CalibrationData:
                 yield where, feed
 
         n = len(parsed.entries)
-        return cls(batches, specs, description=f"input list {path}", num_batches=n,
-                   num_samples=n, requested_outputs=parsed.requested_outputs)
+        return cls(
+            batches,
+            specs,
+            description=f"input list {path}",
+            num_batches=n,
+            num_samples=n,
+            requested_outputs=parsed.requested_outputs,
+        )
 
     # --- iteration ----------------------------------------------------------------------
 
@@ -827,8 +813,7 @@ class CalibrationData:
         return self._num_batches
 
     def __repr__(self) -> str:
-        return (f"CalibrationData({self.description}, batches={self._num_batches}, "
-                f"samples={self._num_samples})")
+        return f"CalibrationData({self.description}, batches={self._num_batches}, samples={self._num_samples})"
 
 
 CalibrationSource = (

@@ -104,9 +104,15 @@ class TensorTap:
                 self._tmps.append(tmp)
         return self._session
 
-    def _run(self, session: ort.InferenceSession, names: Sequence[str], inputs: Mapping[str, np.ndarray],
-             batch: int, where: Mapping[str, np.ndarray] | None = None,
-             rows: tuple[int, int] | None = None) -> list[np.ndarray]:
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        names: Sequence[str],
+        inputs: Mapping[str, np.ndarray],
+        batch: int,
+        where: Mapping[str, np.ndarray] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> list[np.ndarray]:
         try:
             self.runs += 1
             return session.run(list(names), dict(inputs))
@@ -132,7 +138,7 @@ class TensorTap:
         step = plan.rows
         starts: Iterable[int | None] = [None] if total is None or step is None else range(0, total, step)
         for start in starts:
-            part = inputs if start is None or step is None else {k: v[start:start + step] for k, v in inputs.items()}
+            part = inputs if start is None or step is None else {k: v[start : start + step] for k, v in inputs.items()}
             rows = None if start is None else (start, start + len(next(iter(part.values()))))
             if plan.segments is None:
                 values = self._run(self._whole(), self._fetch, part, batch, inputs, rows)
@@ -146,8 +152,7 @@ class TensorTap:
                 if not segment.outputs:  # nothing requested, nothing read later: no need to run it
                     continue
                 session = self._segment_session(segment, live)
-                values = self._run(session, segment.outputs, {n: live[n] for n in segment.inputs}, batch, inputs,
-                                   rows)
+                values = self._run(session, segment.outputs, {n: live[n] for n in segment.inputs}, batch, inputs, rows)
                 produced = dict(zip(segment.outputs, values, strict=True))
                 del values
                 for name in segment.done:
@@ -194,8 +199,11 @@ class TensorTap:
         for vi in shaped.graph.input:
             value = unit.get(vi.name)
             if value is not None:
-                vi.CopyFrom(helper.make_tensor_value_info(vi.name, helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                          list(value.shape)))
+                vi.CopyFrom(
+                    helper.make_tensor_value_info(
+                        vi.name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)
+                    )
+                )
         infos = infer_value_infos(shaped)
         sizes: dict[str, int] = {}
         unknown: list[str] = []
@@ -216,8 +224,14 @@ class TensorTap:
             sizes.update(self._measure(unknown, unit, infos, inputs, batch))
         return sizes
 
-    def _measure(self, names: list[str], unit: Mapping[str, np.ndarray], infos: Mapping[str, onnx.ValueInfoProto],
-                 inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, int]:
+    def _measure(
+        self,
+        names: list[str],
+        unit: Mapping[str, np.ndarray],
+        infos: Mapping[str, onnx.ValueInfoProto],
+        inputs: Mapping[str, np.ndarray],
+        batch: int,
+    ) -> dict[str, int]:
         """Bytes of ``names`` from onnxruntime: one run on ``unit`` that returns only their shapes."""
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
@@ -229,8 +243,12 @@ class TensorTap:
         try:
             session, tmp = tap_session(probe, self.intra_op_threads)
         except ModelLoadError as exc:  # e.g. a value that is not a tensor after all: then it is not capped
-            warnings.warn(f"calibration: cannot measure the size of {len(names)} tensors ({exc}); "
-                          "max_bytes_per_run does not count them", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"calibration: cannot measure the size of {len(names)} tensors ({exc}); "
+                "max_bytes_per_run does not count them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return dict.fromkeys(names, 0)
         del probe
         try:
@@ -269,13 +287,25 @@ class TensorTap:
             inside = set(produced)
             reads = [r for i in range(start, stop) for r in structure.reads[i]]
             reads += [r for node in structure.static_closure(reads) for r in node_reads(node)]
-            inputs = [r for r in dict.fromkeys(reads)
-                      if r not in inside and r not in structure.initializers and r not in structure.static]
+            inputs = [
+                r
+                for r in dict.fromkeys(reads)
+                if r not in inside and r not in structure.initializers and r not in structure.static
+            ]
             later = [o for o in produced if last_segment.get(o, -1) > k]
             mine = [o for o in produced if o in requested]
             done = [r for r in inputs if last_segment.get(r, -1) <= k]
-            segments.append(Segment(start, stop, tuple(inputs), tuple(dict.fromkeys(mine + later)),
-                                     tuple(mine), tuple(later), tuple(done)))
+            segments.append(
+                Segment(
+                    start,
+                    stop,
+                    tuple(inputs),
+                    tuple(dict.fromkeys(mine + later)),
+                    tuple(mine),
+                    tuple(later),
+                    tuple(done),
+                )
+            )
         return tuple(segments)
 
     def _symbolic_infos(self) -> dict[str, onnx.ValueInfoProto]:
@@ -300,7 +330,7 @@ class TensorTap:
         structure = self._structure_of()
         src = self.model.graph
         infos = self._symbolic_infos()
-        nodes = structure.nodes[segment.start:segment.stop]
+        nodes = structure.nodes[segment.start : segment.stop]
         reads = [r for i in range(segment.start, segment.stop) for r in structure.reads[i]]
         static = structure.static_closure(reads)
         used = set(reads) | {r for node in static for r in node_reads(node)}
@@ -320,19 +350,29 @@ class TensorTap:
             if vi is not None and value_elem_type(vi):
                 g.input.append(vi)
             else:
-                g.input.append(helper.make_tensor_value_info(
-                    name, helper.np_dtype_to_tensor_dtype(value.dtype), [None] * value.ndim))
+                g.input.append(
+                    helper.make_tensor_value_info(
+                        name, helper.np_dtype_to_tensor_dtype(value.dtype), [None] * value.ndim
+                    )
+                )
         for name in segment.outputs:
             vi = infos.get(name)
             g.output.append(vi if vi is not None and value_elem_type(vi) else onnx.ValueInfoProto(name=name))
         return model
 
 
-def _run_error(batch: int, inputs: Mapping[str, np.ndarray], exc: Exception,
-               rows: tuple[int, int] | None) -> CalibrationDataError:
+def _run_error(
+    batch: int, inputs: Mapping[str, np.ndarray], exc: Exception, rows: tuple[int, int] | None
+) -> CalibrationDataError:
     shapes = ", ".join(f"'{k}' {v.dtype} {list(v.shape)}" for k, v in inputs.items())
-    where = "" if rows is None else (f" (run on rows {rows[0]}:{rows[1]} to stay within max_bytes_per_run; "
-                                     "a model that needs whole batches calibrates with max_bytes_per_run=0)")
+    where = (
+        ""
+        if rows is None
+        else (
+            f" (run on rows {rows[0]}:{rows[1]} to stay within max_bytes_per_run; "
+            "a model that needs whole batches calibrates with max_bytes_per_run=0)"
+        )
+    )
     return CalibrationDataError(f"batch {batch}: onnxruntime failed on inputs {shapes}{where}: {exc}")
 
 
@@ -377,7 +417,9 @@ def capture_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Iterabl
 
 
 def iterate_chunks(
-    model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    feeds: Iterable[Feed],
     max_bytes_per_run: int | None = DEFAULT_MAX_BYTES_PER_RUN,
 ) -> Generator[tuple[int, dict[str, np.ndarray]], None, None]:
     """Yield ``(batch, {tensor: value for some rows})`` pieces, no run returning more than ``max_bytes_per_run``.

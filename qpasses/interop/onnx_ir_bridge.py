@@ -55,8 +55,9 @@ def _onnx_ir() -> Any:
     try:
         import onnx_ir
     except ImportError as exc:
-        raise OnnxIrMissingError("the onnx_ir bridge needs the onnx-ir package: "
-                                 "pip install 'qpasses[onnx-ir]'") from exc
+        raise OnnxIrMissingError(
+            "the onnx_ir bridge needs the onnx-ir package: pip install 'qpasses[onnx-ir]'"
+        ) from exc
     return onnx_ir
 
 
@@ -126,8 +127,13 @@ def _strip_annotation_props(g: onnx.GraphProto) -> None:
                 del vi.metadata_props[:]
                 vi.metadata_props.extend(kept)
     inits = {t.name: t for t in g.initializer}
-    kept = [vi for vi in g.value_info if vi.doc_string or vi.metadata_props
-            or (vi.HasField("type") and not (vi.name in inits and _same_type(vi, inits[vi.name])))]
+    kept = [
+        vi
+        for vi in g.value_info
+        if vi.doc_string
+        or vi.metadata_props
+        or (vi.HasField("type") and not (vi.name in inits and _same_type(vi, inits[vi.name])))
+    ]
     if len(kept) < len(g.value_info):  # rebuilt at once: removing one by one is quadratic
         kept = [_copied(vi) for vi in kept]
         del g.value_info[:]
@@ -185,5 +191,6 @@ def _parse(text: str, key: str, value: onnx_ir.Value, build: Any) -> Any:
     try:
         return build(json.loads(text))
     except (TypeError, ValueError) as exc:
-        raise QPassesError(f"value {value.name!r}: metadata_props[{key!r}] is not a qpasses annotation "
-                           f"({type(exc).__name__}: {exc})") from None
+        raise QPassesError(
+            f"value {value.name!r}: metadata_props[{key!r}] is not a qpasses annotation ({type(exc).__name__}: {exc})"
+        ) from None

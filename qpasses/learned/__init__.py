@@ -29,8 +29,9 @@ def check_common_options(pass_name: str, o: Any, counts: tuple[str, ...]) -> Non
     """The options AdaRound and AdaScale share: where layer inputs come from, positive counts,
     the weight encoding mode and bitwidth, the torch thread count."""
     if o.input_from not in INPUTS:
-        raise PassError(f"pass '{pass_name}': unknown input_from {o.input_from!r} (expected one of "
-                        f"{', '.join(INPUTS)})")
+        raise PassError(
+            f"pass '{pass_name}': unknown input_from {o.input_from!r} (expected one of {', '.join(INPUTS)})"
+        )
     for key in counts:
         if getattr(o, key) < 1:
             raise PassError(f"pass '{pass_name}': {key} must be >= 1, got {getattr(o, key)}")
@@ -46,8 +47,9 @@ def require_torch(pass_name: str) -> ModuleType:
     try:
         import torch
     except ImportError as exc:
-        raise PassError(f"pass '{pass_name}' needs PyTorch for its gradients, which is not installed "
-                        f"({exc}): {INSTALL_HINT}") from None
+        raise PassError(
+            f"pass '{pass_name}' needs PyTorch for its gradients, which is not installed ({exc}): {INSTALL_HINT}"
+        ) from None
     return torch
 
 

@@ -30,8 +30,9 @@ from qpasses.quant.range_search import compute
 
 SUPPORTED: Final = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATIONS: Final = ("Relu", "Clip")
-_FLOATS: Final = frozenset({0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                            onnx.TensorProto.DOUBLE})
+_FLOATS: Final = frozenset(
+    {0, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
 
 
 @dataclass
@@ -62,8 +63,7 @@ class Layer:
 def starting_encoding(data: np.ndarray, bits: int, per_channel: bool, mode: Mode, axis: int) -> Encoding:
     """The encoding ``encode-weights`` computes for this weight (same per-channel / mode rules)."""
     if per_channel:
-        return compute(data, bits, "tf" if mode in ("symmetric", "adjusted") else mode,
-                       axis=axis, role="weight")
+        return compute(data, bits, "tf" if mode in ("symmetric", "adjusted") else mode, axis=axis, role="weight")
     mode = mode if mode != "adjusted" or bits == 8 else "symmetric"
     return compute(data, bits, mode, role="weight")
 
@@ -120,9 +120,18 @@ def constant_aliases(graph: Graph, ops: Sequence[Op]) -> list[Op]:
     return list(reversed(found))  # a chain's first Identity first
 
 
-def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, WeightSpec], remarks: RemarkCollector,
-                     *, weight_bw: int, per_channel: bool, mode: Mode, exclude: Iterable[str] = (),
-                     shared: bool = False) -> list[Layer]:
+def learnable_layers(
+    graph: Graph,
+    order: Sequence[Op],
+    weights: dict[str, WeightSpec],
+    remarks: RemarkCollector,
+    *,
+    weight_bw: int,
+    per_channel: bool,
+    mode: Mode,
+    exclude: Iterable[str] = (),
+    shared: bool = False,
+) -> list[Layer]:
     """Supported ops in topological order; the others get a 'missed' remark with the reason.
 
     ``shared``: a weight read by several ops of one type (ALBERT's layers, a weight-tied decoder) is one
@@ -151,8 +160,14 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             reason = "excluded by the exclude option"
         elif len(users) > 1 and not shared:
             reason = f"weight '{name}' is shared by several ops (its rounding would be learned for one of them)"
-        elif len(users) > 1 and any(u.op_type != op.op_type or len(u.inputs) < 2 or u.inputs[1] not in aliases
-                                    or u.inputs[0] in aliases or u.name in excluded for u in users):
+        elif len(users) > 1 and any(
+            u.op_type != op.op_type
+            or len(u.inputs) < 2
+            or u.inputs[1] not in aliases
+            or u.inputs[0] in aliases
+            or u.name in excluded
+            for u in users
+        ):
             reason = f"weight '{name}' is shared by ops of other types, other input slots or excluded ops"
         elif len(users) == 1 and spec.op != op.name:
             reason = f"weight '{name}' is planned for op '{spec.op}'"
@@ -166,8 +181,9 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             reason = f"{bits}-bit weights are outside the 4-16 bit grids"
         elif not op.inputs[0] or graph.tensors[op.inputs[0]].is_constant:
             reason = "no data input"
-        elif any(c.op_type == "BatchNormalization" for u in users for out in u.outputs[:1]
-                 for c in graph.consumers(out)):
+        elif any(
+            c.op_type == "BatchNormalization" for u in users for out in u.outputs[:1] for c in graph.consumers(out)
+        ):
             reason = "a BatchNormalization follows: run fold-batchnorm first (folding later rescales the weight)"
         if len(users) > 1:
             seen.add(name)
@@ -175,8 +191,11 @@ def learnable_layers(graph: Graph, order: Sequence[Op], weights: dict[str, Weigh
             remarks.missed("not learned", [op.name], reason=reason)
             continue
         if spec.axis is None:  # e.g. Gemms with transB 0 and 1 sharing it: no one output-channel axis
-            remarks.missed("not learned", [op.name],
-                           reason=f"weight '{name}' is shared by layers whose output channels lie on different axes")
+            remarks.missed(
+                "not learned",
+                [op.name],
+                reason=f"weight '{name}' is shared by layers whose output channels lie on different axes",
+            )
             continue
         data = np.asarray(t.data, dtype=np.float32)
         if not np.isfinite(data).all():
@@ -230,8 +249,12 @@ class Block:
         """Non-constant tensors the ops read from outside besides ``input``: tensors that are not float
         activations (an attention mask's integer ids, shapes), which the cut points do not count."""
         inside = {n for op in self.ops for n in op.outputs if n}
-        names = (n for op in self.ops for n in op.inputs
-                 if n and n != self.input and n not in inside and not graph.tensors[n].is_constant)
+        names = (
+            n
+            for op in self.ops
+            for n in op.inputs
+            if n and n != self.input and n not in inside and not graph.tensors[n].is_constant
+        )
         return list(dict.fromkeys(names))
 
     def outside_users(self, layer: Layer) -> bool:
@@ -282,8 +305,9 @@ def cut_points(graph: Graph, order: Sequence[Op], dtypes: dict[str, int]) -> lis
     return cuts
 
 
-def find_blocks(graph: Graph, order: Sequence[Op], layers: Sequence[Layer], dtypes: dict[str, int],
-                layers_per_block: int = 1) -> tuple[list[Block], list[Layer]]:
+def find_blocks(
+    graph: Graph, order: Sequence[Op], layers: Sequence[Layer], dtypes: dict[str, int], layers_per_block: int = 1
+) -> tuple[list[Block], list[Layer]]:
     """Blocks between cut points, each holding at least ``layers_per_block`` layers (fewer at the end).
 
     A block ends where the next region with a layer begins, so the ops after a layer (activation,
@@ -296,7 +320,7 @@ def find_blocks(graph: Graph, order: Sequence[Op], layers: Sequence[Layer], dtyp
     current: Block | None = None
     placed: set[int] = set()
     for (start, source), (stop, target) in zip(cuts, cuts[1:], strict=False):
-        ops = list(order[start + 1:stop + 1])
+        ops = list(order[start + 1 : stop + 1])
         found = [by_op[op.id] for op in ops if op.id in by_op]
         if current is not None and found and len(current.layers) >= layers_per_block:
             blocks.append(current)
@@ -342,8 +366,10 @@ def named_block(graph: Graph, order: Sequence[Op], spec: str, layers: Sequence[L
     for op in ops:
         for name in op.inputs:
             if name and name != start and name not in inside and not graph.tensors[name].is_constant:
-                raise PassError(f"pass 'adascale': block {spec!r} is not single-input: {op.op_type} '{op.name}' "
-                                f"also reads '{name}' from outside the block")
+                raise PassError(
+                    f"pass 'adascale': block {spec!r} is not single-input: {op.op_type} '{op.name}' "
+                    f"also reads '{name}' from outside the block"
+                )
     for name in inside - {end}:
         outside = [op.name for op in graph.consumers(name) if op.id not in needed]
         if outside or graph.is_graph_output(name):
@@ -374,8 +400,9 @@ def per_channel_weights(requested: bool, target: object, remarks: RemarkCollecto
     """Per-channel grids unless the target runs per-tensor weights only (then a 'missed' remark)."""
     allowed = target is None or getattr(target, "per_channel_weights", True)
     if requested and not allowed:
-        remarks.missed("per-channel grids disabled", reason=f"target {getattr(target, 'name', target)} is "
-                       "per-tensor only")
+        remarks.missed(
+            "per-channel grids disabled", reason=f"target {getattr(target, 'name', target)} is per-tensor only"
+        )
     return requested and allowed
 
 
@@ -388,6 +415,20 @@ def count_samples(feeds: Sequence[Feed]) -> int:
     return total
 
 
-__all__ = ["ACTIVATIONS", "SUPPORTED", "Block", "Layer", "activation_after", "constant_aliases",
-           "count_samples", "cut_points", "find_blocks", "learnable_layers", "named_block", "per_channel_weights",
-           "quantized_so_far", "starting_encoding", "weight_readers"]
+__all__ = [
+    "ACTIVATIONS",
+    "SUPPORTED",
+    "Block",
+    "Layer",
+    "activation_after",
+    "constant_aliases",
+    "count_samples",
+    "cut_points",
+    "find_blocks",
+    "learnable_layers",
+    "named_block",
+    "per_channel_weights",
+    "quantized_so_far",
+    "starting_encoding",
+    "weight_readers",
+]

@@ -38,6 +38,7 @@ def _register(*names: str) -> Callable[[OpFn], OpFn]:
         for name in names:
             OPS[name] = fn
         return fn
+
     return add
 
 
@@ -84,8 +85,9 @@ def _window(op: Op, nd: int, kernel: Sequence[int]) -> tuple[list[int], list[int
     return strides, dilations
 
 
-def _forward_pads(op: Op, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-                  dilations: Sequence[int]) -> tuple[list[int], list[int]]:
+def _forward_pads(
+    op: Op, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """Begin/end pads of Conv and pooling: explicit, VALID, or SAME_UPPER/SAME_LOWER (ONNX's rule)."""
     nd = len(kernel)
     auto_pad = _text(op.attr("auto_pad", "NOTSET"))
@@ -287,9 +289,20 @@ def _unary(fn: Callable[[Value], Value]) -> OpFn:
 
 
 for _name, _fn in {
-    "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp, "Log": torch.log,
-    "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Erf": torch.erf, "Reciprocal": torch.reciprocal,
-    "Floor": torch.floor, "Ceil": torch.ceil, "Softplus": F.softplus, "Identity": lambda x: x,
+    "Relu": torch.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Sqrt": torch.sqrt,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Erf": torch.erf,
+    "Reciprocal": torch.reciprocal,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Softplus": F.softplus,
+    "Identity": lambda x: x,
 }.items():
     _register(_name)(_unary(_fn))
 
@@ -305,6 +318,7 @@ def _variadic(fn: Callable[[Value, Value], Value]) -> OpFn:
         for a in args[1:]:
             out = fn(out, a)
         return out
+
     return run
 
 
@@ -372,6 +386,7 @@ def _softmax_like(fn: Callable[..., Value]) -> OpFn:
         axis = int(op.attr("axis", 1)) % max(x.dim(), 1)  # before opset 13: coerced to 2-D at axis
         rows = math.prod(x.shape[:axis])
         return fn(x.reshape(rows, -1), dim=1).reshape(x.shape)
+
     return run
 
 
@@ -490,7 +505,7 @@ def _gather(op: Op, args: list[Any], opset: int) -> Value:
     axis = int(op.attr("axis", 0)) % x.dim()
     flat = torch.remainder(idx.reshape(-1), x.shape[axis])
     out = x.index_select(axis, flat)
-    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
 
 
 @_register("Cast")
@@ -561,6 +576,7 @@ def _reduce(fn: Callable[[Value, tuple[int, ...], bool], Value], input_axes_sinc
                 return x
             axes = list(range(x.dim()))
         return fn(x, tuple(a % x.dim() for a in axes), keep)
+
     return run
 
 
@@ -590,8 +606,15 @@ class TorchProgram:
     ``Unsupported`` at construction for an op type, attribute or extra output the mapping does not cover.
     """
 
-    def __init__(self, graph: Graph, ops: Sequence[Op], inputs: Sequence[str], outputs: Sequence[str],
-                 *, opset: int | None = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        ops: Sequence[Op],
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        *,
+        opset: int | None = None,
+    ) -> None:
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.opset = opset if opset is not None else (graph.opset("") or 1)
@@ -620,8 +643,10 @@ class TorchProgram:
                 t = graph.tensors[name]
                 data = t.data if t.is_constant else None
                 if data is None:
-                    raise Unsupported(f"{op.op_type} '{op.name}' reads '{name}', which is neither a region input, "
-                                      "computed in the region, nor a constant")
+                    raise Unsupported(
+                        f"{op.op_type} '{op.name}' reads '{name}', which is neither a region input, "
+                        "computed in the region, nor a constant"
+                    )
                 self.constants[name] = _to_torch(data)
             produced.update(n for n in op.outputs[:1] if n)
         missing = [n for n in self.outputs if n not in produced]
@@ -637,7 +662,6 @@ class TorchProgram:
             args = [env[name] if name else None for name in op.inputs]
             env[op.outputs[0]] = OPS[op.op_type](op, args, self.opset)
         return [env[name] for name in self.outputs]
-
 
     def macs(self, feeds: Mapping[str, Value], weights: Mapping[str, Value] | None = None) -> int:
         """Multiply-accumulates of one call on ``feeds`` (Conv, ConvTranspose, Gemm, MatMul), measured by running it."""

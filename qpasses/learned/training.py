@@ -156,8 +156,10 @@ class AdaScaleWeight(torch.nn.Module):
     def _scale_offset(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid of ``from_min_max`` with gradients (offset rounded straight-through)."""
         if self.symmetric:
-            scale = torch.maximum(torch.maximum(hi / (self.half_levels - 1), -lo / self.half_levels),
-                                  torch.full_like(hi, MIN_RANGE / self.levels))
+            scale = torch.maximum(
+                torch.maximum(hi / (self.half_levels - 1), -lo / self.half_levels),
+                torch.full_like(hi, MIN_RANGE / self.levels),
+            )
             return scale, torch.full_like(scale, -self.half_levels)
         hi = torch.maximum(hi, lo + MIN_RANGE)
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
@@ -218,8 +220,9 @@ def evaluate(forward: Callable[[int], torch.Tensor], targets: Sequence[torch.Ten
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str) -> Any:
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True
+    )
 
 
 def batch_order(steps: int, batches: int, generator: torch.Generator) -> list[int]:
@@ -261,6 +264,20 @@ def gain_db(before: float, after: float) -> float:
     return 10.0 * math.log10((before + 1e-30) / (after + 1e-30))
 
 
-__all__ = ["AdaRoundWeight", "AdaScaleWeight", "LossSummary", "as_tensors", "batch_order", "beta_at",
-           "channel_shape", "evaluate", "gain_db", "pick_threads", "progress_bar", "reconstruction_loss",
-           "rectified_sigmoid", "round_ste", "torch_threads"]
+__all__ = [
+    "AdaRoundWeight",
+    "AdaScaleWeight",
+    "LossSummary",
+    "as_tensors",
+    "batch_order",
+    "beta_at",
+    "channel_shape",
+    "evaluate",
+    "gain_db",
+    "pick_threads",
+    "progress_bar",
+    "reconstruction_loss",
+    "rectified_sigmoid",
+    "round_ste",
+    "torch_threads",
+]

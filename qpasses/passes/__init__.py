@@ -34,20 +34,39 @@ from qpasses.targets import BUILTIN_TARGETS
 
 BUILTIN_PASSES = (
     # graph cleanup and interop
-    DeadCodeElimination, IdentityElimination, InferShapes, InlineFunctions, RewriteScript, UpgradeOpset,
+    DeadCodeElimination,
+    IdentityElimination,
+    InferShapes,
+    InlineFunctions,
+    RewriteScript,
+    UpgradeOpset,
     # FP32-preserving rewrites
-    FoldBiasAdd, FoldBatchNorm, CrossLayerEqualization,
+    FoldBiasAdd,
+    FoldBatchNorm,
+    CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
-    ApplyOverrides, KeepNonFiniteFloat, KeepLogDomainInputsFloat,
-    KeepDataIndependentFloat, KeepDecomposedBlocksFloat, KeepMixedRangesFloat,
-    KeepFloat, AnnotatePrecision,
-    CheckTarget, Int32Overrides,
-    SeqMSE, AdaRound, AdaScale, EncodeWeights, Calibrate,
-    BiasCorrection, QDQLowering, InsertConverts, PortableStorage,
+    ApplyOverrides,
+    KeepNonFiniteFloat,
+    KeepLogDomainInputsFloat,
+    KeepDataIndependentFloat,
+    KeepDecomposedBlocksFloat,
+    KeepMixedRangesFloat,
+    KeepFloat,
+    AnnotatePrecision,
+    CheckTarget,
+    Int32Overrides,
+    SeqMSE,
+    AdaRound,
+    AdaScale,
+    EncodeWeights,
+    Calibrate,
+    BiasCorrection,
+    QDQLowering,
+    InsertConverts,
+    PortableStorage,
     # checks
     RuntimeParityCheck,
 )
-
 
 
 def default_registry() -> Registry:

@@ -38,7 +38,6 @@ ALLOWED_BITWIDTHS: Final[Mapping[str, tuple[int, ...]]] = MappingProxyType(
 )
 
 
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 

@@ -37,8 +37,20 @@ _SCALE_RTOL = 1e-9
 # 1.0.0 entry's min/max (or a 0.6.1 entry's bw/name) silently dropped turns a range into a bare
 # bitwidth override, and the tensor is recalibrated while the report says the override applied.
 _LEGACY_KEYS = frozenset({"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"})
-_V1_KEYS = frozenset({"name", "enc_type", "dtype", "bw", "is_sym", "scale", "offset",
-                      "block_size", "compressed_bw", "per_block_int_scale"})
+_V1_KEYS = frozenset(
+    {
+        "name",
+        "enc_type",
+        "dtype",
+        "bw",
+        "is_sym",
+        "scale",
+        "offset",
+        "block_size",
+        "compressed_bw",
+        "per_block_int_scale",
+    }
+)
 _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
@@ -194,8 +206,10 @@ def _check_float32_grid(enc: Encoding) -> Encoding:
     for i, (lo, hi) in enumerate(zip(enc.min, enc.max, strict=True)):
         if max(abs(lo), abs(hi)) > FLOAT32_MAX:
             where = f" (channel {i})" if enc.num_channels > 1 else ""
-            raise EncodingError(f"the grid [{lo:.4g}, {hi:.4g}] of scale {enc.scale[i]!r} and offset {enc.offset[i]} "
-                                f"overflows float32 (+-{FLOAT32_MAX:.4g}){where}")
+            raise EncodingError(
+                f"the grid [{lo:.4g}, {hi:.4g}] of scale {enc.scale[i]!r} and offset {enc.offset[i]} "
+                f"overflows float32 (+-{FLOAT32_MAX:.4g}){where}"
+            )
     return enc
 
 
@@ -204,8 +218,9 @@ def _duplicates(obj: object) -> tuple[str, ...]:
     return getattr(obj, "duplicates", ())
 
 
-def _check_keys(entry: Mapping[str, Any], allowed: frozenset[str], other: frozenset[str], layout: str,
-                hint: str) -> None:
+def _check_keys(
+    entry: Mapping[str, Any], allowed: frozenset[str], other: frozenset[str], layout: str, hint: str
+) -> None:
     for key in _duplicates(entry):
         raise EncodingError(f"key '{key}' is given more than once in one encoding (JSON keeps only the last)")
     unknown = sorted(set(entry) - allowed)
@@ -261,8 +276,10 @@ def _channel_axis(per_channel: bool, count: int, section: str, spec: TensorSpec 
     if section == "activation_encodings":
         raise EncodingError(f"activations are quantized per tensor, got {count} per-channel encodings")
     if spec is not None and not spec.per_channel:
-        raise EncodingError(f"{count} per-channel encodings given, but the layers reading this weight have their "
-                            "output channels on different axes: it is quantized per tensor")
+        raise EncodingError(
+            f"{count} per-channel encodings given, but the layers reading this weight have their "
+            "output channels on different axes: it is quantized per tensor"
+        )
     if spec is not None and spec.channels is not None and count != spec.channels:
         raise EncodingError(f"{count} per-channel encodings given but the tensor has {spec.channels} channels")
     return spec.axis if spec is not None else 0
@@ -285,9 +302,13 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise EncodingError("expected a non-empty list of encoding objects")
     for e in entries:
-        _check_keys(e, _LEGACY_KEYS, _V1_KEYS, "0.6.1",
-                    "0.6.1 entries have 'bitwidth', 'dtype', 'min', 'max' and optionally 'scale', 'offset', "
-                    "'is_symmetric'")
+        _check_keys(
+            e,
+            _LEGACY_KEYS,
+            _V1_KEYS,
+            "0.6.1",
+            "0.6.1 entries have 'bitwidth', 'dtype', 'min', 'max' and optionally 'scale', 'offset', 'is_symmetric'",
+        )
     bitwidths = {_int(_required(e, "bitwidth"), "bitwidth") for e in entries}
     dtypes = {str(e.get("dtype", "int")) for e in entries}
     if len(bitwidths) != 1 or len(dtypes) != 1:
@@ -309,7 +330,8 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     if not all("min" in e or "max" in e for e in entries):
         raise EncodingError(
             "0.6.1 entries need 'min' and 'max' ('scale'/'offset' alone are not read: the spec recomputes them from "
-            "bitwidth, min and max); give min/max, or write a 1.0.0 file with 'scale'/'offset' lists")
+            "bitwidth, min and max); give min/max, or write a 1.0.0 file with 'scale'/'offset' lists"
+        )
     lo = [_float32_number(_required(e, "min"), "min") for e in entries]
     hi = [_float32_number(_required(e, "max"), "max") for e in entries]
     for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
@@ -329,8 +351,9 @@ def _parse_legacy(entries: Any, section: str, spec: TensorSpec | None) -> Entry:
     return _check_float32_grid(_checked_symmetry(enc, symmetric))
 
 
-def _tiny_bias_grid(lo: list[float], hi: list[float], stated: list[object], bitwidth: int,
-                    axis: int | None) -> Encoding | None:
+def _tiny_bias_grid(
+    lo: list[float], hi: list[float], stated: list[object], bitwidth: int, axis: int | None
+) -> Encoding | None:
     """A symmetric bias grid spanning less than the spec's minimum range, taken as the file states it.
 
     A derived bias grid is ``s_in * s_w`` (what the integer kernel accumulates in), which can span far
@@ -344,17 +367,24 @@ def _tiny_bias_grid(lo: list[float], hi: list[float], stated: list[object], bitw
     if not all(isinstance(s, float) and s > 0 for s in stated):
         return None
     scales = [s for s in stated if isinstance(s, float)]  # all of them (checked above)
-    exact = all(math.isclose(a, -half * s, rel_tol=_SCALE_RTOL) and math.isclose(b, (half - 1) * s, rel_tol=_SCALE_RTOL)
-                for a, b, s in zip(lo, hi, scales, strict=True))
+    exact = all(
+        math.isclose(a, -half * s, rel_tol=_SCALE_RTOL) and math.isclose(b, (half - 1) * s, rel_tol=_SCALE_RTOL)
+        for a, b, s in zip(lo, hi, scales, strict=True)
+    )
     if not exact or all(b - a >= MIN_RANGE for a, b in zip(lo, hi, strict=True)):
         return None
     return Encoding(bitwidth, tuple(scales), (-half,) * len(scales), True, axis)
 
 
 def _parse_v1(entry: Any, section: str, spec: TensorSpec | None) -> Entry:
-    _check_keys(entry, _V1_KEYS, _LEGACY_KEYS, "1.0.0",
-                "1.0.0 entries have 'name', 'dtype', 'bw', 'enc_type', 'is_sym' and 'scale'/'offset' lists; "
-                "min/max are not read")
+    _check_keys(
+        entry,
+        _V1_KEYS,
+        _LEGACY_KEYS,
+        "1.0.0",
+        "1.0.0 entries have 'name', 'dtype', 'bw', 'enc_type', 'is_sym' and 'scale'/'offset' lists; "
+        "min/max are not read",
+    )
     bitwidth = _int(_required(entry, "bw"), "bw")
     dtype = str(_required(entry, "dtype")).upper()
     if dtype not in ("INT", "FLOAT"):
@@ -390,8 +420,7 @@ def _named_entries(raw: dict[str, Any] | list[Any], section: str, source: str) -
     """(name, raw entry) pairs of one section in either layout."""
     if isinstance(raw, dict):
         for duplicate in _duplicates(raw):
-            raise EncodingError(
-                f"{source}: {section} '{duplicate}': listed more than once (JSON keeps only the last)")
+            raise EncodingError(f"{source}: {section} '{duplicate}': listed more than once (JSON keeps only the last)")
         return list(raw.items())
     pairs: list[tuple[str, Any]] = []
     for index, entry in enumerate(raw):
@@ -408,14 +437,17 @@ def _check_version(version: object, lists: bool, empty: bool, source: str) -> No
     """A stated version must be known and match the layout: 0.x has objects, 1.0.0 lists."""
     match = _VERSION.match(version) if isinstance(version, str) else None
     if match is None or (int(match.group(1)) >= 1 and version != "1.0.0"):
-        raise EncodingError(f"{source}: unsupported encodings 'version' {version!r} (expected a string: "
-                            "\"0.6.1\" or another 0.x for the object layout, \"1.0.0\" for the list layout)")
+        raise EncodingError(
+            f"{source}: unsupported encodings 'version' {version!r} (expected a string: "
+            '"0.6.1" or another 0.x for the object layout, "1.0.0" for the list layout)'
+        )
     v1 = version == "1.0.0"
     if v1 != lists and not empty:
         stated = "lists of named entries (1.0.0 layout)" if v1 else "objects keyed by tensor name (0.6.1 layout)"
         found = "lists (1.0.0 layout)" if lists else "objects (0.6.1 layout)"
-        raise EncodingError(f"{source}: 'version' is {version!r}, whose sections are {stated}, "
-                            f"but this file's sections are {found}")
+        raise EncodingError(
+            f"{source}: 'version' is {version!r}, whose sections are {stated}, but this file's sections are {found}"
+        )
 
 
 def from_json(
@@ -488,13 +520,16 @@ def _parse_json(raw: bytes, source: Path) -> object:
     """The JSON value of a UTF-8 file (JSON's encoding, RFC 8259); every way it can fail is an EncodingError."""
     # JSON text never holds a raw NUL: one among the first bytes (or a UTF-16 byte order mark) means UTF-16/32.
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4]:
-        raise EncodingError(f"{source}: the file is UTF-16 or UTF-32 text, but encodings files are UTF-8 JSON: "
-                            "save it as UTF-8")
+        raise EncodingError(
+            f"{source}: the file is UTF-16 or UTF-32 text, but encodings files are UTF-8 JSON: save it as UTF-8"
+        )
     try:
         text = raw.decode("utf-8-sig")  # a UTF-8 byte order mark (Windows editors) is harmless
     except UnicodeDecodeError as exc:
-        raise EncodingError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
-                            "encodings files are UTF-8 JSON") from None
+        raise EncodingError(
+            f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+            "encodings files are UTF-8 JSON"
+        ) from None
     try:
         return json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:

@@ -46,8 +46,9 @@ def user_override(graph: Graph, name: str) -> bool:
     return t.meta.get("precision_source") == "override" and "auto_precision" not in t.meta
 
 
-def keep_float(graph: Graph, names: list[str], reason: str, target: Any = None,
-               precision: Precision | None = None) -> list[str]:
+def keep_float(
+    graph: Graph, names: list[str], reason: str, target: Any = None, precision: Precision | None = None
+) -> list[str]:
     """Mark ``names`` (skipping user overrides); returns the names marked."""
     marked = []
     for name in names:

@@ -30,9 +30,25 @@ FLOAT = onnx.TensorProto.FLOAT
 
 # Ops whose output keeps (a subset of) its input's values: the output shares the input's encoding.
 DATA_MOVEMENT: dict[str, tuple[int, ...]] = {
-    op: (0,) for op in (
-        "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool", "Identity",
-        "Slice", "Gather", "Split", "Expand", "DepthToSpace", "SpaceToDepth", "Tile", "ReduceMax", "ReduceMin",
+    op: (0,)
+    for op in (
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "MaxPool",
+        "GlobalMaxPool",
+        "Identity",
+        "Slice",
+        "Gather",
+        "Split",
+        "Expand",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Tile",
+        "ReduceMax",
+        "ReduceMin",
         "Pad",
     )
 }
@@ -41,14 +57,46 @@ DATA_MOVEMENT: dict[str, tuple[int, ...]] = {
 # Reshape's shape, stay as they are).
 _ALL = (0, 1, 2, 3, 4, 5, 6, 7)
 COMPUTE: dict[str, tuple[int, ...]] = {
-    "Conv": (0, 1, 2), "ConvTranspose": (0, 1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1), "Sum": _ALL, "Concat": _ALL,
-    "Max": _ALL, "Min": _ALL, "Mean": _ALL, "PRelu": (0, 1),
-    "Relu": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "Tanh": (0,), "HardSigmoid": (0,), "HardSwish": (0,),
-    "Elu": (0,), "Selu": (0,), "Softplus": (0,), "Gelu": (0,), "Erf": (0,), "Abs": (0,), "Neg": (0,),
-    "Clip": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,), "Softmax": (0,), "LogSoftmax": (0,),
-    "BatchNormalization": (0,), "InstanceNormalization": (0,), "LayerNormalization": (0,),
-    "Resize": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "Sqrt": (0,), "Exp": (0,),
+    "Conv": (0, 1, 2),
+    "ConvTranspose": (0, 1, 2),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "Add": (0, 1),
+    "Sub": (0, 1),
+    "Mul": (0, 1),
+    "Div": (0, 1),
+    "Sum": _ALL,
+    "Concat": _ALL,
+    "Max": _ALL,
+    "Min": _ALL,
+    "Mean": _ALL,
+    "PRelu": (0, 1),
+    "Relu": (0,),
+    "LeakyRelu": (0,),
+    "Sigmoid": (0,),
+    "Tanh": (0,),
+    "HardSigmoid": (0,),
+    "HardSwish": (0,),
+    "Elu": (0,),
+    "Selu": (0,),
+    "Softplus": (0,),
+    "Gelu": (0,),
+    "Erf": (0,),
+    "Abs": (0,),
+    "Neg": (0,),
+    "Clip": (0,),
+    "AveragePool": (0,),
+    "GlobalAveragePool": (0,),
+    "Softmax": (0,),
+    "LogSoftmax": (0,),
+    "BatchNormalization": (0,),
+    "InstanceNormalization": (0,),
+    "LayerNormalization": (0,),
+    "Resize": (0,),
+    "ReduceMean": (0,),
+    "ReduceSum": (0,),
+    "Sqrt": (0,),
+    "Exp": (0,),
 }
 
 # Activations that backends fuse into the preceding op (Conv+Relu, Add+Relu...): the
@@ -58,7 +106,10 @@ FUSABLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add",
 
 # op type -> (weight slot, bias slot or None)
 WEIGHTED: dict[str, tuple[int, int | None]] = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1, None),
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1, None),
 }
 
 
@@ -66,8 +117,14 @@ def weighted_layer_inputs(graph: Graph) -> list[str]:
     """Data inputs of Conv/Gemm ops with a constant weight (what bias correction needs means of)."""
     names: dict[str, None] = {}
     for op in graph.ops:
-        if op.op_type in ("Conv", "Gemm") and op.is_standard and len(op.inputs) > 1 \
-                and op.inputs[0] and op.inputs[1] and graph.tensors[op.inputs[1]].is_constant:
+        if (
+            op.op_type in ("Conv", "Gemm")
+            and op.is_standard
+            and len(op.inputs) > 1
+            and op.inputs[0]
+            and op.inputs[1]
+            and graph.tensors[op.inputs[1]].is_constant
+        ):
             names.setdefault(op.inputs[0])
     return list(names)
 
@@ -149,8 +206,15 @@ def fused_intermediates(graph: Graph) -> dict[str, str]:
             continue
         src = op.inputs[0]
         producer = graph.producer(src)
-        if (producer is not None and producer.op_type in FUSABLE_PRODUCERS and producer.is_standard
-                and len(graph.uses(src)) == 1 and not graph.is_graph_output(src) and op.outputs and op.outputs[0]):
+        if (
+            producer is not None
+            and producer.op_type in FUSABLE_PRODUCERS
+            and producer.is_standard
+            and len(graph.uses(src)) == 1
+            and not graph.is_graph_output(src)
+            and op.outputs
+            and op.outputs[0]
+        ):
             fused[src] = op.outputs[0]
     return fused
 
@@ -168,8 +232,13 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
     plan = QuantPlanData()
     roots: dict[str, None] = {}
     skipped: dict[str, str] = {}
-    qdq_tensors = {n for op in graph.ops if op.op_type in ("QuantizeLinear", "DequantizeLinear")
-                   for n in (*op.inputs, *op.outputs) if n}
+    qdq_tensors = {
+        n
+        for op in graph.ops
+        if op.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for n in (*op.inputs, *op.outputs)
+        if n
+    }
     fused = fused_intermediates(graph)
     axes = weight_axes(graph)
 
@@ -229,8 +298,14 @@ def build_plan(graph: Graph, shapes: Shapes) -> QuantPlanData:
                     continue
                 if slot == weight_slot and name in axes:
                     plan.weights.setdefault(name, WeightSpec(name, op.name, axes[name]))
-                elif slot == bias_slot and weight_slot is not None and t.shape is not None and len(t.shape) == 1 \
-                        and op.inputs[weight_slot] and graph.tensors[op.inputs[weight_slot]].is_constant:
+                elif (
+                    slot == bias_slot
+                    and weight_slot is not None
+                    and t.shape is not None
+                    and len(t.shape) == 1
+                    and op.inputs[weight_slot]
+                    and graph.tensors[op.inputs[weight_slot]].is_constant
+                ):
                     plan.biases[name] = BiasSpec(name, op.name, op.inputs[0], op.inputs[weight_slot])
                 elif name not in plan.params:
                     plan.params.append(name)

@@ -35,8 +35,9 @@ class Precision:
         if allowed is None:
             raise EncodingError(f"precision dtype must be 'int' or 'float', got {self.dtype!r}")
         if isinstance(self.bitwidth, bool) or not isinstance(self.bitwidth, int) or self.bitwidth not in allowed:
-            raise EncodingError(f"{self.dtype} bitwidth {self.bitwidth!r} is not supported "
-                                f"(allowed: {', '.join(map(str, allowed))})")
+            raise EncodingError(
+                f"{self.dtype} bitwidth {self.bitwidth!r} is not supported (allowed: {', '.join(map(str, allowed))})"
+            )
 
     def __str__(self) -> str:
         return f"{self.dtype}{self.bitwidth}"

@@ -21,7 +21,6 @@ from qpasses.quant.range_statistics import DEFAULT_BINS, Histogram, HistogramObs
 Source = ArrayLike | MinMaxObserver | HistogramObserver | Histogram
 
 
-
 # tf_enhanced search (AIMET's candidate grid, plus a refinement round and a few finer steps for
 # tails beyond 16x): saturation error is weighted 3x against rounding noise.
 _ENHANCED_STEP_FRACTIONS: Final = np.concatenate([np.arange(1, 18) / 16, 2.0 ** -np.arange(5, 9)])

@@ -209,8 +209,10 @@ class Outliers:
         which = ", ".join(map(str, self.samples))
         parts = [f"max {self.high:.4g}"] if self.high is not None else []
         parts += [f"min {self.low:.4g}"] if self.low is not None else []
-        return (f"sample{'s' if len(self.samples) > 1 else ''} {which} ({', '.join(parts)}) vs "
-                f"[{self.rest_min:.4g}, {self.rest_max:.4g}] for every other sample")
+        return (
+            f"sample{'s' if len(self.samples) > 1 else ''} {which} ({', '.join(parts)}) vs "
+            f"[{self.rest_min:.4g}, {self.rest_max:.4g}] for every other sample"
+        )
 
 
 @dataclass(eq=False)
@@ -237,10 +239,12 @@ class SampleExtremes:
         k = min(self.keep, n)
         best = np.argpartition(-hi, k - 1)[:k] if k < n else np.arange(n)
         worst = np.argpartition(lo, k - 1)[:k] if k < n else np.arange(n)
-        self.top = sorted([*self.top, *((float(hi[i]), self.samples + int(i)) for i in best)],
-                          key=lambda e: (-e[0], e[1]))[:self.keep]
-        self.bottom = sorted([*self.bottom, *((float(lo[i]), self.samples + int(i)) for i in worst)],
-                             key=lambda e: (e[0], e[1]))[:self.keep]
+        self.top = sorted(
+            [*self.top, *((float(hi[i]), self.samples + int(i)) for i in best)], key=lambda e: (-e[0], e[1])
+        )[: self.keep]
+        self.bottom = sorted(
+            [*self.bottom, *((float(lo[i]), self.samples + int(i)) for i in worst)], key=lambda e: (e[0], e[1])
+        )[: self.keep]
         self.samples += n
 
     def outliers(self, ratio: float = OUTLIER_RATIO) -> Outliers | None:
@@ -264,8 +268,9 @@ class SampleExtremes:
         out = {s for _, s in self.top[:j]} | {s for _, s in self.bottom[:i]}
         rest_max = next(v for v, s in self.top if s not in out)
         rest_min = next(v for v, s in self.bottom if s not in out)
-        return Outliers(tuple(sorted(out)), rest_min, rest_max, self.top[0][0] if j else None,
-                        self.bottom[0][0] if i else None)
+        return Outliers(
+            tuple(sorted(out)), rest_min, rest_max, self.top[0][0] if j else None, self.bottom[0][0] if i else None
+        )
 
     def _separates(self, j: int, i: int, ratio: float) -> bool:
         """Whether the top ``j`` sample maxima and bottom ``i`` minima all lie beyond the rest by ``ratio`` widths."""

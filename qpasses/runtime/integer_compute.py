@@ -33,14 +33,35 @@ import onnxruntime as ort
 from qpasses.core.verification import session_options
 
 # Compute ops onnxruntime runs in integer arithmetic (any domain), and those it runs in float.
-INTEGER_OPS = frozenset({
-    "QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "QLinearConvTranspose", "QAttention", "MatMulInteger16",
-})
-FLOAT_OPS = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "TransposeMatMul",
-    "NchwcConv", "MatMulNBits", "Attention",
-})
+INTEGER_OPS = frozenset(
+    {
+        "QLinearConv",
+        "ConvInteger",
+        "QGemm",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QLinearConvTranspose",
+        "QAttention",
+        "MatMulInteger16",
+    }
+)
+FLOAT_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "FusedConv",
+        "FusedGemm",
+        "FusedMatMul",
+        "TransposeMatMul",
+        "NchwcConv",
+        "MatMulNBits",
+        "Attention",
+    }
+)
 # Input index of the activation (A) and of the weight (B) of each compute op.
 _OPERANDS = {"QLinearConv": (0, 3), "QLinearConvTranspose": (0, 3), "QGemm": (0, 3), "QLinearMatMul": (0, 3)}
 _CONVS = ("Conv", "FusedConv", "NchwcConv", "ConvInteger", "QLinearConv")
@@ -86,11 +107,15 @@ class IntegerCompute:
         lines = [f"integer-kernel MAC share {self.share:.1%} of {self.total_macs / 1e6:.1f}M MACs ({kinds})"]
         left = self.float_ops
         if left:
-            lines.append(f"  float compute left: {len(left)} nodes, largest " + ", ".join(
-                f"{n.name or '?'} ({n.op_type}, {n.macs / 1e6:.1f}M)" for n in left[:top]))
+            lines.append(
+                f"  float compute left: {len(left)} nodes, largest "
+                + ", ".join(f"{n.name or '?'} ({n.op_type}, {n.macs / 1e6:.1f}M)" for n in left[:top])
+            )
         if self.subgraph_ops:
-            lines.append("  in control-flow bodies (not counted): "
-                         + ", ".join(f"{k} x{v}" for k, v in sorted(self.subgraph_ops.items())))
+            lines.append(
+                "  in control-flow bodies (not counted): "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(self.subgraph_ops.items()))
+            )
         return "\n".join(lines)
 
 
@@ -121,8 +146,9 @@ def optimized_model(model: ModelSource, level: ort.GraphOptimizationLevel = EXTE
         return onnx.load(str(out))
 
 
-def _feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None,
-           input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, np.ndarray]:
+def _feeds(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, input_shapes: Mapping[str, Sequence[int]] | None
+) -> dict[str, np.ndarray]:
     if feeds is not None:
         return dict(feeds)
     inits = {i.name for i in model.graph.initializer}
@@ -167,15 +193,19 @@ def _macs(node: onnx.NodeProto, shape: dict[str, tuple[int, ...]]) -> int:
 def _subgraph_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
     for node in graph.node:
         for at in node.attribute:
-            for body in ([at.g] if at.type == onnx.AttributeProto.GRAPH else list(at.graphs)):
+            for body in [at.g] if at.type == onnx.AttributeProto.GRAPH else list(at.graphs):
                 for inner in body.node:
                     if inner.op_type in INTEGER_OPS or inner.op_type in FLOAT_OPS:
                         counts[inner.op_type] = counts.get(inner.op_type, 0) + 1
                 _subgraph_ops(body, counts)
 
 
-def integer_mac_share(model: ModelSource, feeds: Mapping[str, np.ndarray] | None = None, *,
-                      input_shapes: Mapping[str, Sequence[int]] | None = None) -> IntegerCompute:
+def integer_mac_share(
+    model: ModelSource,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> IntegerCompute:
     """The share of MACs onnxruntime runs in integer kernels, on ``feeds`` (or inputs of
     ``input_shapes``, random, for models whose shapes do not depend on the data)."""
     opt = optimized_model(model)
@@ -188,8 +218,9 @@ def integer_mac_share(model: ModelSource, feeds: Mapping[str, np.ndarray] | None
         probe.CopyFrom(opt)
         have = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in have)
-        sess = ort.InferenceSession(probe.SerializeToString(), session_options(optimize=False),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            probe.SerializeToString(), session_options(optimize=False), providers=["CPUExecutionProvider"]
+        )
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(None, _feeds(opt, feeds, input_shapes))
         shape.update({name: tuple(np.shape(v)) for name, v in zip(names, values, strict=True)})
@@ -199,5 +230,10 @@ def integer_mac_share(model: ModelSource, feeds: Mapping[str, np.ndarray] | None
         by_op[n.op_type] = by_op.get(n.op_type, 0) + n.macs
     sub: dict[str, int] = {}
     _subgraph_ops(opt.graph, sub)
-    return IntegerCompute(total_macs=sum(n.macs for n in nodes), integer_macs=sum(n.macs for n in nodes if n.integer),
-                          by_op_type=by_op, nodes=nodes, subgraph_ops=sub)
+    return IntegerCompute(
+        total_macs=sum(n.macs for n in nodes),
+        integer_macs=sum(n.macs for n in nodes if n.integer),
+        by_op_type=by_op,
+        nodes=nodes,
+        subgraph_ops=sub,
+    )

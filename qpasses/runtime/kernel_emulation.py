@@ -77,8 +77,10 @@ class MacEmulation:
     def format(self) -> str:
         if self.saturated_pairs == 0:
             return f"{self.op} ({self.op_type}, {self.kernel}): no saturation"
-        return (f"{self.op} ({self.op_type}, {self.kernel}): {100 * self.saturated_pairs:.2f}% of int16 pair sums "
-                f"saturate, output SQNR {self.sqnr_db:.1f} dB")
+        return (
+            f"{self.op} ({self.op_type}, {self.kernel}): {100 * self.saturated_pairs:.2f}% of int16 pair sums "
+            f"saturate, output SQNR {self.sqnr_db:.1f} dB"
+        )
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -128,11 +130,21 @@ def fused_macs(model: onnx.ModelProto) -> list[FusedMac]:
         channels = weight.shape[out_axis] if weight.ndim > out_axis else 1
         if w_scale.size > 1 and not _along_output_channels(dq_w, weight.ndim, out_axis, w_scale.size, channels):
             continue  # not a per-output-channel weight: no integer kernel of this shape to replay
-        found.append(FusedMac(
-            node.name or node.output[0], node.op_type, dq_a.input[0], a_type == np.int8,
-            float(np.asarray(a_scale).reshape(-1)[0]), int(np.asarray(a_zp if a_zp is not None else 0).reshape(-1)[0]),
-            weight, w_type == np.int8, np.broadcast_to(w_scale, (channels,)).copy(),
-            np.broadcast_to(w_zp, (channels,)).copy(), attrs))
+        found.append(
+            FusedMac(
+                node.name or node.output[0],
+                node.op_type,
+                dq_a.input[0],
+                a_type == np.int8,
+                float(np.asarray(a_scale).reshape(-1)[0]),
+                int(np.asarray(a_zp if a_zp is not None else 0).reshape(-1)[0]),
+                weight,
+                w_type == np.int8,
+                np.broadcast_to(w_scale, (channels,)).copy(),
+                np.broadcast_to(w_zp, (channels,)).copy(),
+                attrs,
+            )
+        )
     return found
 
 
@@ -178,10 +190,15 @@ def _im2col_nhwc(mac: FusedMac, a: np.ndarray, w: np.ndarray, group: int) -> tup
     padded = np.pad(a, width, constant_values=mac.act_zero_point).astype(np.int32)
     nhwc = np.moveaxis(padded, 1, -1)  # [N, *S, C]
     windows = np.lib.stride_tricks.sliding_window_view(
-        nhwc, [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)], axis=tuple(range(1, 1 + spatial)))
+        nhwc, [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)], axis=tuple(range(1, 1 + spatial))
+    )
     # windows: [N, *out_full, C, *window]; take strides and dilations
-    index = (slice(None), *[slice(None, None, s) for s in strides], slice(None),
-             *[slice(None, None, d) for d in dilations])
+    index = (
+        slice(None),
+        *[slice(None, None, s) for s in strides],
+        slice(None),
+        *[slice(None, None, d) for d in dilations],
+    )
     windows = windows[index]
     n_rows = int(np.prod(windows.shape[: 1 + spatial]))
     channels = windows.shape[1 + spatial]
@@ -208,7 +225,7 @@ def _saturated_sum(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, int]:
     saturated = 0
     step = max(1, _CHUNK_ELEMENTS // max(1, rows * w.shape[1]))
     for j in range(0, k // 2, step):
-        pairs = np.einsum("rjt,jtn->rjn", a2[:, j:j + step], w2[j:j + step])
+        pairs = np.einsum("rjt,jtn->rjn", a2[:, j : j + step], w2[j : j + step])
         clipped = np.clip(pairs, INT16_MIN, INT16_MAX)
         saturated += int(np.count_nonzero(clipped != pairs))
         total += clipped.sum(axis=1)
@@ -239,14 +256,12 @@ def emulate_mac(mac: FusedMac, activation: np.ndarray, *, max_rows: int = _MAX_P
         pairs += a.shape[0] * ((a.shape[1] + 1) // 2) * wg.shape[1]
         # The op's float output before bias: scales x sum (a - zp_a)(w - zp_w).
         channels = slice(g * cout_g, (g + 1) * cout_g)
-        centered = (a.astype(np.int64) - mac.act_zero_point) @ (
-            wg.astype(np.int64) - mac.weight_zero_point[channels])
+        centered = (a.astype(np.int64) - mac.act_zero_point) @ (wg.astype(np.int64) - mac.weight_zero_point[channels])
         scale = mac.act_scale * mac.weight_scale[channels]
         signal += float(np.sum((centered * scale) ** 2))
         noise += float(np.sum(((sat - exact) * scale) ** 2))
     sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
-    return MacEmulation(mac.op, mac.op_type, mac.kernel, len(pick) * rows.shape[0],
-                        saturated / max(pairs, 1), sqnr)
+    return MacEmulation(mac.op, mac.op_type, mac.kernel, len(pick) * rows.shape[0], saturated / max(pairs, 1), sqnr)
 
 
 def saturation_probe_model(k: int = 64) -> onnx.ModelProto:
@@ -254,18 +269,28 @@ def saturation_probe_model(k: int = 64) -> onnx.ModelProto:
     from onnx import TensorProto, helper
 
     arr = numpy_helper.from_array
-    inits = [arr(np.array(1.0, np.float32), "s"), arr(np.array(0, np.uint8), "z"),
-             arr(np.full((k, 8), 127, np.int8), "w"), arr(np.array(0, np.int8), "zw"),
-             arr(np.array(8192.0, np.float32), "so")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
-             helper.make_node("MatMul", ["xd", "wd"], ["y"]),
-             helper.make_node("QuantizeLinear", ["y", "so", "z"], ["yq"]),
-             helper.make_node("DequantizeLinear", ["yq", "so", "z"], ["out"])]
-    graph = helper.make_graph(nodes, "saturation_probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 8])], inits)
+    inits = [
+        arr(np.array(1.0, np.float32), "s"),
+        arr(np.array(0, np.uint8), "z"),
+        arr(np.full((k, 8), 127, np.int8), "w"),
+        arr(np.array(0, np.int8), "zw"),
+        arr(np.array(8192.0, np.float32), "so"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "so", "z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "so", "z"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturation_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 

@@ -78,8 +78,10 @@ class TensorDivergence:
 
     def format(self) -> str:
         kernel = f", {self.kernel} kernel" if self.kernel else ""
-        return (f"{self.tensor} (from {self.producer_type} '{self.producer}'{kernel}): "
-                f"{100 * self.mismatched:.1f}% of values off by >1 step (max {self.max_steps})")
+        return (
+            f"{self.tensor} (from {self.producer_type} '{self.producer}'{kernel}): "
+            f"{100 * self.mismatched:.1f}% of values off by >1 step (max {self.max_steps})"
+        )
 
 
 @dataclass
@@ -96,8 +98,11 @@ class ParityReport:
     @property
     def diverged(self) -> bool:
         """Some output of the runtime on this CPU differs from exact semantics beyond quantization noise."""
-        return any(o.runtime_vs_exact_db < MIN_AGREEMENT_DB
-                   or (o.runtime_vs_exact_db < NOISE_DB and o.loss_db > self.tolerance_db) for o in self.outputs)
+        return any(
+            o.runtime_vs_exact_db < MIN_AGREEMENT_DB
+            or (o.runtime_vs_exact_db < NOISE_DB and o.loss_db > self.tolerance_db)
+            for o in self.outputs
+        )
 
     @property
     def emulation_diverges(self) -> list[MacEmulation]:
@@ -108,51 +113,66 @@ class ParityReport:
         return not self.diverged and not self.emulation_diverges
 
     def figures(self) -> str:
-        return "; ".join(f"{o.name}: SQNR vs {self.reference} {o.exact_db:.2f} dB exact QDQ, "
-                         f"{o.runtime_db:.2f} dB onnxruntime default session (runtime vs exact "
-                         f"{o.runtime_vs_exact_db:.1f} dB)" for o in self.outputs)
+        return "; ".join(
+            f"{o.name}: SQNR vs {self.reference} {o.exact_db:.2f} dB exact QDQ, "
+            f"{o.runtime_db:.2f} dB onnxruntime default session (runtime vs exact "
+            f"{o.runtime_vs_exact_db:.1f} dB)"
+            for o in self.outputs
+        )
 
     def problems(self) -> list[str]:
         """One line per finding, each with its likely cause and fix."""
         lines: list[str] = []
         if self.diverged:
             worst = min(self.outputs, key=lambda o: o.runtime_vs_exact_db)
-            where = "; first divergent: " + ", ".join(d.format() for d in self.divergences[:3]) \
-                if self.divergences else ""
-            lines.append(f"onnxruntime's default session on this CPU ({self.cpu}) loses {worst.loss_db:.2f} dB on "
-                         f"output '{worst.name}' vs exact QDQ semantics (runtime vs exact: SQNR "
-                         f"{worst.runtime_vs_exact_db:.2f} dB){where}. {likely_cause(self.divergences)}")
+            where = (
+                "; first divergent: " + ", ".join(d.format() for d in self.divergences[:3]) if self.divergences else ""
+            )
+            lines.append(
+                f"onnxruntime's default session on this CPU ({self.cpu}) loses {worst.loss_db:.2f} dB on "
+                f"output '{worst.name}' vs exact QDQ semantics (runtime vs exact: SQNR "
+                f"{worst.runtime_vs_exact_db:.2f} dB){where}. {likely_cause(self.divergences)}"
+            )
         bad = self.emulation_diverges
         if bad:
-            lines.append(f"on {self.emulated_cpu} (emulated): {len(bad)} of {len(self.emulated)} integer "
-                         f"Conv/Gemm/MatMul would saturate: " + "; ".join(e.format() for e in bad[:3])
-                         + f". {SATURATION_FIX}")
+            lines.append(
+                f"on {self.emulated_cpu} (emulated): {len(bad)} of {len(self.emulated)} integer "
+                f"Conv/Gemm/MatMul would saturate: " + "; ".join(e.format() for e in bad[:3]) + f". {SATURATION_FIX}"
+            )
         return lines
 
     def format(self) -> str:
         head = f"runtime parity on {self.samples} samples, CPU {self.cpu}: {self.figures()}"
         if self.emulated:
             n = len(self.emulation_diverges)
-            head += (f"\n{self.emulated_cpu} (emulated kernels): "
-                     + (f"{n} of {len(self.emulated)} integer ops would saturate" if n
-                        else f"no saturation in {len(self.emulated)} integer ops"))
+            head += f"\n{self.emulated_cpu} (emulated kernels): " + (
+                f"{n} of {len(self.emulated)} integer ops would saturate"
+                if n
+                else f"no saturation in {len(self.emulated)} integer ops"
+            )
         problems = self.problems()
         return head + ("\n" + "\n".join(f"DIVERGES: {p}" for p in problems) if problems else "\nparity: ok")
 
 
-SATURATION_FIX = ("Fix: store 8-bit weights and activations as uint8 (quantize with the default/`ort` target, or "
-                  "`qpasses run MODEL --pipeline portable-storage` on an existing QDQ model): same grid, u8u8 "
-                  "kernels that cannot saturate; or deploy only on CPUs with VNNI/ARM")
+SATURATION_FIX = (
+    "Fix: store 8-bit weights and activations as uint8 (quantize with the default/`ort` target, or "
+    "`qpasses run MODEL --pipeline portable-storage` on an existing QDQ model): same grid, u8u8 "
+    "kernels that cannot saturate; or deploy only on CPUs with VNNI/ARM"
+)
 
 
 def likely_cause(divergences: list[TensorDivergence]) -> str:
     kernels = {d.kernel for d in divergences[:3]}
     if kernels & {"u8s8", "s8s8"}:
-        return ("Likely cause: the x86 u8s8/s8s8 integer kernels without VNNI add pairs of products in int16 "
-                f"with saturation. {SATURATION_FIX}.")
-    return ("Likely cause: a fused onnxruntime kernel rounds or clamps differently from the QDQ graph; keep the "
-            "named tensors in higher precision (overrides) or run with graph optimizations limited to "
-            "ORT_ENABLE_BASIC.")
+        return (
+            "Likely cause: the x86 u8s8/s8s8 integer kernels without VNNI add pairs of products in int16 "
+            f"with saturation. {SATURATION_FIX}."
+        )
+    return (
+        "Likely cause: a fused onnxruntime kernel rounds or clamps differently from the QDQ graph; keep the "
+        "named tensors in higher precision (overrides) or run with graph optimizations limited to "
+        "ORT_ENABLE_BASIC."
+    )
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -161,8 +181,11 @@ def likely_cause(divergences: list[TensorDivergence]) -> str:
 def activation_quantizers(model: onnx.ModelProto) -> list[str]:
     """Outputs of QuantizeLinear nodes on activations (kept by fusion: fused kernels write them)."""
     constants = {t.name for t in model.graph.initializer}
-    return [n.output[0] for n in model.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] not in constants and n.output]
+    return [
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in constants and n.output
+    ]
 
 
 def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
@@ -232,26 +255,29 @@ def check_parity(
         fetch = out_names + (taps if i == 0 else [])
         e = exact_sess.run(fetch, feed)
         r = runtime_sess.run(fetch, feed)
-        f = ref_sess.run(ref_names, {k: v for k, v in feed.items()
-                                     if k in {x.name for x in ref_sess.get_inputs()}})
+        f = ref_sess.run(ref_names, {k: v for k, v in feed.items() if k in {x.name for x in ref_sess.get_inputs()}})
         for j in range(len(out_names)):
             exacts[j].append(e[j])
             runtimes[j].append(r[j])
             refs[j].append(f[j] if j < len(f) else e[j])
         if i == 0:
-            first_exact = dict(zip(taps, e[len(out_names):], strict=True))
-            first_runtime = dict(zip(taps, r[len(out_names):], strict=True))
+            first_exact = dict(zip(taps, e[len(out_names) :], strict=True))
+            first_runtime = dict(zip(taps, r[len(out_names) :], strict=True))
         samples += int(next(iter(feed.values())).shape[0]) if feed and np.ndim(next(iter(feed.values()))) else 1
     saturates = runtime_saturates()
-    report = ParityReport(cpu_description(saturates), samples, "FP32" if reference is not None else "float activations",
-                          tolerance_db)
+    report = ParityReport(
+        cpu_description(saturates), samples, "FP32" if reference is not None else "float activations", tolerance_db
+    )
     for j, name in enumerate(out_names):
         if not np.issubdtype(exacts[j][0].dtype, np.floating):
             continue
         # Shapes may differ between runs (a decoder Loop stopping at another step): that scores as a mismatch.
         exact, runtime = exacts[j], runtimes[j]
-        report.outputs.append(OutputParity(name, pooled_sqnr_db(refs[j], exact), pooled_sqnr_db(refs[j], runtime),
-                                           pooled_sqnr_db(exact, runtime)))
+        report.outputs.append(
+            OutputParity(
+                name, pooled_sqnr_db(refs[j], exact), pooled_sqnr_db(refs[j], runtime), pooled_sqnr_db(exact, runtime)
+            )
+        )
     if report.diverged:
         report.divergences = _localize(model, first_exact, first_runtime)
     if emulate is None:
@@ -273,8 +299,9 @@ def _emulate_from_input(model: onnx.ModelProto, mac: FusedMac, feed: Mapping[str
     return emulate_mac(mac, values[0])
 
 
-def _localize(model: onnx.ModelProto, exact: dict[str, np.ndarray], runtime: dict[str, np.ndarray],
-              limit: int = 5) -> list[TensorDivergence]:
+def _localize(
+    model: onnx.ModelProto, exact: dict[str, np.ndarray], runtime: dict[str, np.ndarray], limit: int = 5
+) -> list[TensorDivergence]:
     """The first activation quantizers (in graph order) whose integers differ by more than a step."""
     producers = {o: n for n in model.graph.node for o in n.output}
     kernels = {m.op: m.kernel for m in fused_macs(model)}
@@ -295,8 +322,16 @@ def _localize(model: onnx.ModelProto, exact: dict[str, np.ndarray], runtime: dic
             if inner.op_type in ("Conv", "Gemm", "MatMul"):
                 src = inner
         op_name = (src.name or src.output[0]) if src is not None else name
-        found.append(TensorDivergence(name, op_name, src.op_type if src is not None else "input",
-                                      kernels.get(op_name, ""), off, int(diff.max())))
+        found.append(
+            TensorDivergence(
+                name,
+                op_name,
+                src.op_type if src is not None else "input",
+                kernels.get(op_name, ""),
+                off,
+                int(diff.max()),
+            )
+        )
         if len(found) >= limit:
             break
     return found

@@ -57,9 +57,11 @@ class SwitchableQDQ:
                 real = dq.output[0]
                 sim = f"{real}__quantized"
                 dq.output[0] = sim
-                after[id(dq)] = [helper.make_node("Sub", [sim, x], [f"{real}__delta"]),
-                                 helper.make_node("Mul", [f"{real}__delta", switch], [f"{real}__scaled"]),
-                                 helper.make_node("Add", [x, f"{real}__scaled"], [real])]
+                after[id(dq)] = [
+                    helper.make_node("Sub", [sim, x], [f"{real}__delta"]),
+                    helper.make_node("Mul", [f"{real}__delta", switch], [f"{real}__scaled"]),
+                    helper.make_node("Add", [x, f"{real}__scaled"], [real]),
+                ]
         nodes = [m for n in g.node for m in (n, *after.get(id(n), ()))]
         del g.node[:]
         g.node.extend(nodes)
@@ -84,8 +86,13 @@ def worst_output_db(reference: list[list[np.ndarray]], got: list[list[np.ndarray
     return worst
 
 
-def fallback_tensors(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
-                     floor_db: float, max_tensors: int) -> tuple[list[Sensitivity], float, float]:
+def fallback_tensors(
+    model: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    floor_db: float,
+    max_tensors: int,
+) -> tuple[list[Sensitivity], float, float]:
     """Greedy: drop the quantizer costing the most until every output is above ``floor_db``.
 
     Only quantizers that alone bring an output within 3 dB of the floor are candidates (a model
@@ -127,11 +134,13 @@ class _Scorer:
     """Worst pooled SQNR of float outputs vs fixed references, with the references prepared once."""
 
     def __init__(self, reference: list[list[np.ndarray]]) -> None:
-        self.outputs = [j for j in range(len(reference[0]))
-                        if np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating)]
+        self.outputs = [
+            j for j in range(len(reference[0])) if np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating)
+        ]
         self.reference = reference
-        self.flat = {(b, j): np.asarray(reference[b][j], np.float64).ravel()
-                     for b in range(len(reference)) for j in self.outputs}
+        self.flat = {
+            (b, j): np.asarray(reference[b][j], np.float64).ravel() for b in range(len(reference)) for j in self.outputs
+        }
 
     def worst(self, got: list[list[np.ndarray]]) -> float:
         worst = float("inf")

@@ -39,9 +39,11 @@ class Kernel:
 
     def matches(self, activation: Precision, weight: Precision | None, bias: Precision | None) -> bool:
         """An op matches when its activation agrees and so do the weight/bias it actually has."""
-        return (activation == self.activation
-                and (weight is None or self.weight is None or weight == self.weight)
-                and (bias is None or self.bias is None or bias == self.bias))
+        return (
+            activation == self.activation
+            and (weight is None or self.weight is None or weight == self.weight)
+            and (bias is None or self.bias is None or bias == self.bias)
+        )
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,12 @@ class TargetDescriptor:
     uint8_storage: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and self.name.strip() != "", "<unnamed>", "name",
-               f"must be a non-empty string, got {self.name!r}")
+        _check(
+            isinstance(self.name, str) and self.name.strip() != "",
+            "<unnamed>",
+            "name",
+            f"must be a non-empty string, got {self.name!r}",
+        )
         where = self.name
         _check(isinstance(self.description, str), where, "description", "must be a string")
         for flag in ("needs_quantized", "per_channel_weights", "uint8_storage"):
@@ -84,17 +90,32 @@ class TargetDescriptor:
             object.__setattr__(self, "ops", _names(self.ops, where, "ops"))
         object.__setattr__(self, "int32_ops", _names(self.int32_ops, where, "int32_ops"))
         floats = _names(self.float_bitwidths, where, "float_bitwidths", kind=int)
-        _check(all(b in FLOAT_BITWIDTHS for b in floats), where, "float_bitwidths",
-               f"must be among {list(FLOAT_BITWIDTHS)}, got {list(floats)}")
+        _check(
+            all(b in FLOAT_BITWIDTHS for b in floats),
+            where,
+            "float_bitwidths",
+            f"must be among {list(FLOAT_BITWIDTHS)}, got {list(floats)}",
+        )
         object.__setattr__(self, "float_bitwidths", floats)
-        for key, role in (("default_act_bw", "activation"), ("default_weight_bw", "weight"),
-                          ("default_bias_bw", "bias")):
+        for key, role in (
+            ("default_act_bw", "activation"),
+            ("default_weight_bw", "weight"),
+            ("default_bias_bw", "bias"),
+        ):
             value = getattr(self, key)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value in ALLOWED_BITWIDTHS[role],
-                   where, key, f"{value!r} is not a supported {role} bitwidth")
+            _check(
+                isinstance(value, int) and not isinstance(value, bool) and value in ALLOWED_BITWIDTHS[role],
+                where,
+                key,
+                f"{value!r} is not a supported {role} bitwidth",
+            )
         if self.default_float_bw is not None:
-            _check(self.default_float_bw in floats, where, "default_float_bw",
-                   f"{self.default_float_bw!r} is not one of float_bitwidths {list(floats)}")
+            _check(
+                self.default_float_bw in floats,
+                where,
+                "default_float_bw",
+                f"{self.default_float_bw!r} is not one of float_bitwidths {list(floats)}",
+            )
         if self.needs_quantized and not self.kernels:
             # A quantized-only backend that lists no kernels runs the common int8/int8/int32 one.
             object.__setattr__(self, "kernels", MappingProxyType({ANY_OP: (DEFAULT_KERNEL,)}))
@@ -118,8 +139,9 @@ class TargetDescriptor:
         """Integer kernels of an op type ("supported kernels": also the AMP candidate filter)."""
         return self.kernels.get(op_type, self.kernels.get(ANY_OP, ()))
 
-    def supports_kernel(self, op_type: str, activation: Precision, weight: Precision | None = None,
-                        bias: Precision | None = None) -> bool:
+    def supports_kernel(
+        self, op_type: str, activation: Precision, weight: Precision | None = None, bias: Precision | None = None
+    ) -> bool:
         return any(k.matches(activation, weight, bias) for k in self.supported_kernels(op_type))
 
     def supports_float(self, bitwidth: int) -> bool:
@@ -139,14 +161,22 @@ class TargetDescriptor:
     def to_dict(self) -> dict[str, Any]:
         """The file form (what ``from_dict`` reads)."""
         return {
-            "name": self.name, "description": self.description, "needs_quantized": self.needs_quantized,
-            "kernels": {op: [[str(p) if p is not None else None for p in (k.activation, k.weight, k.bias)]
-                             for k in ks] for op, ks in self.kernels.items()},
+            "name": self.name,
+            "description": self.description,
+            "needs_quantized": self.needs_quantized,
+            "kernels": {
+                op: [[str(p) if p is not None else None for p in (k.activation, k.weight, k.bias)] for k in ks]
+                for op, ks in self.kernels.items()
+            },
             "ops": list(self.ops) if self.ops is not None else None,
-            "per_channel_weights": self.per_channel_weights, "int32_ops": list(self.int32_ops),
-            "float_bitwidths": list(self.float_bitwidths), "default_act_bw": self.default_act_bw,
-            "default_weight_bw": self.default_weight_bw, "default_bias_bw": self.default_bias_bw,
-            "default_float_bw": self.default_float_bw, "uint8_storage": self.uint8_storage,
+            "per_channel_weights": self.per_channel_weights,
+            "int32_ops": list(self.int32_ops),
+            "float_bitwidths": list(self.float_bitwidths),
+            "default_act_bw": self.default_act_bw,
+            "default_weight_bw": self.default_weight_bw,
+            "default_bias_bw": self.default_bias_bw,
+            "default_float_bw": self.default_float_bw,
+            "uint8_storage": self.uint8_storage,
         }
 
 
@@ -158,8 +188,12 @@ def _check(ok: bool, target: str, key: str, problem: str) -> None:
 def _names(value: Any, target: str, key: str, kind: type = str) -> tuple[Any, ...]:
     _check(isinstance(value, (list, tuple)), target, key, f"must be a list, got {type(value).__name__}")
     for item in value:
-        _check(isinstance(item, kind) and not isinstance(item, bool), target, key,
-               f"entries must be {kind.__name__}s, got {item!r}")
+        _check(
+            isinstance(item, kind) and not isinstance(item, bool),
+            target,
+            key,
+            f"entries must be {kind.__name__}s, got {item!r}",
+        )
     return tuple(value)
 
 
@@ -179,8 +213,12 @@ def _kernel(value: Any, target: str, key: str) -> Kernel:
         unknown = sorted(set(value) - {"activation", "weight", "bias"})
         _check(not unknown, target, key, f"unknown keys {unknown} (activation, weight, bias)")
         value = [value.get("activation"), value.get("weight"), value.get("bias")]
-    _check(isinstance(value, (list, tuple)) and 1 <= len(value) <= 3, target, key,
-           f"a kernel is [activation, weight, bias] like [int8, int8, int32], got {value!r}")
+    _check(
+        isinstance(value, (list, tuple)) and 1 <= len(value) <= 3,
+        target,
+        key,
+        f"a kernel is [activation, weight, bias] like [int8, int8, int32], got {value!r}",
+    )
     activation, weight, bias = (_precision(v, target, key) for v in (*value, None, None)[:3])
     if activation is None:
         raise TargetError(f"target {target!r}: field '{key}': the activation precision is required")
@@ -210,8 +248,9 @@ def from_dict(data: Any, *, source: str = "<target>") -> TargetDescriptor:
         raise TargetError(f"{source}: field 'name': required, a non-empty string")
     for key in data:
         if key not in _FIELDS:
-            raise TargetError(f"{source}: target {name!r}: field '{key}': unknown field "
-                              f"(known: {', '.join(sorted(_FIELDS))})")
+            raise TargetError(
+                f"{source}: target {name!r}: field '{key}': unknown field (known: {', '.join(sorted(_FIELDS))})"
+            )
     values = dict(data)
     for key in ("ops", "int32_ops", "float_bitwidths"):
         if isinstance(values.get(key), list):

@@ -78,8 +78,11 @@ def op_precision(graph: Graph, op: Op) -> Precision | None:
         if out and out in graph.tensors:
             p = Precision.of(graph.tensors[out].precision)
             if p is not None and p.is_int32:
-                inputs = [Precision.of(graph.tensors[n].precision) for n in op.inputs
-                          if n and not graph.tensors[n].is_constant]
+                inputs = [
+                    Precision.of(graph.tensors[n].precision)
+                    for n in op.inputs
+                    if n and not graph.tensors[n].is_constant
+                ]
                 if not inputs or not all(q is not None and q.is_int32 for q in inputs):
                     return Precision("int", int(graph.tensors[out].meta.get("encoding_bw", 8)))
             if p is not None:
@@ -97,8 +100,14 @@ def activation_slots(op: Op) -> tuple[int, ...]:
 class _Annotator:
     """One annotation run: the working maps (precision, source, role per tensor) and the steps."""
 
-    def __init__(self, graph: Graph, shapes: Shapes, opts: PrecisionOptions, target: TargetDescriptor | None,
-                 remarks: RemarkCollector) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        shapes: Shapes,
+        opts: PrecisionOptions,
+        target: TargetDescriptor | None,
+        remarks: RemarkCollector,
+    ) -> None:
         self.graph, self.shapes, self.target, self.remarks = graph, shapes, target, remarks
         self.opts = opts
         t = target
@@ -135,8 +144,11 @@ class _Annotator:
         return None
 
     def constant_inputs(self, op: Op) -> list[str]:
-        return [n for s, n in enumerate(op.inputs) if n and s in COMPUTE.get(op.op_type, ())
-                and self.role.get(n) in ("weight", "bias", "param")]
+        return [
+            n
+            for s, n in enumerate(op.inputs)
+            if n and s in COMPUTE.get(op.op_type, ()) and self.role.get(n) in ("weight", "bias", "param")
+        ]
 
     def float_of(self, bitwidth: int | None) -> Precision:
         return Precision("float", bitwidth or self.float_bw)
@@ -176,11 +188,19 @@ class _Annotator:
             if t.meta.get("precision_source") == "override" and t.precision is not None:
                 p = Precision.of(t.precision)
                 assert p is not None
-                if (not self.opts.calibrated and self.role[name] == "activation" and not p.is_float
-                        and not p.is_int32 and not isinstance(t.encoding, Encoding)):
+                if (
+                    not self.opts.calibrated
+                    and self.role[name] == "activation"
+                    and not p.is_float
+                    and not p.is_int32
+                    and not isinstance(t.encoding, Encoding)
+                ):
                     self.set(name, self.float_of(None), "fallback")
-                    self.remarks.missed(f"{p} override left float", [name],
-                                        reason="no encoding and no calibration data (float fallback)")
+                    self.remarks.missed(
+                        f"{p} override left float",
+                        [name],
+                        reason="no encoding and no calibration data (float fallback)",
+                    )
                 else:
                     self.set(name, p, "override")
             elif t.meta.get("encoding_source") == "override" and isinstance(t.encoding, Encoding):
@@ -206,8 +226,11 @@ class _Annotator:
                     continue
                 bw = (self.opts.float_bias_bw or bitwidth) if m == bias else bitwidth
                 if self.source.get(m) == "override":
-                    self.remarks.missed("int override replaced by float", [m], reason=f"{op.name} has float "
-                                        f"{', '.join(floats)}: an op is all-float or all-int")
+                    self.remarks.missed(
+                        "int override replaced by float",
+                        [m],
+                        reason=f"{op.name} has float {', '.join(floats)}: an op is all-float or all-int",
+                    )
                 self.set(m, Precision("float", bw), "rule")
             if out and out in self.fused_by:
                 self.set(self.fused_by[out], self.prec[out], "rule")
@@ -230,8 +253,7 @@ class _Annotator:
                 if out in self.prec or out in self.fused:
                     continue
                 src = op.inputs[0] if op.inputs else ""
-                if op.op_type in DATA_MOVEMENT and op.is_standard and src in self.prec \
-                        and not self.prec[src].is_int32:
+                if op.op_type in DATA_MOVEMENT and op.is_standard and src in self.prec and not self.prec[src].is_int32:
                     self.set(out, self.prec[src], "propagated")
                 elif not quantizable(op):
                     self.set(out, self.float_of(None), "float-op")
@@ -259,7 +281,8 @@ class _Annotator:
                     # Scalars like Clip bounds follow a float op's type, else stay float32.
                     self.set(name, op_p if op_p is not None and op_p.is_float else self.float_of(32), "default")
                 elif (op_p is not None and op_p.is_float and op_src != "fallback") or (
-                        op_p is None and self.float_mode):
+                    op_p is None and self.float_mode
+                ):
                     bw = op_p.bitwidth if op_p is not None else self.float_bw
                     if name == bias:
                         bw = self.opts.float_bias_bw or bw
@@ -303,8 +326,11 @@ class _Annotator:
                 continue
 
             def score(k, p=p, wp=wp, bp=bp):  # noqa: ANN001, ANN202 - local ranking
-                return (4 * (k.activation == p) + 2 * (wp is None or k.weight in (None, wp))
-                        + (bp is None or k.bias in (None, bp)))
+                return (
+                    4 * (k.activation == p)
+                    + 2 * (wp is None or k.weight in (None, wp))
+                    + (bp is None or k.bias in (None, bp))
+                )
 
             best = max(kernels, key=score)
             self.set(out, best.activation, "target")
@@ -314,8 +340,9 @@ class _Annotator:
                 self.set(weight, best.weight, "target")
             if bias and best.bias is not None:
                 self.set(bias, best.bias, "target")
-            self.remarks.applied(f"target {t.name} has no {p}/{wp}/{bp} kernel for {op.op_type}: using {best}",
-                                 [op.name])
+            self.remarks.applied(
+                f"target {t.name} has no {p}/{wp}/{bp} kernel for {op.op_type}: using {best}", [op.name]
+            )
 
     def repropagate(self) -> None:
         """Data-invariant ops follow their input again after the target moved it."""
@@ -367,8 +394,9 @@ class _Annotator:
         return counts
 
 
-def annotate(graph: Graph, shapes: Shapes, opts: PrecisionOptions, target: TargetDescriptor | None,
-             remarks: RemarkCollector) -> dict[Source, int]:
+def annotate(
+    graph: Graph, shapes: Shapes, opts: PrecisionOptions, target: TargetDescriptor | None, remarks: RemarkCollector
+) -> dict[Source, int]:
     """Give every float tensor a precision; returns how many came from each source."""
     a = _Annotator(graph, shapes, opts, target, remarks)
     a.collect_roles()
@@ -381,6 +409,9 @@ def annotate(graph: Graph, shapes: Shapes, opts: PrecisionOptions, target: Targe
     counts = a.write()
     fallback = [n for n, s in a.source.items() if s == "fallback" and a.role[n] == "activation"]
     if fallback:
-        remarks.missed(f"{len(fallback)} activations have no encoding and stay float", fallback[:10],
-                       reason="not calibrated and not overridden (float fallback)")
+        remarks.missed(
+            f"{len(fallback)} activations have no encoding and stay float",
+            fallback[:10],
+            reason="not calibrated and not overridden (float fallback)",
+        )
     return dict(counts)

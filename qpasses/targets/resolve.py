@@ -13,7 +13,8 @@ _FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def resolve_target(
-    spec: str | os.PathLike[str] | TargetDescriptor | None, registry: Any = None,
+    spec: str | os.PathLike[str] | TargetDescriptor | None,
+    registry: Any = None,
 ) -> TargetDescriptor | None:
     """``"htp"`` (registry name, entry points included), ``"my_npu.yaml"`` (file), or a descriptor."""
     if spec is None or isinstance(spec, TargetDescriptor):

@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     model = onnx.load(args.model)
     start = time.perf_counter()
     fold_all_batch_norms_to_weight(model)
-    sim = QuantizationSimModel(model, param_type=f"int{args.bits}", activation_type=f"int{args.act_bits}",
-                               config_file=get_path_for_per_channel_config())
+    sim = QuantizationSimModel(
+        model,
+        param_type=f"int{args.bits}",
+        activation_type=f"int{args.act_bits}",
+        config_file=get_path_for_per_channel_config(),
+    )
     apply_adaround(sim, calib, num_iterations=args.iterations)
     sim.compute_encodings(calib)
     seconds = time.perf_counter() - start

@@ -82,9 +82,15 @@ def evaluations_per_second(candidates: str, repeats: int) -> None:
     callbacks = {"phase1": metric, "phase2": metric}
     model = graph.to_onnx().SerializeToString()
     start = time.perf_counter()
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=sorted({c.act.bitwidth for c in cands}),
-                            weight_bitwidths=sorted({c.param.bitwidth for c in cands}), bias_correction=True,
-                            batch_size=16)
+    tables = calibrate_once(
+        graph,
+        feeds,
+        config,
+        act_bitwidths=sorted({c.act.bitwidth for c in cands}),
+        weight_bitwidths=sorted({c.param.bitwidth for c in cands}),
+        bias_correction=True,
+        batch_size=16,
+    )
     setup = time.perf_counter() - start
     rng = np.random.default_rng(0)
     assignments = [{g: cands[rng.integers(len(cands))] for g in part.names} for _ in range(repeats)]
@@ -102,35 +108,57 @@ def evaluations_per_second(candidates: str, repeats: int) -> None:
     real_time = time.perf_counter() - start
 
     same = sum(abs(a - b) < 1e-12 for a, b in zip(sim_scores, real_scores, strict=True))
-    print(f"## Evaluations per second ({repeats} random assignments of {len(part)} groups, candidates {candidates},"
-          " 360 test images each)\n")
+    print(
+        f"## Evaluations per second ({repeats} random assignments of {len(part)} groups, candidates {candidates},"
+        " 360 test images each)\n"
+    )
     print("| scorer | evals/s | s/eval | session builds | one-time setup |")
     print("|---|---|---|---|---|")
-    print(f"| simulation (one session) | {repeats / sim_time:.1f} | {sim_time / repeats * 1e3:.1f} ms | "
-          f"{sim.stats.session_builds} | calibration+bias tables {setup:.2f} s, session {build:.2f} s |")
-    print(f"| rebuild QDQ + session | {repeats / real_time:.1f} | {real_time / repeats * 1e3:.1f} ms | "
-          f"{real.stats.session_builds} | - (calibrates inside every build: "
-          f"{real.stats.build_seconds / repeats * 1e3:.0f} ms/build) |")
+    print(
+        f"| simulation (one session) | {repeats / sim_time:.1f} | {sim_time / repeats * 1e3:.1f} ms | "
+        f"{sim.stats.session_builds} | calibration+bias tables {setup:.2f} s, session {build:.2f} s |"
+    )
+    print(
+        f"| rebuild QDQ + session | {repeats / real_time:.1f} | {real_time / repeats * 1e3:.1f} ms | "
+        f"{real.stats.session_builds} | - (calibrates inside every build: "
+        f"{real.stats.build_seconds / repeats * 1e3:.0f} ms/build) |"
+    )
     print(f"\nspeed-up {real_time / sim_time:.1f}x; identical scores for {same}/{repeats} assignments\n")
 
 
 def full_runs(candidates: str, drop: float | None) -> dict[str, Any]:
     phase1, phase2 = top1_accuracy(TEST, limit=120), top1_accuracy(TEST)
     print(f"## Full AMP runs (candidates {candidates}; phase 1 on 120 images, phase 2 on 360)\n")
-    print("| run | allowed drop | phase-1 evals | phase-2 evals | other evals | session builds | phase 1+2 s | "
-          "total s | pareto points | chosen BitOps / all-16/16 | score (FP32) |")
+    print(
+        "| run | allowed drop | phase-1 evals | phase-2 evals | other evals | session builds | phase 1+2 s | "
+        "total s | pareto points | chosen BitOps / all-16/16 | score (FP32) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as out:  # warm-up: imports (matplotlib...) are not AMP's time
         choose_mixed_precision(MODEL, CALIB, candidates, phase1, phase2, drop, out, progress=False)
-    rows = [("simulation", drop, True, "binary", "exhaustive"), ("rebuild per eval", drop, False, "binary", "auto"),
-            ("simulation, full curve", None, True, "binary", "exhaustive"),
-            ("simulation, demotion", drop, True, "demotion", "auto"),
-            ("simulation, phase 1 by proxy", drop, True, "binary", "proxy")]
+    rows = [
+        ("simulation", drop, True, "binary", "exhaustive"),
+        ("rebuild per eval", drop, False, "binary", "auto"),
+        ("simulation, full curve", None, True, "binary", "exhaustive"),
+        ("simulation, demotion", drop, True, "demotion", "auto"),
+        ("simulation, phase 1 by proxy", drop, True, "binary", "proxy"),
+    ]
     for label, d, simulate, algorithm, mode in rows:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            r = choose_mixed_precision(MODEL, CALIB, candidates, phase1, phase2, d, out, simulate=simulate,
-                                       algorithm=algorithm, phase1=mode, progress=False)
+            r = choose_mixed_precision(
+                MODEL,
+                CALIB,
+                candidates,
+                phase1,
+                phase2,
+                d,
+                out,
+                simulate=simulate,
+                algorithm=algorithm,
+                phase1=mode,
+                progress=False,
+            )
             wall = time.perf_counter() - start
         s = r.stats
         p1 = s.get("phase1")
@@ -138,14 +166,27 @@ def full_runs(candidates: str, drop: float | None) -> dict[str, Any]:
         other = sum(v.evaluations for k, v in s.items() if k not in ("phase1", "phase2", "demotion"))
         builds = sum(v.session_builds for v in s.values())
         secs = sum(v.seconds for k, v in s.items() if k in ("phase1", "phase2", "demotion"))
-        print(f"| {label} | {d} | {p1.evaluations if p1 else 0} | {p2.evaluations if p2 else 0} | {other} | "
-              f"{builds} | {secs:.2f} | {wall:.2f} | {len(r.pareto)} | {r.bitops / r.baseline_bitops:.3f} | "
-              f"{r.score:.4f} ({r.fp32_score:.4f}) |")
+        print(
+            f"| {label} | {d} | {p1.evaluations if p1 else 0} | {p2.evaluations if p2 else 0} | {other} | "
+            f"{builds} | {secs:.2f} | {wall:.2f} | {len(r.pareto)} | {r.bitops / r.baseline_bitops:.3f} | "
+            f"{r.score:.4f} ({r.fp32_score:.4f}) |"
+        )
         if label == "simulation":
-            ours = {"run": "qpasses simulation", "baseline": str(r.baseline), "p1": p1.evaluations if p1 else 0,
-                    "p2": p2.evaluations if p2 else 0, "other": other, "calib": "-", "builds": builds,
-                    "secs": secs, "wall": wall, "pareto": len(r.pareto), "rel": r.bitops / r.baseline_bitops,
-                    "score": r.score, "fp32": r.fp32_score}
+            ours = {
+                "run": "qpasses simulation",
+                "baseline": str(r.baseline),
+                "p1": p1.evaluations if p1 else 0,
+                "p2": p2.evaluations if p2 else 0,
+                "other": other,
+                "calib": "-",
+                "builds": builds,
+                "secs": secs,
+                "wall": wall,
+                "pareto": len(r.pareto),
+                "rel": r.bitops / r.baseline_bitops,
+                "score": r.score,
+                "fp32": r.fp32_score,
+            }
         if label == "simulation, full curve":
             curve = ", ".join(f"{p.relative_bitops:.3f}:{p.score:.3f}" for p in r.pareto)
             full_curve = f"\nfull curve (relative BitOps:score): {curve}\n"
@@ -184,8 +225,9 @@ def _aimet_bitops(model: Any, sim: Any, mac_dict: dict[str, int]) -> float:
     return total
 
 
-def _aimet_amp(cands: list[Candidate], drop: float | None, phase1: Any, phase2: Any,
-               calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def _aimet_amp(
+    cands: list[Candidate], drop: float | None, phase1: Any, phase2: Any, calib: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
     """One AIMET ``choose_mixed_precision`` run; counts every callback, times the whole flow."""
     import onnx
     from aimet_onnx import mixed_precision as aimet_mp
@@ -206,6 +248,7 @@ def _aimet_amp(cands: list[Candidate], drop: float | None, phase1: Any, phase2: 
             counts[key] += 1
             seen(session)
             return fn(session)
+
         return CallbackFunc(call)
 
     def forward(session: Any, _args: Any = None) -> None:  # one calibration pass over the calibration split
@@ -215,8 +258,10 @@ def _aimet_amp(cands: list[Candidate], drop: float | None, phase1: Any, phase2: 
             session.run(None, feed)
 
     def aimet_candidate(c: Candidate) -> tuple[tuple[int, Any], tuple[int, Any]]:
-        return ((c.act.bitwidth, QuantizationDataType[c.act.dtype]),
-                (c.param.bitwidth, QuantizationDataType[c.param.dtype]))
+        return (
+            (c.act.bitwidth, QuantizationDataType[c.act.dtype]),
+            (c.param.bitwidth, QuantizationDataType[c.param.dtype]),
+        )
 
     def qtype_name(p: Any) -> str:
         return f"{'float' if p.is_float else 'int'}{p.bitwidth}"
@@ -240,9 +285,16 @@ def _aimet_amp(cands: list[Candidate], drop: float | None, phase1: Any, phase2: 
         with tempfile.TemporaryDirectory() as out:
             amp_start = time.perf_counter()
             pareto = aimet_mp.choose_mixed_precision(
-                sim, [aimet_candidate(c) for c in cands], counted("p1", phase1), counted("p2", phase2), drop,
-                results_dir=out, clean_start=True, forward_pass_callback=CallbackFunc(forward),
-                use_all_amp_candidates=True)
+                sim,
+                [aimet_candidate(c) for c in cands],
+                counted("p1", phase1),
+                counted("p2", phase2),
+                drop,
+                results_dir=out,
+                clean_start=True,
+                forward_pass_callback=CallbackFunc(forward),
+                use_all_amp_candidates=True,
+            )
             amp_wall = time.perf_counter() - amp_start
     finally:
         aimet_mp.GreedyMixedPrecisionAlgo = base_cls
@@ -256,11 +308,22 @@ def _aimet_amp(cands: list[Candidate], drop: float | None, phase1: Any, phase2: 
     base = Candidate(Precision(adt.name, ab), Precision(pdt.name, pb))
     to_highest = base.cost / per_mac  # AIMET's pareto BitOps are relative to its baseline
     phase_minutes = [m for m in (algo.time_taken_phase1, algo.time_taken_phase2) if m is not None]
-    return {"baseline": str(base), "p1": counts["p1"], "p2": len(pareto), "other": counts["p2"] - len(pareto),
-            "calib": counts["calib"], "builds": len(sessions), "secs": sum(phase_minutes) * 60, "wall": wall,
-            "amp_wall": amp_wall, "pareto": len(pareto),
-            "rel": _aimet_bitops(model, sim, mac_dict) / all_highest, "score": algo._final_eval_score,
-            "fp32": algo.fp32_accuracy, "curve": [(p[0] * to_highest, p[1]) for p in pareto]}
+    return {
+        "baseline": str(base),
+        "p1": counts["p1"],
+        "p2": len(pareto),
+        "other": counts["p2"] - len(pareto),
+        "calib": counts["calib"],
+        "builds": len(sessions),
+        "secs": sum(phase_minutes) * 60,
+        "wall": wall,
+        "amp_wall": amp_wall,
+        "pareto": len(pareto),
+        "rel": _aimet_bitops(model, sim, mac_dict) / all_highest,
+        "score": algo._final_eval_score,
+        "fp32": algo.fp32_accuracy,
+        "curve": [(p[0] * to_highest, p[1]) for p in pareto],
+    }
 
 
 def aimet_runs(candidates: str, drop: float | None, ours: dict[str, Any]) -> None:
@@ -270,13 +333,15 @@ def aimet_runs(candidates: str, drop: float | None, ours: dict[str, Any]) -> Non
         return
     cands = parse_candidates(candidates)  # lowest to highest cost
     highest = cands[-1]
-    orders = [("AIMET, candidates lowest first", cands),
-              ("AIMET, candidates highest first", sorted(cands, key=lambda c: c.sort_key, reverse=True))]
+    orders = [
+        ("AIMET, candidates lowest first", cands),
+        ("AIMET, candidates highest first", sorted(cands, key=lambda c: c.sort_key, reverse=True)),
+    ]
     phase1, phase2 = top1_accuracy(TEST, limit=120), top1_accuracy(TEST)
     with np.load(CALIB) as npz:
         arrays = {k: npz[k] for k in npz.files if k != "labels"}
     n = len(next(iter(arrays.values())))
-    calib = [{k: v[i:i + 16] for k, v in arrays.items()} for i in range(0, n, 16)]
+    calib = [{k: v[i : i + 16] for k, v in arrays.items()} for i in range(0, n, 16)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # AIMET's deprecation / torch warnings on every calibration
@@ -294,27 +359,34 @@ def aimet_runs(candidates: str, drop: float | None, ours: dict[str, Any]) -> Non
         print(f"\nAIMET AMP: skipped ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
         return
     version = importlib.metadata.version("aimet-onnx")
-    print(f"\n## AIMET AMP side by side (aimet-onnx {version}; candidates {candidates}, allowed drop {drop}, "
-          "phase 1 on 120 images, phase 2 on 360, same calibration split)\n")
-    print("| run | baseline | phase-1 evals | phase-2 evals | other evals | calibration passes | session builds | "
-          f"phase 1+2 s | total s | pareto points | chosen BitOps / all-{highest} | score (FP32) |")
+    print(
+        f"\n## AIMET AMP side by side (aimet-onnx {version}; candidates {candidates}, allowed drop {drop}, "
+        "phase 1 on 120 images, phase 2 on 360, same calibration split)\n"
+    )
+    print(
+        "| run | baseline | phase-1 evals | phase-2 evals | other evals | calibration passes | session builds | "
+        f"phase 1+2 s | total s | pareto points | chosen BitOps / all-{highest} | score (FP32) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in [ours, *rows]:
-        print(f"| {r['run']} | {r['baseline']} | {r['p1']} | {r['p2']} | {r['other']} | {r['calib']} | {r['builds']} | "
-              f"{r['secs']:.2f} | {r['wall']:.2f} | {r['pareto']} | {r['rel']:.3f} | "
-              f"{r['score']:.4f} ({r['fp32']:.4f}) |")
+        print(
+            f"| {r['run']} | {r['baseline']} | {r['p1']} | {r['p2']} | {r['other']} | {r['calib']} | {r['builds']} | "
+            f"{r['secs']:.2f} | {r['wall']:.2f} | {r['pareto']} | {r['rel']:.3f} | "
+            f"{r['score']:.4f} ({r['fp32']:.4f}) |"
+        )
     amp_secs = ", ".join(f"{r['amp_wall']:.2f}" for r in rows)
-    print("\nAIMET: phase-2 evals = pareto points scored; other = FP32, each candidate everywhere, final score; "
-          f"calibration passes = forward passes over the {n} calibration images (compute_encodings, incl. the "
-          "initial one); total s = BN fold + QuantizationSimModel + calibration + choose_mixed_precision "
-          f"({amp_secs} s of it). Chosen BitOps from the sim's final "
-          "quantizer bitwidths; score is AIMET's final phase-2 score on its sim (ours: the saved QDQ model).")
+    print(
+        "\nAIMET: phase-2 evals = pareto points scored; other = FP32, each candidate everywhere, final score; "
+        f"calibration passes = forward passes over the {n} calibration images (compute_encodings, incl. the "
+        "initial one); total s = BN fold + QuantizationSimModel + calibration + choose_mixed_precision "
+        f"({amp_secs} s of it). Chosen BitOps from the sim's final "
+        "quantizer bitwidths; score is AIMET's final phase-2 score on its sim (ours: the saved QDQ model)."
+    )
     for r in rows:
         curve = ", ".join(f"{b:.3f}:{s:.3f}" for b, s in r["curve"])
-        print(f"{r['run']}, pareto points in AIMET's list order (relative BitOps vs all-{highest}:score): "
-              f"{curve or '-'}")
-
-
+        print(
+            f"{r['run']}, pareto points in AIMET's list order (relative BitOps vs all-{highest}:score): {curve or '-'}"
+        )
 
 
 # --- 4. a YOLOv8n-size detector -------------------------------------------------------------------
@@ -345,8 +417,18 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
         return outs if outputs > 1 else outs[0]
 
-    def conv(self, x: str, cin: int, cout: int, k: int = 1, s: int = 1, act: bool = True, bias: float = 0.1,
-             std: float = 1.0, shift: float = 0.0) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int = 1,
+        s: int = 1,
+        act: bool = True,
+        bias: float = 0.1,
+        std: float = 1.0,
+        shift: float = 0.0,
+    ) -> str:
         rng = self.rng
         w = rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))
         w *= np.exp(rng.normal(0.0, 0.3, (cout, 1, 1, 1)))  # per-channel gains, as BatchNorm folding leaves
@@ -355,8 +437,14 @@ class _Builder:
             w[rng.integers(cout)] *= rng.uniform(6.0, 16.0)
         if rng.random() < 0.2:  # an outlier activation channel: 8-bit activations get coarse
             b[rng.integers(cout)] += rng.uniform(4.0, 12.0)
-        y = self.node("Conv", [x, self.const(w.astype(np.float32), "w"), self.const(b.astype(np.float32), "b")],
-                      prefix="conv", kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4)
+        y = self.node(
+            "Conv",
+            [x, self.const(w.astype(np.float32), "w"), self.const(b.astype(np.float32), "b")],
+            prefix="conv",
+            kernel_shape=[k, k],
+            strides=[s, s],
+            pads=[k // 2] * 4,
+        )
         self.targets[self.nodes[-1].name] = (std, shift)
         if act:  # SiLU as exported: x * Sigmoid(x)
             y = self.node("Mul", [y, self.node("Sigmoid", [y])])
@@ -364,8 +452,9 @@ class _Builder:
 
     def c2f(self, x: str, cin: int, cout: int, n: int, shortcut: bool = True) -> str:
         c = cout // 2
-        a, b = self.node("Split", [self.conv(x, cin, 2 * c), self.const(np.array([c, c], np.int64), "split")],
-                         outputs=2, axis=1)
+        a, b = self.node(
+            "Split", [self.conv(x, cin, 2 * c), self.const(np.array([c, c], np.int64), "split")], outputs=2, axis=1
+        )
         parts = [a, b]
         for _ in range(n):
             t = self.conv(self.conv(parts[-1], c, c, 3), c, c, 3)
@@ -379,8 +468,7 @@ class _Builder:
         return self.conv(self.node("Concat", pools, axis=1), 2 * cin, cout)
 
     def upsample(self, x: str) -> str:
-        return self.node("Resize", [x, "", self.const(np.array([1, 1, 2, 2], np.float32), "scales")],
-                         mode="nearest")
+        return self.node("Resize", [x, "", self.const(np.array([1, 1, 2, 2], np.float32), "scales")], mode="nearest")
 
 
 def _rescale(model: onnx.ModelProto, images: np.ndarray, targets: dict[str, tuple[float, float]]) -> None:
@@ -417,23 +505,45 @@ def yolov8n_like(size: int = 320, width: float = 1.0, classes: int = 80, seed: i
     levels = []
     for feat, cin in ((o3, c3), (o4, c4), (o5, c5)):
         box = b.conv(b.conv(b.conv(feat, cin, box_c, 3), box_c, box_c, 3), box_c, 64, act=False, std=3.0)
-        cls = b.conv(b.conv(b.conv(feat, cin, cls_c, 3), cls_c, cls_c, 3), cls_c, classes, act=False, bias=1.0,
-                     std=2.0, shift=-5.0)
-        levels.append(b.node("Reshape", [b.node("Concat", [box, cls], axis=1),
-                                         b.const(np.array([0, 64 + classes, -1], np.int64), "shape")]))
-    box, cls = b.node("Split", [b.node("Concat", levels, axis=2),
-                                b.const(np.array([64, classes], np.int64), "split")], outputs=2, axis=1)
-    d = b.node("Transpose", [b.node("Reshape", [box, b.const(np.array([0, 4, 16, -1], np.int64), "shape")])],
-               perm=[0, 2, 1, 3])
+        cls = b.conv(
+            b.conv(b.conv(feat, cin, cls_c, 3), cls_c, cls_c, 3),
+            cls_c,
+            classes,
+            act=False,
+            bias=1.0,
+            std=2.0,
+            shift=-5.0,
+        )
+        levels.append(
+            b.node(
+                "Reshape",
+                [b.node("Concat", [box, cls], axis=1), b.const(np.array([0, 64 + classes, -1], np.int64), "shape")],
+            )
+        )
+    box, cls = b.node(
+        "Split",
+        [b.node("Concat", levels, axis=2), b.const(np.array([64, classes], np.int64), "split")],
+        outputs=2,
+        axis=1,
+    )
+    d = b.node(
+        "Transpose", [b.node("Reshape", [box, b.const(np.array([0, 4, 16, -1], np.int64), "shape")])], perm=[0, 2, 1, 3]
+    )
     dfl = b.const(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "dfl")  # DFL: expectation over 16 bins
     d = b.node("Conv", [b.node("Softmax", [d], axis=1), dfl], prefix="dfl")
     boxes = b.node("Reshape", [d, b.const(np.array([0, 4, -1], np.int64), "shape")], prefix="boxes")
     scores = b.node("Sigmoid", [cls], prefix="scores")
     anchors = sum((size // s) ** 2 for s in (8, 16, 32))
     graph = helper.make_graph(
-        b.nodes, "yolov8n_like", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, size, size])],
-        [helper.make_tensor_value_info(boxes, TensorProto.FLOAT, ["n", 4, anchors]),
-         helper.make_tensor_value_info(scores, TensorProto.FLOAT, ["n", classes, anchors])], b.inits)
+        b.nodes,
+        "yolov8n_like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, size, size])],
+        [
+            helper.make_tensor_value_info(boxes, TensorProto.FLOAT, ["n", 4, anchors]),
+            helper.make_tensor_value_info(scores, TensorProto.FLOAT, ["n", classes, anchors]),
+        ],
+        b.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     _rescale(model, synthetic_images(2, size, seed + 99), b.targets)
     onnx.checker.check_model(model)
@@ -458,16 +568,24 @@ class DetectionAgreement:
     ``score_tolerance``, and IoU >= ``iou`` with the FP32 box (boxes as the DFL's left/top/right/bottom
     distances of the anchor). 1.0 = the FP32 detections; discrete, as mAP is."""
 
-    def __init__(self, images: np.ndarray, reference: bytes, top_k: int = 100, score_tolerance: float = 0.05,
-                 iou: float = 0.5, batch: int = 8) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        reference: bytes,
+        top_k: int = 100,
+        score_tolerance: float = 0.05,
+        iou: float = 0.5,
+        batch: int = 8,
+    ) -> None:
         self.images, self.reference, self.top_k, self.batch = images, reference, top_k, batch
         self.score_tolerance, self.iou = score_tolerance, iou
         self._expected: tuple[np.ndarray, ...] | None = None
 
     def _run(self, session: Any) -> tuple[np.ndarray, np.ndarray]:
         name = session.get_inputs()[0].name
-        outs = [session.run(None, {name: self.images[i:i + self.batch]})
-                for i in range(0, len(self.images), self.batch)]
+        outs = [
+            session.run(None, {name: self.images[i : i + self.batch]}) for i in range(0, len(self.images), self.batch)
+        ]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
     def __call__(self, session: Any) -> float:
@@ -475,18 +593,23 @@ class DetectionAgreement:
             ref = ort.InferenceSession(self.reference, session_options(), providers=["CPUExecutionProvider"])
             boxes, scores = self._run(ref)
             best = scores.max(1)
-            top = np.argsort(-best, axis=1)[:, :self.top_k]
+            top = np.argsort(-best, axis=1)[:, : self.top_k]
             rows = np.arange(len(best))[:, None]
-            self._expected = (top, scores.argmax(1)[rows, top], best[rows, top[:, -1:]],
-                              np.take_along_axis(boxes, top[:, None, :], 2))
+            self._expected = (
+                top,
+                scores.argmax(1)[rows, top],
+                best[rows, top[:, -1:]],
+                np.take_along_axis(boxes, top[:, None, :], 2),
+            )
         top, ref_cls, threshold, ref_box = self._expected
         boxes, scores = self._run(session)
         rows = np.arange(len(boxes))[:, None]
         cls = scores.argmax(1)[rows, top]
         best = scores.max(1)[rows, top]
         box = np.take_along_axis(boxes, top[:, None, :], 2)  # [n, 4 (l, t, r, b), k]
-        inter = (np.minimum(box[:, 0], ref_box[:, 0]) + np.minimum(box[:, 2], ref_box[:, 2])) * \
-            (np.minimum(box[:, 1], ref_box[:, 1]) + np.minimum(box[:, 3], ref_box[:, 3]))
+        inter = (np.minimum(box[:, 0], ref_box[:, 0]) + np.minimum(box[:, 2], ref_box[:, 2])) * (
+            np.minimum(box[:, 1], ref_box[:, 1]) + np.minimum(box[:, 3], ref_box[:, 3])
+        )
         area = (box[:, 0] + box[:, 2]) * (box[:, 1] + box[:, 3])
         ref_area = (ref_box[:, 0] + ref_box[:, 2]) * (ref_box[:, 1] + ref_box[:, 3])
         iou = inter / np.maximum(area + ref_area - inter, 1e-9)
@@ -500,7 +623,7 @@ YOLO_CANDIDATES = "8/8,16/8,16/16"
 def _yolo_setup(size: int, width: float) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     model = yolov8n_like(size, width)
     calib = synthetic_images(64, size, 1)
-    return model, [{"images": calib[i:i + 8]} for i in range(0, 64, 8)]
+    return model, [{"images": calib[i : i + 8]} for i in range(0, 64, 8)]
 
 
 def _timed(fn: Any, repeats: int) -> float:
@@ -521,20 +644,29 @@ def yolo_simulation_cost(repeats: int) -> dict[str, float]:
     part = find_groups(graph)
     cands = parse_candidates(YOLO_CANDIDATES)
     config = QuantConfig()
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[8, 16],
-                            bias_correction=True, batch_size=8)
+    tables = calibrate_once(
+        graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[8, 16], bias_correction=True, batch_size=8
+    )
     scorer = SimulationScorer(ScorerSpec(graph.to_onnx().SerializeToString(), part, config, {}, tables, prune=False))
     fp32 = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    assignments = {"all 16/16 (the baseline)": {g: cands[-1] for g in part.names},
-                   "random mix": {g: cands[rng.integers(len(cands))] for g in part.names}}
+    assignments = {
+        "all 16/16 (the baseline)": {g: cands[-1] for g in part.names},
+        "random mix": {g: cands[rng.integers(len(cands))] for g in part.names},
+    }
     macs = sum(mac_table(graph, part).macs.values())
-    print(f"## YOLOv8n-size detector: {len(part)} groups ({sum(1 for g in part if g.weights)} with weights), "
-          f"{macs / 1e9:.2f} GMACs per 320x320 image, candidates {YOLO_CANDIDATES}\n")
-    print("### Simulation cost per image vs FP32 (best of "
-          f"{repeats}; onnxruntime's default threads on this machine's {os.cpu_count()} CPUs)\n")
-    print("| assignment | batch | FP32 | full session, `run` (before) | full session, IO binding | "
-          "pruned session (layout) | pruned build |")
+    print(
+        f"## YOLOv8n-size detector: {len(part)} groups ({sum(1 for g in part if g.weights)} with weights), "
+        f"{macs / 1e9:.2f} GMACs per 320x320 image, candidates {YOLO_CANDIDATES}\n"
+    )
+    print(
+        "### Simulation cost per image vs FP32 (best of "
+        f"{repeats}; onnxruntime's default threads on this machine's {os.cpu_count()} CPUs)\n"
+    )
+    print(
+        "| assignment | batch | FP32 | full session, `run` (before) | full session, IO binding | "
+        "pruned session (layout) | pruned build |"
+    )
     print("|---|---|---|---|---|---|---|")
     out: dict[str, float] = {}
     for label, assignment in assignments.items():
@@ -553,13 +685,17 @@ def yolo_simulation_cost(repeats: int) -> dict[str, float]:
             bound = _timed(lambda s=full, x=x: s.run(None, x), repeats) / batch
             t_pruned = _timed(lambda s=pruned, x=x: s.run(None, x), repeats) / batch
             same = all(np.array_equal(a, b) for a, b in zip(full.run(None, x), pruned.run(None, x), strict=True))
-            print(f"| {label} | {batch} | {t_fp32 * 1e3:.1f} ms | {before * 1e3:.1f} ms ({before / t_fp32:.1f}x) | "
-                  f"{bound * 1e3:.1f} ms ({bound / t_fp32:.1f}x) | {t_pruned * 1e3:.1f} ms ({t_pruned / t_fp32:.1f}x)"
-                  f"{'' if same else ' DIFFERENT OUTPUTS'} | {build:.2f} s |")
+            print(
+                f"| {label} | {batch} | {t_fp32 * 1e3:.1f} ms | {before * 1e3:.1f} ms ({before / t_fp32:.1f}x) | "
+                f"{bound * 1e3:.1f} ms ({bound / t_fp32:.1f}x) | {t_pruned * 1e3:.1f} ms ({t_pruned / t_fp32:.1f}x)"
+                f"{'' if same else ' DIFFERENT OUTPUTS'} | {build:.2f} s |"
+            )
             out[f"{label}|{batch}"] = before / t_pruned
-    print(f"\n{len(full.extra)} quantizer/weight inputs; `run` checks every input name against a list on "
-          "every call. Pruned sessions are built only where an evaluation costs 3+ builds; outputs are "
-          "compared bit for bit above.\n")
+    print(
+        f"\n{len(full.extra)} quantizer/weight inputs; `run` checks every input name against a list on "
+        "every call. Pruned sessions are built only where an evaluation costs 3+ builds; outputs are "
+        "compared bit for bit above.\n"
+    )
     return out
 
 
@@ -575,37 +711,44 @@ def _amp_row(label: str, r: Any, wall: float) -> str:
 
     proxy = sum(v.proxy_runs for v in s.values())
     evals = sum(v.evaluations for v in s.values())
-    return (f"| {label} | {r.phase1_mode or '-'} | {wall:.0f} s | {evals} | {n('reference')} | {n('phase1')} | "
-            f"{n('phase2')} | {n('phase3')} | {n('verify')} | {proxy} | {r.bitops / r.baseline_bitops:.3f} | "
-            f"{r.score:.4f} | {r.target:.4f} |")
+    return (
+        f"| {label} | {r.phase1_mode or '-'} | {wall:.0f} s | {evals} | {n('reference')} | {n('phase1')} | "
+        f"{n('phase2')} | {n('phase3')} | {n('verify')} | {proxy} | {r.bitops / r.baseline_bitops:.3f} | "
+        f"{r.score:.4f} | {r.target:.4f} |"
+    )
 
 
 def _amp(model: onnx.ModelProto, feeds: Any, metric: Any, drop: float, phase1: str) -> tuple[Any, float]:
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        r = choose_mixed_precision(model, feeds, YOLO_CANDIDATES, metric, metric, drop, out, phase1=phase1,
-                                   batch_size=8, progress=False)
+        r = choose_mixed_precision(
+            model, feeds, YOLO_CANDIDATES, metric, metric, drop, out, phase1=phase1, batch_size=8, progress=False
+        )
         return r, time.perf_counter() - start
 
 
-AMP_HEADER = ("| run | phase 1 | wall | metric calls | reference | phase 1 | phase 2 | phase 3 | verify | proxy runs | "
-              "BitOps / all-16/16 | score | target |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+AMP_HEADER = (
+    "| run | phase 1 | wall | metric calls | reference | phase 1 | phase 2 | phase 3 | verify | proxy runs | "
+    "BitOps / all-16/16 | score | target |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def yolo_amp_small(drop: float) -> None:
     model, feeds = _yolo_setup(160, 0.25)
     # Stricter than on the full model (score within 0.01, IoU 0.9): this small net is more robust.
-    metric = DetectionAgreement(synthetic_images(16, 160, 2), model.SerializeToString(), score_tolerance=0.01,
-                                iou=0.9)
+    metric = DetectionAgreement(synthetic_images(16, 160, 2), model.SerializeToString(), score_tolerance=0.01, iou=0.9)
     graph = prepare_graph(model)
     part = find_groups(graph)
     cands = parse_candidates(YOLO_CANDIDATES)
-    group_cands = collapse_unweighted(filter_candidates(_op_kernels(graph, part), cands, None),
-                                      {g.name for g in part if g.weights})
+    group_cands = collapse_unweighted(
+        filter_candidates(_op_kernels(graph, part), cands, None), {g.name for g in part if g.weights}
+    )
     tasks = len(phase1_tasks(part.names, group_cands, {g: cands[-1] for g in part.names}))
-    print(f"### AMP, the same topology at 160x160 and 1/4 of the channels ({len(part)} groups, {tasks} phase-1 "
-          f"pairs; metric on 16 images, score within 0.01, IoU 0.9; allowed drop {drop})\n")
+    print(
+        f"### AMP, the same topology at 160x160 and 1/4 of the channels ({len(part)} groups, {tasks} phase-1 "
+        f"pairs; metric on 16 images, score within 0.01, IoU 0.9; allowed drop {drop})\n"
+    )
     print(AMP_HEADER)
     times = []
     for phase1 in ("exhaustive", "proxy"):
@@ -628,8 +771,9 @@ def yolo_amp_full(images: int, drop: float, exhaustive: bool) -> None:
         times.append(f"phase1={phase1}: {_phase_seconds(r)}")
         if phase1 == "proxy" and "phase1" in r.stats:
             p1 = r.stats["phase1"]
-            checks = "; ".join(f"{c.group} {c.candidate}: drop {c.drop:.4f}{' (moved)' if c.moved else ''}"
-                               for c in r.proxy_checks)
+            checks = "; ".join(
+                f"{c.group} {c.candidate}: drop {c.drop:.4f}{' (moved)' if c.moved else ''}" for c in r.proxy_checks
+            )
             proxy_info = f"proxy: {p1.proxy_runs} runs in {p1.seconds:.0f} s; blocker checks: {checks or '-'}"
         elif phase1 == "proxy":
             proxy_info = f"no phase 1: {'; '.join(r.messages[:2])}"
@@ -638,26 +782,38 @@ def yolo_amp_full(images: int, drop: float, exhaustive: bool) -> None:
     part = find_groups(graph)
     cands = parse_candidates(YOLO_CANDIDATES)
     config = QuantConfig()
-    tables = calibrate_once(graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[8, 16],
-                            bias_correction=True, batch_size=8)
+    tables = calibrate_once(
+        graph, feeds, config, act_bitwidths=[8, 16], weight_bitwidths=[8, 16], bias_correction=True, batch_size=8
+    )
     base = {g: cands[-1] for g in part.names}
     one = {**base, part.names[3]: cands[0]}
     costs = {}
     for label, prune in (("pruned", True), ("full", False)):
-        scorer = SimulationScorer(ScorerSpec(graph.to_onnx().SerializeToString(), part, config,
-                                             {"phase1": metric, "phase2": metric}, tables, prune=prune))
+        scorer = SimulationScorer(
+            ScorerSpec(
+                graph.to_onnx().SerializeToString(),
+                part,
+                config,
+                {"phase1": metric, "phase2": metric},
+                tables,
+                prune=prune,
+            )
+        )
         scorer.score(one, "phase1")  # warm-up (and the pruned build)
         start = time.perf_counter()
         scorer.score(base, "phase1")
         costs[label] = time.perf_counter() - start
-    group_cands = collapse_unweighted(filter_candidates(_op_kernels(graph, part), cands, None),
-                                      {g.name for g in part if g.weights})
+    group_cands = collapse_unweighted(
+        filter_candidates(_op_kernels(graph, part), cands, None), {g.name for g in part if g.weights}
+    )
     tasks = len(phase1_tasks(part.names, group_cands, base))
     print("\n" + "\n".join(times))
     print(proxy_info)
-    print(f"one metric call: {costs['pruned']:.1f} s (pruned session), {costs['full']:.1f} s (full session); "
-          f"exhaustive phase 1 = {tasks} calls = {tasks * costs['pruned'] / 60:.1f} min with pruned sessions, "
-          f"{tasks * costs['full'] / 60:.1f} min on the full session\n")
+    print(
+        f"one metric call: {costs['pruned']:.1f} s (pruned session), {costs['full']:.1f} s (full session); "
+        f"exhaustive phase 1 = {tasks} calls = {tasks * costs['pruned'] / 60:.1f} min with pruned sessions, "
+        f"{tasks * costs['full'] / 60:.1f} min on the full session\n"
+    )
 
 
 def main() -> None:
@@ -665,12 +821,18 @@ def main() -> None:
     parser.add_argument("--candidates", default="8/4,8/8,16/16")
     parser.add_argument("--drop", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--only", choices=["digits", "yolo", "yolo-cost", "yolo-small", "yolo-full"],
-                        help="run one part (yolo: its three)")
+    parser.add_argument(
+        "--only",
+        choices=["digits", "yolo", "yolo-cost", "yolo-small", "yolo-full"],
+        help="run one part (yolo: its three)",
+    )
     parser.add_argument("--yolo-images", type=int, default=256, help="images the detection metric scores")
     parser.add_argument("--yolo-drop", type=float, default=0.02)
-    parser.add_argument("--yolo-exhaustive", action="store_true",
-                        help="also run exhaustive phase 1 on the 320x320 model (long: see the extrapolation)")
+    parser.add_argument(
+        "--yolo-exhaustive",
+        action="store_true",
+        help="also run exhaustive phase 1 on the 320x320 model (long: see the extrapolation)",
+    )
     args = parser.parse_args()
     only = args.only or "all"
     if only in ("all", "digits"):

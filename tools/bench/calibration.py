@@ -166,20 +166,24 @@ def prepare(workdir: Path, chain_nodes: int, spatial: int) -> dict[str, dict[str
         path = workdir / f"{name}.onnx"
         onnx.save(graph.to_onnx(), str(path))
         input_shape = (1, 16, 16) if name == "digits" else (32, spatial, spatial)
-        out[name] = {"path": str(path), "tensors": ctx.get(QuantPlan, graph).plan.activations,
-                     "input_shape": input_shape}
+        out[name] = {
+            "path": str(path),
+            "tensors": ctx.get(QuantPlan, graph).plan.activations,
+            "input_shape": input_shape,
+        }
     return out
 
 
-def batches(name: str, input_shape: tuple[int, ...], samples: int, batch: int = BATCH,
-            input_name: str = "input") -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    name: str, input_shape: tuple[int, ...], samples: int, batch: int = BATCH, input_name: str = "input"
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``batch``, generated one at a time (real digits data for the digits model)."""
     if name == "digits":
         with np.load(ROOT / "models" / "digits_calib.npz") as data:
             x = data["input"]
         x = np.concatenate([x] * -(-samples // len(x)))[:samples]
         for i in range(0, samples, batch):
-            yield {input_name: x[i:i + batch]}
+            yield {input_name: x[i : i + batch]}
         return
     rng = np.random.default_rng(0)
     for i in range(0, samples, batch):
@@ -204,8 +208,9 @@ def _plain(path: str, feeds: list[dict[str, np.ndarray]], spinning: bool = True)
     return time.perf_counter() - start
 
 
-def _calibrate(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]], histogram: bool,
-               overlap: bool) -> tuple[float, dict]:
+def _calibrate(
+    model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]], histogram: bool, overlap: bool
+) -> tuple[float, dict]:
     start = time.perf_counter()
     observers = collect_statistics(model, tensors, feeds, histogram=histogram, progress=False, overlap=overlap)
     return time.perf_counter() - start, observers
@@ -260,8 +265,9 @@ def child(args: argparse.Namespace) -> None:
     digest = ""
     if tool == "qpasses":
         cap = spec.get("cap", DEFAULT_MAX_BYTES_PER_RUN)
-        observers = collect_statistics(model, spec["tensors"], data, histogram=method == "enhanced", progress=False,
-                                       max_bytes_per_run=cap)
+        observers = collect_statistics(
+            model, spec["tensors"], data, histogram=method == "enhanced", progress=False, max_bytes_per_run=cap
+        )
         encodings = sorted((n, compute(obs, 8, method)) for n, obs in observers.items())
         digest = hashlib.sha1(repr([(n, e.scale, e.offset) for n, e in encodings]).encode()).hexdigest()[:12]
         tensors = len(observers)
@@ -273,14 +279,16 @@ def child(args: argparse.Namespace) -> None:
                 return next(data, None)
 
         with tempfile.TemporaryDirectory() as d:
-            calibrator = create_calibrator(spec["path"], augmented_model_path=os.path.join(d, "aug.onnx"),
-                                           calibrate_method=CalibrationMethod[method])
+            calibrator = create_calibrator(
+                spec["path"],
+                augmented_model_path=os.path.join(d, "aug.onnx"),
+                calibrate_method=CalibrationMethod[method],
+            )
             calibrator.collect_data(Reader())
             tensors = len(calibrator.compute_data().data)
     seconds = time.perf_counter() - start
     peak = _status_mb("VmHWM")
-    print(json.dumps({"peak": peak, "growth": peak - before, "seconds": seconds, "tensors": tensors,
-                      "digest": digest}))
+    print(json.dumps({"peak": peak, "growth": peak - before, "seconds": seconds, "tensors": tensors, "digest": digest}))
 
 
 def memory_row(name: str, spec: dict[str, object], tool: str, method: str, samples: int) -> dict:
@@ -303,27 +311,45 @@ def yolo_rows(workdir: Path, size: int, samples: int, caps: list[int], repeat: i
     tensors_file = workdir / "yolo_tensors.json"
     tensors_file.write_text(json.dumps(tensors))
     shapes = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    per_sample = sum(int(np.prod([d.dim_value or 1 for d in shapes[t].type.tensor_type.shape.dim])) * 4
-                     for t in tensors if t in shapes)
+    per_sample = sum(
+        int(np.prod([d.dim_value or 1 for d in shapes[t].type.tensor_type.shape.dim])) * 4
+        for t in tensors
+        if t in shapes
+    )
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
-    print(f"\n(c) YOLO-like CNN: {convs} convs, {len(model.graph.node)} nodes, input 3x{size}x{size}, "
-          f"{len(tensors)} activations = {per_sample / MB:.0f} MB per sample; {samples} samples; "
-          f"time s / peak RSS MB of a fresh process (best / highest of {repeat})")
-    base = {"name": "yolo", "path": str(path), "tensors_file": str(tensors_file), "input_shape": [3, size, size],
-            "input": "images", "samples": samples, "tensors": []}
+    print(
+        f"\n(c) YOLO-like CNN: {convs} convs, {len(model.graph.node)} nodes, input 3x{size}x{size}, "
+        f"{len(tensors)} activations = {per_sample / MB:.0f} MB per sample; {samples} samples; "
+        f"time s / peak RSS MB of a fresh process (best / highest of {repeat})"
+    )
+    base = {
+        "name": "yolo",
+        "path": str(path),
+        "tensors_file": str(tensors_file),
+        "input_shape": [3, size, size],
+        "input": "images",
+        "samples": samples,
+        "tensors": [],
+    }
     configs: list[tuple[str, dict[str, object]]] = [
         ("qpasses uncapped (before), batch 16", {"tool": "qpasses", "method": "tf", "cap": None}),
         ("qpasses uncapped, batch 1", {"tool": "qpasses", "method": "tf", "cap": None, "batch": 1}),
-        *[(f"qpasses cap {cap // MB} MB{' (default)' if cap == DEFAULT_MAX_BYTES_PER_RUN else ''}, batch 16",
-           {"tool": "qpasses", "method": "tf", "cap": cap}) for cap in caps],
+        *[
+            (
+                f"qpasses cap {cap // MB} MB{' (default)' if cap == DEFAULT_MAX_BYTES_PER_RUN else ''}, batch 16",
+                {"tool": "qpasses", "method": "tf", "cap": cap},
+            )
+            for cap in caps
+        ],
         ("onnxruntime MinMax, batch 16", {"tool": "onnxruntime", "method": "MinMax"}),
         ("onnxruntime MinMax, batch 1", {"tool": "onnxruntime", "method": "MinMax", "batch": 1}),
     ]
     results: dict[str, list[dict]] = {label: [] for label, _ in configs}
     for _ in range(repeat):
         for label, extra in configs:
-            results[label].append(memory_row("yolo", {**base, **extra}, str(extra["tool"]), str(extra["method"]),
-                                             samples))
+            results[label].append(
+                memory_row("yolo", {**base, **extra}, str(extra["tool"]), str(extra["method"]), samples)
+            )
     default = next(label for label, extra in configs if extra.get("cap") == DEFAULT_MAX_BYTES_PER_RUN)
     reference = next((r["digest"] for r in results[default] if "error" not in r), None)
     print(f"{'calibrator':<40} {'tensors':>7} {'time s':>8} {'peak MB':>8} {'same':>5}")
@@ -333,8 +359,11 @@ def yolo_rows(workdir: Path, size: int, samples: int, caps: list[int], repeat: i
             print(f"{label:<40} error: {rows[0]['error']}")
             continue
         same = "" if not ok[0]["digest"] else ("yes" if ok[0]["digest"] == reference else "NO")
-        print(f"{label:<40} {ok[0]['tensors']:>7} {min(r['seconds'] for r in ok):>8.2f} "
-              f"{max(r['peak'] for r in ok):>8.0f} {same:>5}", flush=True)
+        print(
+            f"{label:<40} {ok[0]['tensors']:>7} {min(r['seconds'] for r in ok):>8.2f} "
+            f"{max(r['peak'] for r in ok):>8.0f} {same:>5}",
+            flush=True,
+        )
 
 
 # --- main ---------------------------------------------------------------------------------------------------
@@ -363,18 +392,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         specs = prepare(Path(d), args.chain_nodes, args.spatial)
         if not args.skip_time:
-            print(f"\n(a) time, {args.time_samples} samples (best of {args.repeat}; "
-                  "ratio = calibration / plain FP32 inference incl. session creation)")
-            print(f"{'model':<10} {'mode':<9} {'tensors':>7} {'plain s':>8} {'nospin s':>9} {'calib s':>8} "
-                  f"{'ratio':>6} {'ratio*':>7} {'serial s':>9} {'ratio':>6} {'encode s':>9}")
+            print(
+                f"\n(a) time, {args.time_samples} samples (best of {args.repeat}; "
+                "ratio = calibration / plain FP32 inference incl. session creation)"
+            )
+            print(
+                f"{'model':<10} {'mode':<9} {'tensors':>7} {'plain s':>8} {'nospin s':>9} {'calib s':>8} "
+                f"{'ratio':>6} {'ratio*':>7} {'serial s':>9} {'ratio':>6} {'encode s':>9}"
+            )
             for name, spec in specs.items():
                 for mode in ("tf", "enhanced"):
                     r = time_row(name, spec, mode, args.time_samples, args.repeat)
-                    print(f"{name:<10} {mode:<9} {r['tensors']:>7} {r['plain']:>8.3f} {r['nospin']:>9.3f} "
-                          f"{r['calib']:>8.3f} {r['calib'] / r['plain']:>6.2f} {r['calib'] / r['nospin']:>7.2f} "
-                          f"{r['serial']:>9.3f} {r['serial'] / r['plain']:>6.2f} {r['encode']:>9.3f}", flush=True)
-            print("ratio = calib / plain (default session); ratio* = calib / plain with spinning off, "
-                  "as the calibration session runs")
+                    print(
+                        f"{name:<10} {mode:<9} {r['tensors']:>7} {r['plain']:>8.3f} {r['nospin']:>9.3f} "
+                        f"{r['calib']:>8.3f} {r['calib'] / r['plain']:>6.2f} {r['calib'] / r['nospin']:>7.2f} "
+                        f"{r['serial']:>9.3f} {r['serial'] / r['plain']:>6.2f} {r['encode']:>9.3f}",
+                        flush=True,
+                    )
+            print(
+                "ratio = calib / plain (default session); ratio* = calib / plain with spinning off, "
+                "as the calibration session runs"
+            )
         if not args.skip_memory:
             print("\n(b) peak RSS MB (growth during calibration MB) by number of samples, fresh process each")
             header = "".join(f"{n:>22}" for n in args.samples)

@@ -37,9 +37,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
-
-
+        None, {"input": x}
+    )[0]
 
 
 def skewed_digits(spread: float = 100.0, seed: int = 0) -> onnx.ModelProto:
@@ -83,8 +82,12 @@ def main() -> None:
         ref = _run(model, x)
         print(f"{name}: FP32 top-1 {np.mean(ref.argmax(1) == y):.4f}")
         print(f"  {'configuration':<34} {'top-1':>7} {'SQNR dB':>8}")
-        for label, per_channel, cle in [("W8A8 per-tensor", False, False), ("W8A8 per-tensor + CLE", False, True),
-                                        ("W8A8 per-channel", True, False), ("W8A8 per-channel + CLE", True, True)]:
+        for label, per_channel, cle in [
+            ("W8A8 per-tensor", False, False),
+            ("W8A8 per-tensor + CLE", False, True),
+            ("W8A8 per-channel", True, False),
+            ("W8A8 per-channel + CLE", True, True),
+        ]:
             res = quantize_model(model, CALIB, QuantConfig(per_channel=per_channel), cle=cle, progress=False)
             out = _run(res.model, x)
             print(f"  {label:<34} {np.mean(out.argmax(1) == y):>7.4f} {sqnr(ref, out):>8.2f}")

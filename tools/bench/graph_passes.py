@@ -65,8 +65,10 @@ def time_ort(path: str) -> float:
     model = load_model_with_shape_infer(Path(path))  # as quantize_static does before rewriting
     op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     names = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
-    ranges = TensorsData(CalibrationMethod.MinMax,
-                         {n: TensorData(lowest=np.float32(RANGE[0]), highest=np.float32(RANGE[1])) for n in names})
+    ranges = TensorsData(
+        CalibrationMethod.MinMax,
+        {n: TensorData(lowest=np.float32(RANGE[0]), highest=np.float32(RANGE[1])) for n in names},
+    )
     start = time.perf_counter()
     q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, [], [], op_types, {})
     q.quantize_model()
@@ -90,8 +92,13 @@ def main() -> None:
             onnx.save(model, path)
             ours = time_qpasses(model)
             try:
-                r = subprocess.run([sys.executable, __file__, "--ort-child", path], capture_output=True, text=True,
-                                   timeout=args.ort_timeout, check=True)
+                r = subprocess.run(
+                    [sys.executable, __file__, "--ort-child", path],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.ort_timeout,
+                    check=True,
+                )
                 theirs = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
                 ort_txt, speed = f"{theirs:14.2f}", f"{theirs / ours:7.0f}x"
             except subprocess.TimeoutExpired:

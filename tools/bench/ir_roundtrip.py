@@ -72,8 +72,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes:
             r = bench(size, args.repeat, Path(d))
-            print(f"{r['nodes']:>8} {r['plain']:>8.3f} {r['ir']:>8.3f} {r['ir'] / r['plain']:>6.2f} "
-                  f"{r['ir'] / r['nodes'] * 1e6:>10.1f}  ({r['load']:.3f} / {r['lower']:.3f} / {r['save']:.3f})")
+            print(
+                f"{r['nodes']:>8} {r['plain']:>8.3f} {r['ir']:>8.3f} {r['ir'] / r['plain']:>6.2f} "
+                f"{r['ir'] / r['nodes'] * 1e6:>10.1f}  ({r['load']:.3f} / {r['lower']:.3f} / {r['save']:.3f})"
+            )
 
 
 if __name__ == "__main__":

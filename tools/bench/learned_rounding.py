@@ -96,9 +96,18 @@ def digits_case(name: str, iterations: int, epochs: int) -> Case:
     def top1(fp32: Outputs, q: Outputs) -> float:
         return float(np.mean(np.concatenate([o[0] for o in q]).argmax(1) == labels))
 
-    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
-    return Case(name, onnx.load(MODELS / f"{name}.onnx"), feeds, [{"input": test["input"]}], "top-1", top1, 8,
-                iterations, epochs)
+    feeds = [{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)]
+    return Case(
+        name,
+        onnx.load(MODELS / f"{name}.onnx"),
+        feeds,
+        [{"input": test["input"]}],
+        "top-1",
+        top1,
+        8,
+        iterations,
+        epochs,
+    )
 
 
 def _rebatch(feeds: list[Feed], batch: int) -> list[Feed]:
@@ -107,15 +116,24 @@ def _rebatch(feeds: list[Feed], batch: int) -> list[Feed]:
         return feeds
     rows = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
     count = len(next(iter(rows.values())))
-    return [{k: v[i:i + batch] for k, v in rows.items()} for i in range(0, count, batch)]
+    return [{k: v[i : i + batch] for k, v in rows.items()} for i in range(0, count, batch)]
 
 
 def corpus_case(name: str, act_bw: int, iterations: int, epochs: int, batch: int) -> Case:
     from real_models import get_model
 
     m = get_model(name)
-    return Case(name, _with_logits(onnx.load(m.path)), _rebatch(m.calib_feeds(), batch), m.test_feeds(),
-                m.metric_name, m.metric, act_bw, iterations, epochs)
+    return Case(
+        name,
+        _with_logits(onnx.load(m.path)),
+        _rebatch(m.calib_feeds(), batch),
+        m.test_feeds(),
+        m.metric_name,
+        m.metric,
+        act_bw,
+        iterations,
+        epochs,
+    )
 
 
 def _flows(case: Case, extra: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -128,23 +146,45 @@ def _flows(case: Case, extra: bool) -> list[tuple[str, dict[str, Any]]]:
         ("adascale", {"adascale": True, "adascale_options": {"num_epochs": case.epochs, **case.adascale}}),
     ]
     if extra:
-        flows += [("seq-mse + adaround", {"seq_mse": True, "adaround": True, **ada}),
-                  ("adaround AIMET's 10k", {"adaround": True, "adaround_options": {"iterations": 10000, "lr": 1e-3}})]
+        flows += [
+            ("seq-mse + adaround", {"seq_mse": True, "adaround": True, **ada}),
+            ("adaround AIMET's 10k", {"adaround": True, "adaround_options": {"iterations": 10000, "lr": 1e-3}}),
+        ]
     return flows
 
 
 def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: float) -> str:
     """AIMET-ONNX's AdaRound in its own interpreter (``aimet_adaround.py``) on the same model, data and budget."""
     if not Path(python).exists():
-        return f"skipped (no AIMET interpreter at {python}: python -m venv /tmp/aimet-venv && " \
-               "/tmp/aimet-venv/bin/pip install aimet-onnx)"
+        return (
+            f"skipped (no AIMET interpreter at {python}: python -m venv /tmp/aimet-venv && "
+            "/tmp/aimet-venv/bin/pip install aimet-onnx)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         model, data, out = Path(tmp, "model.onnx"), Path(tmp, "data.npz"), Path(tmp, "out.npz")
         onnx.save(case.model, model)
-        np.savez(data, **{f"{split}/{i}/{k}": v for split, feeds in (("calib", case.calib), ("test", case.test))
-                          for i, feed in enumerate(feeds) for k, v in feed.items()})
-        cmd = [python, str(AIMET_SCRIPT), str(model), str(data), str(out), "--bits", str(bits),
-               "--act-bits", str(case.act_bw), "--iterations", str(case.iterations)]
+        np.savez(
+            data,
+            **{
+                f"{split}/{i}/{k}": v
+                for split, feeds in (("calib", case.calib), ("test", case.test))
+                for i, feed in enumerate(feeds)
+                for k, v in feed.items()
+            },
+        )
+        cmd = [
+            python,
+            str(AIMET_SCRIPT),
+            str(model),
+            str(data),
+            str(out),
+            "--bits",
+            str(bits),
+            "--act-bits",
+            str(case.act_bw),
+            "--iterations",
+            str(case.iterations),
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -157,20 +197,26 @@ def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: f
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         saved = np.load(out)
         q = [[saved[f"{i}/{k}"] for k in range(len(fp32[i]))] for i in range(len(case.test))]
-    return (f"{case.metric(fp32, q):9.4f} {_sqnr(fp32, q):8.2f} {'':>8} {'':>8} {'':>8} {seconds:8.1f} "
-            f"({case.iterations} iterations)")
+    return (
+        f"{case.metric(fp32, q):9.4f} {_sqnr(fp32, q):8.2f} {'':>8} {'':>8} {'':>8} {seconds:8.1f} "
+        f"({case.iterations} iterations)"
+    )
 
 
 def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_timeout: float) -> None:
     """One table block: FP32, each flow (exact | default session), AIMET's AdaRound."""
     fp32 = _run(exact_session(case.model), case.test)
-    print(f"{case.name} (W{bits}A{case.act_bw} per-channel; {sum(len(next(iter(f.values()))) for f in case.calib)} "
-          f"calibration samples in {len(case.calib)} batches / {sum(len(next(iter(f.values()))) for f in case.test)} "
-          f"test samples; AdaRound "
-          f"{case.iterations} iterations/layer, AdaScale {case.epochs} epochs/block"
-          f"{''.join(f', {k} {v}' for k, v in case.adascale.items())})")
-    print(f"  {'weights':<22} {case.metric_name[:9]:>9} {'SQNR dB':>8} {'vs m-m':>8} | {'metric':>8} "
-          f"{'SQNR dB':>8} {'time s':>8} {'learn s':>8}")
+    print(
+        f"{case.name} (W{bits}A{case.act_bw} per-channel; {sum(len(next(iter(f.values()))) for f in case.calib)} "
+        f"calibration samples in {len(case.calib)} batches / {sum(len(next(iter(f.values()))) for f in case.test)} "
+        f"test samples; AdaRound "
+        f"{case.iterations} iterations/layer, AdaScale {case.epochs} epochs/block"
+        f"{''.join(f', {k} {v}' for k, v in case.adascale.items())})"
+    )
+    print(
+        f"  {'weights':<22} {case.metric_name[:9]:>9} {'SQNR dB':>8} {'vs m-m':>8} | {'metric':>8} "
+        f"{'SQNR dB':>8} {'time s':>8} {'learn s':>8}"
+    )
     print(f"  {'FP32':<22} {case.metric(fp32, fp32):9.4f}")
     base = None
     config = QuantConfig(weight_bw=bits, act_bw=case.act_bw, per_channel=True)
@@ -179,8 +225,9 @@ def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_ti
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = quantize_model(case.model, case.calib, config, progress=False, auto_fallback=False,
-                                        runtime_check=False, **kwargs)
+                result = quantize_model(
+                    case.model, case.calib, config, progress=False, auto_fallback=False, runtime_check=False, **kwargs
+                )
         except Exception as exc:  # noqa: BLE001 - the table reports a flow's failure and goes on
             print(f"  {label:<22} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
             continue
@@ -191,18 +238,25 @@ def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_ti
         base = db if base is None else base
         learn = sum(r.seconds for r in result.report.records if r.name in ("adaround", "adascale", "seq-mse"))
         gain = f"{db - base:+.2f}" if label != "min-max" else ""
-        print(f"  {label:<22} {case.metric(fp32, exact):9.4f} {db:8.2f} {gain:>8} | {case.metric(fp32, fused):8.4f} "
-              f"{_sqnr(fp32, fused):8.2f} {seconds:8.1f} {learn:8.1f}", flush=True)
+        print(
+            f"  {label:<22} {case.metric(fp32, exact):9.4f} {db:8.2f} {gain:>8} | {case.metric(fp32, fused):8.4f} "
+            f"{_sqnr(fp32, fused):8.2f} {seconds:8.1f} {learn:8.1f}",
+            flush=True,
+        )
     if aimet_python is not None:
-        print(f"  {'AIMET-ONNX adaround':<22} {aimet_adaround(case, bits, aimet_python, fp32, aimet_timeout)}",
-              flush=True)
+        print(
+            f"  {'AIMET-ONNX adaround':<22} {aimet_adaround(case, bits, aimet_python, fp32, aimet_timeout)}", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits_cnn only, the four main flows, no corpus")
-    parser.add_argument("--models", default="digits_cnn,digits_cnn_relu6,digits_cnn_residual",
-                        help="shipped digits models ('' for none)")
+    parser.add_argument(
+        "--models",
+        default="digits_cnn,digits_cnn_relu6,digits_cnn_residual",
+        help="shipped digits models ('' for none)",
+    )
     parser.add_argument("--corpus", default="ppocr_cls,dnsmos_p808", help="corpus CNNs at W4A8 ('' for none)")
     parser.add_argument("--transformer", default="unidic_tagger", help="corpus transformer at W4A16 ('' for none)")
     parser.add_argument("--bits", type=int, default=4, help="weight bitwidth (4)")
@@ -210,12 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-iterations", type=int, default=1000, help="AdaRound steps per layer, corpus")
     parser.add_argument("--epochs", type=int, default=60, help="AdaScale epochs per block, digits (60)")
     parser.add_argument("--corpus-epochs", type=int, default=60, help="AdaScale epochs per block, corpus")
-    parser.add_argument("--corpus-batch", type=int, default=0,
-                        help="corpus CNNs: calibration samples per batch (0: as generated)")
-    parser.add_argument("--transformer-lr", type=float, nargs=2, default=(1e-2, 5e-3), metavar=("CLIP", "SCALE"),
-                        help="AdaScale clip_lr/scale_lr on the transformer: its few epochs need 10x AIMET's rates")
-    parser.add_argument("--aimet-python", default="/tmp/aimet-venv/bin/python",
-                        help="interpreter with aimet-onnx installed ('' to leave AIMET out)")
+    parser.add_argument(
+        "--corpus-batch", type=int, default=0, help="corpus CNNs: calibration samples per batch (0: as generated)"
+    )
+    parser.add_argument(
+        "--transformer-lr",
+        type=float,
+        nargs=2,
+        default=(1e-2, 5e-3),
+        metavar=("CLIP", "SCALE"),
+        help="AdaScale clip_lr/scale_lr on the transformer: its few epochs need 10x AIMET's rates",
+    )
+    parser.add_argument(
+        "--aimet-python",
+        default="/tmp/aimet-venv/bin/python",
+        help="interpreter with aimet-onnx installed ('' to leave AIMET out)",
+    )
     parser.add_argument("--aimet-timeout", type=float, default=1800.0, help="seconds per AIMET run")
     args = parser.parse_args(argv)
     try:
@@ -233,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         bench(digits_case(name, args.iterations, args.epochs), args.bits, not args.quick, aimet, args.aimet_timeout)
     for name in corpus:
-        bench(corpus_case(name, 8, args.corpus_iterations, args.corpus_epochs, args.corpus_batch), args.bits, False,
-              aimet,
-              args.aimet_timeout)
+        bench(
+            corpus_case(name, 8, args.corpus_iterations, args.corpus_epochs, args.corpus_batch),
+            args.bits,
+            False,
+            aimet,
+            args.aimet_timeout,
+        )
     for name in transformers:
         case = corpus_case(name, 16, args.corpus_iterations, args.corpus_epochs, 0)
         case.adascale = {"clip_lr": args.transformer_lr[0], "scale_lr": args.transformer_lr[1]}

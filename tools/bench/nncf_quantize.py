@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     large = quantized.ByteSize() > 1_900_000_000
     onnx.save(quantized, args.output, save_as_external_data=large)
-    info = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-            "nncf": nncf.__version__, "items": len(items)}
+    info = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "nncf": nncf.__version__, "items": len(items)}
     if args.json:
         Path(args.json).write_text(json.dumps(info))
     print(json.dumps(info))

@@ -37,8 +37,6 @@ def _run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
-
-
 def ort_quantize(model_path: Path, calib: np.ndarray, per_channel: bool, workdir: Path) -> str:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
@@ -46,7 +44,7 @@ def ort_quantize(model_path: Path, calib: np.ndarray, per_channel: bool, workdir
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+            self.batches = iter([{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -54,9 +52,16 @@ def ort_quantize(model_path: Path, calib: np.ndarray, per_channel: bool, workdir
     pre = workdir / f"{model_path.stem}.pre.onnx"
     quant_pre_process(str(model_path), str(pre))
     out = workdir / f"{model_path.stem}.ort.{'pc' if per_channel else 'pt'}.onnx"
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     return str(out)
 
 
@@ -77,19 +82,27 @@ def main() -> None:
                 layout = "per-channel" if per_channel else "per-tensor"
                 rows = []
                 t = time.perf_counter()
-                res = quantize_model(path, str(MODELS / "digits_calib.npz"), QuantConfig(per_channel=per_channel),
-                                     progress=False)
+                res = quantize_model(
+                    path, str(MODELS / "digits_calib.npz"), QuantConfig(per_channel=per_channel), progress=False
+                )
                 rows.append((f"qpasses {layout}", _run(res.model, x), time.perf_counter() - t))
                 t = time.perf_counter()
-                res = quantize_model(path, str(MODELS / "digits_calib.npz"), QuantConfig(per_channel=per_channel),
-                                     cle=True, progress=False)
+                res = quantize_model(
+                    path,
+                    str(MODELS / "digits_calib.npz"),
+                    QuantConfig(per_channel=per_channel),
+                    cle=True,
+                    progress=False,
+                )
                 rows.append((f"qpasses {layout} +CLE", _run(res.model, x), time.perf_counter() - t))
                 t = time.perf_counter()
                 ort_path = ort_quantize(path, calib, per_channel, Path(d))
                 rows.append((f"onnxruntime {layout}", _run(ort_path, x), time.perf_counter() - t))
                 for label, out, secs in rows:
-                    print(f"{name:<22} {label:<26} {np.mean(out.argmax(1) == y):>7.4f} {sqnr(ref, out):>8.2f} "
-                          f"{secs:>7.2f}")
+                    print(
+                        f"{name:<22} {label:<26} {np.mean(out.argmax(1) == y):>7.4f} {sqnr(ref, out):>8.2f} "
+                        f"{secs:>7.2f}"
+                    )
 
 
 if __name__ == "__main__":

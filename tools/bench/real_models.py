@@ -40,8 +40,14 @@ import real_models as rm  # noqa: E402
 
 NNCF_PYTHON = "/tmp/nncf-venv/bin/python"
 TOOLS = ("weights_only", "ort", "nncf", "qpasses", "amp")
-LABELS = {"fp32": "FP32", "weights_only": "qpasses weights only", "ort": "ORT quantize_static",
-          "nncf": "NNCF default", "qpasses": "qpasses default", "amp": "qpasses AMP (drop 1%)"}
+LABELS = {
+    "fp32": "FP32",
+    "weights_only": "qpasses weights only",
+    "ort": "ORT quantize_static",
+    "nncf": "NNCF default",
+    "qpasses": "qpasses default",
+    "amp": "qpasses AMP (drop 1%)",
+}
 AMP_CANDIDATES = "8/8,16/8,16/16"
 AMP_DROP = 0.01
 
@@ -71,7 +77,7 @@ def one_sample_per_item(model: rm.CorpusModel, feeds: list[dict[str, np.ndarray]
     first = [i.type.tensor_type.shape.dim[0] for i in proto.graph.input if i.name not in inits]
     if not all(d.dim_param or not d.HasField("dim_value") for d in first):
         return feeds
-    return [{k: v[j:j + 1] for k, v in feed.items()} for feed in feeds for j in range(len(next(iter(feed.values()))))]
+    return [{k: v[j : j + 1] for k, v in feed.items()} for feed in feeds for j in range(len(next(iter(feed.values()))))]
 
 
 # --- workers: one subprocess per tool ---------------------------------------------------------------------------------
@@ -125,9 +131,16 @@ def _ort(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]], out: Path) -
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
         info["note"] = "; ".join(filter(None, [info.get("note"), f"quant_pre_process failed ({reason}); model as is"]))
         source = shipped
-    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(source),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     return info
 
 
@@ -142,8 +155,17 @@ def _amp(model: rm.CorpusModel, calib: list[dict[str, np.ndarray]], out: Path) -
 
     with tempfile.TemporaryDirectory() as results, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = choose_mixed_precision(str(model.path), calib, AMP_CANDIDATES, None, score, AMP_DROP, results,
-                                   config={"per_channel": True}, progress=False)
+        r = choose_mixed_precision(
+            str(model.path),
+            calib,
+            AMP_CANDIDATES,
+            None,
+            score,
+            AMP_DROP,
+            results,
+            config={"per_channel": True},
+            progress=False,
+        )
     _save(r.quantized.model, out)
     counts: dict[str, int] = {}
     for cand in r.assignment.values():
@@ -179,14 +201,27 @@ def _run_tool(tool: str, model: rm.CorpusModel, workdir: Path, args: argparse.Na
     if tool == "nncf":
         if not Path(args.nncf_python).exists():
             return {"skipped": f"NNCF: skipped ({args.nncf_python} not found; see tools/bench/nncf_quantize.py)"}
-        cmd = [args.nncf_python, str(ROOT / "tools" / "bench" / "nncf_quantize.py"), str(model.path),
-               str(workdir / "items.npz"), str(workdir / "nncf.onnx"), "--json", str(workdir / "nncf.json")]
+        cmd = [
+            args.nncf_python,
+            str(ROOT / "tools" / "bench" / "nncf_quantize.py"),
+            str(model.path),
+            str(workdir / "items.npz"),
+            str(workdir / "nncf.onnx"),
+            "--json",
+            str(workdir / "nncf.json"),
+        ]
     else:
         cmd = [sys.executable, __file__, "--worker", tool, model.name, str(workdir)]
     try:
         # cwd: quant_pre_process leaves its temporary files (sym_shape_infer_temp.onnx, *.data) in it
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=workdir,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            cwd=workdir,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     info_path = workdir / f"{tool}.json"
@@ -252,9 +287,11 @@ def _cell(value: Any, fmt: str, width: int) -> str:
 
 
 def _print_row(model: rm.CorpusModel, row: dict[str, Any]) -> None:
-    line = (f"{model.name:16} {LABELS[row['tool']]:22} {_cell(row.get('exact'), '.4f', 8)} "
-            f"{_cell(row.get('default'), '.4f', 8)} {_cell(row.get('mac_share'), '.1%', 7)} "
-            f"{_cell(row.get('seconds'), '.1f', 7)} {_cell(row.get('peak_rss_mb'), '.0f', 7)}")
+    line = (
+        f"{model.name:16} {LABELS[row['tool']]:22} {_cell(row.get('exact'), '.4f', 8)} "
+        f"{_cell(row.get('default'), '.4f', 8)} {_cell(row.get('mac_share'), '.1%', 7)} "
+        f"{_cell(row.get('seconds'), '.1f', 7)} {_cell(row.get('peak_rss_mb'), '.0f', 7)}"
+    )
     notes = [str(row[k]) for k in ("error", "skipped", "note") if row.get(k)]
     failures = {k: row[k] for k in ("exact", "default", "mac_share") if isinstance(row.get(k), str)}
     for reason in dict.fromkeys(failures.values()):
@@ -262,8 +299,10 @@ def _print_row(model: rm.CorpusModel, row: dict[str, Any]) -> None:
     if row.get("fallback"):
         notes.append(f"auto-fallback kept {len(row['fallback'])} tensors float")
     if row["tool"] == "fp32":
-        notes.append(f"{model.metric_name} ({'higher' if model.higher_is_better else 'lower'} is better), "
-                     f"{row.get('gmacs', float('nan')):.2f} GMACs/test feed")
+        notes.append(
+            f"{model.metric_name} ({'higher' if model.higher_is_better else 'lower'} is better), "
+            f"{row.get('gmacs', float('nan')):.2f} GMACs/test feed"
+        )
     print(line + ("  " + "; ".join(notes) if notes else ""), flush=True)
 
 
@@ -271,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", help="corpus models (default: all)")
     ap.add_argument("--amp", action="store_true", help="also run qpasses AMP with allowed drop 0.01 (slow)")
-    ap.add_argument("--tools", nargs="*", choices=TOOLS[:-1], default=list(TOOLS[:-1]),
-                    help="tools to run (default all; none with --amp for the AMP row alone)")
+    ap.add_argument(
+        "--tools",
+        nargs="*",
+        choices=TOOLS[:-1],
+        default=list(TOOLS[:-1]),
+        help="tools to run (default all; none with --amp for the AMP row alone)",
+    )
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help=f"Python of a venv with nncf (default {NNCF_PYTHON})")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per tool and model")
     ap.add_argument("--json", help="also write the rows to this file")

@@ -108,8 +108,11 @@ class _Builder:
         if bias:
             self.inits[f"{name}.b"] = self.rng.normal(0, 0.05, cout).astype(np.float32)
             inputs.append(f"{name}.b")
-        self.nodes.append(helper.make_node("Conv", inputs, [name], name=name, kernel_shape=[k, k],
-                                           strides=[stride, stride], pads=[k // 2] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv", inputs, [name], name=name, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4
+            )
+        )
         return name
 
     def bn(self, x: str, c: int, gamma: tuple[float, float] = (0.7, 1.3)) -> str:
@@ -118,9 +121,15 @@ class _Builder:
         self.inits[f"{name}.bias"] = self.rng.normal(0, 0.1, c).astype(np.float32)
         self.inits[f"{name}.mean"] = np.zeros(c, np.float32)  # set from data (calibrate_init)
         self.inits[f"{name}.var"] = np.ones(c, np.float32)
-        self.nodes.append(helper.make_node("BatchNormalization", [x] + [f"{name}.{p}" for p in
-                                                                       ("scale", "bias", "mean", "var")],
-                                           [name], name=name, epsilon=1e-5))
+        self.nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [x] + [f"{name}.{p}" for p in ("scale", "bias", "mean", "var")],
+                [name],
+                name=name,
+                epsilon=1e-5,
+            )
+        )
         self.rescale.append((x, name))
         return name
 
@@ -138,10 +147,12 @@ class _Builder:
 
     def model(self, name: str) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, name,
+            self.nodes,
+            name,
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-            [numpy_helper.from_array(v, k) for k, v in self.inits.items()])
+            [numpy_helper.from_array(v, k) for k, v in self.inits.items()],
+        )
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         m.ir_version = 8
         return m
@@ -161,7 +172,7 @@ def _calibrate_init(model: onnx.ModelProto, rescale: list[tuple[str, str]], x: n
             for p, val in (("mean", v.mean(axis=(0, 2, 3))), ("var", v.var(axis=(0, 2, 3)))):
                 inits[f"{target}.{p}"].CopyFrom(numpy_helper.from_array(val.astype(np.float32), f"{target}.{p}"))
         else:
-            s = float(np.sqrt(np.mean(v ** 2)))
+            s = float(np.sqrt(np.mean(v**2)))
             for p in ("w", "b"):
                 t = inits[f"{target}.{p}"]
                 t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) / s).astype(np.float32), t.name))
@@ -194,8 +205,9 @@ def resnet26(seed: int = 2) -> onnx.ModelProto:
             stride = 2 if stage and i == 0 else 1
             y = b.op("Relu", [b.bn(b.conv(x, cin, cout, stride=stride, bias=False), cout)])
             y = b.bn(b.conv(y, cout, cout, bias=False), cout, gamma=(0.3, 0.7))
-            skip = x if stride == 1 and cin == cout else b.bn(b.conv(x, cin, cout, k=1, stride=stride, bias=False),
-                                                              cout)
+            skip = (
+                x if stride == 1 and cin == cout else b.bn(b.conv(x, cin, cout, k=1, stride=stride, bias=False), cout)
+            )
             x, cin = b.op("Relu", [b.op("Add", [y, skip])]), cout
     b.head(x, cin)
     return _calibrate_init(b.model("resnet26"), b.rescale, structured_images(64, seed + 1000))
@@ -219,7 +231,7 @@ def qpasses_quantize(model: onnx.ModelProto, calib: np.ndarray, target: str) -> 
     from qpasses.quant.config import QuantConfig
     from qpasses.quantize import quantize_model
 
-    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
+    feeds = [{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)]
     return quantize_model(model, feeds, QuantConfig(per_channel=True), target=target, progress=False).model
 
 
@@ -229,15 +241,22 @@ def ort_quantize(model_path: Path, calib: np.ndarray, reduce_range: bool, out: P
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+            self.batches = iter([{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)])
 
         def get_next(self):
             return next(self.batches, None)
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)  # ONNX shape inference suffices
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=reduce_range,
+    )
     return onnx.load(out)
 
 
@@ -259,7 +278,7 @@ def storage(model: onnx.ModelProto) -> str:
 
 
 def _logits(sess, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([sess.run(None, {"input": x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+    return np.concatenate([sess.run(None, {"input": x[i : i + 32]})[0] for i in range(0, len(x), 32)])
 
 
 def eval_only(workdir: Path) -> None:
@@ -281,15 +300,22 @@ def run_emulated(workdir: Path) -> tuple[dict[str, float] | None, str]:
         return None, "skipped (no qemu-x86_64)"
     t = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*QEMU, sys.executable, str(Path(__file__).resolve()), "--eval-only", str(workdir)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [*QEMU, sys.executable, str(Path(__file__).resolve()), "--eval-only", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     noise = [ln for ln in proc.stderr.splitlines() if ln.strip() and "TCG doesn't support requested feature" not in ln]
     if proc.returncode != 0:
         return None, f"failed (exit {proc.returncode}): " + " | ".join(noise[-5:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     verdict = "u8s8 kernels saturate" if result["saturates"] else "u8s8 kernels exact (emulation did NOT saturate!)"
-    return result["sqnr"], f"qemu-x86_64 -cpu Haswell (AVX2, no VNNI): onnxruntime {verdict} (probed under qemu), " \
-                           f"{time.perf_counter() - t:.0f} s"
+    return (
+        result["sqnr"],
+        f"qemu-x86_64 -cpu Haswell (AVX2, no VNNI): onnxruntime {verdict} (probed under qemu), "
+        f"{time.perf_counter() - t:.0f} s",
+    )
 
 
 def latency_ms(models: dict[str, onnx.ModelProto], x: np.ndarray, runs: int, warmup: int = 20) -> dict[str, float]:
@@ -350,37 +376,54 @@ def main() -> None:
                 onnx.save(q, path)
                 key = f"{name}/{method}"
                 manifest[key] = {"model": path.name, "data": f"{name}.data.npz"}
-                rows.append({"key": key, "model": f"{name} ({n_conv} conv)", "method": METHODS[method],
-                             "storage": storage(q),
-                             "exact": sqnr_db(ref, _logits(verification.exact_session(q), x)),
-                             "native": sqnr_db(ref, _logits(verification.runtime_session(q), x))})
-            latency[name] = latency_ms({"FP32": fp32, "ort-vnni": quantized["qpasses-ort-vnni"],
-                                        "ort": quantized["qpasses-ort"]}, x, args.runs)
+                rows.append(
+                    {
+                        "key": key,
+                        "model": f"{name} ({n_conv} conv)",
+                        "method": METHODS[method],
+                        "storage": storage(q),
+                        "exact": sqnr_db(ref, _logits(verification.exact_session(q), x)),
+                        "native": sqnr_db(ref, _logits(verification.runtime_session(q), x)),
+                    }
+                )
+            latency[name] = latency_ms(
+                {"FP32": fp32, "ort-vnni": quantized["qpasses-ort-vnni"], "ort": quantized["qpasses-ort"]}, x, args.runs
+            )
             print(f"  {name}: quantized 4 ways, evaluated, timed in {time.perf_counter() - t:.1f} s", flush=True)
         (workdir / "manifest.json").write_text(json.dumps(manifest))
         emulated, emu_note = run_emulated(workdir)
 
     print(f"\nemulated CPU: {emu_note}\n")
-    print("| model | method | storage act/w | exact QDQ | default session, this CPU (VNNI) "
-          "| default session, AVX2-only (qemu) | AVX2 loss vs exact |")
+    print(
+        "| model | method | storage act/w | exact QDQ | default session, this CPU (VNNI) "
+        "| default session, AVX2-only (qemu) | AVX2 loss vs exact |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         if emulated is None:
             emu, loss = emu_note.split(":")[0], "-"
         else:
             emu, loss = _fmt(emulated[r["key"]]), _fmt(r["exact"] - emulated[r["key"]])
-        print(f"| {r['model']} | {r['method']} | {r['storage']} | {_fmt(r['exact'])} | {_fmt(r['native'])} "
-              f"| {emu} | {loss} |")
+        print(
+            f"| {r['model']} | {r['method']} | {r['storage']} | {_fmt(r['exact'])} | {_fmt(r['native'])} "
+            f"| {emu} | {loss} |"
+        )
 
-    print(f"\nsingle-thread batch-1 median latency, default session, this CPU ({args.runs} runs after 20 warm-up, "
-          "interleaved), ms (ratio vs FP32)\n")
-    print("| model | FP32 | qpasses int8 weights (`ort-vnni`) | qpasses portable uint8 weights (`ort`) "
-          "| portable / int8 |")
+    print(
+        f"\nsingle-thread batch-1 median latency, default session, this CPU ({args.runs} runs after 20 warm-up, "
+        "interleaved), ms (ratio vs FP32)\n"
+    )
+    print(
+        "| model | FP32 | qpasses int8 weights (`ort-vnni`) | qpasses portable uint8 weights (`ort`) "
+        "| portable / int8 |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, lat in latency.items():
         f = lat["FP32"]
-        print(f"| {name} | {f:.3f} | {lat['ort-vnni']:.3f} ({lat['ort-vnni'] / f:.2f}x) "
-              f"| {lat['ort']:.3f} ({lat['ort'] / f:.2f}x) | {lat['ort'] / lat['ort-vnni']:.2f}x |")
+        print(
+            f"| {name} | {f:.3f} | {lat['ort-vnni']:.3f} ({lat['ort-vnni'] / f:.2f}x) "
+            f"| {lat['ort']:.3f} ({lat['ort'] / f:.2f}x) | {lat['ort'] / lat['ort-vnni']:.2f}x |"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

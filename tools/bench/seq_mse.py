@@ -65,18 +65,39 @@ def deep_digits(seed: int = 0) -> onnx.ModelProto:
 
     x = "input"
     # (out channels, in channels, kernel, stride, group)
-    convs = [(16, 1, 3, 1, 1), (32, 16, 3, 2, 1), (32, 32, 3, 1, 32), (48, 32, 1, 1, 1), (48, 48, 3, 2, 48),
-             (64, 48, 1, 1, 1), (64, 64, 3, 1, 1), (64, 64, 1, 1, 1)]
+    convs = [
+        (16, 1, 3, 1, 1),
+        (32, 16, 3, 2, 1),
+        (32, 32, 3, 1, 32),
+        (48, 32, 1, 1, 1),
+        (48, 48, 3, 2, 48),
+        (64, 48, 1, 1, 1),
+        (64, 64, 3, 1, 1),
+        (64, 64, 1, 1, 1),
+    ]
     for i, (cout, cin, k, s, g) in enumerate(convs):
         p = f"conv{i}"
         w = weight(f"{p}.w", (cout, cin // g, k, k), cin // g * k * k)
-        nodes.append(helper.make_node("Conv", [x, w], [f"{p}.out"], name=p, kernel_shape=[k, k], strides=[s, s],
-                                      pads=[k // 2] * 4, group=g))
-        for suffix, value in (("scale", rng.uniform(0.5, 1.5, cout)), ("bias", rng.normal(0.2, 0.3, cout)),
-                              ("mean", np.zeros(cout)), ("var", np.ones(cout))):
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, w], [f"{p}.out"], name=p, kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4, group=g
+            )
+        )
+        for suffix, value in (
+            ("scale", rng.uniform(0.5, 1.5, cout)),
+            ("bias", rng.normal(0.2, 0.3, cout)),
+            ("mean", np.zeros(cout)),
+            ("var", np.ones(cout)),
+        ):
             inits.append(numpy_helper.from_array(value.astype(np.float32), f"{p}.bn.{suffix}"))
-        nodes.append(helper.make_node("BatchNormalization", [f"{p}.out"] + [f"{p}.bn.{s}" for s in
-                                      ("scale", "bias", "mean", "var")], [f"{p}.bn_out"], name=f"{p}.bn"))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [f"{p}.out"] + [f"{p}.bn.{s}" for s in ("scale", "bias", "mean", "var")],
+                [f"{p}.bn_out"],
+                name=f"{p}.bn",
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"{p}.bn_out"], [f"{p}.act"], name=f"{p}.relu"))
         bns.append((f"{p}.out", p, cout))
         x = f"{p}.act"
@@ -89,9 +110,13 @@ def deep_digits(seed: int = 0) -> onnx.ModelProto:
     w = weight("fc2.w", (32, 10), 32)
     inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc2.b"))
     nodes.append(helper.make_node("Gemm", ["fc1.act", w, "fc2.b"], ["logits"], name="fc2"))
-    graph = helper.make_graph(nodes, "deep_digits", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                              ["N", 1, 16, 16])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                              ["N", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "deep_digits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
     # BN statistics from the data, layer by layer, so each BN normalises what it really sees.
@@ -121,20 +146,26 @@ def _aimet_row(model: onnx.ModelProto, weight_bw: int, x: np.ndarray, reference:
     folded = copy.deepcopy(model)
     fold_all_batch_norms_to_weight(folded)
     calib = np.load(CALIB)["input"]
-    feeds = [{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)]
+    feeds = [{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)]
     fp = _run(model, x)[0]
     cells = []
     for seq in (False, True):
-        sim = QuantizationSimModel(copy.deepcopy(folded), param_type=f"int{weight_bw}", activation_type="int8",
-                                   config_file=get_path_for_per_channel_config())
+        sim = QuantizationSimModel(
+            copy.deepcopy(folded),
+            param_type=f"int{weight_bw}",
+            activation_type="int8",
+            config_file=get_path_for_per_channel_config(),
+        )
         start = time.perf_counter()
         if seq:
             apply_seq_mse(sim, feeds[:4], num_candidates=20)
         sim.compute_encodings(feeds)
         seconds = time.perf_counter() - start
         out = sim.session.run(None, {"input": x})[0]
-        cells.append(f"{'seq-mse' if seq else 'min-max'} top-1 {np.mean(out.argmax(1) == reference):.4f} "
-                     f"SQNR {sqnr(fp, out):.2f} dB in {seconds:.2f} s")
+        cells.append(
+            f"{'seq-mse' if seq else 'min-max'} top-1 {np.mean(out.argmax(1) == reference):.4f} "
+            f"SQNR {sqnr(fp, out):.2f} dB in {seconds:.2f} s"
+        )
     return "; ".join(cells)
 
 
@@ -149,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ("digits_cnn_relu6", "digits_cnn_residual"):
             models[variant] = onnx.load(MODELS / f"{variant}.onnx")
         models["deep_digits"] = deep_digits()
-    variants: list[tuple[str, dict | None]] = [("min-max", None)] + [(f"seq-mse {s}", {"inp_symmetry": s})
-                                                                   for s in SYMMETRIES]
-    print(f"{'model':<20} {'config':<6} {'BC':<3} {'weights':<16} {'accuracy':>9} {'SQNR dB':>8} {'vs min-max':>10} "
-          f"{'time s':>7} {'search s':>8}")
+    variants: list[tuple[str, dict | None]] = [("min-max", None)] + [
+        (f"seq-mse {s}", {"inp_symmetry": s}) for s in SYMMETRIES
+    ]
+    print(
+        f"{'model':<20} {'config':<6} {'BC':<3} {'weights':<16} {'accuracy':>9} {'SQNR dB':>8} {'vs min-max':>10} "
+        f"{'time s':>7} {'search s':>8}"
+    )
     for name, model in models.items():
         fp = _run(model, x)[0]
         reference = fp.argmax(axis=1) if name == "deep_digits" else labels
@@ -162,17 +196,26 @@ def main(argv: list[str] | None = None) -> int:
             for label, options in variants:
                 config = QuantConfig(weight_bw=bits, act_bw=8, per_channel=True)
                 start = time.perf_counter()
-                result = quantize_model(model, CALIB, config, seq_mse=options is not None, seq_mse_options=options,
-                                        bias_correction=bc, progress=False)
+                result = quantize_model(
+                    model,
+                    CALIB,
+                    config,
+                    seq_mse=options is not None,
+                    seq_mse_options=options,
+                    bias_correction=bc,
+                    progress=False,
+                )
                 seconds = time.perf_counter() - start
                 q = _run(result.model, x)[0]
                 db = sqnr(fp, q)
                 base = db if base is None else base
                 gain = f"{db - base:+.2f}" if options is not None else ""
                 search = sum(r.seconds for r in result.report.records if r.name == "seq-mse")
-                print(f"{name:<20} W{bits}A8{'':<2} {'on' if bc else 'off':<3} {label:<16} "
-                      f"{np.mean(q.argmax(1) == reference):9.4f} "
-                      f"{db:8.2f} {gain:>10} {seconds:7.2f} {search:8.2f}")
+                print(
+                    f"{name:<20} W{bits}A8{'':<2} {'on' if bc else 'off':<3} {label:<16} "
+                    f"{np.mean(q.argmax(1) == reference):9.4f} "
+                    f"{db:8.2f} {gain:>10} {seconds:7.2f} {search:8.2f}"
+                )
             if not bc:
                 print(f"{name:<20} W{bits}A8{'':<2} {'':<3} {'aimet-onnx':<16} {_aimet_row(model, bits, x, reference)}")
     return 0

@@ -20,8 +20,11 @@ class IdentityElimination(Pass):
                 # The interface name must stay; only the internal readers can skip the Identity.
                 if graph.uses(dst):
                     graph.replace_all_uses(dst, src, graph_outputs=False)
-                    self.remarks.missed("kept Identity feeding a graph output", [op.name],
-                                        reason="graph output names are part of the interface")
+                    self.remarks.missed(
+                        "kept Identity feeding a graph output",
+                        [op.name],
+                        reason="graph output names are part of the interface",
+                    )
                 continue
             graph.replace_all_uses(dst, src, graph_outputs=False)
             graph.remove_op(op)

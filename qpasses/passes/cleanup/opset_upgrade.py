@@ -38,8 +38,11 @@ def upgrade_opset(graph: Graph, opset: int) -> bool:
 
 def replace_keeping_annotations(graph: Graph, model: onnx.ModelProto) -> None:
     """Swap in a rebuilt model (converter, inliner); encodings/precision/meta survive by tensor name."""
-    annotations = {n: (t.encoding, t.precision, t.meta) for n, t in graph.tensors.items()
-                   if t.encoding is not None or t.precision is not None or t.meta}
+    annotations = {
+        n: (t.encoding, t.precision, t.meta)
+        for n, t in graph.tensors.items()
+        if t.encoding is not None or t.precision is not None or t.meta
+    }
     graph.adopt(graph_ir.from_onnx(model))
     for name, (enc, prec, meta) in annotations.items():
         t = graph.tensors.get(name)

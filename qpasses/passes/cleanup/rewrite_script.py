@@ -52,8 +52,11 @@ class RewriteScript(Pass):
             modified = graph.version != before
         else:
             # graphsurgeon carries no annotations: keep them by tensor name across the round trip.
-            annotations = {name: (t.encoding, t.precision, dict(t.meta)) for name, t in graph.tensors.items()
-                           if t.encoding is not None or t.precision is not None or t.meta}
+            annotations = {
+                name: (t.encoding, t.precision, dict(t.meta))
+                for name, t in graph.tensors.items()
+                if t.encoding is not None or t.precision is not None or t.meta
+            }
             gs_graph = to_graphsurgeon(graph)
             returned = _call(rewrite, gs_graph, path)
             graph.adopt(from_graphsurgeon(returned if returned is not None else gs_graph, template=graph))

@@ -73,8 +73,9 @@ class BiasCorrection(Pass):
             self.remarks.missed("bias not corrected", [name], reason="the bias is shared by several ops")
         inputs = list(dict.fromkeys(op.inputs[0] for op in ops))
         measured = ctx.artifacts.get(LayerInputMeans)
-        means: dict[str, np.ndarray] = (dict(measured.means) if measured is not None
-                                        and measured.graph_version == graph.version else {})
+        means: dict[str, np.ndarray] = (
+            dict(measured.means) if measured is not None and measured.graph_version == graph.version else {}
+        )
         source = "calibration"
         if any(name not in means for name in inputs):
             means.update(self._measure(graph, ctx, [n for n in inputs if n not in means]))

@@ -52,11 +52,36 @@ from qpasses.passes.equalize.fold_batchnorm import (
 )
 
 # Ops between two layers that commute with positive per-channel scaling (checked further below).
-SCALE_COMMUTING = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Flatten",
-                   "Identity")
+SCALE_COMMUTING = (
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "AveragePool",
+    "GlobalMaxPool",
+    "GlobalAveragePool",
+    "Flatten",
+    "Identity",
+)
 # Activations we recognise only to say why a chain ends there.
-OTHER_ACTIVATIONS = ("Sigmoid", "Tanh", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
-                     "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Swish", "Exp", "Abs")
+OTHER_ACTIVATIONS = (
+    "Sigmoid",
+    "Tanh",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "Softsign",
+    "Gelu",
+    "Mish",
+    "ThresholdedRelu",
+    "Swish",
+    "Exp",
+    "Abs",
+)
 GLOBAL_POOLS = ("GlobalMaxPool", "GlobalAveragePool")
 
 LayerLookup = Callable[[Op], "LinearLayer | str"]
@@ -218,8 +243,11 @@ class CrossLayerEqualization(Pass):
                 if bounds is None:
                     return f"Clip '{op.name}' has non-constant bounds"
                 if bounds == (0.0, 6.0):
-                    return None if self.options.relu6_to_relu else (
-                        f"Relu6 Clip '{op.name}' does not commute with scaling (relu6_to_relu is off)")
+                    return (
+                        None
+                        if self.options.relu6_to_relu
+                        else (f"Relu6 Clip '{op.name}' does not commute with scaling (relu6_to_relu is off)")
+                    )
                 if bounds[1] != np.inf or bounds[0] not in (0.0, -np.inf):  # Relu-like or no-op Clips pass
                     return f"unsupported activation Clip({bounds[0]:g}, {bounds[1]:g}) '{op.name}'"
             if op.op_type == "Flatten" and int(op.attr("axis", 1)) != 1:
@@ -240,18 +268,24 @@ class CrossLayerEqualization(Pass):
                         return f"Flatten '{op.name}' mixes channels with spatial positions"
                     channels_first = False
             if channels_first != l2.channels_first:
-                return (f"'{l2.op.name}' does not contract the channel axis of '{l1.op.name}' "
-                        f"({'axis 1' if channels_first else 'last axis'})")
+                return (
+                    f"'{l2.op.name}' does not contract the channel axis of '{l1.op.name}' "
+                    f"({'axis 1' if channels_first else 'last axis'})"
+                )
             if l1.out_channels != l2.in_channels:
                 return f"'{l1.op.name}' has {l1.out_channels} output channels, '{l2.op.name}' reads {l2.in_channels}"
             return None
 
-        return Pattern("cle-pair", (
-            Step("layer1", LAYER_TYPES, where=layer1_problem),
-            Step("bias", ("Add",), optional=True, strict=False, slots=(0, 1), where=matmul_bias_problem),
-            Step("glue", SCALE_COMMUTING + OTHER_ACTIVATIONS, optional=True, repeat=True, where=glue_problem),
-            Step("layer2", LAYER_TYPES, where=layer2_problem),
-        ), check=check)
+        return Pattern(
+            "cle-pair",
+            (
+                Step("layer1", LAYER_TYPES, where=layer1_problem),
+                Step("bias", ("Add",), optional=True, strict=False, slots=(0, 1), where=matmul_bias_problem),
+                Step("glue", SCALE_COMMUTING + OTHER_ACTIVATIONS, optional=True, repeat=True, where=glue_problem),
+                Step("layer2", LAYER_TYPES, where=layer2_problem),
+            ),
+            check=check,
+        )
 
     def _find_links(self, graph: Graph, layer: LayerLookup) -> list[Link]:
         pattern = self._pattern(layer)
@@ -280,7 +314,7 @@ class CrossLayerEqualization(Pass):
             i = 0
             while i < len(chain) - 1:
                 size = 3 if i + 2 < len(chain) and resolved[i + 1].is_depthwise else 2
-                links.append(Link(resolved[i:i + size], glue[i:i + size - 1]))
+                links.append(Link(resolved[i : i + size], glue[i : i + size - 1]))
                 i += size - 1
         for link in links:
             link.scales = [np.ones(a.out_channels) for a in link.layers[:-1]]
@@ -326,12 +360,23 @@ class CrossLayerEqualization(Pass):
                 if not np.any(c):
                     continue
                 padded = l2.pads_input or any(
-                    op.op_type == "AveragePool" and int(op.attr("count_include_pad", 0))
-                    and any(op.attr("pads", []) or []) for op in glue)
+                    op.op_type == "AveragePool"
+                    and int(op.attr("count_include_pad", 0))
+                    and any(op.attr("pads", []) or [])
+                    for op in glue
+                )
                 if padded and not self.options.absorb_into_padded:
-                    pending.append(self._remark("missed", "high bias not absorbed", l1, glue, l2,
-                                                f"'{l2.op.name}' zero-pads its input, so absorption would change "
-                                                "border outputs (absorb_into_padded=true allows it)"))
+                    pending.append(
+                        self._remark(
+                            "missed",
+                            "high bias not absorbed",
+                            l1,
+                            glue,
+                            l2,
+                            f"'{l2.op.name}' zero-pads its input, so absorption would change "
+                            "border outputs (absorb_into_padded=true allows it)",
+                        )
+                    )
                     continue
                 l1.add_bias(-c)
                 # Gemm computes alpha * W2 . x + beta * C; LinearLayer's bias is already beta * C,
@@ -340,21 +385,34 @@ class CrossLayerEqualization(Pass):
                 # beta - c, written so that a second run computes c = 0 exactly (idempotence)
                 l1.stats = (gamma, np.minimum(beta, 3 * np.abs(gamma)) if through_relu else np.zeros_like(beta))
                 how = "beta - 3|gamma| through Relu" if through_relu else "beta, no activation"
-                pending.append(self._remark(
-                    "applied", "absorbed high bias", l1, glue, l2,
-                    f"{np.count_nonzero(c)} channels, max {float(np.max(np.abs(c))):.3g} ({how})"))
+                pending.append(
+                    self._remark(
+                        "applied",
+                        "absorbed high bias",
+                        l1,
+                        glue,
+                        l2,
+                        f"{np.count_nonzero(c)} channels, max {float(np.max(np.abs(c))):.3g} ({how})",
+                    )
+                )
         if no_stats:
-            pending.append(lambda: self.remarks.missed(
-                "high-bias absorption skipped", [x.op.name for x in no_stats],
-                reason="no folded BatchNormalization statistics for these layers"))
+            pending.append(
+                lambda: self.remarks.missed(
+                    "high-bias absorption skipped",
+                    [x.op.name for x in no_stats],
+                    reason="no folded BatchNormalization statistics for these layers",
+                )
+            )
         return pending
 
-    def _remark(self, kind: str, message: str, l1: LinearLayer, glue: list[Op], l2: LinearLayer,
-                reason: str) -> Callable[[], None]:
+    def _remark(
+        self, kind: str, message: str, l1: LinearLayer, glue: list[Op], l2: LinearLayer, reason: str
+    ) -> Callable[[], None]:
         def emit() -> None:
             nodes = [l1.op.name, *(op.name for op in glue), l2.op.name]
             text = f"{message} from '{l1.op.name}' into '{l2.op.name}'"
             (self.remarks.applied if kind == "applied" else self.remarks.missed)(text, nodes, reason=reason)
+
         return emit
 
     # --- Relu6 -> Relu --------------------------------------------------------------------------
@@ -371,9 +429,12 @@ class CrossLayerEqualization(Pass):
             op.op_type, op.attributes = "Relu", {}
             graph.touch()
             drop_if_unused(graph, bounds)
-            self.remarks.applied(f"replaced Relu6 '{op.name}' with Relu", [op.name],
-                                 reason="Clip(0, 6) does not commute with per-channel scaling; "
-                                        "outputs are unchanged while activations stay below 6")
+            self.remarks.applied(
+                f"replaced Relu6 '{op.name}' with Relu",
+                [op.name],
+                reason="Clip(0, 6) does not commute with per-channel scaling; "
+                "outputs are unchanged while activations stay below 6",
+            )
             changed = True
         return changed
 
@@ -385,11 +446,14 @@ def _gemm_alpha(layer: LinearLayer) -> float:
 
 def _spread(link: Link) -> str:
     """Max/min channel-range ratio at both ends of the link, before -> after (lower is better)."""
+
     def ratio(r: np.ndarray) -> str:
         live = r[r > 0]
         return f"{float(live.max() / live.min()):.3g}" if live.size else "1"
 
     first, last = link.layers[0], link.layers[-1]
     before = link.initial or (first.out_ranges(), last.in_ranges())
-    return (f"channel range spread: '{first.op.name}' outputs {ratio(before[0])} -> {ratio(first.out_ranges())}, "
-            f"'{last.op.name}' inputs {ratio(before[1])} -> {ratio(last.in_ranges())}")
+    return (
+        f"channel range spread: '{first.op.name}' outputs {ratio(before[0])} -> {ratio(first.out_ranges())}, "
+        f"'{last.op.name}' inputs {ratio(before[1])} -> {ratio(last.in_ranges())}"
+    )

@@ -153,8 +153,11 @@ class LinearLayer:
         elif bias_name:
             b = _const(graph, bias_name, "bias")
             scale = float(op.attr("beta", 1.0)) if op.op_type == "Gemm" else 1.0
-            vec = per_channel(b, out_ch) if op.op_type == "Gemm" else (b.astype(np.float64) if b.shape == (out_ch,)
-                                                                        else None)
+            vec = (
+                per_channel(b, out_ch)
+                if op.op_type == "Gemm"
+                else (b.astype(np.float64) if b.shape == (out_ch,) else None)
+            )
             if vec is None:
                 raise LayerError(f"'{op.name}' bias of shape {list(b.shape)} is not per output channel")
             bias, has_bias = vec * scale, True
@@ -347,15 +350,20 @@ def _fold_pattern(shapes: Callable[[], Shapes]) -> Pattern:
         except LayerError as exc:
             return str(exc)
         if op.op_type == "MatMul" and layer.input_rank != 2:
-            return (f"MatMul '{op.name}' input rank is {layer.input_rank or 'unknown'}; BatchNormalization "
-                    "normalizes axis 1, which is MatMul's output channel only for 2-D inputs")
+            return (
+                f"MatMul '{op.name}' input rank is {layer.input_rank or 'unknown'}; BatchNormalization "
+                "normalizes axis 1, which is MatMul's output channel only for 2-D inputs"
+            )
         return None
 
-    return Pattern("layer-batchnorm", (
-        Step("layer", LAYER_TYPES, where=layer_problem),
-        Step("bias", ("Add",), optional=True, strict=False, slots=(0, 1), where=matmul_bias_problem),
-        Step("bn", ("BatchNormalization",), where=_bn_problem),
-    ))
+    return Pattern(
+        "layer-batchnorm",
+        (
+            Step("layer", LAYER_TYPES, where=layer_problem),
+            Step("bias", ("Add",), optional=True, strict=False, slots=(0, 1), where=matmul_bias_problem),
+            Step("bn", ("BatchNormalization",), where=_bn_problem),
+        ),
+    )
 
 
 def _fold_anchor(graph: Graph, bn: Op) -> Op | None:

@@ -38,8 +38,15 @@ def _bias_of(graph: Graph, add: Op) -> tuple[Op, np.ndarray] | None:
     for data, const in (add.inputs, add.inputs[::-1]):
         conv = graph.producer(data)
         t = graph.tensors.get(const)
-        if conv is None or conv.op_type not in CONV_TYPES or not conv.is_standard or t is None \
-                or not t.is_constant or t.data is None or not np.issubdtype(t.data.dtype, np.floating):
+        if (
+            conv is None
+            or conv.op_type not in CONV_TYPES
+            or not conv.is_standard
+            or t is None
+            or not t.is_constant
+            or t.data is None
+            or not np.issubdtype(t.data.dtype, np.floating)
+        ):
             continue
         if len(graph.uses(data)) != 1 or graph.is_graph_output(data):
             return None

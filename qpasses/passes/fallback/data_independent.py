@@ -28,8 +28,9 @@ SHAPE_OF = frozenset({"Shape", "Size"})
 # arithmetic, and folding them would undo the quantization.
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 # Ops with no data inputs whose values still change from run to run.
-RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                    "Bernoulli"})
+RANDOM = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
@@ -44,8 +45,13 @@ def data_independent(graph: Graph) -> set[str]:
         reads = [n for n in [*op.inputs, *op.captures] if n]
         if op.op_type in SHAPE_OF and op.is_standard:
             independent.update(outs)
-        elif (any(n in dependent for n in reads) or op.subgraphs or not op.is_standard
-              or op.op_type in RANDOM or op.op_type in QUANT_OPS):
+        elif (
+            any(n in dependent for n in reads)
+            or op.subgraphs
+            or not op.is_standard
+            or op.op_type in RANDOM
+            or op.op_type in QUANT_OPS
+        ):
             dependent.update(outs)
         else:
             independent.update(outs)
@@ -79,8 +85,11 @@ class KeepDataIndependentFloat(Pass):
         if not independent:
             return self.result(False)
         # The frontier: independent tensors read by data-dependent ops or leaving the graph.
-        frontier = sorted(n for n in independent if graph.is_graph_output(n)
-                          or any(not set(op.outputs) <= independent for op in graph.consumers(n)))
+        frontier = sorted(
+            n
+            for n in independent
+            if graph.is_graph_output(n) or any(not set(op.outputs) <= independent for op in graph.consumers(n))
+        )
         folded: dict[str, str] = {}
         if self.options.fold and frontier:
             folded = self._fold(graph, frontier)
@@ -93,20 +102,34 @@ class KeepDataIndependentFloat(Pass):
         floats = [n for n in [*folded.values(), *sorted(remaining)] if is_float(n)]
         # Where they meet data: the op runs float (a constant marked float makes its op float by the
         # spec's rule; an activation input needs the op's output marked).
-        meets = sorted({o for n in floats if not graph.tensors[n].is_constant for op in graph.consumers(n)
-                        for o in op.outputs if o and o not in independent and is_float(o)})
+        meets = sorted(
+            {
+                o
+                for n in floats
+                if not graph.tensors[n].is_constant
+                for op in graph.consumers(n)
+                for o in op.outputs
+                if o and o not in independent and is_float(o)
+            }
+        )
         marked = keep_float(graph, floats + meets, "computed from shapes/constants only", ctx.target)
         if marked:
-            self.remarks.applied(f"kept {len(marked)} shape/constant-derived tensors and the ops they feed float",
-                                 marked[:10], reason="no input values reach them: 8 bits would only add error")
+            self.remarks.applied(
+                f"kept {len(marked)} shape/constant-derived tensors and the ops they feed float",
+                marked[:10],
+                reason="no input values reach them: 8 bits would only add error",
+            )
         return self.result(bool(folded))
 
     def _fold(self, graph: Graph, frontier: list[str]) -> dict[str, str]:
         """Replace the frontier by initializers computed once; returns old name -> constant name."""
         feeds = _static_inputs(graph)
         if feeds is None:
-            self.remarks.missed("shape arithmetic not folded", frontier[:5], reason="a graph input has a dynamic "
-                                "shape; kept float instead")
+            self.remarks.missed(
+                "shape arithmetic not folded",
+                frontier[:5],
+                reason="a graph input has a dynamic shape; kept float instead",
+            )
             return {}
         model = graph.to_onnx()
         for name in frontier:
@@ -115,8 +138,11 @@ class KeepDataIndependentFloat(Pass):
         try:
             values = verification.exact_session(model).run(frontier, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common base
-            self.remarks.missed("shape arithmetic not folded", frontier[:5],
-                                reason=f"onnxruntime could not evaluate it ({str(exc).splitlines()[0][:120]})")
+            self.remarks.missed(
+                "shape arithmetic not folded",
+                frontier[:5],
+                reason=f"onnxruntime could not evaluate it ({str(exc).splitlines()[0][:120]})",
+            )
             return {}
         folded: dict[str, str] = {}
         for name, value in zip(frontier, values, strict=True):
@@ -127,6 +153,8 @@ class KeepDataIndependentFloat(Pass):
             folded[name] = const.name
         removed = graph.remove_dead_ops()
         if folded:
-            self.remarks.applied(f"constant-folded {len(folded)} shape/constant-derived tensors "
-                                 f"({removed} ops removed)", list(folded)[:10])
+            self.remarks.applied(
+                f"constant-folded {len(folded)} shape/constant-derived tensors ({removed} ops removed)",
+                list(folded)[:10],
+            )
         return folded

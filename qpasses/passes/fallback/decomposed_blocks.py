@@ -43,9 +43,14 @@ MAX_EPS = 1e-2
 SHOWN_BLOCKS = 5  # blocks whose ops a remark lists
 
 # Op fused in place of each block, with the opset that introduced it.
-FUSED_OP = {"LayerNorm": ("LayerNormalization", 17), "RMSNorm": ("RMSNormalization", 23),
-            "GELU(erf)": ("Gelu", 20), "GELU(tanh)": ("Gelu", 20), "Softmax": ("Softmax", 13),
-            "HardSwish": ("HardSwish", 14)}
+FUSED_OP = {
+    "LayerNorm": ("LayerNormalization", 17),
+    "RMSNorm": ("RMSNormalization", 23),
+    "GELU(erf)": ("Gelu", 20),
+    "GELU(tanh)": ("Gelu", 20),
+    "Softmax": ("Softmax", 13),
+    "HardSwish": ("HardSwish", 14),
+}
 
 
 @dataclass
@@ -69,6 +74,7 @@ Analyzer = Callable[[Graph, Match], "Block | str"]
 
 
 # --- constants and operands ------------------------------------------------------------------------
+
 
 def scalar(graph: Graph, name: str) -> float | None:
     """The value of a one-element constant (a scalar, or [1] / [1, 1] shaped), else None."""
@@ -130,8 +136,11 @@ def _reduce_axes(graph: Graph, op: Op) -> tuple[int, ...] | None | str:
     else:
         axes = tuple(op.attr("axes", ()) or ())
     if not axes:
-        return f"{op.op_type} '{op.name}' reduces nothing (noop_with_empty_axes)" \
-            if op.attr("noop_with_empty_axes", 0) else None
+        return (
+            f"{op.op_type} '{op.name}' reduces nothing (noop_with_empty_axes)"
+            if op.attr("noop_with_empty_axes", 0)
+            else None
+        )
     return axes
 
 
@@ -169,6 +178,7 @@ def _non_constant_operands(graph: Graph, op: Op) -> str | None:
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------------
 
+
 def _is_square(graph: Graph, op: Op) -> str | None:
     if op.op_type == "Mul":
         return None if len(op.inputs) == 2 and op.inputs[0] == op.inputs[1] else f"'{op.name}' is not Mul(x, x)"
@@ -198,11 +208,22 @@ def _analyze_norm(shapes: Shapes | None) -> Analyzer:
         if isinstance(axes, str):
             return axes
         scale, shift = m.one("scale"), m.one("shift")
-        ops = [square, var, add, sqrt, *([recip] if recip else []), norm,
-               *[op for op in (scale, shift) if op is not None]]
-        params = {"axes": axes, "eps": eps, "shift": shift,
-                  "gamma": _other(scale, _walked(norm))[1] if scale else None,
-                  "beta": _other(shift, _walked(scale or norm))[1] if shift else None}
+        ops = [
+            square,
+            var,
+            add,
+            sqrt,
+            *([recip] if recip else []),
+            norm,
+            *[op for op in (scale, shift) if op is not None],
+        ]
+        params = {
+            "axes": axes,
+            "eps": eps,
+            "shift": shift,
+            "gamma": _other(scale, _walked(norm))[1] if scale else None,
+            "beta": _other(shift, _walked(scale or norm))[1] if shift else None,
+        }
         y = ops[-1].outputs[0]
         mean = _layernorm_mean(graph, d, axes, [square, norm], shapes)
         if mean is None:  # RMSNorm, or a LayerNorm whose mean is shared: the spine is RMSNorm(d) either way
@@ -212,8 +233,9 @@ def _analyze_norm(shapes: Shapes | None) -> Analyzer:
     return analyze
 
 
-def _layernorm_mean(graph: Graph, d: str, axes: tuple[int, ...] | None, readers: list[Op],
-                    shapes: Shapes | None) -> list[Op] | None:
+def _layernorm_mean(
+    graph: Graph, d: str, axes: tuple[int, ...] | None, readers: list[Op], shapes: Shapes | None
+) -> list[Op] | None:
     """[ReduceMean, Sub] when ``d`` is ``Sub(x, ReduceMean(x))`` over the variance's axes, privately."""
     sub = _producer(graph, d, "Sub")
     mean = _producer(graph, sub.inputs[1], "ReduceMean") if sub is not None else None
@@ -228,16 +250,20 @@ def _layernorm_mean(graph: Graph, d: str, axes: tuple[int, ...] | None, readers:
 
 
 def _norm_pattern(shapes: Shapes | None) -> Pattern:
-    return Pattern("layernorm/rmsnorm", (
-        Step("square", ("Pow", "Mul"), where=_is_square),
-        Step("var", ("ReduceMean",)),
-        Step("eps", ("Add",), slots=(0, 1)),
-        Step("sqrt", ("Sqrt",)),
-        Step("recip", ("Reciprocal", "Div"), optional=True, strict=False, slots=(0, 1), where=_is_reciprocal),
-        Step("normalize", ("Div", "Mul"), slots=(0, 1)),
-        Step("scale", ("Mul",), optional=True, strict=False, slots=(0, 1), where=_constant_operand),
-        Step("shift", ("Add",), optional=True, strict=False, slots=(0, 1), where=_constant_operand),
-    ), check=_checker(_analyze_norm(shapes)))
+    return Pattern(
+        "layernorm/rmsnorm",
+        (
+            Step("square", ("Pow", "Mul"), where=_is_square),
+            Step("var", ("ReduceMean",)),
+            Step("eps", ("Add",), slots=(0, 1)),
+            Step("sqrt", ("Sqrt",)),
+            Step("recip", ("Reciprocal", "Div"), optional=True, strict=False, slots=(0, 1), where=_is_reciprocal),
+            Step("normalize", ("Div", "Mul"), slots=(0, 1)),
+            Step("scale", ("Mul",), optional=True, strict=False, slots=(0, 1), where=_constant_operand),
+            Step("shift", ("Add",), optional=True, strict=False, slots=(0, 1), where=_constant_operand),
+        ),
+        check=_checker(_analyze_norm(shapes)),
+    )
 
 
 def _is_reciprocal(graph: Graph, op: Op) -> str | None:
@@ -247,6 +273,7 @@ def _is_reciprocal(graph: Graph, op: Op) -> str | None:
 
 
 # --- GELU -------------------------------------------------------------------------------------------
+
 
 def _gelu_tail(graph: Graph, m: Match, x: str) -> tuple[list[Op], list[tuple[str, float, float]]] | str:
     """The ops that multiply (1 + erf|tanh) by x and 0.5, in the orders exporters write them."""
@@ -278,13 +305,16 @@ def _gelu_tail(graph: Graph, m: Match, x: str) -> tuple[list[Op], list[tuple[str
 
 
 def _tail_steps() -> tuple[Step, ...]:
-    return (Step("one", ("Add",), slots=(0, 1)),
-            Step("mul1", ("Mul",), slots=(0, 1)),
-            Step("mul2", ("Mul",), optional=True, strict=False, slots=(0, 1)))
+    return (
+        Step("one", ("Add",), slots=(0, 1)),
+        Step("mul1", ("Mul",), slots=(0, 1)),
+        Step("mul2", ("Mul",), optional=True, strict=False, slots=(0, 1)),
+    )
 
 
-def _gelu_outer(graph: Graph, m: Match, inner: str, x: str
-                ) -> tuple[tuple[str, float, float], list[Op], list[tuple[str, float, float]]] | str:
+def _gelu_outer(
+    graph: Graph, m: Match, inner: str, x: str
+) -> tuple[tuple[str, float, float], list[Op], list[tuple[str, float, float]]] | str:
     """What both GELU forms share around erf/tanh: the ``+ 1`` and the ``0.5 * x *`` tail (or why not)."""
     one = _check_one(graph, m, inner)
     if isinstance(one, str):
@@ -325,8 +355,7 @@ def _analyze_gelu_erf(graph: Graph, m: Match) -> Block | str:
     one, tail_ops, tail_consts = common
     y = tail_ops[-1].outputs[0]
     ops = [scale, erf, *m.all("one"), *tail_ops]
-    return Block("GELU(erf)", ops, x, y, [_const(what, value, want), one, *tail_consts],
-                 {"approximate": "none"})
+    return Block("GELU(erf)", ops, x, y, [_const(what, value, want), one, *tail_consts], {"approximate": "none"})
 
 
 def _is_cube_start(graph: Graph, op: Op) -> str | None:
@@ -364,29 +393,43 @@ def _analyze_gelu_tanh(graph: Graph, m: Match) -> Block | str:
     one, ops, consts = common
     y = ops[-1].outputs[0]
     ops = [cube, *([cube2] if cube2 else []), coef, inner, k, tanh, *m.all("one"), *ops]
-    return Block("GELU(tanh)", ops, x, y,
-                 [_const("0.044715", c, 0.044715), _const("sqrt(2/pi)", kv, math.sqrt(2 / math.pi)), one, *consts],
-                 {"approximate": "tanh"})
+    return Block(
+        "GELU(tanh)",
+        ops,
+        x,
+        y,
+        [_const("0.044715", c, 0.044715), _const("sqrt(2/pi)", kv, math.sqrt(2 / math.pi)), one, *consts],
+        {"approximate": "tanh"},
+    )
 
 
-GELU_ERF = Pattern("gelu-erf", (
-    Step("scale", ("Div", "Mul"), where=_scalar_operand),
-    Step("erf", ("Erf",)),
-    *_tail_steps(),
-), check=lambda g, m: _why(_analyze_gelu_erf(g, m)))
+GELU_ERF = Pattern(
+    "gelu-erf",
+    (
+        Step("scale", ("Div", "Mul"), where=_scalar_operand),
+        Step("erf", ("Erf",)),
+        *_tail_steps(),
+    ),
+    check=lambda g, m: _why(_analyze_gelu_erf(g, m)),
+)
 
-GELU_TANH = Pattern("gelu-tanh", (
-    Step("cube", ("Pow", "Mul"), where=_is_cube_start),
-    Step("cube2", ("Mul",), optional=True, strict=False, slots=(0, 1), where=_non_constant_operands),
-    Step("coef", ("Mul",), slots=(0, 1)),
-    Step("inner", ("Add",), slots=(0, 1)),
-    Step("k", ("Mul",), slots=(0, 1)),
-    Step("tanh", ("Tanh",)),
-    *_tail_steps(),
-), check=lambda g, m: _why(_analyze_gelu_tanh(g, m)))
+GELU_TANH = Pattern(
+    "gelu-tanh",
+    (
+        Step("cube", ("Pow", "Mul"), where=_is_cube_start),
+        Step("cube2", ("Mul",), optional=True, strict=False, slots=(0, 1), where=_non_constant_operands),
+        Step("coef", ("Mul",), slots=(0, 1)),
+        Step("inner", ("Add",), slots=(0, 1)),
+        Step("k", ("Mul",), slots=(0, 1)),
+        Step("tanh", ("Tanh",)),
+        *_tail_steps(),
+    ),
+    check=lambda g, m: _why(_analyze_gelu_tanh(g, m)),
+)
 
 
 # --- Softmax ----------------------------------------------------------------------------------------
+
 
 def _analyze_softmax(shapes: Shapes | None) -> Analyzer:
     def analyze(graph: Graph, m: Match) -> Block | str:
@@ -410,8 +453,13 @@ def _analyze_softmax(shapes: Shapes | None) -> Analyzer:
         x = exp.inputs[0]
         sub = _producer(graph, x, "Sub")
         top = _producer(graph, sub.inputs[1], "ReduceMax") if sub is not None else None
-        if sub is not None and top is not None and top.inputs[0] == sub.inputs[0] \
-                and _internal(graph, x, [exp]) is None and _internal(graph, top.outputs[0], [sub]) is None:
+        if (
+            sub is not None
+            and top is not None
+            and top.inputs[0] == sub.inputs[0]
+            and _internal(graph, x, [exp]) is None
+            and _internal(graph, top.outputs[0], [sub]) is None
+        ):
             max_axes = _reduce_axes(graph, top)
             if not isinstance(max_axes, str) and _same_axes(axes, max_axes, _rank(graph, shapes, sub.inputs[0])):
                 ops = [top, sub, *ops]
@@ -422,14 +470,19 @@ def _analyze_softmax(shapes: Shapes | None) -> Analyzer:
 
 
 def _softmax_pattern(shapes: Shapes | None) -> Pattern:
-    return Pattern("softmax", (
-        Step("sum", ("ReduceSum",)),
-        Step("recip", ("Reciprocal",), optional=True),
-        Step("div", ("Div", "Mul"), slots=(0, 1)),
-    ), check=_checker(_analyze_softmax(shapes)))
+    return Pattern(
+        "softmax",
+        (
+            Step("sum", ("ReduceSum",)),
+            Step("recip", ("Reciprocal",), optional=True),
+            Step("div", ("Div", "Mul"), slots=(0, 1)),
+        ),
+        check=_checker(_analyze_softmax(shapes)),
+    )
 
 
 # --- HardSwish --------------------------------------------------------------------------------------
+
 
 def _clip_bounds(graph: Graph, clip: Op) -> tuple[float | None, float | None]:
     if len(clip.inputs) > 1 or not ("min" in clip.attributes or "max" in clip.attributes):
@@ -475,8 +528,9 @@ def _analyze_hardswish(graph: Graph, m: Match) -> Block | str:
             return f"{m2.op_type} '{m2.name}' does not multiply by the HardSwish's input {x}"
     if isinstance(six, str):
         return six
-    return Block("HardSwish", [add, clip, m1, m2], x, m2.outputs[0],
-                 [_const("3", three, 3.0), _const("6", hi, 6.0), six], {})
+    return Block(
+        "HardSwish", [add, clip, m1, m2], x, m2.outputs[0], [_const("3", three, 3.0), _const("6", hi, 6.0), six], {}
+    )
 
 
 def _analyze_hardsigmoid_mul(graph: Graph, m: Match) -> Block | str:
@@ -491,20 +545,29 @@ def _analyze_hardsigmoid_mul(graph: Graph, m: Match) -> Block | str:
     return Block("HardSwish", [hsig, mul], x, mul.outputs[0], [("alpha", alpha, 1 / 6), ("beta", beta, 0.5)], {})
 
 
-HARDSWISH = Pattern("hardswish", (
-    Step("add3", ("Add",), where=_scalar_operand),
-    Step("clip", ("Clip",)),
-    Step("m1", ("Mul", "Div"), slots=(0, 1)),
-    Step("m2", ("Mul", "Div"), optional=True, strict=False, slots=(0, 1)),
-), check=lambda g, m: _why(_analyze_hardswish(g, m)))
+HARDSWISH = Pattern(
+    "hardswish",
+    (
+        Step("add3", ("Add",), where=_scalar_operand),
+        Step("clip", ("Clip",)),
+        Step("m1", ("Mul", "Div"), slots=(0, 1)),
+        Step("m2", ("Mul", "Div"), optional=True, strict=False, slots=(0, 1)),
+    ),
+    check=lambda g, m: _why(_analyze_hardswish(g, m)),
+)
 
-HARDSIGMOID_MUL = Pattern("hardsigmoid-mul", (
-    Step("hsig", ("HardSigmoid",)),
-    Step("mul", ("Mul",), slots=(0, 1)),
-), check=lambda g, m: _why(_analyze_hardsigmoid_mul(g, m)))
+HARDSIGMOID_MUL = Pattern(
+    "hardsigmoid-mul",
+    (
+        Step("hsig", ("HardSigmoid",)),
+        Step("mul", ("Mul",), slots=(0, 1)),
+    ),
+    check=lambda g, m: _why(_analyze_hardsigmoid_mul(g, m)),
+)
 
 
 # --- helpers for the patterns -----------------------------------------------------------------------
+
 
 def _why(result: Block | str) -> str | None:
     return result if isinstance(result, str) else None
@@ -527,9 +590,11 @@ def find_blocks(graph: Graph, shapes: Shapes | None = None) -> tuple[list[Block]
     """Every decomposed block (no op in two), and the near misses worth a remark."""
     analyzers: list[tuple[Pattern, Analyzer]] = [
         (_norm_pattern(shapes), _analyze_norm(shapes)),
-        (GELU_ERF, _analyze_gelu_erf), (GELU_TANH, _analyze_gelu_tanh),
+        (GELU_ERF, _analyze_gelu_erf),
+        (GELU_TANH, _analyze_gelu_tanh),
         (_softmax_pattern(shapes), _analyze_softmax(shapes)),
-        (HARDSWISH, _analyze_hardswish), (HARDSIGMOID_MUL, _analyze_hardsigmoid_mul),
+        (HARDSWISH, _analyze_hardswish),
+        (HARDSIGMOID_MUL, _analyze_hardsigmoid_mul),
     ]
     blocks: list[Block] = []
     misses: list[NearMiss] = []
@@ -558,6 +623,7 @@ def find_blocks(graph: Graph, shapes: Shapes | None = None) -> tuple[list[Block]
 
 
 # --- fusion -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Fusion:
@@ -649,15 +715,17 @@ def _fusion(graph: Graph, block: Block, shapes: Shapes) -> _Fusion | str:
 def _replace(graph: Graph, fusion: _Fusion) -> Op:
     """Swap the block's ops for the fused op (writing the same output tensor); drop orphaned constants."""
     names = [op.name for op in fusion.ops]
-    prefix = names[0][:len(_common_prefix(names))]
-    prefix = prefix[:prefix.rfind("/") + 1]
+    prefix = names[0][: len(_common_prefix(names))]
+    prefix = prefix[: prefix.rfind("/") + 1]
     written = {o for op in fusion.ops for o in op.outputs}
     read = [n for op in fusion.ops for n in op.inputs if n and n not in written]
     for op in reversed(fusion.ops):
         graph.remove_op(op)
     op_name = graph.unique_name(prefix + fusion.op_type)
-    inputs = [graph.add_initializer(graph.unique_name(f"{op_name}_{i}"), v).name if isinstance(v, np.ndarray) else v
-              for i, v in enumerate(fusion.inputs)]
+    inputs = [
+        graph.add_initializer(graph.unique_name(f"{op_name}_{i}"), v).name if isinstance(v, np.ndarray) else v
+        for i, v in enumerate(fusion.inputs)
+    ]
     fused = graph.add_op(fusion.op_type, inputs, [fusion.output], name=op_name, attributes=fusion.attributes)
     for name in dict.fromkeys(read):
         if name not in graph.tensors or graph.uses(name) or graph.is_graph_output(name) or name in graph.inputs:
@@ -680,10 +748,13 @@ def _common_prefix(names: list[str]) -> str:
 
 # --- the pass ---------------------------------------------------------------------------------------
 
+
 class KeepDecomposedBlocksFloat(Pass):
     name = "keep-decomposed-blocks-float"
-    description = ("keep the insides of LayerNorm/RMSNorm/GELU/Softmax/HardSwish built from primitive ops float "
-                   "(int16 on quantized-only targets), or fuse them into the ONNX op (fuse=true)")
+    description = (
+        "keep the insides of LayerNorm/RMSNorm/GELU/Softmax/HardSwish built from primitive ops float "
+        "(int16 on quantized-only targets), or fuse them into the ONNX op (fuse=true)"
+    )
     preserves_semantics = True
 
     @dataclass
@@ -713,14 +784,19 @@ class KeepDecomposedBlocksFloat(Pass):
             inputs = ", ".join(b.x for b in shown) + (f" and {more} more" if more else "")
             self.remarks.applied(
                 f"kept {len(found)} decomposed {kind} block{'s' if len(found) > 1 else ''} in {precision} "
-                f"(inputs {inputs})", [op.name for b in shown for op in b.ops],
+                f"(inputs {inputs})",
+                [op.name for b in shown for op in b.ops],
                 reason="its internal ranges (variances, x^3, exp sums) collapse on an 8-bit grid; "
-                       "the block's input and output stay quantized")
+                "the block's input and output stay quantized",
+            )
         for what, names in fused.items():
             self.remarks.applied(f"fused {len(names)} decomposed {what}", names[:10])
         for (kind, why), found in unfused.items():
-            self.remarks.missed(f"{len(found)} decomposed {kind} block{'s' if len(found) > 1 else ''} not fused, "
-                                f"kept in {precision}", [b.ops[-1].name for b in found[:10]], reason=why)
+            self.remarks.missed(
+                f"{len(found)} decomposed {kind} block{'s' if len(found) > 1 else ''} not fused, kept in {precision}",
+                [b.ops[-1].name for b in found[:10]],
+                reason=why,
+            )
         for miss in misses:
             self.remarks.missed(f"not a decomposed block ({miss.pattern.name})", miss.names, reason=miss.reason)
         return self.result(bool(fused))

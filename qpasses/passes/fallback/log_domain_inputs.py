@@ -19,8 +19,23 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant.keep_float import keep_float, with_readers
 
 # Elementwise ops through which a value near zero reaches the singular op: its inputs are kept too.
-MAGNITUDE = frozenset({"Max", "Min", "Clip", "Pow", "Sqrt", "Mul", "Add", "Abs", "Relu", "ReduceSum",
-                       "ReduceSumSquare", "ReduceMean", "ReduceL2"})
+MAGNITUDE = frozenset(
+    {
+        "Max",
+        "Min",
+        "Clip",
+        "Pow",
+        "Sqrt",
+        "Mul",
+        "Add",
+        "Abs",
+        "Relu",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceMean",
+        "ReduceL2",
+    }
+)
 # Copies of the values (Concat is not data movement for the quantization plan, but is here).
 COPIES = frozenset({"Concat"})
 LINEAR = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
@@ -100,7 +115,10 @@ class KeepLogDomainInputsFloat(Pass):
             names = [*magnitude_chain(graph, data), *with_readers(graph, [o for o in op.outputs if o])]
             marked = keep_float(graph, names, f"input of {op.op_type} (singular near zero)", ctx.target)
             if marked:
-                self.remarks.applied(f"kept {len(marked)} tensors around {op.op_type} '{op.name}' float", marked[:10],
-                                     reason=f"{op.op_type} is singular at 0: values below one quantization "
-                                     "step round to 0 and come out -inf/huge (log-power, 1/x)")
+                self.remarks.applied(
+                    f"kept {len(marked)} tensors around {op.op_type} '{op.name}' float",
+                    marked[:10],
+                    reason=f"{op.op_type} is singular at 0: values below one quantization "
+                    "step round to 0 and come out -inf/huge (log-power, 1/x)",
+                )
         return self.result(False)

@@ -74,12 +74,15 @@ class KeepMixedRangesFloat(Pass):
             if levels < o.min_levels:
                 found.append(MixedRange(joined, op, tuple(zip(parts, part_ranges, strict=True)), levels))
         for m in found:
-            if keep_float(graph, with_readers(graph, [m.tensor]), "joins parts with very different ranges",
-                          ctx.target):
+            if keep_float(graph, with_readers(graph, [m.tensor]), "joins parts with very different ranges", ctx.target):
                 detail = ", ".join(f"{p} {r:.3g}" for p, r in m.parts)
-                self.remarks.applied("kept float", [m.tensor], reason=f"{m.op} joins parts of range {detail}: on one "
-                                     f"{o.act_bw}-bit grid the smallest gets {m.levels:.1f} levels; parts "
-                                     "quantized separately")
+                self.remarks.applied(
+                    "kept float",
+                    [m.tensor],
+                    reason=f"{m.op} joins parts of range {detail}: on one "
+                    f"{o.act_bw}-bit grid the smallest gets {m.levels:.1f} levels; parts "
+                    "quantized separately",
+                )
         return self.result(False)
 
     @staticmethod
@@ -95,8 +98,13 @@ class KeepMixedRangesFloat(Pass):
                     out.append((op.outputs[0], parts, op.name))
         heads: dict[str, list[str]] = {}
         for op in graph.ops:
-            if op.is_standard and op.op_type in SPLITS and op.inputs and op.inputs[0] \
-                    and not graph.tensors[op.inputs[0]].is_constant:
+            if (
+                op.is_standard
+                and op.op_type in SPLITS
+                and op.inputs
+                and op.inputs[0]
+                and not graph.tensors[op.inputs[0]].is_constant
+            ):
                 heads.setdefault(op.inputs[0], []).extend(o for o in op.outputs if o)
         for src, parts in heads.items():
             if len(parts) >= 2:

@@ -66,7 +66,8 @@ def masked_flow(graph: Graph, const: str) -> list[str]:
         name = todo.pop()
         for op in graph.consumers(name):
             carries = (op.op_type in MASKING or op.op_type in DATA_MOVEMENT) and not (
-                name == const and _clamped_away(graph, op, const))
+                name == const and _clamped_away(graph, op, const)
+            )
             for o in op.outputs:
                 if o and o not in out and not graph.tensors[o].is_constant:
                     out[o] = None
@@ -77,8 +78,10 @@ def masked_flow(graph: Graph, const: str) -> list[str]:
 
 class KeepNonFiniteFloat(Pass):
     name = "keep-nonfinite-float"
-    description = ("keep constants with inf/NaN or masking sentinels (|x| >= 1e30) float, with the tensors "
-                   "they mask: no integer grid holds them")
+    description = (
+        "keep constants with inf/NaN or masking sentinels (|x| >= 1e30) float, with the tensors "
+        "they mask: no integer grid holds them"
+    )
     preserves_semantics = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -89,14 +92,19 @@ class KeepNonFiniteFloat(Pass):
             peak = data.flat[np.argmax(np.abs(data))]
             what = "inf/NaN" if not np.isfinite(data).all() else f"a masking sentinel ({peak:.3g})"
             readers = ", ".join(f"{op.op_type} '{op.name}'" for op in graph.consumers(name))
-            self.remarks.applied("kept float", [name], reason=f"holds {what} (read by {readers}); "
-                                 "no integer grid holds it")
+            self.remarks.applied(
+                "kept float", [name], reason=f"holds {what} (read by {readers}); no integer grid holds it"
+            )
         for name in consts:
-            flow = keep_float(graph, masked_flow(graph, name), "masked by a non-finite/sentinel constant",
-                              precision=FLOAT32)
+            flow = keep_float(
+                graph, masked_flow(graph, name), "masked by a non-finite/sentinel constant", precision=FLOAT32
+            )
             if flow:
-                self.remarks.applied(f"kept {len(flow)} tensors masked by '{name}' float", flow[:10],
-                                     reason="they carry the mask value: a quantizer on their range (~1e38 or "
-                                     "inf) rounds every real value to 0; kept up to the op that brings the "
-                                     "range back (Softmax, ReduceMax, ...)")
+                self.remarks.applied(
+                    f"kept {len(flow)} tensors masked by '{name}' float",
+                    flow[:10],
+                    reason="they carry the mask value: a quantizer on their range (~1e38 or "
+                    "inf) rounds every real value to 0; kept up to the op that brings the "
+                    "range back (Softmax, ReduceMax, ...)",
+                )
         return self.result(False)

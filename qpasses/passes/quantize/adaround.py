@@ -103,18 +103,27 @@ class AdaRound(LearnedWeightsPass):
         o = self.options
         check_common_options(self.name, o, ("iterations", "num_batches", "batch_size"))
         if not (o.lr > 0 and o.reg_param >= 0 and 0 <= o.warm_start < 1 and o.beta_start > 0 and o.beta_end > 0):
-            raise PassError("pass 'adaround': lr, beta_start and beta_end must be > 0, reg_param >= 0 and "
-                            f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
-                            f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})")
+            raise PassError(
+                "pass 'adaround': lr, beta_start and beta_end must be > 0, reg_param >= 0 and "
+                f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
+                f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})"
+            )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()
         o = self.options
         setup = self.setup(graph, ctx)
         training, plan = setup.training, setup.plan
-        layers = learnable_layers(graph, ctx.get(TopologicalOrder, graph).order, plan.weights, self.remarks,
-                                  weight_bw=o.weight_bw, per_channel=setup.per_channel, mode=o.mode,
-                                  exclude=o.exclude)
+        layers = learnable_layers(
+            graph,
+            ctx.get(TopologicalOrder, graph).order,
+            plan.weights,
+            self.remarks,
+            weight_bw=o.weight_bw,
+            per_channel=setup.per_channel,
+            mode=o.mode,
+            exclude=o.exclude,
+        )
         model = graph.to_onnx()
         tasks = self._tasks(graph, model, layers)
         if not tasks:
@@ -135,8 +144,9 @@ class AdaRound(LearnedWeightsPass):
                 else:  # the FP32 model's output, the input the model computes with earlier layers learned
                     data = capture_tensors(model, [task.output], feeds)
                     inputs = capture_tensors(quantized.model, [layer.input], feeds)[layer.input]
-                res, weight = self._learn(task, training.as_tensors(inputs), training.as_tensors(data[task.output]),
-                                          generator, training)
+                res, weight = self._learn(
+                    task, training.as_tensors(inputs), training.as_tensors(data[task.output]), generator, training
+                )
                 self._freeze(graph, layer, res, weight, training)
                 if quantized is not None:
                     quantized.set(layer.weight, weight)
@@ -146,9 +156,11 @@ class AdaRound(LearnedWeightsPass):
             bar.close()
         ctx.artifacts.put(AdaRoundResults(results))
         learned = sum(not r.kept_nearest for r in results.values())
-        self.remarks.applied(f"learned the rounding of {learned} of {len(results)} weights ({o.iterations} "
-                             f"iterations, inputs {o.input_from}) on {count_samples(feeds)} samples in "
-                             f"{len(feeds)} batches")
+        self.remarks.applied(
+            f"learned the rounding of {learned} of {len(results)} weights ({o.iterations} "
+            f"iterations, inputs {o.input_from}) on {count_samples(feeds)} samples in "
+            f"{len(feeds)} batches"
+        )
         return self.result(bool(results))
 
     def _tasks(self, graph: Graph, model: Any, layers: list[Layer]) -> list[_Task]:
@@ -174,8 +186,9 @@ class AdaRound(LearnedWeightsPass):
                 self.remarks.missed("not learned", [task.layer.name], reason=f"'{name}' is {missing[name]}")
         return kept
 
-    def _learn(self, task: _Task, inputs: list, targets: list, generator: Any,
-               training: Any) -> tuple[AdaRoundResult, np.ndarray]:
+    def _learn(
+        self, task: _Task, inputs: list, targets: list, generator: Any, training: Any
+    ) -> tuple[AdaRoundResult, np.ndarray]:
         import torch
 
         o = self.options
@@ -211,8 +224,9 @@ class AdaRound(LearnedWeightsPass):
         if kept:
             weight, after = nearest, before
         flipped = float(np.mean(weight != nearest))
-        return AdaRoundResult(layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped,
-                              kept), weight
+        return AdaRoundResult(
+            layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped, kept
+        ), weight
 
     def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
         t = graph.tensors[layer.weight]
@@ -221,8 +235,11 @@ class AdaRound(LearnedWeightsPass):
         t.meta["encoding_source"] = "adaround"
         what = f"{layer.bitwidth}-bit {layer.op.op_type} weight on the {layer.source} grid"
         if res.kept_nearest:
-            self.remarks.missed(f"{what} kept rounding to nearest", [layer.name],
-                                reason=f"learned rounding did not lower the output loss ({res.loss_nearest:.4g})")
+            self.remarks.missed(
+                f"{what} kept rounding to nearest",
+                [layer.name],
+                reason=f"learned rounding did not lower the output loss ({res.loss_nearest:.4g})",
+            )
             return
         self.remarks.applied(
             f"{what}: output loss {res.loss_nearest:.4g} -> {res.loss:.4g} "

@@ -103,8 +103,9 @@ class AdaScale(LearnedWeightsPass):
         o = self.options
         check_common_options(self.name, o, ("num_epochs", "num_batches", "batch_size", "layers_per_block"))
         if not (o.clip_lr >= 0 and o.scale_lr >= 0 and o.clip_lr + o.scale_lr > 0):
-            raise PassError(f"pass 'adascale': clip_lr and scale_lr must be >= 0 and not both 0 "
-                            f"(got {o.clip_lr}, {o.scale_lr})")
+            raise PassError(
+                f"pass 'adascale': clip_lr and scale_lr must be >= 0 and not both 0 (got {o.clip_lr}, {o.scale_lr})"
+            )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._check_options()
@@ -112,8 +113,17 @@ class AdaScale(LearnedWeightsPass):
         setup = self.setup(graph, ctx)
         training, plan = setup.training, setup.plan
         order = ctx.get(TopologicalOrder, graph).order
-        layers = learnable_layers(graph, order, plan.weights, self.remarks, weight_bw=o.weight_bw,
-                                  per_channel=setup.per_channel, mode=o.mode, exclude=o.exclude, shared=True)
+        layers = learnable_layers(
+            graph,
+            order,
+            plan.weights,
+            self.remarks,
+            weight_bw=o.weight_bw,
+            per_channel=setup.per_channel,
+            mode=o.mode,
+            exclude=o.exclude,
+            shared=True,
+        )
         blocks = self._blocks(graph, order, layers, ctx.get(Shapes, graph)) if layers else []
         model = graph.to_onnx()
         tasks = self._programs(model, graph, blocks)
@@ -133,8 +143,9 @@ class AdaScale(LearnedWeightsPass):
                 captured = fp if quantized is None else capture_tensors(quantized.model, names, feeds)
                 columns = {name: training.as_tensors(captured[name]) for name in names}
                 inputs = [{name: columns[name][i] for name in names} for i in range(len(feeds))]
-                res, weights = self._learn(block, program, inputs, training.as_tensors(fp[block.output]),
-                                           generator, training)
+                res, weights = self._learn(
+                    block, program, inputs, training.as_tensors(fp[block.output]), generator, training
+                )
                 self._freeze(graph, block, res, weights, training)
                 if quantized is not None:
                     for name, array in weights.items():
@@ -145,9 +156,11 @@ class AdaScale(LearnedWeightsPass):
             bar.close()
         ctx.artifacts.put(AdaScaleResults(results))
         learned = [r for r in results if not r.kept_start]
-        self.remarks.applied(f"learned {sum(len(r.layers) for r in learned)} weight grids in {len(learned)} of "
-                             f"{len(results)} blocks ({o.num_epochs} epochs of {len(feeds)} batches, "
-                             f"{count_samples(feeds)} samples, inputs {o.input_from})")
+        self.remarks.applied(
+            f"learned {sum(len(r.layers) for r in learned)} weight grids in {len(learned)} of "
+            f"{len(results)} blocks ({o.num_epochs} epochs of {len(feeds)} batches, "
+            f"{count_samples(feeds)} samples, inputs {o.input_from})"
+        )
         return self.result(bool(learned))
 
     def _blocks(self, graph: Graph, order: list[Op], layers: list[Layer], shapes: Shapes) -> list[Block]:
@@ -158,8 +171,10 @@ class AdaScale(LearnedWeightsPass):
             for block in blocks:
                 for op in block.ops:
                     if op.id in seen:
-                        raise PassError(f"pass 'adascale': blocks {seen[op.id]!r} and {block.label!r} overlap "
-                                        f"(both hold {op.op_type} '{op.name}')")
+                        raise PassError(
+                            f"pass 'adascale': blocks {seen[op.id]!r} and {block.label!r} overlap "
+                            f"(both hold {op.op_type} '{op.name}')"
+                        )
                     seen[op.id] = block.label
             placed = {layer.op.id for block in blocks for layer in block.layers}
             rest = [layer.name for layer in layers if layer.op.id not in placed]
@@ -169,15 +184,20 @@ class AdaScale(LearnedWeightsPass):
             dtypes = {name: dtype for name, (dtype, _) in shapes.types.items()}
             blocks, outside = find_blocks(graph, order, layers, dtypes, o.layers_per_block)
             if outside:
-                self.remarks.missed("not learned", [la.name for la in outside],
-                                    reason="not inside a single-input single-output region (name blocks with the "
-                                           "blocks option)")
+                self.remarks.missed(
+                    "not learned",
+                    [la.name for la in outside],
+                    reason="not inside a single-input single-output region (name blocks with the blocks option)",
+                )
         for block in blocks:
             outside = [la for la in block.layers if block.outside_users(la)]
             if outside:
-                self.remarks.missed("not learned", [la.name for la in outside],
-                                    reason=f"block {block.label}: the shared weight is also read outside the block "
-                                           "(name a block holding every reader with the blocks option)")
+                self.remarks.missed(
+                    "not learned",
+                    [la.name for la in outside],
+                    reason=f"block {block.label}: the shared weight is also read outside the block "
+                    "(name a block holding every reader with the blocks option)",
+                )
                 block.layers = [la for la in block.layers if la not in outside]
         empty = [block.label for block in blocks if not block.layers]
         if empty:
@@ -195,8 +215,9 @@ class AdaScale(LearnedWeightsPass):
                 inputs = [block.input, *Block(block.input, block.output, ops).side_inputs(graph)]
                 tasks.append((block, TorchProgram(graph, ops, inputs, [block.output])))
             except Unsupported as exc:
-                self.remarks.missed("block not learned", [la.name for la in block.layers],
-                                    reason=f"block {block.label}: {exc}")
+                self.remarks.missed(
+                    "block not learned", [la.name for la in block.layers], reason=f"block {block.label}: {exc}"
+                )
         missing = unavailable_tensors(model, [n for b, p in tasks for n in (*p.inputs, b.output)])
         kept = []
         for block, program in tasks:
@@ -204,19 +225,23 @@ class AdaScale(LearnedWeightsPass):
             if name is None:
                 kept.append((block, program))
             else:
-                self.remarks.missed("block not learned", [la.name for la in block.layers],
-                                    reason=f"block {block.label}: '{name}' is {missing[name]}")
+                self.remarks.missed(
+                    "block not learned",
+                    [la.name for la in block.layers],
+                    reason=f"block {block.label}: '{name}' is {missing[name]}",
+                )
         return kept
 
-    def _learn(self, block: Block, program: Any, inputs: list, targets: list, generator: Any,
-               training: Any) -> tuple[AdaScaleResult, dict[str, np.ndarray]]:
+    def _learn(
+        self, block: Block, program: Any, inputs: list, targets: list, generator: Any, training: Any
+    ) -> tuple[AdaScaleResult, dict[str, np.ndarray]]:
         import torch
 
         o = self.options
-        quantizers = {la.weight: training.AdaScaleWeight(la.data, la.encoding, la.channel_axis)
-                      for la in block.layers}
-        start = {la.weight: torch.from_numpy(fake_quantize(la.data, la.encoding).astype(np.float32))
-                 for la in block.layers}
+        quantizers = {la.weight: training.AdaScaleWeight(la.data, la.encoding, la.channel_axis) for la in block.layers}
+        start = {
+            la.weight: torch.from_numpy(fake_quantize(la.data, la.encoding).astype(np.float32)) for la in block.layers
+        }
         clip = [p for q in quantizers.values() for p in q.clip_parameters()]
         scale = [p for q in quantizers.values() for p in q.scale_parameters()]
 
@@ -229,8 +254,9 @@ class AdaScale(LearnedWeightsPass):
         threads = training.pick_threads(o.threads, program.macs(inputs[0], start))
         with training.torch_threads(threads):
             before = training.evaluate(lambda i: run(i, start), targets)
-            optimizer = torch.optim.Adam([g for g in ({"params": clip, "lr": o.clip_lr},
-                                                      {"params": scale, "lr": o.scale_lr}) if g["lr"] > 0])
+            optimizer = torch.optim.Adam(
+                [g for g in ({"params": clip, "lr": o.clip_lr}, {"params": scale, "lr": o.scale_lr}) if g["lr"] > 0]
+            )
             steps = o.num_epochs * len(inputs)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
             order = training.batch_order(steps, len(inputs), generator)
@@ -240,7 +266,7 @@ class AdaScale(LearnedWeightsPass):
             bar = training.progress_bar(steps, f"  {block.output[-30:]}", o.progress, "it")
             try:
                 for epoch in range(o.num_epochs):
-                    for b in order[epoch * len(inputs):(epoch + 1) * len(inputs)]:
+                    for b in order[epoch * len(inputs) : (epoch + 1) * len(inputs)]:
                         loss = training.reconstruction_loss(run(b, learned()), targets[b])
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -250,8 +276,10 @@ class AdaScale(LearnedWeightsPass):
                     current = training.evaluate(lambda i: run(i, learned()), targets).loss
                     if current < best:
                         best = current
-                        best_state = {name: {k: v.detach().clone() for k, v in q.state_dict().items()}
-                                      for name, q in quantizers.items()}
+                        best_state = {
+                            name: {k: v.detach().clone() for k, v in q.state_dict().items()}
+                            for name, q in quantizers.items()
+                        }
                     bar.set_postfix_str(f"loss {current:.4g} (start {before.loss:.4g})")
             finally:
                 bar.close()
@@ -260,20 +288,31 @@ class AdaScale(LearnedWeightsPass):
                     q.load_state_dict(best_state[name])
             finals = {name: q.result() for name, q in quantizers.items()}
             weights = {name: f[1] for name, f in finals.items()}
-            after = training.evaluate(lambda i: run(i, {n: torch.from_numpy(w) for n, w in weights.items()}),
-                                      targets)
+            after = training.evaluate(lambda i: run(i, {n: torch.from_numpy(w) for n, w in weights.items()}), targets)
         kept = after.loss >= before.loss
-        res = AdaScaleResult(block.input, block.output, tuple(la.name for la in block.layers), before.loss,
-                             before.loss if kept else after.loss, before.mse, before.mse if kept else after.mse, kept,
-                             {} if kept else {name: f[0] for name, f in finals.items()})
+        res = AdaScaleResult(
+            block.input,
+            block.output,
+            tuple(la.name for la in block.layers),
+            before.loss,
+            before.loss if kept else after.loss,
+            before.mse,
+            before.mse if kept else after.mse,
+            kept,
+            {} if kept else {name: f[0] for name, f in finals.items()},
+        )
         return res, ({} if kept else weights)
 
-    def _freeze(self, graph: Graph, block: Block, res: AdaScaleResult, weights: dict[str, np.ndarray],
-                training: Any) -> None:
+    def _freeze(
+        self, graph: Graph, block: Block, res: AdaScaleResult, weights: dict[str, np.ndarray], training: Any
+    ) -> None:
         names = [la.name for la in block.layers]
         if res.kept_start:
-            self.remarks.missed(f"block {block.label} kept its starting grids", names,
-                                reason=f"learning did not lower the block's output loss ({res.loss_start:.4g})")
+            self.remarks.missed(
+                f"block {block.label} kept its starting grids",
+                names,
+                reason=f"learning did not lower the block's output loss ({res.loss_start:.4g})",
+            )
             return
         for layer in block.layers:
             t = graph.tensors[layer.weight]

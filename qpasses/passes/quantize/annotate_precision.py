@@ -25,7 +25,11 @@ class AnnotatePrecision(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         roles: tuple[tuple[int | None, Role], ...] = (
-            (o.act_bw, "activation"), (o.weight_bw, "weight"), (o.bias_bw, "bias"), (o.param_bw, "weight"))
+            (o.act_bw, "activation"),
+            (o.weight_bw, "weight"),
+            (o.bias_bw, "bias"),
+            (o.param_bw, "weight"),
+        )
         for value, role in roles:
             if value is not None:
                 validate_bitwidth(value, role)
@@ -43,5 +47,8 @@ class AnnotatePrecision(Pass):
 
 
 def _snapshot(graph: Graph) -> dict[str, tuple[object, ...]]:
-    return {n: (Precision.of(t.precision), t.meta.get("precision_source"), t.meta.get("encoding_bw"))
-            for n, t in graph.tensors.items() if t.precision is not None}
+    return {
+        n: (Precision.of(t.precision), t.meta.get("precision_source"), t.meta.get("encoding_bw"))
+        for n, t in graph.tensors.items()
+        if t.precision is not None
+    }

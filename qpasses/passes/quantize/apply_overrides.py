@@ -44,8 +44,9 @@ def tensor_specs(graph: Graph) -> dict[str, TensorSpec]:
             shape = graph.tensors[name].static_shape or ()  # a constant's dims are all known ints
             if name in axes:
                 axis = axes[name]
-                specs[name] = TensorSpec("weight", per_channel=False) if axis is None else \
-                    TensorSpec("weight", shape[axis], axis)
+                specs[name] = (
+                    TensorSpec("weight", per_channel=False) if axis is None else TensorSpec("weight", shape[axis], axis)
+                )
             elif op.op_type in ("Conv", "ConvTranspose", "Gemm") and slot == 2 and len(shape) == 1:
                 specs[name] = TensorSpec("bias", shape[0], 0)
             elif name not in specs:
@@ -81,8 +82,10 @@ class ApplyOverrides(Pass):
         given = ctx.artifacts.get(Overrides)
         if given is None or (self.options.path and self.options.path != given.path):
             if not self.options.path:
-                raise PassError("pass 'apply-overrides' needs its file: apply-overrides{path=FILE.json}, or an "
-                                "Overrides artifact (an encodings file object) in the context")
+                raise PassError(
+                    "pass 'apply-overrides' needs its file: apply-overrides{path=FILE.json}, or an "
+                    "Overrides artifact (an encodings file object) in the context"
+                )
             overrides = load_overrides(self.options.path, graph)
         else:
             overrides = given.file
@@ -92,8 +95,11 @@ class ApplyOverrides(Pass):
         for name, entry in [*overrides.activations.items(), *overrides.params.items()]:
             t = graph.tensors.get(name)
             if t is None:
-                self.remarks.missed("override not applied", [name], reason="tensor no longer exists "
-                                    "(removed by an earlier pass such as fold-batchnorm)")
+                self.remarks.missed(
+                    "override not applied",
+                    [name],
+                    reason="tensor no longer exists (removed by an earlier pass such as fold-batchnorm)",
+                )
                 continue
             if isinstance(entry, PrecisionOverride):
                 precisions_changed |= tensor_precision(t) != Precision.of(entry)
@@ -105,8 +111,11 @@ class ApplyOverrides(Pass):
             if name in plan.shared:
                 root = plan.shared[name]
                 if root in overrides.activations or graph.tensors[root].meta.get("encoding_source") == "override":
-                    self.remarks.missed("override ignored", [name],
-                                        reason=f"data-movement output shares the encoding of {root}, which has one")
+                    self.remarks.missed(
+                        "override ignored",
+                        [name],
+                        reason=f"data-movement output shares the encoding of {root}, which has one",
+                    )
                     continue
                 # As qairt-converter does: the encoding propagates across data-invariant ops to the tensor it shares.
                 graph.tensors[root].encoding = entry

@@ -147,8 +147,14 @@ class Calibrate(Pass):
         means = {name: ChannelMeans() for name in weighted_layer_inputs(graph)}
         extremes = {name: SampleExtremes() for name in dict.fromkeys([*bitwidths, *means])}
         observers: dict[str, Any] = collect_statistics(
-            model, list(bitwidths), data, histogram=o.mode in _HISTOGRAM_MODES, progress=o.progress,
-            channel_means=_taps(means, extremes), max_bytes_per_run=o.max_bytes_per_run or None)
+            model,
+            list(bitwidths),
+            data,
+            histogram=o.mode in _HISTOGRAM_MODES,
+            progress=o.progress,
+            channel_means=_taps(means, extremes),
+            max_bytes_per_run=o.max_bytes_per_run or None,
+        )
 
         outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
         # For later steps that score on calibration batches (parity, fallback): which samples are corrupt.
@@ -157,8 +163,11 @@ class Calibrate(Pass):
             self._report_outliers(graph, {n: v for n, v in outliers.items() if n in bitwidths}, o.mode)
             if o.mode in _HISTOGRAM_MODES:
                 histograms, clean_means = self._without_outliers(
-                    model, data, {n: v for n, v in outliers.items() if n in observers},
-                    {n: v for n, v in outliers.items() if n in means})
+                    model,
+                    data,
+                    {n: v for n, v in outliers.items() if n in observers},
+                    {n: v for n, v in outliers.items() if n in means},
+                )
                 observers.update(histograms)
                 means.update(clean_means)
 
@@ -193,31 +202,52 @@ class Calibrate(Pass):
             groups.setdefault(outliers[name].samples, []).append(name)
         robust = mode in _HISTOGRAM_MODES
         for samples, names in groups.items():
-            shown = "; ".join(f"{'input ' if n in graph.inputs else ''}'{n}': {outliers[n].describe()}"
-                              for n in names[:4])
+            shown = "; ".join(
+                f"{'input ' if n in graph.inputs else ''}'{n}': {outliers[n].describe()}" for n in names[:4]
+            )
             more = f"; and {len(names) - 4} more tensors" if len(names) > 4 else ""
             which = f"sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))}"
-            effect = (f"{mode} leaves {'them' if len(samples) > 1 else 'it'} out of these tensors' statistics"
-                      if robust else f"{mode} keeps the full range, so every other value gets few levels: fix the "
-                      "data, or calibrate with mode percentile or enhanced, which leave such samples out")
-            reason = (f"{which} of the calibration data (counting from 0 in reading order) reach"
-                      f"{'' if len(samples) > 1 else 'es'} more than {OUTLIER_RATIO:g}x the other samples' range "
-                      f"beyond it: {shown}{more}; {effect}")
-            self.remarks.missed(f"calibration outlier: {which} set{'' if len(samples) > 1 else 's'} the range of "
-                                f"{len(names)} tensors", names, reason=reason)
+            effect = (
+                f"{mode} leaves {'them' if len(samples) > 1 else 'it'} out of these tensors' statistics"
+                if robust
+                else f"{mode} keeps the full range, so every other value gets few levels: fix the "
+                "data, or calibrate with mode percentile or enhanced, which leave such samples out"
+            )
+            reason = (
+                f"{which} of the calibration data (counting from 0 in reading order) reach"
+                f"{'' if len(samples) > 1 else 'es'} more than {OUTLIER_RATIO:g}x the other samples' range "
+                f"beyond it: {shown}{more}; {effect}"
+            )
+            self.remarks.missed(
+                f"calibration outlier: {which} set{'' if len(samples) > 1 else 's'} the range of {len(names)} tensors",
+                names,
+                reason=reason,
+            )
             warnings.warn(f"calibrate: {reason}", CalibrationOutlierWarning, stacklevel=2)
 
-    def _without_outliers(self, model: Any, data: CalibrationData, ranged: dict[str, Outliers],
-                          averaged: dict[str, Outliers]) -> tuple[dict[str, Any], dict[str, ChannelMeans]]:
+    def _without_outliers(
+        self, model: Any, data: CalibrationData, ranged: dict[str, Outliers], averaged: dict[str, Outliers]
+    ) -> tuple[dict[str, Any], dict[str, ChannelMeans]]:
         """Histograms on the other samples' range and input means, without the outlier samples (a second pass)."""
-        fixed = {name: FixedHistogramObserver(found.rest_min, found.rest_max, frozenset(found.samples))
-                 for name, found in ranged.items()}
+        fixed = {
+            name: FixedHistogramObserver(found.rest_min, found.rest_max, frozenset(found.samples))
+            for name, found in ranged.items()
+        }
         means = {name: ChannelMeans() for name in averaged}
         skipping = {name: SkipSamples(means[name], frozenset(found.samples)) for name, found in averaged.items()}
-        collect_statistics(model, [], data, progress=self.options.progress, channel_means=_taps(fixed, skipping),
-                           max_bytes_per_run=self.options.max_bytes_per_run or None)
+        collect_statistics(
+            model,
+            [],
+            data,
+            progress=self.options.progress,
+            channel_means=_taps(fixed, skipping),
+            max_bytes_per_run=self.options.max_bytes_per_run or None,
+        )
         changed = sorted(name for name, obs in fixed.items() if obs.dropped)
         if changed:
-            self.remarks.analysis("calibration data changed between reads", changed,
-                                  reason="values outside the range measured in the first read were left out")
+            self.remarks.analysis(
+                "calibration data changed between reads",
+                changed,
+                reason="values outside the range measured in the first read were left out",
+            )
         return {name: obs.histogram for name, obs in fixed.items()}, means

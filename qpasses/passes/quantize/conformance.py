@@ -61,8 +61,9 @@ def _op_finding(graph: Graph, op: Op, t: TargetDescriptor) -> str | None:
         out = next(o for o in op.outputs if o and tensor_precision(graph.tensors[o]) is not None)
         source = graph.tensors[out].meta.get("precision_source")
         if source == "fallback":
-            return (f"missing encoding: {out} has no override and no calibration data, so it falls back to {p}; "
-                    f"{problem}")
+            return (
+                f"missing encoding: {out} has no override and no calibration data, so it falls back to {p}; {problem}"
+            )
         if not quantizable(op) and t.runs_integer:
             return f"no integer kernel for {op.op_type}: it runs in float, and {problem}"
         return problem

@@ -40,8 +40,9 @@ class EncodeWeights(Pass):
         done = kept = 0
         mixed_axes = [name for name, spec in plan.weights.items() if spec.axis is None]
         if per_channel and mixed_axes:
-            self.remarks.missed("per-tensor weights", mixed_axes,
-                                reason="read by layers whose output channels lie on different axes")
+            self.remarks.missed(
+                "per-tensor weights", mixed_axes, reason="read by layers whose output channels lie on different axes"
+            )
         for name, spec in plan.weights.items():
             t = graph.tensors[name]
             if t.meta.get("encoding_source") in _KEPT_SOURCES:
@@ -66,16 +67,22 @@ class EncodeWeights(Pass):
                 kept += 1
                 continue
             try:
-                t.encoding = compute(t.constant_data(), _annotated_bitwidth(t, o.param_bw),
-                                     "tf" if o.mode == "adjusted" else o.mode, role="weight")
+                t.encoding = compute(
+                    t.constant_data(),
+                    _annotated_bitwidth(t, o.param_bw),
+                    "tf" if o.mode == "adjusted" else o.mode,
+                    role="weight",
+                )
             except EncodingError as exc:
                 readers = ", ".join(f"{op.op_type} '{op.name}'" for op in graph.consumers(name)) or "no op"
                 raise EncodingError(f"parameter {name} read by {readers}: {exc}") from None
             t.meta["encoding_source"] = "weights"
             done += 1
         layout = "per-channel" if per_channel else "per-tensor"
-        self.remarks.applied(f"encoded {done} weights/params ({layout}, {o.weight_bw}-bit, {o.mode})"
-                             + (f"; kept {kept} overridden or searched" if kept else ""))
+        self.remarks.applied(
+            f"encoded {done} weights/params ({layout}, {o.weight_bw}-bit, {o.mode})"
+            + (f"; kept {kept} overridden or searched" if kept else "")
+        )
         return self.result(done > 0)
 
 

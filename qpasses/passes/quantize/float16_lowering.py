@@ -39,7 +39,8 @@ def _schema(op: Op, opset: int) -> onnx.defs.OpSchema | None:
 
 
 def _formal(
-    params: Sequence[onnx.defs.OpSchema.FormalParameter], index: int,
+    params: Sequence[onnx.defs.OpSchema.FormalParameter],
+    index: int,
 ) -> onnx.defs.OpSchema.FormalParameter | None:
     if index < len(params):
         return params[index]
@@ -103,8 +104,9 @@ def lower_float16(graph: Graph, dtype_of: dict[str, int]) -> Float16Report:
                 continue
             t = graph.tensors[name]
             if t.is_constant and want == FLOAT16:
-                in_place = name not in graph.inputs and all(r.id in plans and s in plans[r.id][0]
-                                                            for r, s in graph.uses(name))
+                in_place = name not in graph.inputs and all(
+                    r.id in plans and s in plans[r.id][0] for r, s in graph.uses(name)
+                )
                 new = _half_constant(graph, name, casts, in_place)
                 replaced.add(name)
                 report.constants += 1
@@ -123,8 +125,13 @@ def lower_float16(graph: Graph, dtype_of: dict[str, int]) -> Float16Report:
         if elem == FLOAT16 and out is not None and not out.is_constant and name not in graph.outputs:
             out.set_type(FLOAT16, out.shape)
     for name in replaced:
-        if name in graph.tensors and not graph.uses(name) and graph.tensors[name].initializer is not None \
-                and name not in graph.inputs and not graph.is_graph_output(name):
+        if (
+            name in graph.tensors
+            and not graph.uses(name)
+            and graph.tensors[name].initializer is not None
+            and name not in graph.inputs
+            and not graph.is_graph_output(name)
+        ):
             graph.remove_tensor(name)
     graph.remove_dead_ops()
     return report
@@ -148,8 +155,9 @@ def _cast(graph: Graph, name: str, to: int, cache: dict[tuple[str, int], str]) -
     key = (name, to)
     if key not in cache:
         suffix = "fp16" if to == FLOAT16 else "fp32"
-        op = graph.add_op("Cast", [name], [graph.unique_name(f"{name}_{suffix}")], name=f"{name}_Cast_{suffix}",
-                          attributes={"to": to})
+        op = graph.add_op(
+            "Cast", [name], [graph.unique_name(f"{name}_{suffix}")], name=f"{name}_Cast_{suffix}", attributes={"to": to}
+        )
         cache[key] = op.outputs[0]
     return cache[key]
 

@@ -36,8 +36,13 @@ from qpasses.quant.precision_type import FLOAT16, requantized, tensor_precision
 from qpasses.targets.precision import activation_slots, op_precision, quantizable
 
 _BITS: dict[int, tuple[int, bool]] = {
-    TensorProto.INT8: (8, True), TensorProto.UINT8: (8, False), TensorProto.INT16: (16, True),
-    TensorProto.UINT16: (16, False), TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False)}
+    TensorProto.INT8: (8, True),
+    TensorProto.UINT8: (8, False),
+    TensorProto.INT16: (16, True),
+    TensorProto.UINT16: (16, False),
+    TensorProto.INT4: (4, True),
+    TensorProto.UINT4: (4, False),
+}
 
 
 def _encoding_from_qparams(graph: Graph, q: Op) -> Encoding | None:
@@ -47,7 +52,7 @@ def _encoding_from_qparams(graph: Graph, q: Op) -> Encoding | None:
         return None
     bits, signed = _BITS[zp.dtype]
     offset = -int(zp.data.reshape(-1)[0]) - (2 ** (bits - 1) if signed else 0)
-    return Encoding(bits, (float(scale.data.reshape(-1)[0]),), (offset,), signed and offset == -2 ** (bits - 1))
+    return Encoding(bits, (float(scale.data.reshape(-1)[0]),), (offset,), signed and offset == -(2 ** (bits - 1)))
 
 
 class InsertConverts(Pass):
@@ -93,28 +98,39 @@ class InsertConverts(Pass):
                     kind.append(f"{label}->int{want.bitwidth}")
                 graph.set_input(op, slot, made[key])
         if requants:
-            self.remarks.applied(f"requantized {len(requants)} tensors between int bitwidths (DQ -> Q -> DQ)",
-                                 requants[:10])
+            self.remarks.applied(
+                f"requantized {len(requants)} tensors between int bitwidths (DQ -> Q -> DQ)", requants[:10]
+            )
         if quants:
             self.remarks.applied(f"quantized {len(quants)} float tensors read by int ops (Q -> DQ)", quants[:10])
         if missed:
-            self.remarks.missed("float input of an int op left float", missed[:10],
-                                reason="no encoding for the conversion (not calibrated and not overridden)")
+            self.remarks.missed(
+                "float input of an int op left float",
+                missed[:10],
+                reason="no encoding for the conversion (not calibrated and not overridden)",
+            )
         fp16 = None
         if any(tensor_precision(t) == FLOAT16 for t in graph.tensors.values()):
             shapes = ctx.get(Shapes, graph)
             fp16 = lower_float16(graph, {n: t.dtype or shapes.dtype(n) for n, t in graph.tensors.items()})
             if fp16.ops:
-                self.remarks.applied(f"{len(fp16.ops)} ops run in float16 ({fp16.constants} constants stored as "
-                                     f"float16, {fp16.casts} Casts)", fp16.ops[:10])
+                self.remarks.applied(
+                    f"{len(fp16.ops)} ops run in float16 ({fp16.constants} constants stored as "
+                    f"float16, {fp16.casts} Casts)",
+                    fp16.ops[:10],
+                )
         return self.result(bool(requants or quants or exported or (fp16 and fp16.ops)))
 
     def _raise_opset(self, graph: Graph) -> None:
         """Requantizing into int16 needs opset 21 even when lowering did not (all-int8 encodings)."""
-        bitwidths = {p.bitwidth for op in graph.ops if quantizable(op) and (p := op_precision(graph, op))
-                     and not p.is_float}
-        if graph.opset() < 21 and any(bw <= 4 or 8 < bw <= 16 for bw in bitwidths) and any(
-                op.op_type == "QuantizeLinear" for op in graph.ops):
+        bitwidths = {
+            p.bitwidth for op in graph.ops if quantizable(op) and (p := op_precision(graph, op)) and not p.is_float
+        }
+        if (
+            graph.opset() < 21
+            and any(bw <= 4 or 8 < bw <= 16 for bw in bitwidths)
+            and any(op.op_type == "QuantizeLinear" for op in graph.ops)
+        ):
             before = graph.opset()
             upgrade_opset(graph, 21)
             self.remarks.applied(f"raised opset {before} -> {graph.opset()} for int16 conversions")
@@ -151,10 +167,15 @@ class InsertConverts(Pass):
         scale = graph.add_initializer(graph.unique_name(f"{label}_scale"), qp.scale.astype(np.float32)).name
         zp = graph.unique_name(f"{label}_zero_point")
         graph.add_initializer(zp, integer_tensor_proto(zp, qp.zero_point, qp.elem_type))
-        q = graph.add_op("QuantizeLinear", [name, scale, zp], [graph.unique_name(f"{label}_q")],
-                         name=f"{label}_QuantizeLinear")
-        dq = graph.add_op("DequantizeLinear", [q.outputs[0], scale, zp], [graph.unique_name(f"{label}_dq")],
-                          name=f"{label}_DequantizeLinear")
+        q = graph.add_op(
+            "QuantizeLinear", [name, scale, zp], [graph.unique_name(f"{label}_q")], name=f"{label}_QuantizeLinear"
+        )
+        dq = graph.add_op(
+            "DequantizeLinear",
+            [q.outputs[0], scale, zp],
+            [graph.unique_name(f"{label}_dq")],
+            name=f"{label}_DequantizeLinear",
+        )
         return dq.outputs[0]
 
     def _export_floats(self, graph: Graph, ctx: PassContext) -> int:

@@ -56,17 +56,25 @@ def find_int32_ops(graph: Graph, target: TargetDescriptor | None = None) -> list
         where = f"INT32 override of op {op.name} ({op.op_type})"
         if len(ins32) != len(ins) or len(outs32) != len(outs):
             missing = [n for n in (*ins, *outs) if n not in ins32 and n not in outs32]
-            raise PassError(f"{where}: only partly overridden, {', '.join(missing)} not INT32 "
-                            "(override all inputs and outputs of the op)")
+            raise PassError(
+                f"{where}: only partly overridden, {', '.join(missing)} not INT32 "
+                "(override all inputs and outputs of the op)"
+            )
         data_slots = activation_slots(op)
-        params = [n for s, n in enumerate(op.inputs) if n and s in data_slots and graph.tensors[n].is_constant
-                  and graph.tensors[n].dtype == TensorProto.FLOAT]
+        params = [
+            n
+            for s, n in enumerate(op.inputs)
+            if n and s in data_slots and graph.tensors[n].is_constant and graph.tensors[n].dtype == TensorProto.FLOAT
+        ]
         if params:
             raise PassError(f"{where}: ops with weights or bias cannot run in INT32 (it reads {', '.join(params)})")
         if target is not None and not target.supports_int32(op.op_type):
             raise PassError(f"{where}: target {target.name} cannot run {op.op_type} in INT32")
-        aux = tuple(s for s, n in enumerate(op.inputs) if n and graph.tensors[n].is_constant
-                    and graph.tensors[n].dtype == TensorProto.FLOAT)
+        aux = tuple(
+            s
+            for s, n in enumerate(op.inputs)
+            if n and graph.tensors[n].is_constant and graph.tensors[n].dtype == TensorProto.FLOAT
+        )
         found.append(_Int32Op(op, aux))
     return found
 
@@ -94,11 +102,16 @@ class Int32Overrides(Pass):
             if not name:
                 continue
             if slot in item.aux:
-                const = graph.add_initializer(graph.unique_name(f"{name}_int32"),
-                                              np.round(graph.tensors[name].constant_data()).astype(np.int32))
+                const = graph.add_initializer(
+                    graph.unique_name(f"{name}_int32"), np.round(graph.tensors[name].constant_data()).astype(np.int32)
+                )
                 graph.set_input(op, slot, const.name)
-                if not graph.uses(name) and graph.tensors[name].initializer is not None \
-                        and not graph.is_graph_output(name) and name not in graph.inputs:
+                if (
+                    not graph.uses(name)
+                    and graph.tensors[name].initializer is not None
+                    and not graph.is_graph_output(name)
+                    and name not in graph.inputs
+                ):
                     graph.remove_tensor(name)
                 continue
             if not _is_int32(graph, name):
@@ -107,8 +120,13 @@ class Int32Overrides(Pass):
             if producer is not None and producer.id in ids:
                 continue  # already INT32: the previous op of the chain writes it
             if name not in casts:
-                cast = graph.add_op("Cast", [name], [graph.unique_name(f"{name}_int32")], name=f"{name}_Cast_int32",
-                                    attributes={"to": TensorProto.INT32})
+                cast = graph.add_op(
+                    "Cast",
+                    [name],
+                    [graph.unique_name(f"{name}_int32")],
+                    name=f"{name}_Cast_int32",
+                    attributes={"to": TensorProto.INT32},
+                )
                 casts[name] = cast.outputs[0]
                 _mark_boundary(graph, name)
             graph.set_input(op, slot, casts[name])
@@ -125,8 +143,9 @@ class Int32Overrides(Pass):
             inner.encoding, inner.meta = None, {"precision_source": "override"}
             if not float_readers and not graph.is_graph_output(inner.name):
                 continue
-            cast = graph.add_op("Cast", [inner.name], [out], name=f"{out}_Cast_float",
-                                attributes={"to": TensorProto.FLOAT})
+            cast = graph.add_op(
+                "Cast", [inner.name], [out], name=f"{out}_Cast_float", attributes={"to": TensorProto.FLOAT}
+            )
             outer = graph.tensors[out]
             outer.encoding, outer.meta, outer.precision, outer.value_info = saved
             for reader, slot in graph.uses(inner.name):
@@ -141,4 +160,3 @@ def _mark_boundary(graph: Graph, name: str) -> None:
     t = graph.tensors[name]
     t.precision = Precision("int", int(t.meta.get("encoding_bw", 8)))
     t.meta["int32_boundary"] = True
-

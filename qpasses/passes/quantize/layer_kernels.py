@@ -31,8 +31,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _conv_attributes(op: Op, weight_shape: tuple[int, ...], channels: str
-                     ) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def _conv_attributes(
+    op: Op, weight_shape: tuple[int, ...], channels: str
+) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(spatial rank, group, kernel, strides, dilations) shared by Conv and ConvTranspose."""
     nd = len(weight_shape) - 2
     if nd < 1:
@@ -65,8 +66,14 @@ class ConvKernel:
     @classmethod
     def from_op(cls, op: Op, weight_shape: tuple[int, ...]) -> ConvKernel:
         nd, group, kernel, strides, dilations = _conv_attributes(op, weight_shape, "output")
-        return cls(group, kernel, strides, dilations, tuple(op.attr("pads", [0] * 2 * nd)),
-                   _text(op.attr("auto_pad", "NOTSET")))
+        return cls(
+            group,
+            kernel,
+            strides,
+            dilations,
+            tuple(op.attr("pads", [0] * 2 * nd)),
+            _text(op.attr("auto_pad", "NOTSET")),
+        )
 
     def work(self, shape: tuple[int, ...], cand: int, m: int) -> int:
         """Scratch elements per sample: patches plus outputs."""
@@ -89,8 +96,10 @@ class ConvKernel:
 
     def _out_shape(self, spatial: Sequence[int]) -> list[int]:
         begin, end = self._resolved_pads(spatial)
-        return [(size + b + e - (d * (k - 1) + 1)) // s + 1 for size, b, e, k, s, d in
-                zip(spatial, begin, end, self.kernel, self.strides, self.dilations, strict=True)]
+        return [
+            (size + b + e - (d * (k - 1) + 1)) // s + 1
+            for size, b, e, k, s, d in zip(spatial, begin, end, self.kernel, self.strides, self.dilations, strict=True)
+        ]
 
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
@@ -104,7 +113,7 @@ class ConvKernel:
         view = sliding_window_view(xp, spans, axis=tuple(range(2, 2 + nd)))
         steps = tuple(slice(None, None, s) for s in self.strides) + tuple(slice(None, None, d) for d in self.dilations)
         view = view[(slice(None), slice(None)) + steps]
-        out = view.shape[2:2 + nd]
+        out = view.shape[2 : 2 + nd]
         rows = n * math.prod(out)
         # [n, g, cg, *out, *k] -> [g, n, *out, cg, *k] -> [g, rows, cg*kk]
         view = view.reshape(n, g, cg, *out, *self.kernel)
@@ -133,13 +142,24 @@ class ConvTransposeKernel:
     def from_op(cls, op: Op, weight_shape: tuple[int, ...]) -> ConvTransposeKernel:
         nd, group, kernel, strides, dilations = _conv_attributes(op, weight_shape, "input")
         shape = op.attr("output_shape")
-        return cls(group, kernel, strides, dilations,
-                   tuple(op.attr("pads", [0] * 2 * nd)), tuple(op.attr("output_padding", [0] * nd)),
-                   tuple(shape[-nd:]) if shape is not None else None, _text(op.attr("auto_pad", "NOTSET")))
+        return cls(
+            group,
+            kernel,
+            strides,
+            dilations,
+            tuple(op.attr("pads", [0] * 2 * nd)),
+            tuple(op.attr("output_padding", [0] * nd)),
+            tuple(shape[-nd:]) if shape is not None else None,
+            _text(op.attr("auto_pad", "NOTSET")),
+        )
 
     def _full(self, spatial: Sequence[int]) -> list[int]:
-        return [(size - 1) * s + (k - 1) * d + 1 + p for size, s, k, d, p in
-                zip(spatial, self.strides, self.kernel, self.dilations, self.output_padding, strict=True)]
+        return [
+            (size - 1) * s + (k - 1) * d + 1 + p
+            for size, s, k, d, p in zip(
+                spatial, self.strides, self.kernel, self.dilations, self.output_padding, strict=True
+            )
+        ]
 
     def _resolved_pads(self, spatial: Sequence[int]) -> tuple[list[int], list[int]]:
         """ONNX's rule: explicit pads, or total padding from output_shape / SAME (= input x stride)."""
@@ -179,8 +199,10 @@ class ConvTransposeKernel:
         full_shape = self._full(spatial)
         full = np.zeros((n, cand, g, mg, *full_shape), dtype=np.float32)
         for tap in np.ndindex(*self.kernel):
-            window = tuple(slice(t * d, t * d + (size - 1) * s + 1, s) for t, d, size, s in
-                           zip(tap, self.dilations, spatial, self.strides, strict=True))
+            window = tuple(
+                slice(t * d, t * d + (size - 1) * s + 1, s)
+                for t, d, size, s in zip(tap, self.dilations, spatial, self.strides, strict=True)
+            )
             full[(Ellipsis,) + window] += z[tap]
         begin, end = self._resolved_pads(spatial)
         crop = tuple(slice(b, f - e) for b, e, f in zip(begin, end, full_shape, strict=True))
@@ -245,7 +267,10 @@ class MatMulKernel:
 
 Kernel = ConvKernel | ConvTransposeKernel | GemmKernel | MatMulKernel
 _KERNELS: Final[dict[str, type[Kernel]]] = {
-    "Conv": ConvKernel, "ConvTranspose": ConvTransposeKernel, "Gemm": GemmKernel, "MatMul": MatMulKernel,
+    "Conv": ConvKernel,
+    "ConvTranspose": ConvTransposeKernel,
+    "Gemm": GemmKernel,
+    "MatMul": MatMulKernel,
 }
 
 

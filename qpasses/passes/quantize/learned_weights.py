@@ -44,12 +44,15 @@ class LearnedWeightsPass(Pass):
         from qpasses.learned import training  # imports torch
 
         plan = ctx.get(QuantPlan, graph).plan
-        return LearningSetup(torch, training, plan, per_channel_weights(self.options.per_channel, ctx.target,
-                                                                        self.remarks))
+        return LearningSetup(
+            torch, training, plan, per_channel_weights(self.options.per_channel, ctx.target, self.remarks)
+        )
 
     def learning_data(self, graph: Graph, ctx: PassContext, setup: LearningSetup) -> LearningData:
         o = self.options
-        feeds = [dict(f) for f in itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size),
-                                                   o.num_batches)]
+        feeds = [
+            dict(f)
+            for f in itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size), o.num_batches)
+        ]
         quantized = quantized_so_far(graph, setup.plan.weights) if o.input_from == "quantized" else None
         return LearningData(feeds, quantized, setup.torch.Generator().manual_seed(ctx.seed))

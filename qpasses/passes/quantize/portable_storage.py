@@ -50,8 +50,11 @@ class PortableStorage(Pass):
                     skipped.append(op.name)
                 activations += bool(changed)
         if skipped:
-            self.remarks.missed("int8 activation kept", skipped[:10],
-                                reason="its quantized value is read by something other than DequantizeLinear")
+            self.remarks.missed(
+                "int8 activation kept",
+                skipped[:10],
+                reason="its quantized value is read by something other than DequantizeLinear",
+            )
         if weights or activations:
             graph.remove_unused_initializers()
             self.remarks.applied(f"stored {weights} int8 constants and {activations} int8 activations as uint8")
@@ -73,16 +76,25 @@ class PortableStorage(Pass):
         out = q.outputs[0]
         readers = graph.consumers(out)
         if graph.is_graph_output(out) or any(
-                r.op_type != "DequantizeLinear" or r.inputs[0] != out or len(r.inputs) < 3
-                or _int8_constant(graph, r.inputs[2]) is None for r in readers):
+            r.op_type != "DequantizeLinear"
+            or r.inputs[0] != out
+            or len(r.inputs) < 3
+            or _int8_constant(graph, r.inputs[2]) is None
+            for r in readers
+        ):
             return None
         new_zp = _shifted(graph, q.inputs[2], zp, self._made)
         graph.set_input(q, 2, new_zp)
         for r in readers:
             # The DQ may have its own (equal-valued) zero point; give it the same shift.
             r_zp = _int8_constant(graph, r.inputs[2])
-            graph.set_input(r, 2, new_zp if r.inputs[2] == q.inputs[2] or r_zp is None
-                            else _shifted(graph, r.inputs[2], r_zp, self._made))
+            graph.set_input(
+                r,
+                2,
+                new_zp
+                if r.inputs[2] == q.inputs[2] or r_zp is None
+                else _shifted(graph, r.inputs[2], r_zp, self._made),
+            )
         t = graph.tensors[out]
         if t.value_info is not None:
             t.set_type(onnx.TensorProto.UINT8, t.shape)

@@ -52,8 +52,9 @@ class QDQLowering(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if any(op.op_type in ("QuantizeLinear", "DequantizeLinear") for op in graph.ops):
-            self.remarks.missed("model already contains QuantizeLinear/DequantizeLinear; "
-                                "only tensors not next to them are quantized")
+            self.remarks.missed(
+                "model already contains QuantizeLinear/DequantizeLinear; only tensors not next to them are quantized"
+            )
         # Raise the opset first (it rebuilds the graph), then plan on the final graph.
         need = required_opset([t.encoding for t in graph.tensors.values() if isinstance(t.encoding, Encoding)])
         if any(bw <= 4 or 8 < bw <= 16 for t in graph.tensors.values() if (bw := t.meta.get("encoding_bw"))):
@@ -68,8 +69,11 @@ class QDQLowering(Pass):
         act_enc = self._activation_encodings(graph, plan)
         missing = [n for n in plan.activations if n not in act_enc]
         if missing:
-            self.remarks.missed(f"{len(missing)} activations have no encoding and stay float",
-                                missing[:10], reason="not calibrated and not overridden (float fallback)")
+            self.remarks.missed(
+                f"{len(missing)} activations have no encoding and stay float",
+                missing[:10],
+                reason="not calibrated and not overridden (float fallback)",
+            )
         for name, reason in plan.skipped:
             self.remarks.missed("not quantized", [name], reason=reason)
 
@@ -103,7 +107,8 @@ class QDQLowering(Pass):
         ctx.artifacts.put(EncodingsFile(activations=activations, params=params))
         self.remarks.applied(
             f"inserted Q/DQ on {len(activations)} activations ({len(qparams)} distinct encodings), "
-            f"quantized {len(weight_enc)} weights/params and {len(bias_enc)} biases")
+            f"quantized {len(weight_enc)} weights/params and {len(bias_enc)} biases"
+        )
         return self.result(True)
 
     # --- encodings derived at lowering time --------------------------------------------------------
@@ -121,8 +126,11 @@ class QDQLowering(Pass):
                 regridded.append(name)
             out[name] = t.encoding
         if regridded:
-            self.remarks.applied(f"re-gridded {len(regridded)} activation encodings to their annotated bitwidth",
-                                 regridded[:10], reason="calibrated at another bitwidth than the precision")
+            self.remarks.applied(
+                f"re-gridded {len(regridded)} activation encodings to their annotated bitwidth",
+                regridded[:10],
+                reason="calibrated at another bitwidth than the precision",
+            )
         return out
 
     def _bias_encodings(
@@ -154,13 +162,17 @@ class QDQLowering(Pass):
                 bias_enc[name] = compute(b, bias_bw, "symmetric", role="bias")
                 continue
             if w.axis is not None and b.shape != (w.num_channels,):
-                self.remarks.missed("bias left float", [spec.op],
-                                    reason=f"bias shape {b.shape} does not match {w.num_channels} weight channels")
+                self.remarks.missed(
+                    "bias left float",
+                    [spec.op],
+                    reason=f"bias shape {b.shape} does not match {w.num_channels} weight channels",
+                )
                 continue
             enc, new_w = bias_encoding(b, in_enc.scale[0], w, bias_bw)
             if new_w is not w:
-                self.remarks.applied("raised weight scale so the bias fits", [spec.op],
-                                     reason=f"{bias_bw}-bit bias would overflow")
+                self.remarks.applied(
+                    "raised weight scale so the bias fits", [spec.op], reason=f"{bias_bw}-bit bias would overflow"
+                )
             bias_enc[name] = enc
             weight_enc[spec.weight] = new_w
         return bias_enc, weight_enc
@@ -187,17 +199,23 @@ class QDQLowering(Pass):
             src.encoding, src.precision, src.meta = None, None, {}
             if src.value_info is not None:
                 dst.set_type(src.dtype, src.shape)
-            q = graph.add_op("QuantizeLinear", [pre, scale, zp], [graph.unique_name(f"{name}_q")],
-                             name=f"{name}_QuantizeLinear")
+            q = graph.add_op(
+                "QuantizeLinear", [pre, scale, zp], [graph.unique_name(f"{name}_q")], name=f"{name}_QuantizeLinear"
+            )
             graph.add_op("DequantizeLinear", [q.outputs[0], scale, zp], [name], name=f"{name}_DequantizeLinear")
             return
         readers = graph.uses(name)
         if not readers:
             return
-        q = graph.add_op("QuantizeLinear", [name, scale, zp], [graph.unique_name(f"{name}_q")],
-                         name=f"{name}_QuantizeLinear")
-        dq = graph.add_op("DequantizeLinear", [q.outputs[0], scale, zp], [graph.unique_name(f"{name}_dq")],
-                          name=f"{name}_DequantizeLinear")
+        q = graph.add_op(
+            "QuantizeLinear", [name, scale, zp], [graph.unique_name(f"{name}_q")], name=f"{name}_QuantizeLinear"
+        )
+        dq = graph.add_op(
+            "DequantizeLinear",
+            [q.outputs[0], scale, zp],
+            [graph.unique_name(f"{name}_dq")],
+            name=f"{name}_DequantizeLinear",
+        )
         for op, slot in readers:
             graph.replace_use(op, slot, dq.outputs[0])
 
@@ -215,11 +233,20 @@ class QDQLowering(Pass):
         zp_name = graph.unique_name(f"{name}_zero_point")
         zp = graph.add_initializer(zp_name, integer_tensor_proto(zp_name, qp.zero_point, qp.elem_type))
         attrs = {"axis": axis} if axis is not None else {}
-        dq = graph.add_op("DequantizeLinear", [stored.name, scale.name, zp.name],
-                          [graph.unique_name(f"{name}_dq")], name=f"{name}_DequantizeLinear", attributes=attrs)
+        dq = graph.add_op(
+            "DequantizeLinear",
+            [stored.name, scale.name, zp.name],
+            [graph.unique_name(f"{name}_dq")],
+            name=f"{name}_DequantizeLinear",
+            attributes=attrs,
+        )
         for op, slot in graph.uses(name):
             if op is not dq:
                 graph.replace_use(op, slot, dq.outputs[0])
-        if (not graph.uses(name) and not graph.is_graph_output(name) and name not in graph.inputs
-                and t.initializer is not None):
+        if (
+            not graph.uses(name)
+            and not graph.is_graph_output(name)
+            and name not in graph.inputs
+            and t.initializer is not None
+        ):
             graph.remove_tensor(name)

@@ -73,15 +73,23 @@ class RuntimeParityCheck(Pass):
         # Replaying x86 without VNNI checks the portable promise; a target with int8 storage
         # (ort-vnni, QNN backends) was chosen for CPUs where that kernel does not run.
         emulate = None if uint8_storage(ctx.target) else False
-        report = check_parity(model, feeds, reference=_reference(ctx), tolerance_db=o.tolerance_db,
-                              emulate=emulate)
+        report = check_parity(model, feeds, reference=_reference(ctx), tolerance_db=o.tolerance_db, emulate=emulate)
         ctx.artifacts.put(report)
         self.remarks.analysis(report.figures() + f" (CPU {report.cpu})")
         for problem in report.problems():
-            self.remarks.missed("runtime diverges from exact QDQ semantics",
-                                [d.producer for d in report.divergences[:5]], reason=problem)
+            self.remarks.missed(
+                "runtime diverges from exact QDQ semantics",
+                [d.producer for d in report.divergences[:5]],
+                reason=problem,
+            )
             warnings.warn(problem, RuntimeParityWarning, stacklevel=2)
         if report.ok:
-            self.remarks.applied("runtime parity ok" + (f"; {len(report.emulated)} integer ops replayed for x86 "
-                                                        "without VNNI: no saturation" if report.emulated else ""))
+            self.remarks.applied(
+                "runtime parity ok"
+                + (
+                    f"; {len(report.emulated)} integer ops replayed for x86 without VNNI: no saturation"
+                    if report.emulated
+                    else ""
+                )
+            )
         return self.result(False)

@@ -79,8 +79,9 @@ class SeqMSE(Pass):
     def _check_options(self) -> None:
         o = self.options
         if o.inp_symmetry not in SYMMETRIES:
-            raise PassError(f"pass 'seq-mse': unknown inp_symmetry {o.inp_symmetry!r} "
-                            f"(expected one of {', '.join(SYMMETRIES)})")
+            raise PassError(
+                f"pass 'seq-mse': unknown inp_symmetry {o.inp_symmetry!r} (expected one of {', '.join(SYMMETRIES)})"
+            )
         if o.loss_fn not in LOSSES:
             raise PassError(f"pass 'seq-mse': unknown loss_fn {o.loss_fn!r} (expected one of {', '.join(LOSSES)})")
         for key in ("num_batches", "num_candidates", "batch_size"):
@@ -178,8 +179,9 @@ class SeqMSE(Pass):
         masks = upstream_layers(graph, order, layers)
 
         results: dict[str, LayerResult] = {}
-        bar = tqdm(total=len(layers), desc="seq-mse", unit="layer", file=sys.stderr, disable=not o.progress,
-                   leave=False)
+        bar = tqdm(
+            total=len(layers), desc="seq-mse", unit="layer", file=sys.stderr, disable=not o.progress, leave=False
+        )
         try:
             start = 0
             while start < len(layers):
@@ -198,8 +200,9 @@ class SeqMSE(Pass):
                         x_fp, x_q = fp[layer.input], None
                     else:
                         x_fp, x_q = fp[layer.input], captured[layer.input]
-                    res = search_layer(layer, x_fp, x_q, num_candidates=o.num_candidates, loss_fn=o.loss_fn,
-                                       per_channel=per_channel)
+                    res = search_layer(
+                        layer, x_fp, x_q, num_candidates=o.num_candidates, loss_fn=o.loss_fn, per_channel=per_channel
+                    )
                     self._freeze(graph, layer, res)
                     if quantized is not None:
                         quantized.set(layer.weight, fake_quantize(layer.data.astype(np.float32), res.encoding))
@@ -212,8 +215,10 @@ class SeqMSE(Pass):
             bar.close()
         ctx.artifacts.put(SeqMseResults(results))
         samples = sum(len(v) for f in feeds for v in itertools.islice(f.values(), 1) if np.ndim(v))
-        self.remarks.applied(f"searched {len(results)} layers ({o.num_candidates} candidates, {o.inp_symmetry}, "
-                             f"{o.loss_fn}) on {samples} samples in {len(feeds)} batches")
+        self.remarks.applied(
+            f"searched {len(results)} layers ({o.num_candidates} candidates, {o.inp_symmetry}, "
+            f"{o.loss_fn}) on {samples} samples in {len(feeds)} batches"
+        )
         return self.result(bool(results))
 
     def _freeze(self, graph: Graph, layer: Layer, res: LayerResult) -> None:

@@ -87,8 +87,15 @@ def _take(a: np.ndarray, axis: int, sl: slice) -> np.ndarray:
     return a[(slice(None),) * axis + (sl,)]
 
 
-def search_layer(layer: Layer, fp_inputs: Sequence[np.ndarray], q_inputs: Sequence[np.ndarray] | None,
-                 *, num_candidates: int, loss_fn: str, per_channel: bool) -> LayerResult:
+def search_layer(
+    layer: Layer,
+    fp_inputs: Sequence[np.ndarray],
+    q_inputs: Sequence[np.ndarray] | None,
+    *,
+    num_candidates: int,
+    loss_fn: str,
+    per_channel: bool,
+) -> LayerResult:
     """Grid-search the layer's weight ranges on its captured inputs (one array per batch).
 
     ``q_inputs`` None: both sides see ``fp_inputs`` (symfp, or symqt where the caller passes the
@@ -133,14 +140,26 @@ def search_layer(layer: Layer, fp_inputs: Sequence[np.ndarray], q_inputs: Sequen
     chosen = scales[pick, cols]
     half = 2 ** (bw - 1)
     encoding = Encoding(bw, tuple(chosen), (-half,) * chosen.size, True, axis)
-    return LayerResult(layer.weight, encoding, tuple(float(fractions[p]) for p in pick),
-                       float(loss[pick, cols].sum()), float(loss[-1].sum()),
-                       float(noise[pick, cols].sum() / elements), float(noise[-1].sum() / elements))
+    return LayerResult(
+        layer.weight,
+        encoding,
+        tuple(float(fractions[p]) for p in pick),
+        float(loss[pick, cols].sum()),
+        float(loss[-1].sum()),
+        float(noise[pick, cols].sum() / elements),
+        float(noise[-1].sum() / elements),
+    )
 
 
-def _accumulate(kernel: Kernel, w: np.ndarray, stack: np.ndarray, bias: np.ndarray | None,
-                fp_inputs: Sequence[np.ndarray], q_inputs: Sequence[np.ndarray] | None,
-                loss_fn: str) -> tuple[np.ndarray, np.ndarray, int]:
+def _accumulate(
+    kernel: Kernel,
+    w: np.ndarray,
+    stack: np.ndarray,
+    bias: np.ndarray | None,
+    fp_inputs: Sequence[np.ndarray],
+    q_inputs: Sequence[np.ndarray] | None,
+    loss_fn: str,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Loss and squared error per (candidate, output channel), summed over batches; and the row count.
 
     mse and l1 sum over rows as AIMET does; sqnr is AIMET's neg_sqnr, -SQNR in dB per batch and
