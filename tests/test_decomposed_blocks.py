@@ -11,7 +11,8 @@ import graph_ir
 from qpasses.core import verification
 from qpasses.core.pass_manager import PassManager
 from qpasses.data.evaluation import sqnr_db
-from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat, find_blocks
+from qpasses.passes.fallback.block_patterns import find_blocks
+from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 

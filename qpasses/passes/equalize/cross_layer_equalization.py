@@ -40,14 +40,12 @@ from graph_ir import Graph, Op
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.patterns import Match, NearMiss, Pattern, Step
-from qpasses.passes.equalize.fold_batchnorm import (
+from qpasses.passes.equalize.fold_batchnorm import FoldedBatchNorms, LazyShapes, fold_batchnorms
+from qpasses.passes.equalize.linear_layer import (
     LAYER_TYPES,
-    FoldedBatchNorms,
     LayerError,
-    LazyShapes,
     LinearLayer,
     drop_if_unused,
-    fold_batchnorms,
     matmul_bias_problem,
 )
 

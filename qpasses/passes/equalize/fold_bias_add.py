@@ -15,7 +15,7 @@ import numpy as np
 from graph_ir import Graph, Op
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.passes.equalize.fold_batchnorm import LayerError, LinearLayer
+from qpasses.passes.equalize.linear_layer import LayerError, LinearLayer
 
 CONV_TYPES = ("Conv", "ConvTranspose")
 
