@@ -13,14 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from qpasses.core.errors import CalibrationDataError, QPassesError
-from qpasses.data.sources import (
-    DEFAULT_BATCH_SIZE,
-    CalibrationData,
-    InputSpec,
-    input_specs,
-    parse_input_list,
-    validate_feed,
-)
+from qpasses.data.input_lists import parse_input_list
+from qpasses.data.input_specs import InputSpec, input_specs, validate_feed
+from qpasses.data.sources import DEFAULT_BATCH_SIZE, CalibrationData
 
 F32 = np.dtype(np.float32)
 IMG = (3, 16, 16)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graph_ir
 from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager, PipelineReport
-from qpasses.data import sources as calibration_data_module
+from qpasses.data import replay as calibration_data_module
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 

@@ -61,7 +61,7 @@ def pooled_sqnr_db(reference: list[np.ndarray], test: list[np.ndarray]) -> float
 
 def evaluate_npz(fp32: onnx.ModelProto, quantized: onnx.ModelProto, path: str | Path) -> QualityReport:
     """Run both models on an .npz (arrays keyed by input name, optional ``labels``)."""
-    from qpasses.data.sources import input_specs, validate_feed
+    from qpasses.data.input_specs import input_specs, validate_feed
 
     try:
         data = np.load(path, allow_pickle=False)

@@ -17,6 +17,7 @@ from numpy.typing import ArrayLike
 from onnx import helper
 
 from qpasses.core.errors import CalibrationDataError, ModelLoadError
+from qpasses.data.input_specs import InputSpec, input_specs, validate_feed
 from qpasses.data.run_segments import (
     GraphStructure,
     Segment,
@@ -29,7 +30,6 @@ from qpasses.data.run_segments import (
     value_static_shape,
 )
 from qpasses.data.sessions import tap_session, unavailable_tensors, with_outputs
-from qpasses.data.sources import InputSpec, input_specs, validate_feed
 
 Feed = Mapping[str, ArrayLike]
 DEFAULT_MAX_BYTES_PER_RUN = 64 << 20
