@@ -310,3 +310,32 @@ def test_options_are_checked() -> None:
     ):
         with pytest.raises(PassError, match="pass 'adaround'"):
             REGISTRY.create_pass("adaround", **bad)(g, PassContext(calibration_data=CALIB_PATH))
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", [(3, 5, 7, 4), (6, 9), (11,)])
+def test_reconstruction_loss_and_evaluate_match_numpy(shape: tuple[int, ...]) -> None:
+    """The fused loss is AIMET's: squared error summed over channels (axis 1), averaged over the rest;
+    ``evaluate`` reports it and the per-element MSE over every batch (numpy float64 as truth)."""
+    import torch
+
+    from qpasses.learned import training
+
+    rng = np.random.default_rng(3)
+    outs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    targets = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    errs = [(o.astype(np.float64) - t) ** 2 for o, t in zip(outs, targets, strict=True)]
+    per_batch = [e.sum(1).mean() if e.ndim >= 2 else e.mean() for e in errs]
+
+    loss = training.reconstruction_loss(torch.from_numpy(outs[0]), torch.from_numpy(targets[0]))
+    assert float(loss) == pytest.approx(per_batch[0], rel=1e-5)
+
+    out = torch.from_numpy(outs[1]).requires_grad_()
+    training.reconstruction_loss(out, torch.from_numpy(targets[1])).backward()
+    rows = errs[1].size // shape[1] if len(shape) >= 2 else errs[1].size
+    expected_grad = 2.0 * (outs[1].astype(np.float64) - targets[1]) / rows
+    np.testing.assert_allclose(out.grad.numpy(), expected_grad, rtol=1e-5, atol=1e-7)
+
+    summary = training.evaluate(lambda i: torch.from_numpy(outs[i]), [torch.from_numpy(t) for t in targets])
+    assert summary.loss == pytest.approx(np.mean(per_batch), rel=1e-5)
+    assert summary.mse == pytest.approx(sum(e.sum() for e in errs) / sum(e.size for e in errs), rel=1e-5)

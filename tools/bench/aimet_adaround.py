@@ -7,7 +7,9 @@ AIMET pins its own torch/onnxruntime, so it never shares the qpasses environment
 calls this script in a subprocess. ``DATA.npz`` holds the calibration and test feeds as
 ``calib/<i>/<input>`` and ``test/<i>/<input>``; AIMET's flow is its documented one: BN fold,
 per-channel QuantizationSimModel (its default per-channel config), ``apply_adaround`` on the
-calibration feeds, ``compute_encodings`` on them, then the sim session on the test feeds.
+calibration feeds (skipped with ``--iterations 0``: AIMET's own min-max baseline, which tells AdaRound's
+gain apart from the rest of AIMET's quantization), ``compute_encodings`` on them, then the sim session
+on the test feeds.
 ``OUT.npz`` gets ``<i>/<k>`` (output ``k`` of test feed ``i``); the last stdout line is a JSON
 object with the AdaRound + encodings seconds. This file imports nothing from qpasses.
 """
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-bits", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--iterations", type=int, default=1000, help="AdaRound steps per layer (0: no AdaRound)")
     args = parser.parse_args(argv)
 
     from aimet_onnx import QuantizationSimModel, apply_adaround
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         activation_type=f"int{args.act_bits}",
         config_file=get_path_for_per_channel_config(),
     )
-    apply_adaround(sim, calib, num_iterations=args.iterations)
+    if args.iterations > 0:
+        apply_adaround(sim, calib, num_iterations=args.iterations)
     sim.compute_encodings(calib)
     seconds = time.perf_counter() - start
     outputs = {}

@@ -16,7 +16,8 @@ no automatic fallback, so every flow quantizes the same tensors); AdaRound/AdaSc
 ``pip install "qpasses[learn]"``. Figures with exact QDQ semantics and, after "|", in onnxruntime's
 default session (fused integer kernels on this CPU). AIMET-ONNX's AdaRound runs in its own venv
 (``tools/bench/aimet_adaround.py`` in a subprocess: same FP32 model, calibration data and iteration
-budget; its QuantSim session is its exact semantics); "skipped (reason)" when that Python or
+budget; its QuantSim session is its exact semantics), after AIMET's own min-max (the same flow without
+AdaRound) so its AdaRound gain reads apart from its baseline; "skipped (reason)" when that Python or
 aimet_onnx is missing.
 """
 
@@ -153,8 +154,9 @@ def _flows(case: Case, extra: bool) -> list[tuple[str, dict[str, Any]]]:
     return flows
 
 
-def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: float) -> str:
-    """AIMET-ONNX's AdaRound in its own interpreter (``aimet_adaround.py``) on the same model, data and budget."""
+def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: float, iterations: int) -> str:
+    """AIMET-ONNX's AdaRound in its own interpreter (``aimet_adaround.py``) on the same model, data and budget
+    (``iterations`` 0: AIMET's min-max, its baseline)."""
     if not Path(python).exists():
         return (
             f"skipped (no AIMET interpreter at {python}: python -m venv /tmp/aimet-venv && "
@@ -183,7 +185,7 @@ def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: f
             "--act-bits",
             str(case.act_bw),
             "--iterations",
-            str(case.iterations),
+            str(iterations),
         ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -199,7 +201,7 @@ def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: f
         q = [[saved[f"{i}/{k}"] for k in range(len(fp32[i]))] for i in range(len(case.test))]
     return (
         f"{case.metric(fp32, q):9.4f} {_sqnr(fp32, q):8.2f} {'':>8} {'':>8} {'':>8} {seconds:8.1f} "
-        f"({case.iterations} iterations)"
+        f"({iterations} iterations)"
     )
 
 
@@ -244,9 +246,9 @@ def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_ti
             flush=True,
         )
     if aimet_python is not None:
-        print(
-            f"  {'AIMET-ONNX adaround':<22} {aimet_adaround(case, bits, aimet_python, fp32, aimet_timeout)}", flush=True
-        )
+        for label, iterations in (("AIMET-ONNX min-max", 0), ("AIMET-ONNX adaround", case.iterations)):
+            row = aimet_adaround(case, bits, aimet_python, fp32, aimet_timeout, iterations)
+            print(f"  {label:<22} {row}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
