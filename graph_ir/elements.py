@@ -185,6 +185,19 @@ def _constant_dtype(attr: onnx.AttributeProto) -> int:
     return helper.np_dtype_to_tensor_dtype(_constant_array(attr).dtype)
 
 
+class Slots(list[str]):
+    """An op's input or output names: read like a list, edited only through ``Graph`` methods
+    (``set_input``, ``set_output``, ``replace_use``...), which keep producers and uses right."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("an op's inputs/outputs are edited through Graph.set_input / set_output / replace_use")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+
 class Op:
     """One ONNX node with explicit, ordered input/output slots.
 
@@ -201,8 +214,8 @@ class Op:
         "domain",
         "_attributes",
         "_attribute_protos",
-        "inputs",
-        "outputs",
+        "_inputs",
+        "_outputs",
         "captures",
         "extra",
         "meta",
@@ -225,11 +238,19 @@ class Op:
         # most ops' attributes are never looked at, and the dict costs more than the rest of the op.
         self._attributes: dict[str, onnx.AttributeProto] | None = attributes
         self._attribute_protos = attribute_protos if attributes is None else None
-        self.inputs: list[str] = []
-        self.outputs: list[str] = []
+        self._inputs = Slots()
+        self._outputs = Slots()
         self.captures: list[str] = []
         self.extra: onnx.NodeProto | None = None  # doc_string, metadata_props, overload ... verbatim
         self.meta: dict[str, Any] = {}
+
+    @property
+    def inputs(self) -> Slots:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Slots:
+        return self._outputs
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, {self.op_type}, in={self.inputs}, out={self.outputs})"

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_ir.elements import Op, Tensor
+from graph_ir.elements import Op, Slots, Tensor
 from graph_ir.errors import GraphError
 from graph_ir.subgraphs import captured_names, rename_captured
 
@@ -253,8 +253,8 @@ class Graph:
         self._ops[op.id] = op
         self._op_names.add(op.name)
         self.nx.add_node(op.id, op=op)
-        op.inputs = inputs
-        op.outputs = outputs
+        op._inputs = Slots(inputs)
+        op._outputs = Slots(outputs)
         for slot, name in enumerate(inputs):
             if name:
                 self._add_use(name, op, slot)
@@ -325,13 +325,21 @@ class Graph:
     def set_input(self, op: Op, slot: int, name: str) -> None:
         """Point one input slot of an op at another tensor ("" empties an optional slot)."""
         if slot >= len(op.inputs):
-            op.inputs.extend([""] * (slot + 1 - len(op.inputs)))
+            op._inputs = Slots([*op.inputs, *([""] * (slot + 1 - len(op.inputs)))])
         old = op.inputs[slot]
         if old:
             self._drop_use(old, op, slot)
-        op.inputs[slot] = name
+        list.__setitem__(op.inputs, slot, name)
         if name:
             self._add_use(name, op, slot)
+        self.touch()
+
+    def truncate_inputs(self, op: Op, count: int) -> None:
+        """Drop ``op``'s input slots from ``count`` on (their uses go with them)."""
+        for slot in range(count, len(op.inputs)):
+            if op.inputs[slot]:
+                self.set_input(op, slot, "")
+        op._inputs = Slots(op.inputs[:count])
         self.touch()
 
     def set_op_type(self, op: Op, op_type: str, domain: str | None = None) -> None:
@@ -360,7 +368,7 @@ class Graph:
             del self._producer[old]
             if not self._uses.get(old) and old not in self.outputs:
                 del self.tensors[old]  # nothing refers to it any more (as remove_op does)
-        op.outputs[idx] = name
+        list.__setitem__(op.outputs, idx, name)
         if name:
             self.add_tensor(name)
             self._set_producer(name, op, idx)
@@ -394,7 +402,7 @@ class Graph:
             self._drop_use(old, op, slot)
         prod = self._producer.pop(old, None)
         if prod is not None:
-            prod[0].outputs[prod[1]] = new
+            list.__setitem__(prod[0].outputs, prod[1], new)
         del self.tensors[old]
         t.name = new
         if t.value_info is not None:
@@ -407,7 +415,7 @@ class Graph:
             self._set_producer(new, prod[0], prod[1])
         for op, slot in uses:
             if slot >= 0:
-                op.inputs[slot] = new
+                list.__setitem__(op.inputs, slot, new)
             else:
                 self._rewrite_subgraphs(op, old, new)
                 op.captures[-1 - slot] = new

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from graph_ir.elements import Op
+from graph_ir.elements import Op, Slots
 from graph_ir.errors import GraphError, ModelLoadError
 from graph_ir.graph import Graph
 
@@ -117,8 +117,8 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
             fields.get("domain", ""),
             attribute_protos=fields.get("attribute", ()),
         )
-        op.inputs = list(fields.get("input", ()))
-        op.outputs = list(fields.get("output", ()))
+        op._inputs = Slots(fields.get("input", ()))
+        op._outputs = Slots(fields.get("output", ()))
         if len(fields) > 6 or not _NODE_EXTRA_FIELDS.isdisjoint(fields) or fields.get("domain") == "":
             extra = onnx.NodeProto()
             for name in _NODE_EXTRA_FIELDS.intersection(fields):

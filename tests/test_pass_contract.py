@@ -179,3 +179,24 @@ def test_amp_searches_the_graph_quantize_lowers() -> None:
     assert amp_ops == sorted(
         op.op_type for op in lowered.graph.ops if op.op_type not in ("QuantizeLinear", "DequantizeLinear")
     )
+
+
+def test_op_slots_are_edited_only_through_the_graph() -> None:
+    g = graph_ir.load(_model())
+    conv = g.op("conv")
+    assert conv.inputs == ["x", "w"] and isinstance(conv.inputs, list)
+    for edit in (
+        lambda: conv.inputs.__setitem__(0, "y"),
+        lambda: conv.inputs.append("b"),
+        lambda: conv.outputs.extend(["z"]),
+        lambda: conv.inputs.__delitem__(1),
+    ):
+        with pytest.raises(TypeError, match="Graph.set_input"):
+            edit()
+    with pytest.raises(AttributeError):
+        conv.inputs = ["y"]  # type: ignore[misc]
+    g.add_initializer("b", np.zeros(4, np.float32))
+    g.set_input(conv, 2, "b")
+    assert conv.inputs == ["x", "w", "b"] and g.consumers("b") == [conv]
+    g.truncate_inputs(conv, 2)
+    assert conv.inputs == ["x", "w"] and g.consumers("b") == []

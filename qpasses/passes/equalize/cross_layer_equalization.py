@@ -421,11 +421,9 @@ class CrossLayerEqualization(Pass):
             if not _is_relu6(graph, op):
                 continue
             bounds = op.inputs[1:]
-            for slot in range(len(op.inputs) - 1, 0, -1):
-                graph.set_input(op, slot, "")
-            del op.inputs[1:]  # now-empty trailing slots; Relu has a single input
-            op.op_type, op.attributes = "Relu", {}
-            graph.touch()
+            graph.truncate_inputs(op, 1)  # Relu has a single input
+            graph.set_op_type(op, "Relu")
+            op.attributes = {}
             drop_if_unused(graph, bounds)
             self.remarks.applied(
                 f"replaced Relu6 '{op.name}' with Relu",
