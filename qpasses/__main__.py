@@ -1,5 +1,5 @@
 import sys
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 
 sys.exit(main())

@@ -280,7 +280,7 @@ def test_base_install_imports_without_torch() -> None:
     """Registry, CLI and both passes load with torch unimportable; running one gives the install hint."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import qpasses.cli.commands\n"
+        "import qpasses.cli.app\n"
         "from qpasses.passes import default_registry\n"
         "from qpasses.core.context import PassContext\n"
         "import graph_ir\n"

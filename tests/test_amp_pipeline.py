@@ -21,7 +21,7 @@ from qpasses.amp.evaluators import RebuildScorer, ScorerSpec, SimulationScorer
 from qpasses.amp.groups import find_groups
 from qpasses.amp.mixed_precision import prepare_graph
 from qpasses.amp.statistics import calibrate_once
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.verification import exact_session
 from qpasses.quant.config import QuantConfig
 

@@ -30,7 +30,7 @@ from qpasses.amp.search import brute_force_search, gallop_search
 from qpasses.amp.sensitivity import SensitivityEntry, make_entry, sort_accuracy_list
 from qpasses.amp.simulation import SimulationModel
 from qpasses.amp.statistics import calibrate_once
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.verification import exact_session
 from qpasses.quant.config import QuantConfig
 

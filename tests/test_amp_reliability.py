@@ -23,7 +23,7 @@ import qpasses.amp.cache as amp_cache
 from qpasses.amp import choose_mixed_precision, sqnr, top1_accuracy
 from qpasses.amp.candidates import signature
 from qpasses.amp.errors import AmpError
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.verification import exact_session, runtime_session
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from qpasses.amp import choose_mixed_precision, parse_candidate, sqnr, top1_accu
 from qpasses.amp.errors import AmpWarning
 from qpasses.amp.evaluators import ModelScorer
 from qpasses.amp.verify import DIVERGENCE_RTOL, divergence_tolerance, diverges
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.verification import exact_session, runtime_session
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from conftest import MODELS
 from mixed_precision_models import int32_model, write_json
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 
 TARGETS = ["htp", "dsp", "hta", "cpu", "gpu", "ort"]
 MODEL_FILES = ["digits_cnn.onnx", "digits_cnn_relu6.onnx", "digits_cnn_residual.onnx"]

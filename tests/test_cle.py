@@ -16,7 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import graph_ir
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager, PipelineReport
 from qpasses.core.remarks import Remark

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.verification import exact_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.passes.cleanup.identity_elimination import IdentityElimination
 from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig

@@ -15,7 +15,7 @@ from conftest import MODELS
 from mixed_precision_models import run
 from onnx import TensorProto
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 

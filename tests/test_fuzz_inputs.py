@@ -274,7 +274,7 @@ def test_cli_bad_overrides_file_is_exit_2_with_one_line(
     tmp_path: Path, raw: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``qpasses quantize --overrides BAD.json``: the user's file, so exit 2 and one line naming it, no output."""
-    from qpasses.cli.commands import main
+    from qpasses.cli import main
 
     bad = tmp_path / "bad.json"
     bad.write_bytes(raw)

@@ -23,7 +23,7 @@ import pytest
 from numpy_reference import Grid, QuantSpec, Reference, spec_encoding
 from onnx import TensorProto, helper, numpy_helper
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.errors import QPassesError
 from qpasses.core.verification import exact_session
 from qpasses.quantize import QuantizeResult, quantize_model

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core import verification
 from qpasses.passes.quantize.portable_storage import PortableStorage
 from qpasses.passes.quantize.runtime_parity_check import RuntimeParityWarning

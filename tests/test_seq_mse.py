@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError, PassError, QPassesError
 from qpasses.core.pass_manager import PassManager

@@ -11,7 +11,7 @@ import pytest
 from conftest import MODELS
 from onnx import TensorProto
 
-from qpasses.cli.commands import main
+from qpasses.cli import main
 from qpasses.core.errors import TargetError
 from qpasses.passes import default_registry
 from qpasses.quant.config import QuantConfig

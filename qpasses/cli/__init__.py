@@ -1,5 +1,6 @@
-"""The ``qpasses`` command: ``commands`` (quantize, run, check, inspect...), ``amp``, ``inspection``."""
+"""The ``qpasses`` command: ``app`` (parser, main), ``commands`` (quantize, run, check, inspect...), ``amp``,
+``inspection``."""
 
-from qpasses.cli.commands import main
+from qpasses.cli.app import main
 
 __all__ = ["main"]

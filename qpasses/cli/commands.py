@@ -1,11 +1,11 @@
-"""The ``qpasses`` command. User errors print one line and exit 2; bugs keep their traceback."""
+"""The ``qpasses`` subcommands (run, quantize, check, inspect, list-*) and the output-path checks they share;
+the parser and ``main`` are in ``app``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from qpasses.core.errors import QPassesError
@@ -15,7 +15,7 @@ EXIT_FINDINGS = 1  # `check`: the model has ops the target cannot run, or the ru
 EXIT_INTERNAL_ERROR = 1  # a bug in qpasses
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     import graph_ir
     from qpasses.core.context import PassContext
     from qpasses.core.pass_manager import DumpAfter, PassManager
@@ -62,7 +62,7 @@ def default_calibration(model: str) -> Path | None:
     return None
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def cmd_quantize(args: argparse.Namespace) -> int:
     from qpasses.quant.config import QuantConfig
     from qpasses.quantize import quantize_model
 
@@ -195,7 +195,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from qpasses.passes.quantize.conformance import check_model
     from qpasses.targets.precision import PrecisionOptions
 
@@ -256,7 +256,7 @@ def _check_runtime(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FINDINGS
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     import graph_ir
     from qpasses.cli.inspection import format_inspection, inspect_graph
 
@@ -265,7 +265,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list_passes(args: argparse.Namespace) -> int:
+def cmd_list_passes(args: argparse.Namespace) -> int:
     from qpasses.passes import default_registry
 
     for name, cls in sorted(default_registry().passes.items()):
@@ -273,7 +273,7 @@ def _cmd_list_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list_targets(args: argparse.Namespace) -> int:
+def cmd_list_targets(args: argparse.Namespace) -> int:
     from qpasses.passes import default_registry
 
     for name, t in sorted(default_registry().targets.items()):
@@ -311,225 +311,3 @@ def _check_writable_dir(directory: Path, output: str) -> None:
         raise QPassesError(f"cannot write {output}: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise QPassesError(f"cannot write {output}: folder {probe} is not writable")
-
-
-def _write_traceback(exc: BaseException) -> str:
-    """The full traceback of a bug, written where the user can attach it to a report."""
-    import tempfile
-    import traceback
-
-    fd, path = tempfile.mkstemp(prefix="qpasses-crash-", suffix=".txt")
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(f"qpasses {' '.join(sys.argv[1:])}\n\n")
-        f.write("".join(traceback.format_exception(exc)))
-    return path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qpasses", description="Quantize ONNX models through compiler passes.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run a pass pipeline on a model")
-    run.add_argument("model")
-    group = run.add_mutually_exclusive_group()
-    group.add_argument("--pipeline", default="", help='comma-separated passes, e.g. "fold-batchnorm,cle"')
-    group.add_argument("--pipeline-file", help="YAML/JSON pipeline with per-pass options")
-    run.add_argument("--script", help="Python file defining rewrite(graph), run after the pipeline")
-    run.add_argument("-o", "--output", required=True)
-    run.add_argument(
-        "--verify",
-        choices=["none", "checker", "numeric"],
-        default="numeric",
-        help="after each pass: onnx.checker, plus FP32 equivalence for semantics-preserving passes "
-        "(numeric, default); checker is the fast opt-out",
-    )
-    run.add_argument("--fixed-point", action="store_true", help="repeat the pipeline until nothing changes")
-    run.add_argument("--dump-after", action="append", metavar="PASS", help="save the model after PASS ('all')")
-    run.add_argument("--dump-dir")
-    run.add_argument("--calib", help="calibration data for passes that need it (calibrate, seq-mse, ...)")
-    run.add_argument("--target", help="target descriptor name or file, for passes that consult one")
-    run.set_defaults(func=_cmd_run)
-
-    insp = sub.add_parser("inspect", help="summarize a model")
-    insp.add_argument("model")
-    insp.add_argument("--json", action="store_true")
-    insp.set_defaults(func=_cmd_inspect)
-
-    q = sub.add_parser("quantize", help="quantize a model to QDQ ONNX + encodings JSON")
-    q.add_argument("model")
-    q.add_argument("--calib", help="calibration data: .npz (arrays keyed by input name) or QNN input list")
-    q.add_argument("--no-calib", action="store_true", help="no calibration: weights only, activations float")
-    q.add_argument("-o", "--output", required=True, help="output folder")
-    q.add_argument("--act-bw", type=int, default=8, choices=[8, 16])
-    q.add_argument("--weight-bw", type=int, default=8, help="4..16")
-    q.add_argument("--bias-bw", type=int, default=32, choices=[8, 32])
-    q.add_argument("--per-channel", action="store_true")
-    q.add_argument("--act-mode", default="tf", choices=["tf", "enhanced", "percentile", "symmetric"])
-    q.add_argument("--weight-mode", default="symmetric", choices=["tf", "symmetric", "enhanced", "adjusted"])
-    q.add_argument("--overrides", help="encodings JSON (AIMET 0.6.1 / 1.0.0) applied as overrides")
-    grp = q.add_mutually_exclusive_group()
-    grp.add_argument("--pipeline", help="passes to run before quantization, e.g. 'remove-identity'")
-    grp.add_argument("--pipeline-file")
-    q.add_argument("--cle", action="store_true", help="cross-layer equalization before quantization")
-    q.add_argument("--seq-mse", action="store_true", help="search weight ranges layer by layer (SeqMSE; needs data)")
-    q.add_argument("--seq-mse-candidates", type=int, metavar="N", help="SeqMSE candidate ranges per channel (20)")
-    q.add_argument("--seq-mse-batches", type=int, metavar="N", help="SeqMSE calibration batches (4)")
-    q.add_argument("--seq-mse-loss", choices=["mse", "l1", "sqnr"], help="SeqMSE loss (mse)")
-    q.add_argument(
-        "--seq-mse-symmetry",
-        choices=["asym", "symfp", "symqt"],
-        help="SeqMSE layer inputs: asym quantized inputs vs FP32 outputs (default), "
-        "symqt quantized model so far, symfp FP32",
-    )
-    q.add_argument("--seq-mse-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
-    q.add_argument(
-        "--adaround",
-        action="store_true",
-        help="learn each weight's rounding layer by layer (AdaRound; needs data and torch: "
-        'pip install "qpasses[learn]")',
-    )
-    q.add_argument("--adaround-iterations", type=int, metavar="N", help="AdaRound steps per layer (1000)")
-    q.add_argument("--adaround-batches", type=int, metavar="N", help="AdaRound calibration batches (16)")
-    q.add_argument(
-        "--adaround-inputs",
-        choices=["quantized", "fp32"],
-        help="AdaRound layer inputs: the model with earlier layers rounded (default) or FP32",
-    )
-    q.add_argument("--adaround-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
-    q.add_argument(
-        "--adascale",
-        action="store_true",
-        help='learn weight clipping/scaling per block (AdaScale; needs data and torch: pip install "qpasses[learn]")',
-    )
-    q.add_argument("--adascale-epochs", type=int, metavar="N", help="AdaScale passes over the batches per block (60)")
-    q.add_argument("--adascale-batches", type=int, metavar="N", help="AdaScale calibration batches (16)")
-    q.add_argument(
-        "--adascale-block",
-        action="append",
-        metavar="START->END",
-        help="a block by its input and output tensor names (repeatable; default: found automatically)",
-    )
-    q.add_argument("--adascale-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
-    q.add_argument("--no-fold-batchnorm", action="store_true")
-    q.add_argument(
-        "--print-pipeline",
-        action="store_true",
-        help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
-        "--target; identical model unless the automatic fallback acts)",
-    )
-    q.add_argument(
-        "--no-auto-fallback",
-        action="store_true",
-        help="don't keep the quantizers that push an output below --sqnr-floor in higher precision",
-    )
-    q.add_argument(
-        "--sqnr-floor",
-        type=float,
-        default=20.0,
-        help="output SQNR vs FP32 (dB, on calibration batches) below which the fallback acts (default 20)",
-    )
-    q.add_argument(
-        "--no-bias-correction",
-        action="store_true",
-        help="skip empirical bias correction (on by default with calibration data, off with "
-        "--seq-mse/--adaround/--adascale)",
-    )
-    q.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
-    q.add_argument(
-        "--float-bw",
-        type=int,
-        choices=[16, 32],
-        help="precision of float tensors; without --calib, 16 converts the whole model to FP16",
-    )
-    q.add_argument(
-        "--float-bias-bw",
-        type=int,
-        choices=[16, 32],
-        help="float bias bitwidth when an op turns float by an override (default: the op's)",
-    )
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--eval", metavar="NPZ", help="report SQNR vs FP32 (and top-1 with 'labels') on this data")
-    q.add_argument("--encodings-version", default="0.6.1", choices=["0.6.1", "1.0.0"])
-    q.add_argument(
-        "--verify",
-        choices=["none", "checker", "numeric"],
-        default="numeric",
-        help="per-pass verification (default numeric; checker is the fast opt-out)",
-    )
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    q.set_defaults(func=_cmd_quantize)
-
-    c = sub.add_parser(
-        "check",
-        help="list ops a target cannot run as annotated; with --runtime ort, check that "
-        "onnxruntime runs a QDQ model as its QDQ semantics say (exit 1 on findings)",
-    )
-    c.add_argument("model")
-    c.add_argument("--target", help="target descriptor: a name (see list-targets) or a JSON/YAML file")
-    c.add_argument(
-        "--runtime",
-        choices=["ort"],
-        help="runtime parity of a QDQ model: default onnxruntime session vs exact QDQ semantics, "
-        "plus the x86 non-VNNI kernels replayed",
-    )
-    c.add_argument("--calib", help="data for --runtime (.npz or input list; default: random inputs in range)")
-    c.add_argument(
-        "--reference",
-        help="the FP32 model, for SQNR figures vs FP32 (default: the QDQ model with its activation Q/DQ removed)",
-    )
-    c.add_argument("--batches", type=int, default=4, help="batches for --runtime (default 4)")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument(
-        "--tolerance-db",
-        type=float,
-        default=1.0,
-        help="SQNR the runtime may lose vs exact QDQ semantics before it counts as diverging",
-    )
-    c.add_argument("--overrides", help="encodings / mixed-precision JSON applied as overrides")
-    c.add_argument("--act-bw", type=int, choices=[8, 16], help="default activation bitwidth (target default)")
-    c.add_argument("--weight-bw", type=int, help="default weight bitwidth, 4..16 (target default)")
-    c.add_argument("--bias-bw", type=int, choices=[8, 32], help="default bias bitwidth (target default)")
-    c.add_argument("--float-bw", type=int, choices=[16, 32])
-    c.add_argument("--float-bias-bw", type=int, choices=[16, 32])
-    c.add_argument(
-        "--no-calib",
-        action="store_true",
-        help="no calibration data will be given: tensors without an override encoding fall back to float",
-    )
-    c.add_argument("--no-fold-batchnorm", action="store_true")
-    c.set_defaults(func=_cmd_check)
-
-    from qpasses.cli.amp import add_parser as add_amp_parser
-
-    add_amp_parser(sub)
-    sub.add_parser("list-passes", help="list registered passes").set_defaults(func=_cmd_list_passes)
-    sub.add_parser("list-targets", help="list registered targets").set_defaults(func=_cmd_list_targets)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except QPassesError as exc:
-        if args.verbose:
-            raise
-        print(f"qpasses: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("qpasses: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug in qpasses (InternalError from a pass, or anything else)
-        if args.verbose:
-            raise
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not text.startswith("internal error"):
-            text = f"internal error: {type(exc).__name__}: {text}"
-        print(f"qpasses: {text} (a bug in qpasses; full traceback written to {_write_traceback(exc)})", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
