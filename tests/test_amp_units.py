@@ -327,7 +327,7 @@ def test_simulated_weight_encoding_matches_encode_weights_on_a_mixed_axis_weight
     score that same grid (it took the per-channel branch: tf instead of symmetric)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from qpasses.amp.simulation import weight_encoding
+    from qpasses.amp.fake_quant import weight_encoding
     from qpasses.core.context import PassContext
     from qpasses.passes import default_registry
     from qpasses.quant.plan import QuantPlan

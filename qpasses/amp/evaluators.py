@@ -38,10 +38,11 @@ import graph_ir
 from qpasses.amp.candidates import Assignment, Candidate
 from qpasses.amp.errors import AmpError
 from qpasses.amp.evaluation import EvalFn, Sqnr, TopOneAccuracy, callback_name
+from qpasses.amp.fake_quant import Layout, SimulatedSession
 from qpasses.amp.groups import GroupPartition
 from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.proxy import OutputSqnr
-from qpasses.amp.simulation import Layout, SimulatedSession, SimulationModel
+from qpasses.amp.simulation import SimulationModel
 from qpasses.amp.statistics import CalibrationTables
 from qpasses.core.errors import QPassesError
 from qpasses.core.verification import exact_session, runtime_session
