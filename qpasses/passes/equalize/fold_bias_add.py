@@ -31,34 +31,30 @@ def _channel_vector(array: np.ndarray, rank: int, channels: int) -> np.ndarray |
     return np.broadcast_to(array.reshape(-1).astype(np.float64), (channels,)).copy()
 
 
-def _bias_of(graph: Graph, add: Op) -> tuple[Op, np.ndarray] | None:
-    """(conv, [C] bias) when ``add`` adds a constant per-channel vector to a Conv only it reads."""
+def _bias_of(graph: Graph, add: Op) -> tuple[LinearLayer, np.ndarray] | None:
+    """(the Conv as a layer, [C] bias) when ``add`` adds a constant per-channel vector to a Conv only it reads."""
     if add.op_type != "Add" or not add.is_standard or len(add.inputs) != 2:
         return None
     for data, const in (add.inputs, add.inputs[::-1]):
         conv = graph.producer(data)
         t = graph.tensors.get(const)
-        if (
-            conv is None
-            or conv.op_type not in CONV_TYPES
-            or not conv.is_standard
-            or t is None
-            or not t.is_constant
-            or t.data is None
-            or not np.issubdtype(t.data.dtype, np.floating)
-        ):
+        if conv is None or conv.op_type not in CONV_TYPES or not conv.is_standard or t is None or not t.is_constant:
+            continue
+        bias = t.data  # decoded once: ``data`` reads the initializer on every access
+        if bias is None or not np.issubdtype(bias.dtype, np.floating):
             continue
         if len(graph.uses(data)) != 1 or graph.is_graph_output(data):
             return None
         w = graph.tensors.get(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        if w is None or not w.is_constant or w.data is None or w.data.dtype != t.data.dtype:
+        weight = w.data if w is not None and w.is_constant else None
+        if weight is None or weight.dtype != bias.dtype:
             return None
         try:
             layer = LinearLayer.load(graph, conv)
         except LayerError:
             return None
-        vec = _channel_vector(t.data, w.data.ndim, layer.out_channels)
-        return None if vec is None else (conv, vec)
+        vec = _channel_vector(bias, weight.ndim, layer.out_channels)
+        return None if vec is None else (layer, vec)
     return None
 
 
@@ -69,14 +65,13 @@ def fold_bias_adds(graph: Graph) -> list[str]:
         found = _bias_of(graph, add)
         if found is None:
             continue
-        conv, vec = found
-        layer = LinearLayer.load(graph, conv)
+        layer, vec = found
         layer.bias = layer.bias + vec
         layer.bias_dirty = True
         layer.commit()
         out = add.outputs[0]
         graph.remove_op(add)
-        graph.set_output(conv, 0, out)  # the Conv now writes the Add's result (its name, its readers)
+        graph.set_output(layer.op, 0, out)  # the Conv now writes the Add's result (its name, its readers)
         folded.append(add.name)
     return folded
 
