@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,8 +21,10 @@ def check_model(model: onnx.ModelProto, after: str) -> None:
         raise VerificationError(f"model is invalid after pass '{after}': {str(exc).splitlines()[0]}") from None
 
 
-def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input (symbolic dims become ``batch``)."""
+def random_feeds(
+    model: onnx.ModelProto, *, batch: int = 2, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input (symbolic dims become ``batch``; ``shapes`` gives some inputs' shapes)."""
     rng = np.random.default_rng(seed)
     init_names = {t.name for t in model.graph.initializer}
     feeds: dict[str, np.ndarray] = {}
@@ -28,7 +32,9 @@ def random_feeds(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0) -> di
         if vi.name in init_names:
             continue
         tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tt.shape.dim]
+        shape = list((shapes or {}).get(vi.name, ())) or [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in tt.shape.dim
+        ]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)

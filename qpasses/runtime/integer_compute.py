@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qpasses.core.verification import session_options
+from qpasses.core.verification import exact_session, random_feeds, session_options
 
 # Compute ops onnxruntime runs in integer arithmetic (any domain), and those it runs in float.
 INTEGER_OPS = frozenset(
@@ -146,26 +146,6 @@ def optimized_model(model: ModelSource, level: ort.GraphOptimizationLevel = EXTE
         return onnx.load(str(out))
 
 
-def _feeds(
-    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None, input_shapes: Mapping[str, Sequence[int]] | None
-) -> dict[str, np.ndarray]:
-    if feeds is not None:
-        return dict(feeds)
-    inits = {i.name for i in model.graph.initializer}
-    rng = np.random.default_rng(0)
-    out: dict[str, np.ndarray] = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        shape = list((input_shapes or {}).get(vi.name, ()))
-        if not shape:
-            shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        out[vi.name] = (rng.standard_normal(shape) if dtype.kind == "f" else np.zeros(shape)).astype(dtype)
-    return out
-
-
 def _macs(node: onnx.NodeProto, shape: dict[str, tuple[int, ...]]) -> int:
     """MACs of one compute node from its operands' and output's shapes."""
     op = node.op_type
@@ -218,11 +198,9 @@ def integer_mac_share(
         probe.CopyFrom(opt)
         have = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in have)
-        sess = ort.InferenceSession(
-            probe.SerializeToString(), session_options(optimize=False), providers=["CPUExecutionProvider"]
-        )
+        sess = exact_session(probe)
         names = [o.name for o in sess.get_outputs()]
-        values = sess.run(None, _feeds(opt, feeds, input_shapes))
+        values = sess.run(None, dict(feeds) if feeds is not None else random_feeds(opt, batch=1, shapes=input_shapes))
         shape.update({name: tuple(np.shape(v)) for name, v in zip(names, values, strict=True)})
     nodes = [ComputeNode(n.name, n.op_type, n.op_type in INTEGER_OPS, _macs(n, shape)) for n in compute]
     by_op: dict[str, int] = {}
