@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 import graph_ir
@@ -137,6 +138,8 @@ def quantize_model(
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
+    if (measured := _parity_worst_db(result.parity, feeds)) is not None and measured >= sqnr_floor_db:
+        return result  # the parity check measured these very batches against FP32: nothing to localize
     chosen, before, after = fallback_tensors(result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors)
     if not chosen:
         return result
@@ -155,6 +158,15 @@ def quantize_model(
         f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
     )
     return again
+
+
+def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarray]]) -> float | None:
+    """The worst float output's SQNR vs FP32 (exact semantics) the parity check measured, when it ran
+    on exactly ``feeds`` (the first calibration batches); None when it did not."""
+    if parity is None or parity.reference != "FP32" or not parity.outputs:
+        return None
+    samples = sum(int(next(iter(f.values())).shape[0]) if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)
+    return min(o.exact_db for o in parity.outputs) if samples == parity.samples else None
 
 
 def quantize_once(

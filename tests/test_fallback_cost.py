@@ -1,0 +1,115 @@
+"""What the automatic fallback and the parity check cost: forward passes and memory, not seconds.
+
+The fallback bisects for the harmful quantizer instead of trying every one, skips itself when the
+parity check already measured the same batches above the floor, and the parity check reads every
+activation's integers on one sample, not on a whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import failure_class_models as fc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qpasses.quant.config import QuantConfig
+from qpasses.quantize import quantize_model
+from qpasses.runtime import tensor_sensitivity
+from qpasses.runtime.parity import first_sample
+from qpasses.runtime.tensor_sensitivity import most_harmful
+
+NAMES = [f"t{i}" for i in range(100)]
+
+
+def _additive(gains: dict[str, float], base: float = 10.0):
+    """A score that rises by each kept-float tensor's gain (noise sources that add up), counting calls."""
+    calls: list[int] = []
+
+    def without(group):
+        calls.append(1)
+        return base + sum(gains.get(t, 0.01) for t in group)
+
+    return without, calls
+
+
+def test_bisection_finds_the_dominant_quantizer_in_log_steps() -> None:
+    without, calls = _additive({"t73": 12.0})
+    assert most_harmful(NAMES, without, need=11.0) == "t73"
+    assert len(calls) <= 2 * math.ceil(math.log2(len(NAMES)))
+
+
+def test_bisection_gives_up_at_once_when_no_half_buys_enough() -> None:
+    without, calls = _additive({})  # every quantizer costs a little: 100 x 0.01 dB
+    assert most_harmful(NAMES, without, need=10.0 + 1.0) is None
+    assert len(calls) == 2
+
+
+def test_bisection_follows_the_larger_gain_among_several() -> None:
+    without, _ = _additive({"t5": 3.0, "t60": 9.0, "t61": 0.5})
+    assert most_harmful(NAMES, without, need=11.0) == "t60"
+
+
+def test_fallback_is_not_measured_again_when_parity_saw_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the fallback re-measured what the parity check measured")
+
+    monkeypatch.setattr("qpasses.quantize.fallback_tensors", refuse)
+    model = fc.question_mark_dims()
+    result = quantize_model(model, fc.feeds(model, 2, shape=(2, 3, 8, 8)), QuantConfig(), progress=False)
+    assert result.parity is not None and min(o.exact_db for o in result.parity.outputs) >= 20.0
+    assert result.fallback == []
+
+
+def _long_outlier_model(steps: int = 60) -> onnx.ModelProto:
+    """fc.outlier_intermediate with ``2 * steps`` more quantized activations after its one harmful tensor."""
+    model = fc.outlier_intermediate()
+    g = model.graph
+    g.node[-1].output[0] = "y0"
+    g.initializer.extend(
+        [onnx.numpy_helper.from_array(np.float32(1.01), "k"), onnx.numpy_helper.from_array(np.float32(0.01), "b")]
+    )
+    prev = "y0"
+    for i in range(steps):
+        last = i == steps - 1
+        g.node.extend(
+            [
+                helper.make_node("Mul", [prev, "k"], [f"m{i}"], name=f"mul{i}"),
+                helper.make_node("Add", [f"m{i}", "b"], ["y" if last else f"a{i}"], name=f"add{i}"),
+            ]
+        )
+        prev = f"a{i}"
+    return model
+
+
+def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _long_outlier_model()
+    runs: list[int] = []
+    real_run = tensor_sensitivity.SwitchableQDQ.run
+
+    def counted(self, feed, on):  # noqa: ANN001, ANN202
+        runs.append(1)
+        return real_run(self, feed, on)
+
+    monkeypatch.setattr(tensor_sensitivity.SwitchableQDQ, "run", counted)
+    result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
+    assert [s.tensor for s in result.fallback] == ["lifted"]
+    quantizers = len(tensor_sensitivity.SwitchableQDQ(result.model).tensors) + 1  # 'lifted' is float there
+    assert quantizers > 100
+    # One greedy round keeps 'lifted' and the output is above the floor: a bisection on one batch
+    # plus a few measurements on the 4 batches, not one run per quantizer.
+    assert len(runs) <= 2 * math.ceil(math.log2(quantizers)) + 2 + 3 * 4
+
+
+def _model(batch: int | str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+
+
+def test_parity_probe_is_one_sample_of_a_free_batch() -> None:
+    feed = {"x": np.ones((8, 4), np.float32)}
+    assert first_sample(_model("N"), feed)["x"].shape == (1, 4)
+    assert first_sample(_model(8), feed)["x"].shape == (8, 4)  # a fixed batch of 8 cannot be cut
