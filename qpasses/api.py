@@ -69,7 +69,7 @@ from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride
+from qpasses.quant.encodings_file import EncodingsFile, PrecisionOverride
 from qpasses.quant.encodings_io import load as load_encodings
 from qpasses.quant.encodings_io import save as save_encodings
 from qpasses.quant.precision_type import Precision

@@ -1286,7 +1286,7 @@ class EncodingsCase:
 
 @st.composite
 def encodings_documents(draw: Any) -> EncodingsCase:
-    from qpasses.quant.encodings_io import TensorSpec
+    from qpasses.quant.encodings_file import TensorSpec
 
     version = draw(st.sampled_from(["0.6.1", "1.0.0"]))
     channels = {"w1": draw(st.integers(1, 4)), "w2": draw(st.integers(1, 4))}

@@ -25,7 +25,8 @@ from qpasses.core.pass_manager import PassManager
 from qpasses.core.remarks import RemarkCollector
 from qpasses.core.verification import exact_session
 from qpasses.data.evaluation import sqnr_db
-from qpasses.learned.layers import cut_points, find_blocks, learnable_layers
+from qpasses.learned.blocks import cut_points, find_blocks
+from qpasses.learned.layers import learnable_layers
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.adascale import AdaScaleResults
 from qpasses.quant.config import QuantConfig

@@ -19,7 +19,7 @@ from test_amp_models import chain_feeds, mixed_feeds, mixed_ops, requantizations
 from qpasses.amp import choose_mixed_precision, parse_candidate, sqnr, top1_accuracy
 from qpasses.amp.evaluators import RebuildScorer, ScorerSpec, SimulationScorer
 from qpasses.amp.groups import find_groups
-from qpasses.amp.mixed_precision import prepare_graph
+from qpasses.amp.preparation import prepare_graph
 from qpasses.amp.statistics import calibrate_once
 from qpasses.cli import main
 from qpasses.core.verification import exact_session

@@ -24,10 +24,11 @@ from qpasses.amp.convert_reduction import reduce_converts
 from qpasses.amp.errors import AmpError
 from qpasses.amp.evaluators import ScorerSpec, SimulationScorer
 from qpasses.amp.groups import find_groups
-from qpasses.amp.mixed_precision import AUTO_PROXY_MIN_TASKS, phase1_mode, prepare_graph
+from qpasses.amp.preparation import prepare_graph
 from qpasses.amp.proxy import proxy_db, sample_feeds
 from qpasses.amp.search import brute_force_search, gallop_search
 from qpasses.amp.sensitivity import SensitivityEntry, make_entry, sort_accuracy_list
+from qpasses.amp.sensitivity_phase import AUTO_PROXY_MIN_TASKS, phase1_mode
 from qpasses.amp.simulation import SimulationModel
 from qpasses.amp.statistics import calibrate_once
 from qpasses.cli import main

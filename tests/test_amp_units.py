@@ -19,9 +19,9 @@ from qpasses.amp.convert_reduction import conversions, reduce_converts
 from qpasses.amp.demotion import demotion_search
 from qpasses.amp.errors import AmpError
 from qpasses.amp.groups import find_groups
-from qpasses.amp.mixed_precision import prepare_graph
 from qpasses.amp.overrides import quantize_assignment
 from qpasses.amp.pareto import forward_steps, reverse_steps, run_phase2
+from qpasses.amp.preparation import prepare_graph
 from qpasses.amp.search import binary_search, brute_force_search, interpolation_search
 from qpasses.amp.sensitivity import make_entry, phase1_tasks, sort_accuracy_list, with_group
 from qpasses.quant.config import QuantConfig

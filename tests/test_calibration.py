@@ -24,7 +24,7 @@ from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN, TensorTap, iterat
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.calibrate import Calibrate
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import PrecisionOverride
+from qpasses.quant.encodings_file import PrecisionOverride
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.range_search import compute
 from qpasses.quant.range_statistics import DEFAULT_BINS, Histogram, HistogramObserver, MinMaxObserver

@@ -11,7 +11,8 @@ import pytest
 
 from qpasses.core.errors import EncodingError
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec, from_json, load, save, to_json
+from qpasses.quant.encodings_file import EncodingsFile, PrecisionOverride, TensorSpec
+from qpasses.quant.encodings_io import from_json, load, save, to_json
 from qpasses.quant.range_search import compute
 
 # The override example from qnn-quantization.txt ("Quantization Overrides"), verbatim.

@@ -34,7 +34,7 @@ from qpasses.core.errors import QPassesError
 from qpasses.data.sources import CalibrationData
 from qpasses.quant import encodings_io
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import PrecisionOverride
+from qpasses.quant.encodings_file import PrecisionOverride
 
 # ---------------------------------------------------------------------------------------------------
 # encodings files

@@ -30,7 +30,7 @@ from qpasses.core.pass_manager import PassManager
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides, load_overrides
 from qpasses.quant.config import QuantConfig
-from qpasses.quant.encodings_io import PrecisionOverride
+from qpasses.quant.encodings_file import PrecisionOverride
 from qpasses.quant.encodings_io import load as load_encodings
 from qpasses.quant.precision_type import FLOAT16, FLOAT32, INT8, INT16
 from qpasses.quantize import quantize_model

@@ -21,7 +21,7 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.pass_manager import PassManager
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides
-from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride
+from qpasses.quant.encodings_file import EncodingsFile, PrecisionOverride
 from qpasses.quant.plan import QuantPlan
 from qpasses.quant.precision_type import Precision
 from qpasses.quant.range_search import from_min_max
@@ -167,7 +167,7 @@ def test_amp_searches_the_graph_quantize_lowers() -> None:
     _sys.path.insert(0, str(Path(__file__).parent))
     from model_zoo import local_function
 
-    from qpasses.amp.mixed_precision import prepare_graph
+    from qpasses.amp.preparation import prepare_graph
     from qpasses.quantize import quantize_model
 
     model = local_function()

@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.core.errors import EncodingError
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import PrecisionOverride, TensorSpec, from_json, load
+from qpasses.quant.encodings_file import PrecisionOverride, TensorSpec
+from qpasses.quant.encodings_io import from_json, load
 from qpasses.quantize import quantize_model
 
 KNOWN = {"act": TensorSpec("activation"), "w": TensorSpec("weight", channels=3), "b": TensorSpec("bias")}

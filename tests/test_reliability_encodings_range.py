@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.core.errors import EncodingError
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import TensorSpec, load
+from qpasses.quant.encodings_file import TensorSpec
+from qpasses.quant.encodings_io import load
 from qpasses.quant.range_search import from_min_max
 from qpasses.quantize import quantize_model
 

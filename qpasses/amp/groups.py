@@ -23,7 +23,7 @@ from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.quant.plan import DATA_MOVEMENT, build_plan, fused_intermediates
-from qpasses.targets.precision import activation_slots, quantizable
+from qpasses.targets.quantizable_ops import activation_slots, quantizable
 
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 

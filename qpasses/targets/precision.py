@@ -14,7 +14,8 @@ target's constraints. The spec's rules hold throughout:
 
 Where an op's precision differs from that of a tensor it reads, ``insert-converts`` adds the
 conversion later. Results live on the tensors: ``precision``, ``meta["precision_source"]`` and
-``meta["encoding_bw"]`` (the bitwidth calibration must give the tensor's encoding).
+``meta["encoding_bw"]`` (the bitwidth calibration must give the tensor's encoding). What one op
+is (quantizable, its weight and bias, the precision it runs in) is ``quantizable_ops``'.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qpasses.quant.encodings import Encoding
 from qpasses.quant.plan import COMPUTE, DATA_MOVEMENT, WEIGHTED, fused_intermediates
 from qpasses.quant.precision_type import Precision
 from qpasses.targets.descriptor import TargetDescriptor
+from qpasses.targets.quantizable_ops import op_params, quantizable
 
 Role = Literal["activation", "weight", "bias", "param", "aux"]
 Source = Literal["override", "rule", "default", "propagated", "fallback", "float-op", "target"]
@@ -49,52 +51,6 @@ class PrecisionOptions:
     float_bw: int | None = None
     float_bias_bw: int | None = None
     calibrated: bool = True
-
-
-def quantizable(op: Op) -> bool:
-    """Ops with an integer form in the quantization plan; all others run in float."""
-    return op.is_standard and (op.op_type in COMPUTE or op.op_type in DATA_MOVEMENT)
-
-
-def op_params(graph: Graph, op: Op) -> tuple[str | None, str | None]:
-    """(weight, bias) constant names of a Conv/ConvTranspose/Gemm/MatMul, else (None, None)."""
-    slots = WEIGHTED.get(op.op_type)
-    if slots is None or not op.is_standard:
-        return None, None
-    found: list[str | None] = []
-    for slot in slots:
-        name = op.inputs[slot] if slot is not None and slot < len(op.inputs) else ""
-        found.append(name if name and graph.tensors[name].is_constant else None)
-    return found[0], found[1]
-
-
-def op_precision(graph: Graph, op: Op) -> Precision | None:
-    """An op runs in the precision of its (first annotated) output; None when it has none.
-
-    An INT32 output makes an INT32 op only when the op's inputs are INT32 too; otherwise the op
-    is the producer side of an INT32 override and runs at the bitwidth the output is quantized to.
-    """
-    for out in op.outputs:
-        if out and out in graph.tensors:
-            p = Precision.of(graph.tensors[out].precision)
-            if p is not None and p.is_int32:
-                inputs = [
-                    Precision.of(graph.tensors[n].precision)
-                    for n in op.inputs
-                    if n and not graph.tensors[n].is_constant
-                ]
-                if not inputs or not all(q is not None and q.is_int32 for q in inputs):
-                    return Precision("int", int(graph.tensors[out].meta.get("encoding_bw", 8)))
-            if p is not None:
-                return p
-    return None
-
-
-def activation_slots(op: Op) -> tuple[int, ...]:
-    """Input slots carrying data that a conversion may sit on."""
-    if op.op_type in DATA_MOVEMENT:
-        return DATA_MOVEMENT[op.op_type]
-    return COMPUTE.get(op.op_type, ())
 
 
 class _Annotator:

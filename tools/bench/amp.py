@@ -59,7 +59,8 @@ from qpasses.amp.bitops import mac_table  # noqa: E402
 from qpasses.amp.candidates import Candidate, collapse_unweighted, effective_bits, filter_candidates  # noqa: E402
 from qpasses.amp.evaluators import RebuildScorer, ScorerSpec, SimulationScorer  # noqa: E402
 from qpasses.amp.groups import find_groups  # noqa: E402
-from qpasses.amp.mixed_precision import _op_kernels, prepare_graph  # noqa: E402
+from qpasses.amp.preparation import op_kernels as _op_kernels  # noqa: E402
+from qpasses.amp.preparation import prepare_graph  # noqa: E402
 from qpasses.amp.sensitivity import phase1_tasks  # noqa: E402
 from qpasses.amp.statistics import calibrate_once  # noqa: E402
 from qpasses.core.verification import session_options  # noqa: E402

@@ -32,7 +32,8 @@ from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.passes.fallback.block_patterns import Block, find_blocks, tensor_rank
+from qpasses.passes.fallback.block_matching import Block, tensor_rank
+from qpasses.passes.fallback.block_patterns import find_blocks
 from qpasses.quant.keep_float import keep_float, kept_precision, with_readers
 
 FUSE_RTOL = 1e-5  # a fused op computes with its own constants: only float rounding may differ

@@ -43,14 +43,12 @@ from qpasses.core.pass_base import PassResult
 from qpasses.data.sessions import unavailable_tensors
 from qpasses.data.tensor_tap import capture_tensors
 from qpasses.learned import check_common_options
+from qpasses.learned.blocks import Block, find_blocks, named_block
 from qpasses.learned.layers import (
-    Block,
     Layer,
     constant_aliases,
     count_samples,
-    find_blocks,
     learnable_layers,
-    named_block,
 )
 from qpasses.passes.quantize.learned_weights import LearnedWeightsPass
 from qpasses.quant.encodings import Encoding, fake_quantize

@@ -21,7 +21,7 @@ from qpasses.core.errors import PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant import encodings_io
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride, TensorSpec
+from qpasses.quant.encodings_file import EncodingsFile, PrecisionOverride, TensorSpec
 from qpasses.quant.plan import QuantPlan, weight_axes
 from qpasses.quant.precision_type import Precision, tensor_precision
 

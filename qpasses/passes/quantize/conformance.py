@@ -21,7 +21,8 @@ from qpasses.quant import encodings_io
 from qpasses.quant.precision_type import Precision, tensor_precision
 from qpasses.targets import resolve_target
 from qpasses.targets.descriptor import TargetDescriptor
-from qpasses.targets.precision import PrecisionOptions, op_params, op_precision, quantizable
+from qpasses.targets.precision import PrecisionOptions
+from qpasses.targets.quantizable_ops import op_params, op_precision, quantizable
 
 _IGNORED = ("Constant", "QuantizeLinear", "DequantizeLinear")
 

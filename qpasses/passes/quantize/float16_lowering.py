@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from graph_ir import Graph, Op
 from qpasses.quant.precision_type import FLOAT16 as FP16_PRECISION
-from qpasses.targets.precision import op_precision
+from qpasses.targets.quantizable_ops import op_precision
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 _QDQ = ("QuantizeLinear", "DequantizeLinear")

@@ -29,11 +29,11 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
 from qpasses.passes.quantize.float16_lowering import lower_float16
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import EncodingsFile, PrecisionOverride
+from qpasses.quant.encodings_file import EncodingsFile, PrecisionOverride
 from qpasses.quant.int_storage import integer_tensor_proto, stored_qparams, uint8_storage
 from qpasses.quant.plan import DATA_MOVEMENT
 from qpasses.quant.precision_type import FLOAT16, requantized, tensor_precision
-from qpasses.targets.precision import activation_slots, op_precision, quantizable
+from qpasses.targets.quantizable_ops import activation_slots, op_precision, quantizable
 
 _BITS: dict[int, tuple[int, bool]] = {
     TensorProto.INT8: (8, True),

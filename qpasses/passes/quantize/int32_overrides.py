@@ -20,7 +20,7 @@ from qpasses.core.errors import PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant.precision_type import Precision, tensor_precision
 from qpasses.targets.descriptor import TargetDescriptor
-from qpasses.targets.precision import activation_slots
+from qpasses.targets.quantizable_ops import activation_slots
 
 _SKIP = ("Constant", "QuantizeLinear", "DequantizeLinear", "Cast")
 

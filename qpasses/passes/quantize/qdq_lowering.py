@@ -23,12 +23,12 @@ from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.cleanup.opset_upgrade import upgrade_opset
 from qpasses.quant.encodings import Encoding
-from qpasses.quant.encodings_io import EncodingsFile, Entry
+from qpasses.quant.encodings_file import EncodingsFile, Entry
 from qpasses.quant.int_storage import integer_tensor_proto, stored_integers, stored_qparams, uint8_storage
 from qpasses.quant.plan import QuantPlan, QuantPlanData
 from qpasses.quant.precision_type import encoding_bitwidth, is_float, requantized, tensor_precision
 from qpasses.quant.range_search import bias_encoding, compute
-from qpasses.targets.precision import op_precision
+from qpasses.targets.quantizable_ops import op_precision
 
 
 def required_opset(encodings: list[Encoding]) -> int:

@@ -1,0 +1,103 @@
+"""High-bias absorption (Nagel et al. 2019), run by ``cle`` on its equalized links.
+
+It moves ``c`` (per channel) out of ``b1`` into ``b2 += W2 . c``, where
+``c = max(0, beta - 3|gamma|)`` if a Relu sits between and ``c = beta`` otherwise, from the
+folded BN's ``(gamma, beta)`` (kept in the ``FoldedBatchNorms`` artifact, scaled with the layer); into a
+Gemm it is ``b2 += alpha W2 . c`` (Gemm computes ``alpha W2 x + beta C``).
+Exactness: through linear glue (pools, Flatten, Identity) it is exact. Through a Relu it
+is exact for every input whose pre-activation stays >= ``beta - 3|gamma|`` (the DFQ
+assumption, 99.87% of a Gaussian); inputs below that change the output, so the pass is
+only approximately semantics-preserving with absorption on. It is never exact into a
+zero-padded Conv or a ConvTranspose (border outputs see fewer taps): AIMET absorbs there
+anyway; we skip those with a remark unless ``absorb_into_padded`` asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from graph_ir import Graph, Op
+from qpasses.core.remarks import RemarkCollector
+from qpasses.passes.equalize.cle_links import Link, is_relu, is_relu6
+from qpasses.passes.equalize.linear_layer import LinearLayer
+
+
+def absorb_high_biases(
+    graph: Graph, links: list[Link], remarks: RemarkCollector, *, absorb_into_padded: bool
+) -> list[Callable[[], None]]:
+    """Absorb high biases; returns the remarks to emit once layers are committed (and named)."""
+    pending: list[Callable[[], None]] = []
+    no_stats: list[LinearLayer] = []
+    for link in links:
+        for l1, glue, l2 in zip(link.layers[:-1], link.glue, link.layers[1:], strict=True):
+            if l1.stats is None:
+                no_stats.append(l1)
+                continue
+            gamma, beta = l1.stats
+            through_relu = any(is_relu(graph, op) or is_relu6(graph, op) for op in glue)
+            c = np.maximum(0.0, beta - 3 * np.abs(gamma)) if through_relu else beta.copy()
+            if not np.any(c):
+                continue
+            padded = l2.pads_input or any(
+                op.op_type == "AveragePool" and int(op.attr("count_include_pad", 0)) and any(op.attr("pads", []) or [])
+                for op in glue
+            )
+            if padded and not absorb_into_padded:
+                pending.append(
+                    _remark(
+                        remarks,
+                        "missed",
+                        "high bias not absorbed",
+                        l1,
+                        glue,
+                        l2,
+                        f"'{l2.op.name}' zero-pads its input, so absorption would change "
+                        "border outputs (absorb_into_padded=true allows it)",
+                    )
+                )
+                continue
+            l1.add_bias(-c)
+            # Gemm computes alpha * W2 . x + beta * C; LinearLayer's bias is already beta * C,
+            # but its weight is W2 without alpha, so the shift W2 . c reaches the output times alpha.
+            l2.add_bias(_gemm_alpha(l2) * l2.response(c))
+            # beta - c, written so that a second run computes c = 0 exactly (idempotence)
+            l1.stats = (gamma, np.minimum(beta, 3 * np.abs(gamma)) if through_relu else np.zeros_like(beta))
+            how = "beta - 3|gamma| through Relu" if through_relu else "beta, no activation"
+            pending.append(
+                _remark(
+                    remarks,
+                    "applied",
+                    "absorbed high bias",
+                    l1,
+                    glue,
+                    l2,
+                    f"{np.count_nonzero(c)} channels, max {float(np.max(np.abs(c))):.3g} ({how})",
+                )
+            )
+    if no_stats:
+        pending.append(
+            lambda: remarks.missed(
+                "high-bias absorption skipped",
+                [x.op.name for x in no_stats],
+                reason="no folded BatchNormalization statistics for these layers",
+            )
+        )
+    return pending
+
+
+def _remark(
+    remarks: RemarkCollector, kind: str, message: str, l1: LinearLayer, glue: list[Op], l2: LinearLayer, reason: str
+) -> Callable[[], None]:
+    def emit() -> None:
+        nodes = [l1.op.name, *(op.name for op in glue), l2.op.name]
+        text = f"{message} from '{l1.op.name}' into '{l2.op.name}'"
+        (remarks.applied if kind == "applied" else remarks.missed)(text, nodes, reason=reason)
+
+    return emit
+
+
+def _gemm_alpha(layer: LinearLayer) -> float:
+    """The factor a layer applies to ``W . x`` beyond its weight: Gemm's ``alpha``, 1 for the others."""
+    return float(layer.op.attr("alpha", 1.0)) if layer.op.op_type == "Gemm" else 1.0
