@@ -9,7 +9,10 @@ reduction) or a demotion search; ``qpasses amp`` is its command line. Module map
 - ``evaluation``: ready callbacks; ``evaluators``: scoring an assignment; ``executors``: where phase 1 runs;
 - ``sensitivity`` (phase 1), ``proxy`` (phase 1 without the metric), ``search`` + ``pareto`` (phase 2),
   ``blockers`` (phase 2 on a proxy-ranked list), ``convert_reduction`` (phase 3), ``demotion``;
-  ``cache``, ``results``; ``mixed_precision``: the flow.
+  ``cache``, ``results``; ``mixed_precision``: the flow, in steps: ``preparation`` (the graph, kernels,
+  the run), ``run_state`` (what a run carries), ``reference_points`` (FP32 / all-high / all-low scores),
+  ``sensitivity_phase`` (phase 1 mode), ``selection`` (phase 2 / demotion), ``final_check`` (step 4);
+  ``simulation_graph`` builds the fake-quant model ``simulation`` runs.
 """
 
 from __future__ import annotations

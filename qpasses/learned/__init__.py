@@ -1,12 +1,14 @@
 """Learned weight quantization (AdaRound, AdaScale): what the passes share.
 
 - ``torch_ops``: IR ops evaluated with torch functions (``TorchProgram``), so a layer or a block
-  of the graph can be trained with autograd without converting the model to a torch module;
-- ``layers``: which weights can be learned, their starting encodings, block discovery (no torch);
+  of the graph can be trained with autograd without converting the model to a torch module; the op
+  tables live in ``torch_op_base``, ``torch_conv_ops``, ``torch_math_ops``, ``torch_shape_ops``;
+- ``layers``: which weights can be learned and their starting encodings; ``blocks``: block discovery
+  for AdaScale (neither imports torch);
 - ``training``: captured layer/block data, differentiable fake quantization, the optimisation loop.
 
 torch is an optional extra (``pip install "qpasses[learn]"``): nothing here imports it at module
-import time except ``torch_ops`` and ``training``, which only the passes' ``run`` imports, after
+import time except ``torch_ops`` (with its op tables) and ``training``, which only the passes' ``run`` imports, after
 ``require_torch`` has given a clear error when it is missing.
 """
 

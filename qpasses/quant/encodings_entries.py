@@ -15,10 +15,10 @@ from typing import Any
 from qpasses.core.errors import EncodingError
 from qpasses.quant.encodings import ALLOWED_BITWIDTHS, FLOAT32_MAX, MIN_RANGE, Encoding, Role, validate_bitwidth
 from qpasses.quant.encodings_file import Entry, PrecisionOverride, TensorSpec
+from qpasses.quant.precision_type import FLOAT_BITWIDTHS
 from qpasses.quant.range_search import from_min_max
 from qpasses.quant.strict_json import duplicates
 
-FLOAT_BITWIDTHS = (16, 32)
 # The scale a file states is kept when it equals the one recomputed from min/max to this relative
 # tolerance: (max - min) / (2^bw - 1) differs from the written scale in the last bit for ~4% of
 # encodings, and keeping the written one makes export -> import exact.
