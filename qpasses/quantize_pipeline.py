@@ -71,6 +71,8 @@ def build_quantize_pipeline(
     stages: dict[str, list[PassSpec]] = {s: [] for s in STAGES}
     # Ops inside model-local functions are invisible to every pass: inline them first.
     stages["structural"] += [PassSpec("inline-functions"), *user_passes]
+    # Identity ops and no-op Casts would each get a quantizer, and hide shared weights from their readers.
+    stages["structural"].append(PassSpec("remove-identity"))
     # A bias the exporter adds after the Conv joins the Conv (int32 bias, one output encoding); before BN folding.
     stages["structural"].append(PassSpec("fold-bias-add"))
     if o.fold_batchnorm:

@@ -224,3 +224,24 @@ def quiet_audio_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     gain = np.logspace(-3, 0, 20, dtype=np.float32)[None, :, None]
     return [{"x": (rng.standard_normal((1, 20, 16)).astype(np.float32) * gain)} for _ in range(n)]
+
+
+def identity_and_noop_casts(seed: int = 0) -> onnx.ModelProto:
+    """ALBERT-style shared weight reached through Identity (unidic_tagger), and float->float Casts
+    around every layer (open_nsfw's export): x -> MatMul(w) -> Cast(float) -> Relu -> MatMul(Identity(w))."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((8, 8)) * 0.4).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm0"),
+        helper.make_node("Cast", ["h"], ["h_cast"], name="noop_cast", to=TensorProto.FLOAT),
+        helper.make_node("Relu", ["h_cast"], ["r"], name="relu"),
+        helper.make_node("Identity", ["w"], ["w_shared"], name="share"),
+        helper.make_node("MatMul", ["r", "w_shared"], ["m1"], name="mm1"),
+        helper.make_node("Cast", ["m1"], ["y"], name="output_cast", to=TensorProto.FLOAT),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
