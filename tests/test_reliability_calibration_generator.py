@@ -3,6 +3,8 @@
 Regression: each pass wrapped the raw generator again, so after ``seq-mse`` read its 4 batches,
 ``calibrate`` reported "64 samples in 4 batches" of an 8-batch generator (the other half was gone),
 with no warning. Truth: the same pipeline on a list of the same feeds (re-iterable by nature).
+The record belongs to the run's one ``CalibrationData`` (the pass context keeps it), not to a
+module-level registry.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graph_ir
 from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError
 from qpasses.core.pass_manager import PassManager, PipelineReport
 from qpasses.data import replay as calibration_data_module
+from qpasses.data.feeds import calibration_feeds, context_feeds
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 
@@ -95,7 +99,7 @@ def test_generator_gives_every_pass_all_batches(spill: bool, monkeypatch: pytest
         np.testing.assert_array_equal(graph.tensors[name].data, expected_graph.tensors[name].data)
 
 
-def test_generator_is_read_once_and_replayed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generator_is_read_once_and_replayed() -> None:
     pulled: list[int] = []
 
     def counting() -> Iterator[dict[str, np.ndarray]]:
@@ -103,16 +107,17 @@ def test_generator_is_read_once_and_replayed(monkeypatch: pytest.MonkeyPatch) ->
             pulled.append(i)
             yield feed
 
-    source = counting()
-    spec = _model()
-    first = CalibrationData.from_source(source, spec)
+    ctx = PassContext(calibration_data=counting())
+    graph = graph_ir.load(_model())
+    first = context_feeds(ctx, graph, ROWS)
     head = [f["x"] for f, _ in zip(first, range(3), strict=False)]
-    again = CalibrationData.from_source(source, spec)  # another pass wraps the same generator
+    again = context_feeds(ctx, graph, ROWS)  # another pass reads the run's data: the same object, replayed
+    assert again is first and ctx.calibration_data is first
     everything = [f["x"] for f in again]
     assert len(everything) == BATCHES and pulled == list(range(BATCHES))
     for a, b in zip(head, everything, strict=False):
         np.testing.assert_array_equal(a, b)
-    assert len(list(first)) == BATCHES and len(CalibrationData.from_source(source, spec)) == BATCHES
+    assert len(list(first)) == BATCHES and len(calibration_feeds(ctx.calibration_data, graph, ROWS)) == BATCHES
     assert pulled == list(range(BATCHES))  # never read twice
 
 
@@ -125,18 +130,27 @@ def test_recorded_feeds_are_copies() -> None:
             buffer[...] = i
             yield {"x": buffer}
 
-    source = refilling()
-    assert [float(f["x"][0, 0, 0, 0]) for f in CalibrationData.from_source(source, _model())] == [0.0, 1.0, 2.0]
-    assert [float(f["x"][0, 0, 0, 0]) for f in CalibrationData.from_source(source, _model())] == [0.0, 1.0, 2.0]
+    data = CalibrationData.from_source(refilling(), _model())
+    assert [float(f["x"][0, 0, 0, 0]) for f in data] == [0.0, 1.0, 2.0]
+    assert [float(f["x"][0, 0, 0, 0]) for f in data] == [0.0, 1.0, 2.0]
 
 
-def test_spilled_store_is_removed_with_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spilled_store_is_removed_with_its_owner(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(calibration_data_module, "REPLAY_MEMORY_BYTES", 0)
-    source = _generator()
-    data = CalibrationData.from_source(source, _model())
+    data = CalibrationData.from_source(_generator(), _model())
     assert len(list(data)) == BATCHES
-    directory = calibration_data_module.replay_directory(source)
+    directory = data.replay_directory
     assert directory is not None and directory.is_dir() and len(list(directory.iterdir())) == BATCHES
-    del data, source
+    del data
     gc.collect()
     assert not directory.exists()
+
+
+def test_no_module_level_registry() -> None:
+    """Two wrappings of one generator do not share a record: the run's one ``CalibrationData`` owns it."""
+    source = _generator()
+    first = CalibrationData.from_source(source, _model())
+    assert len(list(first)) == BATCHES
+    with pytest.raises(CalibrationDataError, match="yielded no calibration feeds"):
+        list(CalibrationData.from_source(source, _model()))
+    assert not [name for name in vars(calibration_data_module) if "REPLAYS" in name.upper()]

@@ -3,7 +3,12 @@
 - run inputs: the target descriptor, the calibration dataset, the seed (read-only for passes);
 - ``analyses``: cached analyses, each stamped with the graph version it was computed on (and the
   precision version, for analyses that read precision annotations), so a stale one is recomputed;
-- ``artifacts``: results a pass leaves for later passes, keyed by class (``qpasses.core.artifacts``).
+- ``artifacts``: results a pass leaves for later passes, keyed by class (``qpasses.core.artifacts``);
+- ``statistics``: what was measured on the calibration data for the graph's current values
+  (``qpasses.core.statistics``), filled by the requests passes declare.
+
+``calibration_data`` is a run input; the first pass that reads it may replace it by its normalised
+``CalibrationData`` (the same feeds), which from then on owns the record of a one-shot source.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from graph_ir import Graph
 from qpasses.core.analyses import Analysis
 from qpasses.core.artifacts import Artifacts
 from qpasses.core.remarks import Remark
+from qpasses.core.statistics import StatisticsStore
 
 A = TypeVar("A", bound=Analysis)
 log = logging.getLogger("qpasses")
@@ -60,13 +66,14 @@ class AnalysisManager:
 
 @dataclass
 class PassContext:
-    """Per-run state: run inputs, analyses, artifacts and the remarks of the passes run so far."""
+    """Per-run state: run inputs, analyses, artifacts, statistics and the remarks of the passes run so far."""
 
     target: Any = None
     calibration_data: Any = None
     seed: int = 0
     analyses: AnalysisManager = field(default_factory=AnalysisManager)
     artifacts: Artifacts = field(default_factory=Artifacts)
+    statistics: StatisticsStore = field(default_factory=StatisticsStore)
     remarks: list[Remark] = field(default_factory=list)
 
     def get(self, analysis: type[A], graph: Graph) -> A:

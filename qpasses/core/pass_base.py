@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ from qpasses.core.analyses import Analysis
 from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.remarks import Remark, RemarkCollector
+from qpasses.core.statistics import StatisticRequest
 
 
 @dataclass
@@ -48,6 +50,11 @@ class Pass:
     preserves: ClassVar[tuple[type[Analysis], ...]] = ()
     # True when the pass must leave FP32 outputs unchanged (checked numerically on request).
     preserves_semantics: ClassVar[bool] = False
+    # True when the pass may change tensor values or the structure (graph.version): the manager then
+    # measures no statistics of the passes after it ahead of it. A hint for cost only: statistics are
+    # keyed on graph.version, so an unmarked pass that changes values wastes a collection, never
+    # serves a stale one.
+    modifies_values: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -67,6 +74,21 @@ class Pass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def statistics(self, graph: Graph, ctx: PassContext) -> Sequence[StatisticRequest]:
+        """The statistics of the calibration data ``run`` would read now (``qpasses.data.statistics``); none by default.
+
+        Cheap and side-effect free; ``run`` reads its results from ``ctx.statistics`` (what it asks
+        for beyond them is measured on demand).
+        """
+        return ()
+
+    def statistics_ahead(self, graph: Graph, ctx: PassContext) -> Sequence[StatisticRequest]:
+        """What ``run`` could read once the passes before it have run: asked by the manager from an earlier
+        pass, on the same values but maybe not the same annotations. Default: ``statistics``; override it
+        with a superset when what the pass reads depends on annotations (calibrate: every float
+        activation, not the ones the plan will quantize)."""
+        return self.statistics(graph, ctx)
 
     def result(
         self, modified: bool, *, exact: bool = True, preserves: tuple[type[Analysis], ...] | None = None

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 
@@ -17,6 +17,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import InternalError, NumericCheckUnavailable, QPassesError, VerificationError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.remarks import Remark, RemarkKind
+from qpasses.core.statistics import StatisticRequest
 
 Verify = Literal["none", "checker", "numeric"]
 
@@ -29,6 +30,8 @@ class PassRecord:
     remarks: list[Remark]
     iteration: int = 0
     analysis_seconds: float = 0.0  # computing the analyses the pass declared in ``uses`` (not cached)
+    # Measuring the statistics it declared (with those of the passes ahead that share the read), when not stored.
+    statistics_seconds: float = 0.0
 
 
 @dataclass
@@ -55,6 +58,8 @@ class PipelineReport:
             it = f" (iteration {rec.iteration + 1})" if rec.iteration else ""
             state = "modified" if rec.modified else "unchanged"
             analyses = f" (+ analyses {rec.analysis_seconds * 1e3:.1f} ms)" if rec.analysis_seconds >= 5e-4 else ""
+            if rec.statistics_seconds >= 5e-4:
+                analyses += f" (+ statistics {rec.statistics_seconds * 1e3:.1f} ms)"
             lines.append(f"pass {rec.name}{it}: {state} in {rec.seconds * 1e3:.1f} ms{analyses}")
             lines.extend(f"  {r}" for r in rec.remarks)
         return "\n".join(lines)
@@ -96,6 +101,11 @@ class PassManager:
     qpasses), never reported as the user's mistake; a ``QPassesError`` it raises is the user's.
     ``fixed_point=True`` repeats the whole pipeline until no pass modifies the graph (at most
     ``max_iterations`` times).
+
+    Statistics: before a pass whose declared statistics (``Pass.statistics``) are not in
+    ``ctx.statistics`` for the graph's current values, the requests of the passes ahead are added
+    up to the first that ``modifies_values`` (it included) and all are measured in one read of the
+    calibration data. A failed read is left to the passes, which measure on demand and report it.
     """
 
     def __init__(
@@ -145,8 +155,8 @@ class PassManager:
                 )
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             changed = False
-            for p in self.passes:
-                record = self._run_one(p, graph, ctx, done, iteration)
+            for index, p in enumerate(self.passes):
+                record = self._run_one(index, graph, ctx, done, iteration)
                 report.records.append(record)
                 ctx.remarks.extend(record.remarks)
                 done.append(p.name)
@@ -155,7 +165,8 @@ class PassManager:
                 break
         return report
 
-    def _run_one(self, p: Pass, graph: Graph, ctx: PassContext, done: list[str], iteration: int) -> PassRecord:
+    def _run_one(self, index: int, graph: Graph, ctx: PassContext, done: list[str], iteration: int) -> PassRecord:
+        p = self.passes[index]
         for inst in self.instrumentations:
             inst.before_pass(p, graph, ctx)
         before: onnx.ModelProto | None = None
@@ -167,6 +178,9 @@ class PassManager:
             for analysis in p.uses:  # computed (or found cached) up front, timed apart from the pass
                 ctx.get(analysis, graph)
             analysis_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            self._collect_statistics(index, graph, ctx)
+            statistics_seconds = time.perf_counter() - start
             start = time.perf_counter()
             result = p.run(graph, ctx)
         except QPassesError as exc:
@@ -181,11 +195,36 @@ class PassManager:
         modified = result.modified or graph.version != version
         if modified:  # a modified graph preserves nothing unless the pass says what it kept
             ctx.analyses.preserve(p.preserves if result.preserves is None else result.preserves, graph)
+        ctx.statistics.sync(graph)  # values changed: what was measured on the old ones goes now
         if self.verify != "none" and modified:
             self._verify(p, graph, ctx, before, result)
         for inst in self.instrumentations:
             inst.after_pass(p, graph, ctx, result)
-        return PassRecord(p.name, modified, seconds, result.remarks, iteration, analysis_seconds)
+        return PassRecord(p.name, modified, seconds, result.remarks, iteration, analysis_seconds, statistics_seconds)
+
+    def _collect_statistics(self, index: int, graph: Graph, ctx: PassContext) -> None:
+        """Measure what pass ``index`` declared, with what the passes ahead on the same values declared, in one read."""
+        p = self.passes[index]
+        own = list(p.statistics(graph, ctx))
+        if not any(r.missing(graph, ctx) for r in own):
+            return
+        requests = own
+        ahead = self.passes[index:] if not p.modifies_values else [p]
+        for q in ahead[1:]:
+            try:
+                requests += q.statistics_ahead(graph, ctx)
+            except Exception:  # noqa: BLE001 - it declares again (and fails, if it must) at its own turn
+                pass
+            if q.modifies_values:
+                break
+        families: dict[Any, list[StatisticRequest]] = {}
+        for r in requests:
+            families.setdefault(getattr(type(r).collect, "__func__", type(r).collect), []).append(r)
+        for family in families.values():
+            try:
+                type(family[0]).collect(graph, ctx, family)
+            except QPassesError:  # bad data: each pass measures on demand and reports it as before
+                pass
 
     def _verify(
         self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None, result: PassResult

@@ -1,5 +1,8 @@
-"""Recording a one-shot source (a generator) as it is first read, so every pass and every later wrapping
-replays it: the source is read exactly once; past ``REPLAY_MEMORY_BYTES`` recorded feeds spill to disk."""
+"""Recording a one-shot source (a generator) as it is first read, so that every later read replays it: the
+source is read exactly once; past ``REPLAY_MEMORY_BYTES`` recorded feeds spill to disk.
+
+The record belongs to the ``CalibrationData`` that wraps the source (one per run: the pass context keeps the
+normalised data), never to a module-level registry."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from qpasses.core.errors import CalibrationDataError
 
 REPLAY_MEMORY_BYTES = 256 << 20
 """Bytes of a one-shot source's recorded feeds kept in memory; later feeds are spilled to disk."""
@@ -39,20 +40,15 @@ def _spillable(feed: Any) -> bool:
     )
 
 
-class _Replay:
+class Replay:
     """A one-shot iterator of feeds, recorded as it is read so that it can be read again any number of times.
 
     Iterations may interleave: each replays the record up to where it is, then pulls the next feed
-    from the source (recording it). Only a weak reference to the source is kept, so a cache keyed
-    by the source does not keep it alive; ``CalibrationData`` holds the source while it needs it.
+    from the source (recording it). The source is dropped once it is exhausted.
     """
 
     def __init__(self, source: Iterator[Any]) -> None:
-        self._source: weakref.ref[Iterator[Any]] | Iterator[Any] | None
-        try:
-            self._source = weakref.ref(source)
-        except TypeError:
-            self._source = source
+        self._source: Iterator[Any] | None = source
         self._items: list[Any] = []  # feeds in memory, or the Path of a spilled one
         self._in_memory = 0
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -67,14 +63,13 @@ class _Replay:
 
     def _pull(self) -> bool:
         """Read and record the source's next feed; False once it is exhausted."""
-        source = self._source() if isinstance(self._source, weakref.ref) else self._source
-        if source is None:  # cannot happen while a CalibrationData holds it; be explicit if it does
-            raise CalibrationDataError("the calibration data iterator was garbage-collected before it was read")
+        if self._source is None:
+            return False
         try:
-            raw = next(source)
+            raw = next(self._source)
         except StopIteration:
             self.complete = True
-            self._source = None  # drop the (weak) reference; nothing more to read
+            self._source = None  # nothing more to read
             return False
         feed = _copied(raw)
         size = _nbytes(feed)
@@ -102,39 +97,3 @@ class _Replay:
         while i < len(self._items) or (not self.complete and self._pull()):
             yield self._item(i)
             i += 1
-
-
-# One record per one-shot source object, shared by every CalibrationData wrapping it. Weak keys, so
-# a finished generator (and its record, spilled files included) goes away with the last reference.
-_REPLAYS: weakref.WeakKeyDictionary[Any, _Replay] = weakref.WeakKeyDictionary()
-# Iterators that take no weak references (list_iterator, map...): the few most recent, held strongly.
-_STRONG_REPLAYS: dict[int, tuple[Any, _Replay]] = {}
-_STRONG_LIMIT = 4
-
-
-def replay_for(source: Iterator[Any]) -> _Replay:
-    try:
-        replay = _REPLAYS.get(source)
-        if replay is None:
-            replay = _REPLAYS[source] = _Replay(source)
-        return replay
-    except TypeError:  # not weak-referenceable (or unhashable)
-        pass
-    hit = _STRONG_REPLAYS.get(id(source))
-    if hit is not None and hit[0] is source:
-        return hit[1]
-    replay = _Replay(source)
-    _STRONG_REPLAYS[id(source)] = (source, replay)
-    while len(_STRONG_REPLAYS) > _STRONG_LIMIT:
-        del _STRONG_REPLAYS[next(iter(_STRONG_REPLAYS))]
-    return replay
-
-
-def replay_directory(source: Any) -> Path | None:
-    """Where a one-shot source's spilled feeds are stored (None: nothing spilled, or not a one-shot source)."""
-    try:
-        replay = _REPLAYS.get(source)
-    except TypeError:
-        hit = _STRONG_REPLAYS.get(id(source))
-        replay = hit[1] if hit is not None and hit[0] is source else None
-    return None if replay is None else replay.directory

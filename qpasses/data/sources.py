@@ -6,22 +6,22 @@ so a mismatch is reported once, naming the input, the shapes and the sample/file
 caused it, instead of surfacing as an opaque onnxruntime error mid-calibration.
 Input lists, re-iterable iterables and callables are streamed: only the current feed is held in memory.
 
-A one-shot iterator (a generator) can be read only once, yet several passes read the calibration
-data (seq-mse, calibrate, bias-correction, the automatic fallback...), each wrapping the same source
-again. So a one-shot source is recorded as it is first read (``_Replay``) and every later wrapping
-of the same iterator object replays the record, then continues reading the source where the
-record ends: every pass sees all of the data, and the source is read exactly once. Recorded feeds
-are copies (a generator may refill one buffer); past ``REPLAY_MEMORY_BYTES`` they go to
-uncompressed ``.npz`` files in a temporary directory, removed when the iterator is garbage.
+A one-shot iterator (a generator) can be read only once, yet several steps read the calibration
+data (the statistics collection, the runtime parity check, the automatic fallback...). So the
+``CalibrationData`` wrapping a one-shot source records it as it is first read (``Replay``, owned by
+that object) and every later iteration replays the record, then continues reading the source where
+the record ends: every reader sees all of the data, and the source is read exactly once. A run
+normalises its source once (``quantize_model``; a pass context keeps the normalised data, see
+``qpasses.data.feeds``), so every pass iterates the same object. Recorded feeds are copies (a
+generator may refill one buffer); past ``REPLAY_MEMORY_BYTES`` they go to uncompressed ``.npz``
+files in a temporary directory, removed with the record.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,96 +30,11 @@ import onnx
 
 from qpasses.core.errors import CalibrationDataError
 from qpasses.data.input_lists import parse_input_list, raw_layout
-from qpasses.data.input_specs import (
-    Feed,
-    InputSpec,
-    check_dtype,
-    coerce_specs,
-    feed_samples,
-    fmt_shape,
-    shape_error,
-    shape_problem,
-    validate_feed,
-)
-from qpasses.data.replay import replay_for
+from qpasses.data.input_specs import Feed, InputSpec, coerce_specs, feed_samples, validate_feed
+from qpasses.data.npz_source import npz_feeds
+from qpasses.data.replay import Replay
 
 DEFAULT_BATCH_SIZE = 16
-
-
-# --------------------------------------------------------------------------- npz
-
-
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:
-    """Shape and dtype of every array in an .npz, read from the .npy headers only.
-
-    None for a header version we do not parse; those arrays are checked when loaded.
-    """
-    fmt = np.lib.format
-    out: dict[str, tuple[tuple[int, ...], np.dtype] | None] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as f:
-                    version = fmt.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = fmt.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, _, dtype = fmt.read_array_header_2_0(f)
-                    else:
-                        out[info.filename[:-4]] = None
-                        continue
-                out[info.filename[:-4]] = (tuple(shape), np.dtype(dtype))
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CalibrationDataError(f"{path}: not a readable .npz archive ({e})") from e
-    return out
-
-
-@dataclass(frozen=True)
-class _NpzPlan:
-    """How one npz array becomes feeds: one per row, or split into batches of ``step``."""
-
-    per_row: bool
-    step: int
-    feeds: int
-    samples: int
-    rows: int | None = None  # rows along axis 0 when split, to check inputs agree
-
-
-def _npz_plan(path: Path, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, batch_size: int) -> _NpzPlan:
-    where = f"{path} array {spec.name!r}"
-    check_dtype(where, spec, dtype)
-    if dtype.hasobject:
-        raise CalibrationDataError(f"{where}: object arrays are not supported")
-    rank = spec.rank
-    if rank is None:  # unknown rank: assume the array is the input itself, split by batch
-        rank = len(shape)
-    if rank == 0 and len(shape) == 0:
-        return _NpzPlan(per_row=False, step=1, feeds=1, samples=1)
-    if len(shape) == rank + 1:
-        problem = shape_problem(spec, shape[1:])
-        if problem:
-            raise shape_error(f"{where} (one feed per row)", spec, shape[1:], problem)
-        per_feed = shape[1] if rank >= 1 else 1
-        return _NpzPlan(per_row=True, step=1, feeds=shape[0], samples=shape[0] * per_feed)
-    if len(shape) == rank:
-        problem = shape_problem(spec, shape, skip_batch=True)
-        if problem:
-            raise shape_error(where, spec, shape, problem)
-        batch = spec.shape[0] if spec.shape else None
-        step = batch if isinstance(batch, int) else batch_size
-        if shape[0] % step and isinstance(batch, int):
-            raise CalibrationDataError(
-                f"{where}: {shape[0]} rows cannot be split into batches of {step} "
-                f"(the model fixes the batch dim at {step})"
-            )
-        return _NpzPlan(per_row=False, step=step, feeds=-(-shape[0] // step), samples=shape[0], rows=shape[0])
-    raise CalibrationDataError(
-        f"{where}: has shape {fmt_shape(shape)}; expected the input's shape "
-        f"{fmt_shape(spec.shape)} (split along the batch axis) or one more leading axis "
-        f"(one feed per row)"
-    )
 
 
 # --------------------------------------------------------------------------- the source
@@ -132,7 +47,8 @@ class CalibrationData:
     """A re-iterable stream of validated feeds from any supported source.
 
     Build it with :meth:`from_source`. Iterating yields ``dict[str, np.ndarray]`` feeds in
-    model-input order; ``len()`` is the number of feeds when known up front.
+    model-input order; ``len()`` is the number of feeds when known up front. ``batch_size`` is the
+    batch size that split the source's arrays (None: its feeds do not depend on one).
     """
 
     def __init__(
@@ -144,7 +60,8 @@ class CalibrationData:
         num_batches: int | None = None,
         num_samples: int | None = None,
         requested_outputs: Sequence[str] = (),
-        keep_alive: Any = None,
+        replay: Replay | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self._batches = batches
         self.specs: list[InputSpec] = list(specs)
@@ -152,7 +69,8 @@ class CalibrationData:
         self._num_batches = num_batches
         self._num_samples = num_samples
         self.requested_outputs: list[str] = list(requested_outputs)
-        self._keep_alive = keep_alive  # a one-shot source: its replay holds it only weakly
+        self._replay = replay  # the record of a one-shot source (it holds the source until exhausted)
+        self.batch_size = batch_size
 
     # --- constructors -------------------------------------------------------------------
 
@@ -203,11 +121,10 @@ class CalibrationData:
         cls, source: Iterable[Mapping[str, Any]], specs: Sequence[InputSpec] | onnx.ModelProto | Any
     ) -> CalibrationData:
         """Feeds from an iterable. A one-shot iterator/generator is recorded on first read and replayed
-        afterwards (see the module docstring), so it reads as all of its feeds every time."""
+        afterwards (see the module docstring), so this object reads as all of its feeds every time."""
         specs = coerce_specs(specs)
-        it = iter(source)
-        one_shot = it is source
-        replay = replay_for(it) if one_shot else None
+        # A one-shot iterator is recorded; iter() is not called on a re-iterable until it is read.
+        replay = Replay(source) if isinstance(source, Iterator) else None
         feeds: Iterable[Any] = source if replay is None else replay
 
         def batches() -> Iterator[tuple[str, Any]]:
@@ -223,7 +140,7 @@ class CalibrationData:
             specs,
             description=f"{type(source).__name__} of feeds",
             num_batches=size,
-            keep_alive=source if one_shot else None,
+            replay=replay,
         )
 
     @classmethod
@@ -266,55 +183,15 @@ class CalibrationData:
         specs = coerce_specs(specs)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise CalibrationDataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        path = Path(path)
-        if not path.is_file():
-            raise CalibrationDataError(f"calibration data file not found: {path}")
-        headers = _npz_headers(path)
-        missing = [s.name for s in specs if s.name not in headers]
-        if missing:
-            raise CalibrationDataError(f"{path}: no array for input(s) {missing}; arrays present: {sorted(headers)}")
-        unparsed = [s.name for s in specs if headers[s.name] is None]
-        if unparsed:  # rare .npy format versions: fall back to loading those arrays
-            with np.load(path, allow_pickle=False) as npz:
-                for name in unparsed:
-                    arr = npz[name]
-                    headers[name] = (arr.shape, arr.dtype)
-        known = {name: header for name, header in headers.items() if header is not None}  # all, now
-        plans: dict[str, _NpzPlan] = {}
-        for spec in specs:
-            shape, dtype = known[spec.name]
-            plans[spec.name] = _npz_plan(path, spec, shape, dtype, batch_size)
-        counts = {name: p.feeds for name, p in plans.items()}
-        if len(set(counts.values())) > 1:
-            raise CalibrationDataError(
-                f"{path}: inputs give different numbers of feeds {counts}; every input array "
-                f"must cover the same samples"
-            )
-        split_rows = {name: p.rows for name, p in plans.items() if p.rows is not None}
-        if len(set(split_rows.values())) > 1:
-            raise CalibrationDataError(f"{path}: input arrays have different numbers of rows {split_rows}")
-        num_feeds = next(iter(counts.values()))
-        if num_feeds == 0:
-            raise CalibrationDataError(f"{path}: contains no calibration samples")
-        names = [s.name for s in specs]
-
-        def batches() -> Iterator[tuple[str, Any]]:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in names}
-                for i in range(num_feeds):
-                    feed = {}
-                    for name in names:
-                        plan, arr = plans[name], arrays[name]
-                        if arr.ndim == 0:
-                            feed[name] = arr
-                        elif plan.per_row:
-                            feed[name] = arr[i]
-                        else:
-                            feed[name] = arr[i * plan.step : (i + 1) * plan.step]
-                    yield f"{path} feed {i}", feed
-
-        first = plans[specs[0].name]
-        return cls(batches, specs, description=str(path), num_batches=num_feeds, num_samples=first.samples)
+        feeds = npz_feeds(Path(path), specs, batch_size)
+        return cls(
+            feeds.batches,
+            specs,
+            description=str(path),
+            num_batches=feeds.num_feeds,
+            num_samples=feeds.num_samples,
+            batch_size=feeds.batch_size,
+        )
 
     @classmethod
     def from_input_list(
@@ -386,6 +263,11 @@ class CalibrationData:
         # A full pass tells us sizes the source could not report up front.
         self._num_batches = count
         self._num_samples = samples
+
+    @property
+    def replay_directory(self) -> Path | None:
+        """Where a one-shot source's spilled feeds are stored (None: nothing spilled, or not a one-shot source)."""
+        return None if self._replay is None else self._replay.directory
 
     @property
     def num_batches(self) -> int | None:

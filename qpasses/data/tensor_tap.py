@@ -1,12 +1,11 @@
 """The tensor tap: feed the data through the model (whole, or in segments under the byte cap) and hand
-out the requested tensors run by run; ``capture_tensors`` / ``iterate_tensors`` are what SeqMSE, the
-learned passes and AMP capture layer inputs with."""
+out the requested tensors run by run (the collector, ``qpasses.data.collector``, reads the data through
+it); ``iterate_tensors`` / ``iterate_chunks`` stream an iterable of feeds through one tap. Sizing the
+runs: ``tap_sizes``; cutting the model: ``run_segments``."""
 
 from __future__ import annotations
 
-import math
 import tempfile
-import warnings
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,20 +15,19 @@ import onnxruntime as ort
 from numpy.typing import ArrayLike
 from onnx import helper
 
-from qpasses.core.errors import CalibrationDataError, ModelLoadError
+from qpasses.core.errors import CalibrationDataError
 from qpasses.data.input_specs import InputSpec, input_specs, validate_feed
 from qpasses.data.run_segments import (
     GraphStructure,
     Segment,
     SegmentPlan,
-    dtype_itemsize,
     infer_value_infos,
     node_reads,
     shape_only_model,
     value_elem_type,
-    value_static_shape,
 )
 from qpasses.data.sessions import tap_session, unavailable_tensors, with_outputs
+from qpasses.data.tap_sizes import estimate_sizes, feed_rows, run_error
 
 Feed = Mapping[str, ArrayLike]
 DEFAULT_MAX_BYTES_PER_RUN = 64 << 20
@@ -117,7 +115,7 @@ class TensorTap:
             self.runs += 1
             return session.run(list(names), dict(inputs))
         except Exception as exc:  # onnxruntime's exception types share no useful base class
-            raise _run_error(batch, inputs if where is None else where, exc, rows) from None
+            raise run_error(batch, inputs if where is None else where, exc, rows) from None
 
     # -- capped runs
 
@@ -134,7 +132,7 @@ class TensorTap:
         if not self._fetch:
             return
         plan = SegmentPlan(None, None) if self.max_bytes_per_run is None else self._plan(inputs, batch)
-        total = _rows(inputs, self.inputs) if plan.rows is not None else None
+        total = feed_rows(inputs, self.inputs) if plan.rows is not None else None
         step = plan.rows
         starts: Iterable[int | None] = [None] if total is None or step is None else range(0, total, step)
         for start in starts:
@@ -168,7 +166,7 @@ class TensorTap:
         """Rows per run and segments for a feed of these shapes (cached by shape)."""
         assert self.max_bytes_per_run is not None
         budget = self.max_bytes_per_run
-        rows = _rows(inputs, self.inputs)
+        rows = feed_rows(inputs, self.inputs)
         # A feed that cannot be split is sized whole; otherwise per row, and every row count shares it.
         key = tuple((k, v.shape if rows is None else v.shape[1:], v.dtype.str) for k, v in inputs.items())
         plan_key = (key, rows is None)
@@ -178,7 +176,9 @@ class TensorTap:
         unit = inputs if rows is None else {k: v[:1] for k, v in inputs.items()}
         sizes = self._sizes.get(key)
         if sizes is None:
-            sizes = self._sizes[key] = self._estimate(unit, inputs, batch)
+            sizes = self._sizes[key] = estimate_sizes(
+                self.model, self._structure_of(), unit, inputs, batch, self.intra_op_threads
+            )
         # One row per run, whatever the batch size or the cap: onnxruntime picks some kernels by
         # batch size (MLAS convolutions with small outputs), with another rounding.
         per_unit = sum(sizes.get(n, 0) for n in self._fetch)
@@ -191,84 +191,6 @@ class TensorTap:
         if self._structure is None:
             self._structure = GraphStructure(self.model, self._fetch)
         return self._structure
-
-    def _estimate(self, unit: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, int]:
-        """Bytes of every value the main graph's nodes produce, for ``unit`` (one row of ``inputs``, or all of it)."""
-        structure = self._structure_of()
-        shaped = shape_only_model(self.model)
-        for vi in shaped.graph.input:
-            value = unit.get(vi.name)
-            if value is not None:
-                vi.CopyFrom(
-                    helper.make_tensor_value_info(
-                        vi.name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)
-                    )
-                )
-        infos = infer_value_infos(shaped)
-        sizes: dict[str, int] = {}
-        unknown: list[str] = []
-        for node in structure.nodes:
-            for name in node.output:
-                if not name:
-                    continue
-                vi = infos.get(name)
-                elem = None if vi is None else value_elem_type(vi)
-                shape = None if vi is None else value_static_shape(vi)
-                if vi is not None and elem is None:
-                    sizes[name] = 0  # sequences and maps are never requested and never cross a cut
-                elif shape is None:
-                    unknown.append(name)
-                else:
-                    sizes[name] = math.prod(shape) * dtype_itemsize(elem)
-        if unknown:
-            sizes.update(self._measure(unknown, unit, infos, inputs, batch))
-        return sizes
-
-    def _measure(
-        self,
-        names: list[str],
-        unit: Mapping[str, np.ndarray],
-        infos: Mapping[str, onnx.ValueInfoProto],
-        inputs: Mapping[str, np.ndarray],
-        batch: int,
-    ) -> dict[str, int]:
-        """Bytes of ``names`` from onnxruntime: one run on ``unit`` that returns only their shapes."""
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.model)
-        del probe.graph.output[:]
-        for i, name in enumerate(names):
-            shape_of = f"__qpasses_shape_{i}"
-            probe.graph.node.append(helper.make_node("Shape", [name], [shape_of], name=shape_of))
-            probe.graph.output.append(helper.make_tensor_value_info(shape_of, onnx.TensorProto.INT64, None))
-        try:
-            session, tmp = tap_session(probe, self.intra_op_threads)
-        except ModelLoadError as exc:  # e.g. a value that is not a tensor after all: then it is not capped
-            warnings.warn(
-                f"calibration: cannot measure the size of {len(names)} tensors ({exc}); "
-                "max_bytes_per_run does not count them",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return dict.fromkeys(names, 0)
-        del probe
-        try:
-            shapes = session.run(None, dict(unit))
-        except Exception as exc:  # the error a run would give: on the whole batch if that fails too
-            if unit is not inputs:
-                try:
-                    session.run(None, dict(inputs))
-                except Exception as whole:  # noqa: BLE001
-                    raise _run_error(batch, inputs, whole, None) from None
-            raise _run_error(batch, inputs, exc, None if unit is inputs else (0, 1)) from None
-        finally:
-            del session
-            if tmp is not None:
-                tmp.cleanup()
-        out: dict[str, int] = {}
-        for name, shape in zip(names, shapes, strict=True):
-            vi = infos.get(name)
-            out[name] = int(np.prod(shape)) * dtype_itemsize(None if vi is None else value_elem_type(vi))
-        return out
 
     def _segments(self, sizes: Mapping[str, int], budget: int) -> tuple[Segment, ...]:
         structure = self._structure_of()
@@ -361,32 +283,6 @@ class TensorTap:
         return model
 
 
-def _run_error(
-    batch: int, inputs: Mapping[str, np.ndarray], exc: Exception, rows: tuple[int, int] | None
-) -> CalibrationDataError:
-    shapes = ", ".join(f"'{k}' {v.dtype} {list(v.shape)}" for k, v in inputs.items())
-    where = (
-        ""
-        if rows is None
-        else (
-            f" (run on rows {rows[0]}:{rows[1]} to stay within max_bytes_per_run; "
-            "a model that needs whole batches calibrates with max_bytes_per_run=0)"
-        )
-    )
-    return CalibrationDataError(f"batch {batch}: onnxruntime failed on inputs {shapes}{where}: {exc}")
-
-
-def _rows(inputs: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int | None:
-    """Rows of a feed that may be split along axis 0 (every input's batch dim is dynamic), else None."""
-    counts = set()
-    for spec in specs:
-        value = inputs[spec.name]
-        if not spec.shape or isinstance(spec.shape[0], int) or value.ndim == 0:
-            return None
-        counts.add(value.shape[0])
-    return counts.pop() if len(counts) == 1 else None
-
-
 def iterate_tensors(
     model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed]
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -404,16 +300,6 @@ def iterate_tensors(
             raise CalibrationDataError("no calibration data: the data source yielded no batches")
     finally:
         tap.close()
-
-
-def capture_tensors(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Feed]) -> dict[str, list[np.ndarray]]:
-    """Per-batch values of ``names`` (duplicates allowed) from one session over ``feeds``, kept in memory:
-    for passes that revisit a layer's captured inputs (SeqMSE, AdaRound, AdaScale)."""
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for values in iterate_tensors(model, list(dict.fromkeys(names)), feeds):
-        for n in out:
-            out[n].append(values[n])
-    return out
 
 
 def iterate_chunks(

@@ -3,14 +3,17 @@
 Quantizing a weight shifts the expected output of its layer by ``(W_q - W) E[x]``: the
 rounding errors of a channel rarely cancel. Subtracting that shift from the bias removes
 the systematic part of the error. ``E[x]`` is measured per input channel on the
-calibration data (the FP32 model; ``calibrate`` leaves the means as an artifact, otherwise
-this pass reads ``num_batches`` batches itself), so this runs after ``encode-weights`` (the weight grids
-must be final) and before ``quantize`` (which derives the int32 bias grid from the
-corrected bias). Zero padding is ignored in the mean, as in the paper.
+calibration data (the FP32 model): the pass declares the means of the weighted layers' inputs
+(``ChannelMeanRequest``, at least ``num_batches`` batches), so they are measured in the read the
+pass manager makes for ``calibrate`` (over all of its batches, without the samples calibrate finds
+to be outliers in histogram modes), or on demand when the pass runs alone. It runs after
+``encode-weights`` (the weight grids must be final) and before ``quantize`` (which derives the
+int32 bias grid from the corrected bias). Zero padding is ignored in the mean, as in the paper.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +22,9 @@ from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.tensor_tap import iterate_tensors
-from qpasses.passes.quantize.calibrate import LayerInputMeans, calibration_feeds
+from qpasses.data.statistics import ChannelMeanRequest, measure
 from qpasses.quant.encodings import Encoding, fake_quantize
-from qpasses.quant.plan import QuantPlan
-from qpasses.quant.range_statistics import ChannelMeans
+from qpasses.quant.plan import QuantPlan, weighted_layer_inputs
 
 
 def _candidates(graph: Graph) -> list[Op]:
@@ -56,11 +57,19 @@ class BiasCorrection(Pass):
     description = "subtract the expected output shift of quantized weights from Conv/Gemm biases"
     uses = (QuantPlan,)
     preserves = (TopologicalOrder, Shapes, QuantPlan)
+    modifies_values = True  # the biases
 
     @dataclass
     class Options:
-        num_batches: int = 8
+        num_batches: int = 8  # at least: means measured with calibrate's statistics cover all of its batches
         batch_size: int = 16
+
+    def _request(self, inputs: Sequence[str]) -> ChannelMeanRequest:
+        return ChannelMeanRequest(tuple(inputs), batches=self.options.num_batches, batch_size=self.options.batch_size)
+
+    def statistics(self, graph: Graph, ctx: PassContext) -> Sequence[ChannelMeanRequest]:
+        # Ahead of encode-weights no weight has its encoding yet: every weighted layer's input may be needed.
+        return () if ctx.calibration_data is None else (self._request(weighted_layer_inputs(graph)),)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         ops = [op for op in _candidates(graph) if graph.tensors[op.inputs[0]].dtype in (0, 1)]
@@ -71,15 +80,11 @@ class BiasCorrection(Pass):
         ops = [op for op in ops if op.inputs[2] not in shared]
         for name in sorted(shared):
             self.remarks.missed("bias not corrected", [name], reason="the bias is shared by several ops")
-        inputs = list(dict.fromkeys(op.inputs[0] for op in ops))
-        measured = ctx.artifacts.get(LayerInputMeans)
-        means: dict[str, np.ndarray] = (
-            dict(measured.means) if measured is not None and measured.graph_version == graph.version else {}
-        )
-        source = "calibration"
-        if any(name not in means for name in inputs):
-            means.update(self._measure(graph, ctx, [n for n in inputs if n not in means]))
-            source = f"{self.options.num_batches} batches"
+        request = self._request([op.inputs[0] for op in ops])
+        stats = measure(graph, ctx, [request])
+        means = {name: m.mean for name, m in stats[request].items()}
+        covered = stats.covered(request)
+        source = "calibration" if covered is None else f"{covered} batches"
         corrected = []
         for op in ops:
             mean = means.get(op.inputs[0])
@@ -101,14 +106,3 @@ class BiasCorrection(Pass):
         if corrected:
             self.remarks.applied(f"corrected {len(corrected)} biases from input means ({source})", corrected[:10])
         return self.result(bool(corrected))
-
-    def _measure(self, graph: Graph, ctx: PassContext, inputs: list[str]) -> dict[str, np.ndarray]:
-        """Input means from the calibration data, when calibrate did not leave them."""
-        means = {name: ChannelMeans() for name in inputs}
-        feeds = calibration_feeds(ctx.calibration_data, graph, self.options.batch_size)
-        for batch, values in enumerate(iterate_tensors(graph.to_onnx(), inputs, feeds)):
-            for name, value in values.items():
-                means[name].update(value)
-            if batch + 1 >= self.options.num_batches:
-                break
-        return {n: m.mean for n, m in means.items() if m.mean is not None}

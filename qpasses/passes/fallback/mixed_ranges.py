@@ -5,22 +5,20 @@ the joined tensor leaves the scores a level or two, and the detector collapses (
 detector: ROC-AUC 0.998 -> 0.63). Each part keeps its own encoding (the inputs of the Concat are
 quantized separately) and the joined tensor stays float (int16 on quantized-only targets). The
 same for the input of a Split/Slice head whose outputs have very different ranges. Ranges come
-from a few calibration batches.
+from the first ``batches`` calibration batches (a ``RangeRequest`` the pass declares, so the pass
+manager measures them in the read it makes for calibrate, which sees the same values).
 """
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from graph_ir import Graph
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.tensor_tap import iterate_tensors
-from qpasses.passes.quantize.calibrate import calibration_feeds
+from qpasses.data.statistics import ObservedRange, RangeRequest, measure
 from qpasses.quant.keep_float import keep_float, with_readers
 
 JOINS = ("Concat",)
@@ -53,15 +51,22 @@ class KeepMixedRangesFloat(Pass):
         batches: int = 2
         batch_size: int = 16
 
+    def _request(self, candidates: list[tuple[str, list[str], str]]) -> RangeRequest:
+        names = sorted({n for joined, parts, _ in candidates for n in (joined, *parts)})
+        return RangeRequest(tuple(names), batches=self.options.batches, batch_size=self.options.batch_size)
+
+    def statistics(self, graph: Graph, ctx: PassContext) -> Sequence[RangeRequest]:
+        candidates = self._candidates(graph)
+        return (self._request(candidates),) if candidates and ctx.calibration_data is not None else ()
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         candidates = self._candidates(graph)
         if not candidates or ctx.calibration_data is None:
             return self.result(False)
-        names = sorted({n for joined, parts, _ in candidates for n in (joined, *parts)})
+        request = self._request(candidates)
         try:
-            data = calibration_feeds(ctx.calibration_data, graph, o.batch_size)
-            ranges = _ranges(graph, names, itertools.islice(iter(data), o.batches))
+            ranges = {n: _width(r) for n, r in measure(graph, ctx, [request])[request].items() if r.floating}
         except CalibrationDataError as exc:
             self.remarks.missed("mixed ranges not checked", reason=str(exc))
             return self.result(False)
@@ -113,17 +118,6 @@ class KeepMixedRangesFloat(Pass):
         return out
 
 
-def _ranges(graph: Graph, names: list[str], feeds) -> dict[str, float]:  # noqa: ANN001
-    """max - min (with 0 included, as an 8-bit grid is) of each tensor over the feeds."""
-    lo: dict[str, float] = {}
-    hi: dict[str, float] = {}
-    for values in iterate_tensors(graph.to_onnx(), names, feeds):
-        for name, v in values.items():
-            if v.size == 0 or not np.issubdtype(v.dtype, np.floating):
-                continue
-            finite = v[np.isfinite(v)]
-            if finite.size == 0:
-                continue
-            lo[name] = min(lo.get(name, 0.0), float(finite.min()))
-            hi[name] = max(hi.get(name, 0.0), float(finite.max()))
-    return {n: hi[n] - lo[n] for n in lo}
+def _width(r: ObservedRange) -> float:
+    """max - min of the finite values, with 0 included (as an 8-bit grid is)."""
+    return max(r.max, 0.0) - min(r.min, 0.0)

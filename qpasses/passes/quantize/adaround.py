@@ -34,7 +34,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.pass_base import PassResult
 from qpasses.data.sessions import unavailable_tensors
-from qpasses.data.tensor_tap import capture_tensors
+from qpasses.data.statistics import capture
 from qpasses.learned import check_common_options
 from qpasses.learned.layers import (
     Layer,
@@ -139,11 +139,11 @@ class AdaRound(LearnedWeightsPass):
                 layer = task.layer
                 bar.set_postfix_str(layer.name[-40:])
                 if quantized is None:
-                    data = capture_tensors(model, [layer.input, task.output], feeds)
+                    data = capture(model, feeds, [layer.input, task.output])
                     inputs = data[layer.input]
                 else:  # the FP32 model's output, the input the model computes with earlier layers learned
-                    data = capture_tensors(model, [task.output], feeds)
-                    inputs = capture_tensors(quantized.model, [layer.input], feeds)[layer.input]
+                    data = capture(model, feeds, [task.output])
+                    inputs = capture(quantized.model, feeds, [layer.input])[layer.input]
                 res, weight = self._learn(
                     task, training.as_tensors(inputs), training.as_tensors(data[task.output]), generator, training
                 )

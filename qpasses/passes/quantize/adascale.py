@@ -41,7 +41,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import PassError
 from qpasses.core.pass_base import PassResult
 from qpasses.data.sessions import unavailable_tensors
-from qpasses.data.tensor_tap import capture_tensors
+from qpasses.data.statistics import capture
 from qpasses.learned import check_common_options
 from qpasses.learned.blocks import Block, find_blocks, named_block
 from qpasses.learned.layers import (
@@ -137,8 +137,8 @@ class AdaScale(LearnedWeightsPass):
             for block, program in tasks:
                 bar.set_postfix_str(block.output[-40:])
                 names = program.inputs  # the block input, then its side inputs (integer ids, masks...)
-                fp = capture_tensors(model, [*names, block.output], feeds)
-                captured = fp if quantized is None else capture_tensors(quantized.model, names, feeds)
+                fp = capture(model, feeds, [*names, block.output])
+                captured = fp if quantized is None else capture(quantized.model, feeds, names)
                 columns = {name: training.as_tensors(captured[name]) for name in names}
                 inputs = [{name: columns[name][i] for name in names} for i in range(len(feeds))]
                 res, weights = self._learn(

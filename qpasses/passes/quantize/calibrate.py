@@ -7,37 +7,56 @@ valid. Encodings from a user's overrides file are kept; tensors the user pinned 
 ``max_bytes_per_run`` caps the bytes of the activations one onnxruntime run returns (default 64 MiB;
 0: no cap, one run per batch); the encodings do not depend on it (see ``qpasses.data.calibration``).
 
+Statistics: the pass declares what it reads (``statistics``): the ranges (histograms) of the activations
+the plan quantizes and the per-sample extremes of those and of the weighted layers' inputs. Asked ahead
+of ``annotate-precision`` (``statistics_ahead``), when the plan is not final, it declares every float
+activation the plan could quantize (``calibration_candidates``). The pass manager measures them in the
+read it makes for the passes around on the same values (keep-mixed-ranges-float, seq-mse,
+bias-correction), and ``run`` picks the tensors the plan quantizes from the store.
+
 Outliers: the same pass over the data tracks each tensor's per-sample extremes (``SampleExtremes``).
 When a few samples set a range more than ``OUTLIER_RATIO`` times the other samples' range beyond it
 (one corrupt 1e30 in one image), a ``CalibrationOutlierWarning`` and a ``missed`` remark name the
 tensors and the samples. tf/symmetric keep the true min/max (that is what they mean); percentile and
 enhanced leave those samples out: a second pass, for the affected tensors only, collects their
 histogram on the other samples' range (``FixedHistogramObserver``), so one value cannot stretch the
-bins until every other value shares the first one, and their input means for bias correction.
+bins until every other value shares the first one, and the input channel means measured on these values
+(for bias correction) are replaced by means without those samples.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-import numpy as np
+import onnx
 from numpy.typing import ArrayLike
 
 from graph_ir import Graph
 from qpasses.core.analyses import ConstantData, Shapes, TopologicalOrder
 from qpasses.core.context import PassContext
-from qpasses.core.errors import CalibrationDataError, EncodingError, PassError
+from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.calibration import collect_statistics
+from qpasses.data.feeds import calibration_feeds, context_feeds
 from qpasses.data.sessions import unavailable_tensors
-from qpasses.data.sources import CalibrationData
+from qpasses.data.statistics import (
+    ChannelMeanRequest,
+    HistogramRequest,
+    Measured,
+    RangeRequest,
+    SampleExtremesRequest,
+    TensorStatistic,
+    measure,
+    minmax_observer,
+    reject_nonfinite,
+)
 from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN
 from qpasses.quant.encodings import validate_bitwidth
-from qpasses.quant.encodings_io import PrecisionOverride
-from qpasses.quant.plan import QuantPlan, weighted_layer_inputs
+from qpasses.quant.encodings_file import PrecisionOverride
+from qpasses.quant.plan import QuantPlan, fused_intermediates, weighted_layer_inputs
 from qpasses.quant.precision_type import encoding_bitwidth
 from qpasses.quant.range_search import compute
 from qpasses.quant.range_statistics import (
@@ -46,22 +65,35 @@ from qpasses.quant.range_statistics import (
     ChannelMeans,
     FixedHistogramObserver,
     Outliers,
-    SampleExtremes,
     SkipSamples,
 )
+
+__all__ = ["MODES", "Calibrate", "CalibrationOutliers", "calibration_candidates", "calibration_feeds"]
 
 MODES: Final = ("tf", "enhanced", "percentile", "symmetric")
 _HISTOGRAM_MODES: Final = ("enhanced", "percentile")
 
 
-def calibration_feeds(source: Any, graph: Graph, batch_size: int) -> CalibrationData:
-    """The context's calibration data as validated feeds, or a clear error when there is none."""
-    if source is None:
-        raise CalibrationDataError(
-            "no calibration data: set PassContext.calibration_data (an iterable or callable of "
-            "{input name: array} feeds, an .npz file or a QNN input list), or use --calib on the command line"
-        )
-    return CalibrationData.from_source(source, graph, batch_size=batch_size)
+def calibration_candidates(graph: Graph, ctx: PassContext) -> list[str]:
+    """Every tensor ``calibrate`` could encode, whatever the precision annotations say: the float activations
+    ``build_plan`` considers (not constant, not fused into the op before, not next to Q/DQ), precisions aside."""
+    shapes = ctx.get(Shapes, graph)
+    fused = fused_intermediates(graph)
+    qdq = {
+        n
+        for op in graph.ops
+        if op.op_type in ("QuantizeLinear", "DequantizeLinear")
+        for n in (*op.inputs, *op.outputs)
+        if n
+    }
+    out = []
+    for name, t in graph.tensors.items():
+        if not name or t.is_constant or name in fused or name in qdq:
+            continue
+        produced = name in graph.inputs or graph.producer(name) is not None
+        if produced and (t.dtype or shapes.dtype(name)) == onnx.TensorProto.FLOAT:
+            out.append(name)
+    return out
 
 
 class _Taps:
@@ -86,15 +118,6 @@ class CalibrationOutliers(dict[str, Any]):
     calibration batches, parity and fallback, skip them)."""
 
 
-@dataclass
-class LayerInputMeans:
-    """Artifact: per-channel means of weighted layers' inputs, measured on the graph of ``graph_version``
-    (bias correction reuses them instead of reading the data again)."""
-
-    graph_version: int
-    means: dict[str, np.ndarray]
-
-
 class Calibrate(Pass):
     name = "calibrate"
     description = "calibrate activation encodings on data (streaming min/max or histograms)"
@@ -110,7 +133,7 @@ class Calibrate(Pass):
         progress: bool = True
         max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+    def _check_options(self) -> None:
         o = self.options
         if o.mode not in MODES:
             raise PassError(f"pass 'calibrate': unknown mode {o.mode!r} (expected one of {', '.join(MODES)})")
@@ -121,58 +144,86 @@ class Calibrate(Pass):
         if o.mode == "percentile" and not 50.0 < o.percentile <= 100.0:
             raise PassError(f"pass 'calibrate': percentile must be in (50, 100], got {o.percentile}")
         validate_bitwidth(o.act_bw, "activation")
-        plan = ctx.get(QuantPlan, graph).plan
 
+    def _requests(self, ranged: Sequence[str], watched: Sequence[str]) -> list[TensorStatistic[Any]]:
+        """Ranges (histograms in histogram modes) of ``ranged``; per-sample extremes of ``watched``."""
+        o = self.options
+        common: dict[str, Any] = {
+            "batch_size": o.batch_size,
+            "max_bytes_per_run": o.max_bytes_per_run or None,
+            "progress": o.progress,
+        }
+        requests: list[TensorStatistic[Any]] = [
+            RangeRequest(tuple(ranged), **common),
+            SampleExtremesRequest(tuple(watched), **common),
+        ]
+        if o.mode in _HISTOGRAM_MODES:
+            requests.append(HistogramRequest(tuple(ranged), **common))
+        return requests
+
+    def _bitwidths(self, graph: Graph, ctx: PassContext) -> tuple[dict[str, int], int, list[str]]:
+        """Per activation to calibrate, its bitwidth; how many keep an overridden encoding; which a float
+        precision override keeps float."""
         bitwidths: dict[str, int] = {}
-        kept = 0
-        for name in plan.activations:
+        kept, pinned = 0, []
+        for name in ctx.get(QuantPlan, graph).plan.activations:
             t = graph.tensors[name]
             if t.meta.get("encoding_source") == "override":
                 kept += 1
             elif t.meta.get("encoding_bw") is not None:  # chosen by annotate-precision (qpasses.targets.precision)
-                bitwidths[name] = validate_bitwidth(encoding_bitwidth(t, o.act_bw), "activation")
+                bitwidths[name] = validate_bitwidth(encoding_bitwidth(t, self.options.act_bw), "activation")
             elif isinstance(t.precision, PrecisionOverride) and t.precision.dtype == "float":
-                self.remarks.analysis("not calibrated", [name], reason="precision override keeps it float")
+                pinned.append(name)
             else:
-                bw = t.precision.bitwidth if isinstance(t.precision, PrecisionOverride) else o.act_bw
+                bw = t.precision.bitwidth if isinstance(t.precision, PrecisionOverride) else self.options.act_bw
                 bitwidths[name] = validate_bitwidth(bw, "activation")
+        return bitwidths, kept, pinned
+
+    def statistics(self, graph: Graph, ctx: PassContext) -> Sequence[TensorStatistic[Any]]:
+        if ctx.calibration_data is None:
+            return ()
+        self._check_options()
+        bitwidths = self._bitwidths(graph, ctx)[0]
+        return self._requests(list(bitwidths), [*bitwidths, *weighted_layer_inputs(graph)]) if bitwidths else ()
+
+    def statistics_ahead(self, graph: Graph, ctx: PassContext) -> Sequence[TensorStatistic[Any]]:
+        # Before annotate-precision the plan is not final: every float activation it could quantize.
+        if ctx.calibration_data is None:
+            return ()
+        self._check_options()
+        candidates = calibration_candidates(graph, ctx)
+        return self._requests(candidates, [*candidates, *weighted_layer_inputs(graph)])
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        self._check_options()
+        bitwidths, kept, pinned = self._bitwidths(graph, ctx)
+        for name in pinned:
+            self.remarks.analysis("not calibrated", [name], reason="precision override keeps it float")
         if not bitwidths:
             self.remarks.analysis("nothing to calibrate" + (f" (kept {kept} overridden encodings)" if kept else ""))
             return self.result(False)
 
-        data = calibration_feeds(ctx.calibration_data, graph, o.batch_size)
-        model = graph.to_onnx()
-        # Input means of weighted layers ride along for bias correction (one pass over the data:
-        # a generator of feeds can only be read once).
-        means = {name: ChannelMeans() for name in weighted_layer_inputs(graph)}
-        extremes = {name: SampleExtremes() for name in dict.fromkeys([*bitwidths, *means])}
-        observers: dict[str, Any] = collect_statistics(
-            model,
-            list(bitwidths),
-            data,
-            histogram=o.mode in _HISTOGRAM_MODES,
-            progress=o.progress,
-            channel_means=_taps(means, extremes),
-            max_bytes_per_run=o.max_bytes_per_run or None,
-        )
+        data = context_feeds(ctx, graph, o.batch_size)
+        ranged, extremes, *hist = self._requests(list(bitwidths), [*bitwidths, *weighted_layer_inputs(graph)])
+        stats = measure(graph, ctx, [ranged, extremes, *hist])  # measured ahead by the pass manager, or now
+        ranges = reject_nonfinite(stats[ranged])
+        observers: dict[str, Any] = dict(stats[hist[0]]) if hist else {n: minmax_observer(r) for n, r in ranges.items()}
 
-        outliers = {name: found for name, e in extremes.items() if (found := e.outliers()) is not None}
+        found = stats[extremes]
+        outliers = {n: out for n in extremes.tensors if (e := found.get(n)) and (out := e.outliers()) is not None}
         # For later steps that score on calibration batches (parity, fallback): which samples are corrupt.
         ctx.artifacts.put(CalibrationOutliers(outliers))
+        model: onnx.ModelProto | None = None
         if outliers:
             self._report_outliers(graph, {n: v for n, v in outliers.items() if n in bitwidths}, o.mode)
             if o.mode in _HISTOGRAM_MODES:
-                histograms, clean_means = self._without_outliers(
-                    model,
-                    data,
-                    {n: v for n, v in outliers.items() if n in observers},
-                    {n: v for n, v in outliers.items() if n in means},
-                )
-                observers.update(histograms)
-                means.update(clean_means)
+                model = graph.to_onnx()
+                observers.update(self._without_outliers(graph, model, data, stats, outliers, observers))
 
-        ctx.artifacts.put(LayerInputMeans(graph.version, {n: m.mean for n, m in means.items() if m.mean is not None}))
-        reasons = unavailable_tensors(model, bitwidths)
+        reasons: dict[str, str] = {}
+        if any(name not in observers for name in bitwidths):
+            reasons = unavailable_tensors(graph.to_onnx() if model is None else model, bitwidths)
         calibrated: list[str] = []
         for name, bw in bitwidths.items():
             obs = observers.get(name)
@@ -226,15 +277,26 @@ class Calibrate(Pass):
             warnings.warn(f"calibrate: {reason}", CalibrationOutlierWarning, stacklevel=2)
 
     def _without_outliers(
-        self, model: Any, data: CalibrationData, ranged: dict[str, Outliers], averaged: dict[str, Outliers]
-    ) -> tuple[dict[str, Any], dict[str, ChannelMeans]]:
-        """Histograms on the other samples' range and input means, without the outlier samples (a second pass)."""
+        self,
+        graph: Graph,
+        model: onnx.ModelProto,
+        data: Any,
+        stats: Measured,
+        outliers: dict[str, Outliers],
+        observers: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Histograms on the other samples' range, without the outlier samples (a second pass); the input
+        channel means measured on these values (bias correction's) are replaced by means without them too."""
+        ranged = {n: v for n, v in outliers.items() if n in observers}
+        inputs = set(weighted_layer_inputs(graph))
+        averaged = ChannelMeanRequest(tuple(n for n in outliers if n in inputs), batch_size=self.options.batch_size)
+        stored = stats[averaged]  # only those measured already: nothing is read for them here
         fixed = {
             name: FixedHistogramObserver(found.rest_min, found.rest_max, frozenset(found.samples))
             for name, found in ranged.items()
         }
-        means = {name: ChannelMeans() for name in averaged}
-        skipping = {name: SkipSamples(means[name], frozenset(found.samples)) for name, found in averaged.items()}
+        means = {name: ChannelMeans() for name in stored}
+        skipping = {name: SkipSamples(means[name], frozenset(outliers[name].samples)) for name in stored}
         collect_statistics(
             model,
             [],
@@ -243,6 +305,7 @@ class Calibrate(Pass):
             channel_means=_taps(fixed, skipping),
             max_bytes_per_run=self.options.max_bytes_per_run or None,
         )
+        stats.replace(averaged, {n: m for n, m in means.items() if m.sums is not None})
         changed = sorted(name for name, obs in fixed.items() if obs.dropped)
         if changed:
             self.remarks.analysis(
@@ -250,4 +313,4 @@ class Calibrate(Pass):
                 changed,
                 reason="values outside the range measured in the first read were left out",
             )
-        return {name: obs.histogram for name, obs in fixed.items()}, means
+        return {name: obs.histogram for name, obs in fixed.items()}

@@ -13,9 +13,11 @@ Layer inputs (AIMET's ``inp_symmetry``): ``symqt`` feeds both sides what the mod
 the already-frozen weights fake-quantized (activations stay float, as in AIMET); ``symfp`` feeds
 both sides the FP32 inputs; ``asym`` compares the FP32 output on FP32 inputs with the quantized
 output on quantized inputs. onnxruntime only *captures* inputs: once per layer (once per run of
-layers that do not feed each other), or once in all for FP32 inputs. Candidates are then scored
-in numpy, vectorised over candidates and channels, instead of AIMET's onnxruntime run of a cut
-out layer per candidate.
+layers that do not feed each other), or once in all for FP32 inputs. The FP32 inputs and the feeds
+themselves are a ``CaptureRequest`` the pass declares: the pass manager captures them in the read it
+makes for the passes around on the same values (seq-mse only annotates weights, so calibrate sees
+the same ones). Candidates are then scored in numpy, vectorised over candidates and channels, instead
+of AIMET's onnxruntime run of a cut out layer per candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
+from onnx import TensorProto
 from tqdm import tqdm
 
 from graph_ir import Graph, Op
@@ -36,9 +39,8 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import EncodingError, PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.sessions import unavailable_tensors
-from qpasses.data.tensor_tap import capture_tensors
+from qpasses.data.statistics import CaptureRequest, capture, measure
 from qpasses.data.weight_swap import SwappedWeights
-from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.passes.quantize.layer_kernels import Unsupported, constant_bias, make_kernel
 from qpasses.passes.quantize.seq_mse_search import Layer, LayerResult, SeqMseResults, search_layer, upstream_layers
 from qpasses.quant.encodings import Encoding, fake_quantize, validate_bitwidth
@@ -88,6 +90,26 @@ class SeqMSE(Pass):
             if getattr(o, key) < 1:
                 raise PassError(f"pass 'seq-mse': {key} must be >= 1, got {getattr(o, key)}")
         validate_bitwidth(o.weight_bw, "weight")
+
+    def _capture(self, graph: Graph, names: Sequence[str]) -> CaptureRequest:
+        """The first ``num_batches`` batches of ``names`` and of the graph inputs (the feeds of the quantized model)."""
+        o = self.options
+        feeds = [n for n in graph.inputs if not graph.tensors[n].is_constant]
+        return CaptureRequest((*feeds, *names), batches=o.num_batches, batch_size=o.batch_size)
+
+    def _declared(self, graph: Graph) -> CaptureRequest:
+        """Ahead of annotate-precision: the input of every layer that could be searched (FP32 inputs only)."""
+        inputs: list[str] = []
+        if self.options.inp_symmetry != "symqt":
+            for op in graph.ops:
+                if op.op_type in SUPPORTED and op.is_standard and len(op.inputs) > 1 and op.inputs[0]:
+                    w = graph.tensors.get(op.inputs[1])
+                    if w is not None and w.is_constant and w.dtype == TensorProto.FLOAT:
+                        inputs.append(op.inputs[0])
+        return self._capture(graph, inputs)
+
+    def statistics(self, graph: Graph, ctx: PassContext) -> Sequence[CaptureRequest]:
+        return () if ctx.calibration_data is None else (self._declared(graph),)
 
     def _layers(self, graph: Graph, order: Sequence[Op], weights: dict[str, WeightSpec]) -> list[Layer]:
         """Supported ops in topological order; the others get a 'missed' remark saying why."""
@@ -152,7 +174,6 @@ class SeqMSE(Pass):
             self.remarks.analysis("no supported layers to search")
             return self.result(False)
 
-        feeds = list(itertools.islice(calibration_feeds(ctx.calibration_data, graph, o.batch_size), o.num_batches))
         model = graph.to_onnx()
         missing = unavailable_tensors(model, [layer.input for layer in layers])
         for layer in [la for la in layers if la.input in missing]:
@@ -162,9 +183,13 @@ class SeqMSE(Pass):
             return self.result(False)
 
         symmetry = o.inp_symmetry
-        fp: dict[str, list[np.ndarray]] = {}
-        if symmetry in ("symfp", "asym"):  # FP32 inputs do not depend on any choice: one capture for all
-            fp = capture_tensors(model, list(dict.fromkeys(la.input for la in layers)), feeds)
+        # FP32 inputs do not depend on any choice: one capture for all, with the feeds (taken: freed as used).
+        need = self._capture(graph, [la.input for la in layers] if symmetry != "symqt" else [])
+        stats = measure(graph, ctx, [need])
+        fp = stats.take(need)
+        stats.take(self._declared(graph))  # what was captured ahead for layers not searched
+        inputs = [n for n in graph.inputs if n in fp]
+        feeds = [{n: fp[n][b] for n in inputs} for b in range(len(fp[inputs[0]]) if inputs else 0)]
         quantized = SwappedWeights(model) if symmetry != "symfp" else None
         if quantized is not None:
             # Weights with overridden encodings are already decided: the quantized model uses them.
@@ -192,7 +217,7 @@ class SeqMSE(Pass):
                 group = layers[start:stop]
                 captured: dict[str, list[np.ndarray]] = {}
                 if quantized is not None:
-                    captured = capture_tensors(quantized.model, list(dict.fromkeys(la.input for la in group)), feeds)
+                    captured = capture(quantized.model, feeds, list(dict.fromkeys(la.input for la in group)))
                 for i, layer in enumerate(group, start):
                     if symmetry == "symqt":
                         x_fp, x_q = captured[layer.input], None

@@ -1,0 +1,78 @@
+"""Statistics of the calibration data that passes declare, and the store of what was measured.
+
+NNCF's StatisticPoints and LLVM's analysis declarations, for data: a pass that reads statistics of
+the calibration data (tensor ranges, histograms, input channel means, captured values...) declares
+them as typed requests (``Pass.statistics(graph, ctx)``). Before it runs, the pass manager gathers
+the requests of the passes ahead that will see the same values (up to the first that declares
+``modifies_values``) and has them measured together, in one read of the data; the pass then finds
+its results in ``ctx.statistics``. A pass run alone (or asking for more than it declared) measures
+on demand through the same collector.
+
+Results are stamped with ``graph.version``: annotations (precisions, encodings) do not bump it, so
+what was measured before ``annotate-precision`` serves ``calibrate``; a weight or bias value
+(``Tensor.set_data``, ``graph.touch()``) or a structural edit does, and the store then starts over.
+
+The concrete requests and their collector live in ``qpasses.data.statistics`` (this layer knows no
+data): a request names its family's ``collect``, which the manager calls once per family.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from graph_ir import Graph
+    from qpasses.core.context import PassContext
+
+
+class StatisticRequest:
+    """Base of the typed statistic requests (frozen dataclasses; see ``qpasses.data.statistics``)."""
+
+    def missing(self, graph: Graph, ctx: PassContext) -> bool:
+        """True when ``ctx.statistics`` lacks some of what this request measures on the graph's state."""
+        raise NotImplementedError
+
+    @classmethod
+    def collect(cls, graph: Graph, ctx: PassContext, requests: Sequence[StatisticRequest]) -> None:
+        """Measure what ``ctx.statistics`` lacks of ``requests`` (all of this family) in one read, into it."""
+        raise NotImplementedError
+
+
+class StatisticsStore:
+    """What was measured on the calibration data, for one numeric state of one graph (``graph.version``).
+
+    ``results(graph)`` is the mapping of that graph's current state (emptied when the state, or the
+    graph, changed since it was filled); keys and values are the request families' own.
+    ``collections`` counts the reads of the data made to fill it.
+    """
+
+    def __init__(self) -> None:
+        self._graph: weakref.ref[Graph] | None = None
+        self._version: int | None = None
+        self._results: dict[Hashable, Any] = {}
+        self.collections = 0
+
+    def results(self, graph: Graph) -> dict[Hashable, Any]:
+        self.sync(graph)
+        return self._results
+
+    def sync(self, graph: Graph) -> None:
+        """Drop what was measured on another state of the graph (frees captured values at once)."""
+        if self._version != graph.version or self._graph is None or self._graph() is not graph:
+            self._results = {}
+            self._graph, self._version = weakref.ref(graph), graph.version
+
+    def carried_to(self, copy: Graph) -> StatisticsStore:
+        """A store serving ``copy``, a value-identical copy of the graph these results were measured on
+        (``graph.copy()`` before any edit)."""
+        out = StatisticsStore()
+        out._graph, out._version, out._results = weakref.ref(copy), copy.version, dict(self._results)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __repr__(self) -> str:
+        return f"StatisticsStore(version={self._version}, {len(self._results)} results, {self.collections} collections)"
