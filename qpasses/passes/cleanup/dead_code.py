@@ -9,6 +9,7 @@ from qpasses.core.pass_base import Pass, PassResult
 
 class DeadCodeElimination(Pass):
     name = "dce"
+    modifies_values = True  # graph edits: statistics measured before do not hold after
     description = "remove ops whose outputs are unused and initializers nobody reads"
     preserves_semantics = True
 

@@ -13,6 +13,7 @@ from qpasses.core.pass_base import Pass, PassResult
 
 class IdentityElimination(Pass):
     name = "remove-identity"
+    modifies_values = True  # graph edits: statistics measured before do not hold after
     description = "bypass Identity ops and no-op Casts, keeping graph output names"
     preserves_semantics = True
     uses = (Shapes,)

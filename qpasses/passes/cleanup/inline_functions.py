@@ -17,6 +17,7 @@ from qpasses.passes.cleanup.opset_upgrade import replace_keeping_annotations
 
 class InlineFunctions(Pass):
     name = "inline-functions"
+    modifies_values = True  # graph edits: statistics measured before do not hold after
     description = "inline model-local functions into the main graph"
     preserves_semantics = True
 

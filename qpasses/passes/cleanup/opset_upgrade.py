@@ -52,6 +52,7 @@ def replace_keeping_annotations(graph: Graph, model: onnx.ModelProto) -> None:
 
 class UpgradeOpset(Pass):
     name = "upgrade-opset"
+    modifies_values = True  # graph edits: statistics measured before do not hold after
     description = "convert the model to at least the given default-domain opset"
     preserves_semantics = True
 

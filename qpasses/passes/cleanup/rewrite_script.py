@@ -22,6 +22,7 @@ from qpasses.core.pass_base import Pass, PassResult
 
 class RewriteScript(Pass):
     name = "rewrite-script"
+    modifies_values = True  # whatever the script edits: statistics measured before do not hold after
     description = "run rewrite(graph) from a Python file (onnx-graphsurgeon graph, or IR with REWRITE_API='ir')"
 
     @dataclass

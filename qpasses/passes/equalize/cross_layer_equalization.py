@@ -54,6 +54,7 @@ def triple_scales(r0: np.ndarray, r1: np.ndarray, r2: np.ndarray) -> tuple[np.nd
 
 class CrossLayerEqualization(Pass):
     name = "cle"
+    modifies_values = True  # rescaled weights: statistics measured before do not hold after
     description = "cross-layer equalization with high-bias absorption (folds remaining BatchNorms first)"
     # Exact up to the two documented approximations (Relu6->Relu, absorption through a Relu);
     # turn those options off for a bit-for-bit (up to rounding) FP32 rewrite.

@@ -162,6 +162,7 @@ def fold_batchnorms(graph: Graph, ctx: PassContext, remarks: RemarkCollector) ->
 
 class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
+    modifies_values = True  # folded weights (graph edits): statistics measured before do not hold after
     description = "fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul"
     preserves_semantics = True
 

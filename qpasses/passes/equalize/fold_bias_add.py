@@ -78,6 +78,7 @@ def fold_bias_adds(graph: Graph) -> list[str]:
 
 class FoldBiasAdd(Pass):
     name = "fold-bias-add"
+    modifies_values = True  # folded biases (graph edits): statistics measured before do not hold after
     description = "fold a constant per-channel Add after Conv/ConvTranspose into the layer's bias"
     preserves_semantics = True
 

@@ -73,6 +73,7 @@ def _static_inputs(graph: Graph) -> dict[str, np.ndarray] | None:
 
 class KeepDataIndependentFloat(Pass):
     name = "keep-data-independent-float"
+    modifies_values = True  # constant folding (graph edits): statistics measured before do not hold after
     description = "constant-fold shape/constant arithmetic when shapes are static; keep it and its uses float"
     preserves_semantics = True
 

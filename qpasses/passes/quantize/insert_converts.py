@@ -57,6 +57,7 @@ def _encoding_from_qparams(graph: Graph, q: Op) -> Encoding | None:
 
 class InsertConverts(Pass):
     name = "insert-converts"
+    modifies_values = True  # Convert ops: statistics measured before do not hold after
     description = "conversions where precisions differ: int8<->int16 requantize, float<->int Q/DQ, fp16<->fp32 Cast"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

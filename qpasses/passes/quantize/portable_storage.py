@@ -33,6 +33,7 @@ def _shifted(graph: Graph, name: str, data: np.ndarray, made: dict[str, str]) ->
 
 class PortableStorage(Pass):
     name = "portable-storage"
+    modifies_values = True  # re-stored integers: statistics measured before do not hold after
     description = "store int8 Q/DQ tensors as uint8 (zero point + 128): same values, no int16 saturation on x86"
     preserves_semantics = True
 

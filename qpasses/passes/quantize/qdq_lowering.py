@@ -44,6 +44,7 @@ def required_opset(encodings: list[Encoding]) -> int:
 
 class QDQLowering(Pass):
     name = "quantize"
+    modifies_values = True  # Q/DQ pairs: statistics measured before do not hold after
     description = "lower encodings to QuantizeLinear/DequantizeLinear (int weights, int32 bias)"
 
     @dataclass
