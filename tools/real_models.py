@@ -1212,8 +1212,8 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         higher_is_better=True,
         _make=_make_det,
         _metric=_det_iou,
-        n_calib=16,
-        n_test=16,
+        n_calib=32,
+        n_test=32,
         task_score_name="line recall",
         _task_score=_det_recall,
     )
@@ -1244,8 +1244,8 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         higher_is_better=False,
         _make=_make_nsfw,
         _metric=_prob_mae,
-        n_calib=16,
-        n_test=16,
+        n_calib=32,
+        n_test=48,
     )
     add(
         name="unidic_tagger",
@@ -1258,8 +1258,8 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         higher_is_better=True,
         _make=_make_unidic,
         _metric=_unidic_agreement,
-        n_calib=16,
-        n_test=24,
+        n_calib=32,
+        n_test=48,
     )
     add(
         name="slanet_plus",
@@ -1272,8 +1272,8 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         higher_is_better=True,
         _make=_make_table,
         _metric=_token_similarity,
-        n_calib=8,
-        n_test=12,
+        n_calib=32,
+        n_test=48,
         task_score_name="rows/cells correct",
         _task_score=_table_shape_accuracy,
     )
@@ -1317,7 +1317,7 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         _make=_make_khmer,
         _metric=_khmer_metric(base),
         n_calib=32,
-        n_test=32,
+        n_test=96,
         task_score_name="boundary-tag accuracy",
         _task_score=_khmer_task(base),
     )
