@@ -40,6 +40,13 @@ REGISTRY = default_registry()
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng() -> None:
+    """Each test draws the same data whatever ran before it (xdist and -k change the order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _randn(*shape: int, scale: float = 1.0) -> np.ndarray:
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 

@@ -65,15 +65,23 @@ def _spatial_rank(op: Op, x: Value) -> int:
     return nd
 
 
-@_register("Conv")
-def _conv(op: Op, args: list[Any], opset: int) -> Value:
+def _conv_args(op: Op, args: list[Any]) -> tuple[Value, Value, Value | None, int, list[int], Any, Any]:
+    """Conv/ConvTranspose inputs, spatial rank, kernel (checked against the weight), strides, dilations."""
     x, w = args[0], args[1]
     b = args[2] if len(args) > 2 else None
     nd = _spatial_rank(op, x)
     kernel = list(op.attr("kernel_shape", list(w.shape[2:])))
     if kernel != list(w.shape[2:]):
-        raise Unsupported(f"Conv '{op.name}': kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+        raise Unsupported(
+            f"{op.op_type} '{op.name}': kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}"
+        )
     strides, dilations = _window(op, nd, kernel)
+    return x, w, b, nd, kernel, strides, dilations
+
+
+@_register("Conv")
+def _conv(op: Op, args: list[Any], opset: int) -> Value:
+    x, w, b, nd, kernel, strides, dilations = _conv_args(op, args)
     begin, end = _forward_pads(op, x.shape[2:], kernel, strides, dilations)
     padding: Any = begin
     if begin != end:
@@ -84,13 +92,7 @@ def _conv(op: Op, args: list[Any], opset: int) -> Value:
 
 @_register("ConvTranspose")
 def _conv_transpose(op: Op, args: list[Any], opset: int) -> Value:
-    x, w = args[0], args[1]
-    b = args[2] if len(args) > 2 else None
-    nd = _spatial_rank(op, x)
-    kernel = list(op.attr("kernel_shape", list(w.shape[2:])))
-    if kernel != list(w.shape[2:]):
-        raise Unsupported(f"ConvTranspose '{op.name}': kernel_shape {kernel} differs from the weight's")
-    strides, dilations = _window(op, nd, kernel)
+    x, w, b, nd, kernel, strides, dilations = _conv_args(op, args)
     group = int(op.attr("group", 1))
     out_pad = list(op.attr("output_padding", [0] * nd))
     spatial = list(x.shape[2:])
