@@ -32,13 +32,12 @@ from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
-from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
 from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.passes.quantize.runtime_parity_check import Fp32Reference
 from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
-from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
+from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
 from qpasses.runtime.parity import ParityReport
 from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
 from qpasses.targets import resolve_target
@@ -252,20 +251,15 @@ def quantize_once(
         user_passes=user_specs,
         extensions=extensions,
     )
-    structural = build_passes(flow.structural, registry)
-    structural[1:1] = user_objects  # Pass objects given directly run right after inline-functions
     if calibration_data is not None:  # validated and normalised once; every pass reads this object
         calibration_data = calibration_feeds(calibration_data, graph, batch_size)
     ctx = PassContext(target=target, calibration_data=calibration_data)
     if calibration_data is not None:
         ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
-    original_specs = tensor_specs(graph) if overrides is not None else {}
-    # Structural passes first: an overrides file may name tensors they create (e.g. the
-    # biases that batch-norm folding adds, as in an encodings.json this tool exported).
-    report = PassManager(structural, verify=verify).run(graph, ctx)
-    if overrides is not None:
-        specs = {**original_specs, **tensor_specs(graph)}
-        ctx.artifacts.put(Overrides(encodings_io.load(overrides, tensors=specs), str(overrides)))
+    # Pass objects given directly run right after inline-functions.
+    report = run_structural_stage(
+        graph, ctx, flow, registry, overrides=overrides, verify=verify, user_objects=user_objects
+    )
     passes = build_passes(flow.main, registry)
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
     encodings = ctx.artifacts.get(EncodingsFile)

@@ -8,11 +8,19 @@ an overrides file may name tensors its passes create (the biases batch-norm fold
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qpasses.core.pipeline import PassSpec
+from graph_ir import Graph
+from qpasses.core.context import PassContext
+from qpasses.core.pass_base import Pass
+from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
+from qpasses.core.pipeline import PassSpec, build_passes
+from qpasses.core.registry import Registry
+from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
+from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 
 STAGES = ("structural", "annotate", "encode", "calibrate", "lower", "check")
@@ -179,6 +187,30 @@ def build_quantize_pipeline(
             raise ValueError(f"unknown pipeline stage {stage!r} (stages: {', '.join(STAGES)})")
         stages[stage] += list(appended)
     return QuantizePipeline(stages)
+
+
+def run_structural_stage(
+    graph: Graph,
+    ctx: PassContext,
+    flow: QuantizePipeline,
+    registry: Registry,
+    *,
+    overrides: str | os.PathLike[str] | None = None,
+    verify: Verify = "numeric",
+    user_objects: Sequence[Pass] = (),
+) -> PipelineReport:
+    """The structural stage on ``graph`` (``user_objects`` right after inline-functions), then the
+    overrides file loaded into ``ctx`` against the tensors before and after it: a file may name
+    tensors the stage creates (the biases batch-norm folding adds, as in an encodings.json qpasses
+    exported). What ``quantize``, ``check --target`` and AMP run before annotating."""
+    structural = build_passes(flow.structural, registry)
+    structural[1:1] = list(user_objects)
+    original = tensor_specs(graph) if overrides is not None else {}
+    report = PassManager(structural, verify=verify).run(graph, ctx)
+    if overrides is not None:
+        specs = {**original, **tensor_specs(graph)}
+        ctx.artifacts.put(Overrides(encodings_io.load(overrides, tensors=specs), str(overrides)))
+    return report
 
 
 def _option_text(value: Any) -> str:

@@ -106,3 +106,27 @@ def test_user_errors_exit_2(capsys, tmp_path):
     target.write_text("name: t\nneeds_quantized: maybe\n")
     code, lines = _check(capsys, DEFAULT, "--target", str(target))
     assert code == 2 and "field 'needs_quantized'" in lines[0]
+
+
+@pytest.mark.parametrize("target", ["htp", "dsp", "hta"])
+def test_check_annotates_as_quantize_does(capsys, tmp_path, target):
+    """check runs the default pipeline's structural and annotate stages: a model-local function is inlined
+    (its call used to be reported as an op the target does not run), and the findings equal the remarks
+    of the check-target pass that ``quantize --target`` runs on the graph it lowers."""
+    import onnx
+    from model_zoo import local_function
+
+    from qpasses.quantize import quantize_model
+    from qpasses.target_check import check_model
+
+    model = local_function()
+    path = tmp_path / "local_function.onnx"
+    onnx.save(model, path)
+    code, lines = _check(capsys, str(path), "--target", target)
+    assert code == 0, lines
+    assert lines == [f"every op conforms to target {target}"]
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(4)]
+    result = quantize_model(model, calib, target=target, progress=False, runtime_check=False)
+    missed = [r for r in result.report.remarks if r.pass_name == "check-target" and r.kind == "missed"]
+    assert missed == [] and check_model(model, target) == []

@@ -23,12 +23,10 @@ from qpasses.amp.evaluation import EvalFn, callback_identity
 from qpasses.amp.groups import GroupPartition, find_groups
 from qpasses.amp.run_state import AmpRun
 from qpasses.core.context import PassContext
-from qpasses.core.pass_manager import PassManager
-from qpasses.core.pipeline import build_passes
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 from qpasses.quant.config import QuantConfig
-from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
+from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
 
 
 def prepare_graph(model: Any, *, fold_batchnorm: bool = True, cle: bool = False) -> Graph:
@@ -36,7 +34,7 @@ def prepare_graph(model: Any, *, fold_batchnorm: bool = True, cle: bool = False)
     cle), exactly what ``quantize_model`` runs first, done once."""
     graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
     flow = build_quantize_pipeline(QuantConfig(), QuantizeOptions(fold_batchnorm=fold_batchnorm, cle=cle))
-    PassManager(build_passes(flow.structural, default_registry()), verify="checker").run(graph, PassContext())
+    run_structural_stage(graph, PassContext(), flow, default_registry(), verify="checker")
     return graph
 
 

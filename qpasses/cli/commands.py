@@ -196,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from qpasses.passes.quantize.conformance import check_model
+    from qpasses.target_check import check_model
     from qpasses.targets.precision import PrecisionOptions
 
     if not Path(args.model).is_file():

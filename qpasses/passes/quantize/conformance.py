@@ -6,22 +6,11 @@ answer before any calibration, and ``quantize --target`` reports the same findin
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 
-import onnx
-
-import graph_ir
 from graph_ir import Graph, Op
-from qpasses.core.context import PassContext
-from qpasses.core.pass_manager import PassManager
-from qpasses.core.registry import Registry
-from qpasses.quant import encodings_io
 from qpasses.quant.precision_type import Precision, tensor_precision
-from qpasses.targets import resolve_target
 from qpasses.targets.descriptor import TargetDescriptor
-from qpasses.targets.precision import PrecisionOptions
 from qpasses.targets.quantizable_ops import op_params, op_precision, quantizable
 
 _IGNORED = ("Constant", "QuantizeLinear", "DequantizeLinear")
@@ -101,36 +90,3 @@ def check_conformance(graph: Graph, target: TargetDescriptor) -> list[Finding]:
         if reason is not None:
             findings.append(Finding(op.name, op.op_type, reason))
     return findings
-
-
-def check_model(
-    model: str | os.PathLike[str] | onnx.ModelProto | Graph,
-    target: str | os.PathLike[str] | TargetDescriptor,
-    *,
-    overrides: str | os.PathLike[str] | None = None,
-    options: PrecisionOptions | None = None,
-    fold_batchnorm: bool = True,
-    registry: Registry | None = None,
-) -> list[Finding]:
-    """Annotate a model as ``quantize`` would (batch-norm folded, overrides applied) and check it."""
-    # the passes package imports this module: its passes are imported when called
-    from qpasses.passes.quantize.apply_overrides import Overrides, tensor_specs
-
-    if registry is None:
-        from qpasses.passes import default_registry  # the built-in passes import this module
-
-        registry = default_registry()
-    descriptor = resolve_target(target, registry)
-    assert descriptor is not None
-    graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
-    opts = options or PrecisionOptions()
-    ctx = PassContext(target=descriptor)
-    if fold_batchnorm:
-        PassManager([registry.create_pass("fold-batchnorm")]).run(graph, ctx)
-    passes = []
-    if overrides is not None:
-        ctx.artifacts.put(Overrides(encodings_io.load(overrides, tensors=tensor_specs(graph)), str(overrides)))
-        passes.append(registry.create_pass("apply-overrides"))
-    passes.append(registry.create_pass("annotate-precision", **dataclasses.asdict(opts)))
-    PassManager(passes).run(graph, ctx)
-    return check_conformance(graph, descriptor)
