@@ -18,6 +18,13 @@ from qpasses.quantize import quantize_model
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng() -> None:
+    """Each test draws the same data whatever ran before it (xdist and -k change the order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return exact_session(model).run(None, {"x": x})[0]
 

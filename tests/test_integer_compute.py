@@ -12,6 +12,13 @@ from qpasses.runtime.integer_compute import integer_mac_share
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng() -> None:
+    """Each test draws the same data whatever ran before it (xdist and -k change the order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value), name)
 

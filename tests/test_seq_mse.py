@@ -77,6 +77,13 @@ def _check_kernel(model: onnx.ModelProto, x: np.ndarray, channel_last: bool) -> 
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng() -> None:
+    """Each test draws the same data whatever ran before it (xdist and -k change the order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _randn(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
