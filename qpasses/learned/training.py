@@ -244,6 +244,15 @@ def batch_order(steps: int, batches: int, generator: torch.Generator) -> list[in
     return order[:steps]
 
 
+def held_out_batches(count: int, fraction: float) -> list[int]:
+    """Indices of the batches kept out of learning: ``round(fraction * count)`` of them, at least 1 when
+    ``fraction`` > 0 and never all, spread evenly over the calibration order; none below 2 batches."""
+    if fraction <= 0 or count < 2:
+        return []
+    held = min(max(round(fraction * count), 1), count - 1)
+    return sorted({int((k + 0.5) * count / held) for k in range(held)})
+
+
 MULTI_THREAD_MACS: Final = 50_000_000  # per forward; a step (forward + backward) is about 3x that
 
 
@@ -285,6 +294,7 @@ __all__ = [
     "channel_shape",
     "evaluate",
     "gain_db",
+    "held_out_batches",
     "pick_threads",
     "progress_bar",
     "reconstruction_loss",

@@ -12,7 +12,8 @@ Sections (each skipped when its list is empty):
 - W4A16 on the corpus's small transformer (ALBERT tagger: the logits before its ArgMax).
 
 Every flow runs as ``quantize --seq-mse/--adaround/--adascale`` does (encode stage, BN folded,
-no automatic fallback, so every flow quantizes the same tensors); AdaRound/AdaScale need
+no automatic fallback, so every flow quantizes the same tensors; "adaround holdout 0" learns on every
+calibration batch instead of holding a fifth out to choose learned or nearest rounding); AdaRound/AdaScale need
 ``pip install "qpasses[learn]"``. Figures with exact QDQ semantics and, after "|", in onnxruntime's
 default session (fused integer kernels on this CPU). AIMET-ONNX's AdaRound runs in its own venv
 (``tools/bench/aimet_adaround.py`` in a subprocess: same FP32 model, calibration data and iteration
@@ -144,6 +145,7 @@ def _flows(case: Case, extra: bool) -> list[tuple[str, dict[str, Any]]]:
         ("min-max", {}),
         ("seq-mse", {"seq_mse": True}),
         ("adaround", {"adaround": True, **ada}),
+        ("adaround holdout 0", {"adaround": True, "adaround_options": {"iterations": case.iterations, "holdout": 0}}),
         ("adascale", {"adascale": True, "adascale_options": {"num_epochs": case.epochs, **case.adascale}}),
     ]
     if extra:

@@ -17,8 +17,14 @@ Inputs (``input_from``): ``quantized`` (AIMET's way) feeds each layer what the m
 the layers before it already rounded (activations float; they are calibrated afterwards), and
 compares with the FP32 model's output; ``fp32`` feeds both the FP32 inputs. onnxruntime captures
 the data; torch (an optional extra) computes the gradients through qpasses' own IR -> torch op
-mapping. If the learned rounding does not lower the layer's loss on the data, the layer keeps
-rounding to nearest.
+mapping.
+
+Held-out batches (``holdout``, default 0.2: a fifth of the calibration batches, at least one, spread
+over the calibration order) take no part in the learning. On them each layer compares its learned
+rounding with rounding to nearest on the same grid, with the same inputs, and keeps whichever
+reconstructs the layer output better: learning on few samples can fit them and lose on new data,
+which the learning batches themselves cannot show. ``holdout=0`` learns on every batch and compares
+on them (then only a failed optimisation keeps nearest). A remark counts the layers kept at nearest.
 """
 
 from __future__ import annotations
@@ -53,12 +59,13 @@ class AdaRoundResult:
 
     weight: str
     encoding: Encoding
-    loss_nearest: float  # reconstruction loss rounding to nearest on the same grid
+    loss_nearest: float  # reconstruction loss rounding to nearest on the same grid (on the held-out batches)
     loss: float  # with the learned rounding (== loss_nearest when nearest was kept)
     mse_nearest: float
     mse: float
     flipped: float  # fraction of weights not rounded to nearest
     kept_nearest: bool
+    held_out: int = 0  # batches the losses were measured on, none of them learned on (0: the learning batches)
 
 
 class AdaRoundResults(dict[str, AdaRoundResult]):
@@ -96,6 +103,7 @@ class AdaRound(LearnedWeightsPass):
         per_channel: bool = True
         mode: str = "symmetric"  # weight encoding mode, as encode-weights
         exclude: list[str] = field(default_factory=list)
+        holdout: float = 0.2  # fraction of the batches kept out of learning to choose learned vs nearest; 0: none
         threads: int = 0  # torch intra-op threads; 0: 1 for small layers, torch's default for large ones
         progress: bool = True
 
@@ -107,6 +115,11 @@ class AdaRound(LearnedWeightsPass):
                 "pass 'adaround': lr, beta_start and beta_end must be > 0, reg_param >= 0 and "
                 f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
                 f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})"
+            )
+        if not 0 <= o.holdout < 1:
+            raise PassError(
+                f"pass 'adaround': holdout must be in [0, 1) (the fraction of calibration batches kept out of "
+                f"learning), got {o.holdout}"
             )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -132,6 +145,13 @@ class AdaRound(LearnedWeightsPass):
 
         learning = self.learning_data(graph, ctx, setup)
         feeds, quantized, generator = learning.feeds, learning.quantized, learning.generator
+        held = training.held_out_batches(len(feeds), o.holdout)
+        if o.holdout and not held:
+            self.remarks.missed(
+                "no batch held out",
+                reason=f"holdout needs 2 or more calibration batches, got {len(feeds)}: learned and nearest "
+                "rounding are compared on the learning batch",
+            )
         results: dict[str, AdaRoundResult] = {}
         bar = training.progress_bar(len(tasks), "adaround", o.progress, "layer")
         try:
@@ -145,7 +165,7 @@ class AdaRound(LearnedWeightsPass):
                     data = capture(model, feeds, [task.output])
                     inputs = capture(quantized.model, feeds, [layer.input])[layer.input]
                 res, weight = self._learn(
-                    task, training.as_tensors(inputs), training.as_tensors(data[task.output]), generator, training
+                    task, training.as_tensors(inputs), training.as_tensors(data[task.output]), held, generator, training
                 )
                 self._freeze(graph, layer, res, weight, training)
                 if quantized is not None:
@@ -156,10 +176,12 @@ class AdaRound(LearnedWeightsPass):
             bar.close()
         ctx.artifacts.put(AdaRoundResults(results))
         learned = sum(not r.kept_nearest for r in results.values())
+        chosen = f"{len(held)} of them held out to choose" if held else "compared on them"
         self.remarks.applied(
             f"learned the rounding of {learned} of {len(results)} weights ({o.iterations} "
             f"iterations, inputs {o.input_from}) on {count_samples(feeds)} samples in "
-            f"{len(feeds)} batches"
+            f"{len(feeds)} batches ({chosen}: {len(results) - learned} of {len(results)} layers kept rounding "
+            "to nearest)"
         )
         return self.result(bool(results))
 
@@ -187,8 +209,10 @@ class AdaRound(LearnedWeightsPass):
         return kept
 
     def _learn(
-        self, task: _Task, inputs: list, targets: list, generator: Any, training: Any
+        self, task: _Task, inputs: list, targets: list, held: list[int], generator: Any, training: Any
     ) -> tuple[AdaRoundResult, np.ndarray]:
+        """Learn on the batches not in ``held``; keep the learned or the nearest rounding, whichever has the
+        lower loss on ``held`` (on the learning batches when ``held`` is empty)."""
         import torch
 
         o = self.options
@@ -197,14 +221,20 @@ class AdaRound(LearnedWeightsPass):
         nearest = fake_quantize(layer.data, layer.encoding).astype(np.float32)
         nearest_t = torch.from_numpy(nearest)
 
+        learn = [i for i in range(len(inputs)) if i not in held]
+        judged = held or learn
+
         def forward(i: int, weight: torch.Tensor) -> torch.Tensor:
             return program({layer.input: inputs[i]}, {layer.weight: weight})[0]
 
+        def judge(weight: torch.Tensor) -> Any:
+            return training.evaluate(lambda j: forward(judged[j], weight), [targets[i] for i in judged])
+
         threads = training.pick_threads(o.threads, program.macs({layer.input: inputs[0]}, {layer.weight: nearest_t}))
         with training.torch_threads(threads):
-            before = training.evaluate(lambda i: forward(i, nearest_t), targets)
+            before = judge(nearest_t)
             optimizer = torch.optim.Adam([quantizer.v], lr=o.lr)
-            steps = training.batch_order(o.iterations, len(inputs), generator)
+            steps = [learn[b] for b in training.batch_order(o.iterations, len(learn), generator)]
             bar = training.progress_bar(o.iterations, f"  {layer.name[-30:]}", o.progress, "it")
             try:
                 for step, b in enumerate(steps):
@@ -219,13 +249,13 @@ class AdaRound(LearnedWeightsPass):
             finally:
                 bar.close()
             encoding, weight, _ = quantizer.result()
-            after = training.evaluate(lambda i: forward(i, torch.from_numpy(weight)), targets)
+            after = judge(torch.from_numpy(weight))
         kept = after.loss > before.loss
         if kept:
             weight, after = nearest, before
         flipped = float(np.mean(weight != nearest))
         return AdaRoundResult(
-            layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped, kept
+            layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped, kept, len(held)
         ), weight
 
     def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
@@ -238,7 +268,8 @@ class AdaRound(LearnedWeightsPass):
             self.remarks.missed(
                 f"{what} kept rounding to nearest",
                 [layer.name],
-                reason=f"learned rounding did not lower the output loss ({res.loss_nearest:.4g})",
+                reason="learned rounding did not lower the output loss on the "
+                f"{f'{res.held_out} held-out' if res.held_out else 'learning'} batches ({res.loss_nearest:.4g})",
             )
             return
         self.remarks.applied(
