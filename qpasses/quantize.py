@@ -38,7 +38,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
-from qpasses.runtime.parity import ParityReport
+from qpasses.runtime.parity import ParityReport, feed_samples
 from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
 from qpasses.targets import resolve_target
 
@@ -164,7 +164,7 @@ def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarr
     on exactly ``feeds`` (the first calibration batches); None when it did not."""
     if parity is None or parity.reference != "FP32" or not parity.outputs:
         return None
-    samples = sum(int(next(iter(f.values())).shape[0]) if f and np.ndim(next(iter(f.values()))) else 1 for f in feeds)
+    samples = sum(feed_samples(f) for f in feeds)
     return min(o.exact_db for o in parity.outputs) if samples == parity.samples else None
 
 

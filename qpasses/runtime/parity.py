@@ -257,7 +257,7 @@ def check_parity(
             exacts[j].append(e[j])
             runtimes[j].append(r[j])
             refs[j].append(f[j] if j < len(f) else e[j])
-        samples += int(next(iter(feed.values())).shape[0]) if feed and np.ndim(next(iter(feed.values()))) else 1
+        samples += feed_samples(feed)
     # The integers of every activation quantizer, for localizing and replaying kernels: one sample
     # is enough, and a whole batch of every activation is what made this check's memory peak.
     probe = first_sample(model, dict(feeds[0]))
@@ -291,6 +291,12 @@ def check_parity(
             if em is not None:
                 report.emulated.append(em)
     return report
+
+
+def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one feed: the leading dimension of its first input (1 for a scalar or empty feed)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
 def first_sample(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
