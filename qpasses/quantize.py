@@ -192,6 +192,7 @@ def quantize_once(
     runtime_check: bool = True,
     keep_float_tensors: Sequence[str] = (),
     extensions: dict[str, Sequence[PassSpec]] | None = None,
+    seed: int = 0,
 ) -> QuantizeResult:
     """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
     ``seq_mse`` searches the weight encodings on the calibration data first (options of the
@@ -199,6 +200,7 @@ def quantize_once(
     final model in onnxruntime's default session and with exact QDQ semantics on a few calibration
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
     ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
+    ``seed`` seeds what passes draw at random (AdaRound/AdaScale batch order).
     The flow itself is ``build_quantize_pipeline``'s.
     """
     if seq_mse and calibration_data is None:
@@ -253,7 +255,7 @@ def quantize_once(
     )
     if calibration_data is not None:  # validated and normalised once; every pass reads this object
         calibration_data = calibration_feeds(calibration_data, graph, batch_size)
-    ctx = PassContext(target=target, calibration_data=calibration_data)
+    ctx = PassContext(target=target, calibration_data=calibration_data, seed=seed)
     if calibration_data is not None:
         ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
     # Pass objects given directly run right after inline-functions.

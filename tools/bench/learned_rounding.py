@@ -121,7 +121,7 @@ def _rebatch(feeds: list[Feed], batch: int) -> list[Feed]:
     return [{k: v[i : i + batch] for k, v in rows.items()} for i in range(0, count, batch)]
 
 
-def corpus_case(name: str, act_bw: int, iterations: int, epochs: int, batch: int) -> Case:
+def corpus_case(name: str, act_bw: int, iterations: int, epochs: int, batch: int, test: int = 0) -> Case:
     from real_models import get_model
 
     m = get_model(name)
@@ -129,7 +129,7 @@ def corpus_case(name: str, act_bw: int, iterations: int, epochs: int, batch: int
         name,
         _with_logits(onnx.load(m.path)),
         _rebatch(m.calib_feeds(), batch),
-        m.test_feeds(),
+        m.test_feeds(test or None),
         m.metric_name,
         m.metric,
         act_bw,
@@ -207,8 +207,9 @@ def aimet_adaround(case: Case, bits: int, python: str, fp32: Outputs, timeout: f
     )
 
 
-def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_timeout: float) -> None:
-    """One table block: FP32, each flow (exact | default session), AIMET's AdaRound."""
+def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_timeout: float, seeds: int = 1) -> None:
+    """One table block: FP32, each flow (exact | default session; learned flows: the mean over ``seeds``
+    seeds of their batch order), AIMET's AdaRound."""
     fp32 = _run(exact_session(case.model), case.test)
     print(
         f"{case.name} (W{bits}A{case.act_bw} per-channel; {sum(len(next(iter(f.values()))) for f in case.calib)} "
@@ -225,26 +226,48 @@ def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_ti
     base = None
     config = QuantConfig(weight_bw=bits, act_bw=case.act_bw, per_channel=True)
     for label, kwargs in _flows(case, extra):
-        start = time.perf_counter()
+        draws = range(seeds if "adaround" in label or "adascale" in label else 1)
+        rows: list[tuple[float, float, float, float, float, float]] = []
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = quantize_model(
-                    case.model, case.calib, config, progress=False, auto_fallback=False, runtime_check=False, **kwargs
+            for seed in draws:
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = quantize_model(
+                        case.model,
+                        case.calib,
+                        config,
+                        progress=False,
+                        auto_fallback=False,
+                        runtime_check=False,
+                        seed=seed,
+                        **kwargs,
+                    )
+                seconds = time.perf_counter() - start
+                exact = _run(exact_session(result.model), case.test)
+                fused = _run(runtime_session(result.model), case.test)
+                learn = sum(r.seconds for r in result.report.records if r.name in ("adaround", "adascale", "seq-mse"))
+                rows.append(
+                    (
+                        case.metric(fp32, exact),
+                        _sqnr(fp32, exact),
+                        case.metric(fp32, fused),
+                        _sqnr(fp32, fused),
+                        seconds,
+                        learn,
+                    )
                 )
         except Exception as exc:  # noqa: BLE001 - the table reports a flow's failure and goes on
             print(f"  {label:<22} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
             continue
-        seconds = time.perf_counter() - start
-        exact = _run(exact_session(result.model), case.test)
-        fused = _run(runtime_session(result.model), case.test)
-        db = _sqnr(fp32, exact)
+        metric, db, fused_metric, fused_db, seconds, learn = (float(np.mean(c)) for c in zip(*rows, strict=True))
         base = db if base is None else base
-        learn = sum(r.seconds for r in result.report.records if r.name in ("adaround", "adascale", "seq-mse"))
         gain = f"{db - base:+.2f}" if label != "min-max" else ""
+        dbs = [r[1] for r in rows]
+        spread = "" if len(rows) < 2 else f"  ({len(rows)} seeds: {min(dbs):.2f}..{max(dbs):.2f})"
         print(
-            f"  {label:<22} {case.metric(fp32, exact):9.4f} {db:8.2f} {gain:>8} | {case.metric(fp32, fused):8.4f} "
-            f"{_sqnr(fp32, fused):8.2f} {seconds:8.1f} {learn:8.1f}",
+            f"  {label:<22} {metric:9.4f} {db:8.2f} {gain:>8} | {fused_metric:8.4f} "
+            f"{fused_db:8.2f} {seconds:8.1f} {learn:8.1f}{spread}",
             flush=True,
         )
     if aimet_python is not None:
@@ -270,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-epochs", type=int, default=60, help="AdaScale epochs per block, corpus")
     parser.add_argument(
         "--corpus-batch", type=int, default=0, help="corpus CNNs: calibration samples per batch (0: as generated)"
+    )
+    parser.add_argument(
+        "--corpus-test",
+        type=int,
+        default=128,
+        help="corpus CNNs: test samples (0: the corpus's test split); 128 resolves a few tenths of a dB",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="AdaRound/AdaScale flows: mean over this many seeds (batch order)"
     )
     parser.add_argument(
         "--transformer-lr",
@@ -299,19 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     aimet = args.aimet_python or None
     print(f"torch {torch_version}; figures: exact QDQ semantics | onnxruntime default session")
     for name in names:
-        bench(digits_case(name, args.iterations, args.epochs), args.bits, not args.quick, aimet, args.aimet_timeout)
+        case = digits_case(name, args.iterations, args.epochs)
+        bench(case, args.bits, not args.quick, aimet, args.aimet_timeout, args.seeds)
     for name in corpus:
         bench(
-            corpus_case(name, 8, args.corpus_iterations, args.corpus_epochs, args.corpus_batch),
+            corpus_case(name, 8, args.corpus_iterations, args.corpus_epochs, args.corpus_batch, args.corpus_test),
             args.bits,
             False,
             aimet,
             args.aimet_timeout,
+            args.seeds,
         )
     for name in transformers:
         case = corpus_case(name, 16, args.corpus_iterations, args.corpus_epochs, 0)
         case.adascale = {"clip_lr": args.transformer_lr[0], "scale_lr": args.transformer_lr[1]}
-        bench(case, args.bits, False, None, args.aimet_timeout)
+        bench(case, args.bits, False, None, args.aimet_timeout, args.seeds)
     return 0
 
 

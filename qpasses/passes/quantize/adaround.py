@@ -1,17 +1,24 @@
 """AdaRound: learn whether each weight rounds up or down, layer by layer, on calibration data.
 
-Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization", as AIMET runs
-it. Rounding to nearest minimises each weight's own error, not the layer's output error. Per
-Conv/ConvTranspose/Gemm/MatMul with a constant weight, in topological order, on the grid
-``encode-weights`` would use (or SeqMSE's, when ``seq-mse`` ran first), each weight gets a rounding
-variable V: ``q = clamp(floor(w / s) + h(V) - offset, 0, 2^b - 1)`` with the rectified sigmoid
-``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, gamma -0.1). Adam minimises the
-layer's output error (after a following Relu/Clip, which the backend fuses) plus
-``reg_param * sum(1 - |2h - 1|^beta)``, beta annealed from 20 to 2 after a 20% warm start, which
-drives every h(V) to 0 or 1. Then each weight rounds up where V >= 0 (never more than one grid step
-from FP32) and the weight data is replaced by those grid values: the encoding is frozen
-(``meta["encoding_source"] = "adaround"``, kept by ``encode-weights``) and the lowered model stores
-the learned integers.
+Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization", as AIMET runs it.
+Rounding to nearest minimises each weight's own error, not the layer's output error. Per
+Conv/ConvTranspose/Gemm/MatMul with a constant weight, in topological order, on a grid (below), each
+weight gets a rounding variable V: ``q = clamp(floor(w / s) + h(V) - offset, 0, 2^b - 1)`` with the
+rectified sigmoid ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, gamma -0.1).
+Adam minimises the layer's output error (after a following Relu/Clip, or bias Add and Relu/Clip,
+which the backend fuses) plus ``reg_param * sum(1 - |2h - 1|^beta)``, beta annealed from 20 to 2
+after a 20% warm start, which drives every h(V) to 0 or 1. Then each weight rounds up where V >= 0
+(never more than one grid step from its FP32 value clamped to the grid) and the weight data is
+replaced by those grid values: the encoding is frozen (``meta["encoding_source"] = "adaround"``,
+kept by ``encode-weights``) and the lowered model stores the learned integers.
+
+The grid (``grid``): ``seq-mse`` (default; with ``mode`` symmetric) first searches each layer's
+per-channel ranges as the ``seq-mse`` pass does (``k/N x`` min-max, scored on the layer output over
+the learning batches), then keeps that grid or min-max's, whichever rounds to nearest with the lower
+output loss on the held-out batches, and learns the rounding on it. The paper sets the grid by an
+MSE search too: rounding can only move each weight by one step, so a grid spent on outliers (min-max
+at 4 bits) caps what learning can recover. ``mode`` learns on the grid ``encode-weights`` would use.
+A weight SeqMSE already encoded (``seq-mse`` ran first) keeps its grid.
 
 Inputs (``input_from``): ``quantized`` (AIMET's way) feeds each layer what the model computes with
 the layers before it already rounded (activations float; they are calibrated afterwards), and
@@ -29,8 +36,8 @@ on them (then only a failed optimisation keeps nearest). A remark counts the lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
 import numpy as np
 
@@ -48,9 +55,15 @@ from qpasses.learned.layers import (
     count_samples,
     learnable_layers,
 )
+from qpasses.passes.quantize.layer_kernels import Unsupported as NoKernel
+from qpasses.passes.quantize.layer_kernels import constant_bias, make_kernel
 from qpasses.passes.quantize.learned_weights import LearnedWeightsPass
+from qpasses.passes.quantize.seq_mse_search import Layer as SearchLayer
+from qpasses.passes.quantize.seq_mse_search import search_layer
 from qpasses.quant.encodings import Encoding, fake_quantize
 from qpasses.quant.plan import QuantPlan
+
+GRIDS: Final = ("seq-mse", "mode")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class AdaRoundResult:
     flipped: float  # fraction of weights not rounded to nearest
     kept_nearest: bool
     held_out: int = 0  # batches the losses were measured on, none of them learned on (0: the learning batches)
+    grid: str = ""  # the grid learned on: "min-max" (the mode's), "seq-mse" (the pass's), "seq-mse search"
 
 
 class AdaRoundResults(dict[str, AdaRoundResult]):
@@ -98,11 +112,13 @@ class AdaRound(LearnedWeightsPass):
         beta_end: float = 2.0
         warm_start: float = 0.2  # fraction of the iterations without the regularizer
         input_from: str = "quantized"  # or fp32
-        activation: bool = True  # loss after a Relu/Clip that alone reads the layer's output
+        activation: bool = True  # loss after a Relu/Clip that alone reads the layer's output (or its bias Add)
         weight_bw: int = 8
         per_channel: bool = True
         mode: str = "symmetric"  # weight encoding mode, as encode-weights
         exclude: list[str] = field(default_factory=list)
+        grid: str = "seq-mse"  # or "mode": encode-weights' grid (min-max for symmetric)
+        num_candidates: int = 20  # grid search: candidates k/N x min-max
         holdout: float = 0.2  # fraction of the batches kept out of learning to choose learned vs nearest; 0: none
         threads: int = 0  # torch intra-op threads; 0: 1 for small layers, torch's default for large ones
         progress: bool = True
@@ -116,6 +132,10 @@ class AdaRound(LearnedWeightsPass):
                 f"warm_start in [0, 1) (got lr={o.lr}, reg_param={o.reg_param}, "
                 f"beta {o.beta_start}->{o.beta_end}, warm_start={o.warm_start})"
             )
+        if o.grid not in GRIDS:
+            raise PassError(f"pass 'adaround': unknown grid {o.grid!r} (expected one of {', '.join(GRIDS)})")
+        if o.num_candidates < 1:
+            raise PassError(f"pass 'adaround': num_candidates must be >= 1, got {o.num_candidates}")
         if not 0 <= o.holdout < 1:
             raise PassError(
                 f"pass 'adaround': holdout must be in [0, 1) (the fraction of calibration batches kept out of "
@@ -152,21 +172,31 @@ class AdaRound(LearnedWeightsPass):
                 reason=f"holdout needs 2 or more calibration batches, got {len(feeds)}: learned and nearest "
                 "rounding are compared on the learning batch",
             )
+        search = o.grid == "seq-mse"
+        if search and o.mode != "symmetric":
+            search = False
+            self.remarks.missed(
+                "grids not searched", reason=f"the seq-mse grid search is symmetric; mode is {o.mode}: its grid is used"
+            )
         results: dict[str, AdaRoundResult] = {}
         bar = training.progress_bar(len(tasks), "adaround", o.progress, "layer")
         try:
             for task in tasks:
                 layer = task.layer
                 bar.set_postfix_str(layer.name[-40:])
+                searching = search and layer.source != "seq-mse"
                 if quantized is None:
                     data = capture(model, feeds, [layer.input, task.output])
-                    inputs = data[layer.input]
+                    inputs = fp_inputs = data[layer.input]
                 else:  # the FP32 model's output, the input the model computes with earlier layers learned
-                    data = capture(model, feeds, [task.output])
+                    data = capture(model, feeds, [task.output, *([layer.input] if searching else [])])
                     inputs = capture(quantized.model, feeds, [layer.input])[layer.input]
-                res, weight = self._learn(
-                    task, training.as_tensors(inputs), training.as_tensors(data[task.output]), held, generator, training
-                )
+                    fp_inputs = data.get(layer.input, inputs)
+                x, y = training.as_tensors(inputs), training.as_tensors(data[task.output])
+                if searching:
+                    task = self._searched_grid(graph, task, (fp_inputs, inputs), (x, y), held, setup)
+                    layer = task.layer
+                res, weight = self._learn(task, x, y, held, generator, training)
                 self._freeze(graph, layer, res, weight, training)
                 if quantized is not None:
                     quantized.set(layer.weight, weight)
@@ -191,8 +221,7 @@ class AdaRound(LearnedWeightsPass):
 
         tasks = []
         for layer in layers:
-            act = activation_after(graph, layer.op) if self.options.activation else None
-            ops = [layer.op] if act is None else [layer.op, act]
+            ops = [layer.op, *(activation_after(graph, layer.op) if self.options.activation else [])]
             output = ops[-1].outputs[0]
             try:
                 tasks.append(_Task(layer, TorchProgram(graph, ops, [layer.input], [output]), output))
@@ -222,14 +251,11 @@ class AdaRound(LearnedWeightsPass):
         nearest_t = torch.from_numpy(nearest)
 
         learn = [i for i in range(len(inputs)) if i not in held]
-        judged = held or learn
 
         def forward(i: int, weight: torch.Tensor) -> torch.Tensor:
             return program({layer.input: inputs[i]}, {layer.weight: weight})[0]
 
-        def judge(weight: torch.Tensor) -> Any:
-            return training.evaluate(lambda j: forward(judged[j], weight), [targets[i] for i in judged])
-
+        judge = self._judge(task, inputs, targets, held or learn, training)
         threads = training.pick_threads(o.threads, program.macs({layer.input: inputs[0]}, {layer.weight: nearest_t}))
         with training.torch_threads(threads):
             before = judge(nearest_t)
@@ -254,9 +280,68 @@ class AdaRound(LearnedWeightsPass):
         if kept:
             weight, after = nearest, before
         flipped = float(np.mean(weight != nearest))
-        return AdaRoundResult(
-            layer.weight, encoding, before.loss, after.loss, before.mse, after.mse, flipped, kept, len(held)
-        ), weight
+        losses = (before.loss, after.loss, before.mse, after.mse)
+        return AdaRoundResult(layer.weight, encoding, *losses, flipped, kept, len(held), layer.source), weight
+
+    @staticmethod
+    def _judge(task: _Task, inputs: list, targets: list, judged: list[int], training: Any) -> Any:
+        """weight -> the layer's output loss summary on the ``judged`` batches."""
+        layer, program = task.layer, task.program
+        return lambda weight: training.evaluate(
+            lambda j: program({layer.input: inputs[judged[j]]}, {layer.weight: weight})[0],
+            [targets[i] for i in judged],
+        )
+
+    def _searched_grid(
+        self,
+        graph: Graph,
+        task: _Task,
+        inputs: tuple[list[np.ndarray], list[np.ndarray]],
+        tensors: tuple[list, list],
+        held: list[int],
+        setup: Any,
+    ) -> _Task:
+        """The task on SeqMSE's grid searched on the learning batches (FP32 output on FP32 inputs vs the
+        quantized layer on its quantized inputs), or on min-max's when that rounds to nearest better on
+        the held-out batches."""
+        import torch
+
+        o, layer = self.options, task.layer
+        try:
+            kernel = make_kernel(layer.op, layer.data.shape)
+        except NoKernel as exc:
+            self.remarks.missed("grid not searched", [layer.name], reason=f"unsupported {layer.op.op_type}: {exc}")
+            return task
+        learn = [i for i in range(len(inputs[0])) if i not in held]
+        fp, q = inputs
+        found = search_layer(
+            SearchLayer(
+                layer.name,
+                layer.op.op_type,
+                layer.input,
+                layer.weight,
+                layer.data,
+                constant_bias(graph, layer.op, layer.data.shape, kernel),
+                kernel,
+                layer.channel_axis,
+                layer.bitwidth,
+            ),
+            [fp[i] for i in learn],
+            None if q is fp else [q[i] for i in learn],
+            num_candidates=o.num_candidates,
+            loss_fn="mse",
+            per_channel=setup.per_channel,
+        )
+        searched = replace(task, layer=replace(layer, encoding=found.encoding, source="seq-mse search"))
+        if not held:
+            return searched
+        x, y = tensors
+        judge = self._judge(task, x, y, held, setup.training)
+        losses = [
+            judge(torch.from_numpy(fake_quantize(layer.data, t.layer.encoding).astype(np.float32))).loss
+            for t in (task, searched)
+        ]
+        return searched if losses[1] <= losses[0] else task
 
     def _freeze(self, graph: Graph, layer: Layer, res: AdaRoundResult, weight: np.ndarray, training: Any) -> None:
         t = graph.tensors[layer.weight]
