@@ -368,8 +368,6 @@ def test_reconstruction_loss_and_evaluate_match_numpy(shape: tuple[int, ...]) ->
 def test_loss_is_taken_after_a_bias_add_and_relu() -> None:
     """keras2onnx/paddle2onnx write MatMul -> Add(constant bias) -> Relu: the loss is after the Relu (what
     the backend fuses), not on the pre-bias MatMul output; an Add of two activations is not a bias."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from qpasses.learned.layers import activation_after
 
     rng = np.random.default_rng(0)
@@ -398,3 +396,17 @@ def test_loss_is_taken_after_a_bias_add_and_relu() -> None:
     assert [op.name for op in activation_after(g, ops["mm"])] == ["bias", "relu"]
     assert activation_after(g, ops["mm2"]) == []
     assert [op.name for op in activation_after(g, ops["bias"])] == ["relu"]
+
+
+@needs_torch
+@pytest.mark.parametrize(("grid", "named"), [("seq-mse", "seq-mse search"), ("mode", "min-max")])
+def test_cli_adaround_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], grid: str, named: str) -> None:
+    from qpasses.cli.app import main
+
+    out = tmp_path / "q"
+    args = ["quantize", str(DIGITS), "--calib", str(CALIB_PATH), "--weight-bw", "4", "--per-channel", "-o", str(out)]
+    rc = main([*args, "--adaround", "--adaround-iterations", "20", "--adaround-grid", grid, "--no-auto-fallback"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"4-bit Conv weight on the {named} grid" in text, text
+    assert onnx.load(out / "model.qdq.onnx").graph.node

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["quantized", "fp32"],
         help="AdaRound layer inputs: the model with earlier layers rounded (default) or FP32",
     )
+    q.add_argument(
+        "--adaround-grid",
+        choices=["seq-mse", "mode"],
+        help="AdaRound's grid: searched per channel as SeqMSE does, kept when better on held-out batches "
+        "(default), or the weight mode's (min-max)",
+    )
     q.add_argument("--adaround-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument(
         "--adascale",

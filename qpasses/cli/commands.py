@@ -118,6 +118,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 ("iterations", args.adaround_iterations),
                 ("num_batches", args.adaround_batches),
                 ("input_from", args.adaround_inputs),
+                ("grid", args.adaround_grid),
                 ("exclude", args.adaround_exclude),
             )
             if value is not None
