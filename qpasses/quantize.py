@@ -10,7 +10,6 @@ the same flow can be written as a pipeline string instead.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
-from qpasses.runtime.parity import ParityReport, feed_samples
+from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples
 from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
 from qpasses.targets import resolve_target
 
@@ -133,7 +132,7 @@ def quantize_model(
     if data is None:
         return result
     try:
-        feeds = [dict(f) for f in itertools.islice(iter(data), fallback_batches)]
+        feeds = check_feeds(data, fallback_batches)  # the batches the parity check measured
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result

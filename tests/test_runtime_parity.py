@@ -31,7 +31,7 @@ from qpasses.runtime.kernel_emulation import (
     runtime_saturates,
     saturation_probe_model,
 )
-from qpasses.runtime.parity import check_parity, strip_activation_qdq
+from qpasses.runtime.parity import check_feeds, check_parity, strip_activation_qdq
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CALIB = np.load(MODELS / "digits_calib.npz")["input"]
@@ -336,3 +336,38 @@ def test_cli_eval_prints_exact_and_runtime_figures(tmp_path: Path, capsys: pytes
     )
     assert abs(exact - runtime) <= 0.5
     assert "runtime parity" in out and "parity: ok" in out
+
+
+class _Counted(list[dict[str, np.ndarray]]):
+    """Feeds that know their total samples, as CalibrationData does after its first full read."""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(f["x"]) for f in self)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "known", "expected"),
+    [
+        ([2] * 8, True, 2),  # 16 samples: a quarter is 4, two batches of 2
+        ([2] * 8, False, 4),  # total unknown: the first 4 batches
+        ([16] * 2, True, 1),  # the first batch always, even past the share
+        ([1] * 64, True, 4),  # never more than the batch count
+        ([3, 1, 1, 1], True, 1),  # 6 samples: a quarter is 1.5; the first batch alone
+    ],
+)
+def test_check_feeds_take_a_share_of_the_calibration_samples(sizes: list[int], known: bool, expected: int) -> None:
+    feeds = [{"x": np.zeros((n, 2), np.float32)} for n in sizes]
+    data = _Counted(feeds) if known else iter(feeds)
+    chosen = check_feeds(data, 4)
+    assert len(chosen) == expected
+    assert all(c["x"] is f["x"] for c, f in zip(chosen, feeds, strict=False))
+
+
+def test_parity_runs_on_a_quarter_of_the_calibration_samples() -> None:
+    """The default flow's parity check (and the fallback, on the same batches) reads 2 of 8 batches of 2."""
+    calib = [{"input": CALIB[i : i + 2]} for i in range(0, 16, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize_model(MODELS / "digits_cnn.onnx", calib, QuantConfig(per_channel=True), progress=False)
+    assert result.parity is not None and result.parity.samples == 4

@@ -11,6 +11,7 @@ that would break there is caught here.
 
 from __future__ import annotations
 
+import itertools
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ DEFAULT_TOLERANCE_DB = 1.0
 # (a reference that is itself poor can hide the loss).
 NOISE_DB = 35.0
 MIN_AGREEMENT_DB = 30.0
+# The check runs the model about three times (exact, default session, FP32) on what it checks; a
+# quarter of the calibration samples keeps it near the cost of the calibration pass itself.
+CHECK_SHARE = 0.25
 
 
 def cpu_flags() -> str:
@@ -242,7 +246,8 @@ def check_parity(
     out_names = [o.name for o in model.graph.output]
     exact_sess = verification.exact_session(_with_outputs(model, taps))
     runtime_sess = verification.runtime_session(_with_outputs(model, taps))
-    ref_sess = verification.exact_session(ref_model)
+    # The FP32 reference as users run it (graph optimizations change float results by rounding only).
+    ref_sess = verification.runtime_session(ref_model)
     ref_names = [o.name for o in ref_model.graph.output]
     refs: list[list[np.ndarray]] = [[] for _ in out_names]
     exacts: list[list[np.ndarray]] = [[] for _ in out_names]
@@ -291,6 +296,24 @@ def check_parity(
             if em is not None:
                 report.emulated.append(em)
     return report
+
+
+def check_feeds(
+    data: Iterable[Mapping[str, np.ndarray]], batches: int, share: float = CHECK_SHARE
+) -> list[dict[str, np.ndarray]]:
+    """The first calibration batches a check runs on: at most ``batches``; past the first, only while they
+    hold at most ``share`` of the calibration samples (when ``data`` knows its total, ``num_samples``)."""
+    total = getattr(data, "num_samples", None)
+    budget = share * total if isinstance(total, int) and share < 1 else None
+    feeds: list[dict[str, np.ndarray]] = []
+    samples = 0
+    for feed in itertools.islice(iter(data), batches):
+        n = feed_samples(feed)
+        if feeds and budget is not None and samples + n > budget:
+            break
+        feeds.append(dict(feed))
+        samples += n
+    return feeds
 
 
 def feed_samples(feed: Mapping[str, np.ndarray]) -> int:

@@ -1,14 +1,13 @@
 """Check that onnxruntime, as users run it, computes what the lowered QDQ model says.
 
-Runs last in ``quantize``: a few calibration batches through the model with exact QDQ semantics
-and in the default session (see ``qpasses.runtime.parity``). A divergence beyond the tolerance is a
-``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
+Runs last in ``quantize``: a few calibration batches (up to 4; past the first, at most a quarter of
+the calibration samples) through the model with exact QDQ semantics and in the default session (see
+``qpasses.runtime.parity``). A divergence beyond the tolerance is a ``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
 report itself is left as a ``ParityReport`` artifact.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from qpasses.core.errors import CalibrationDataError, PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.quantize.calibrate import calibration_feeds
 from qpasses.quant.int_storage import uint8_storage
-from qpasses.runtime.parity import DEFAULT_TOLERANCE_DB, check_parity
+from qpasses.runtime.parity import CHECK_SHARE, DEFAULT_TOLERANCE_DB, check_feeds, check_parity
 
 _PROTO_LIMIT = 1_800_000_000
 
@@ -50,13 +49,16 @@ class RuntimeParityCheck(Pass):
     @dataclass
     class Options:
         batches: int = 4
+        share: float = CHECK_SHARE  # past the first batch, at most this share of the calibration samples
         batch_size: int = 16
         tolerance_db: float = DEFAULT_TOLERANCE_DB
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.batches < 1 or o.batch_size < 1 or not o.tolerance_db >= 0:
-            raise PassError("pass 'runtime-parity': batches and batch_size must be >= 1, tolerance_db >= 0")
+        if o.batches < 1 or o.batch_size < 1 or not o.tolerance_db >= 0 or not 0 < o.share <= 1:
+            raise PassError(
+                "pass 'runtime-parity': batches and batch_size must be >= 1, tolerance_db >= 0, share in (0, 1]"
+            )
         if not any(op.op_type == "QuantizeLinear" for op in graph.ops):
             self.remarks.missed("runtime parity not checked", reason="the model has no QuantizeLinear")
             return self.result(False)
@@ -66,7 +68,7 @@ class RuntimeParityCheck(Pass):
             return self.result(False)
         try:
             data = calibration_feeds(ctx.calibration_data, graph, o.batch_size)
-            feeds = [dict(f) for f in itertools.islice(iter(data), o.batches)]
+            feeds = check_feeds(data, o.batches, o.share)
         except CalibrationDataError as exc:
             self.remarks.missed("runtime parity not checked", reason=str(exc))
             return self.result(False)
