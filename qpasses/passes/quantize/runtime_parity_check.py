@@ -2,8 +2,9 @@
 
 Runs last in ``quantize``: a few calibration batches (up to 4; past the first, at most a quarter of
 the calibration samples) through the model with exact QDQ semantics and in the default session (see
-``qpasses.runtime.parity``). A divergence beyond the tolerance is a ``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
-report itself is left as a ``ParityReport`` artifact.
+``qpasses.runtime.parity``). A divergence beyond the tolerance is a ``missed`` remark and a warning
+naming the first divergent ops, the likely cause and the fix; the report itself is left as a
+``ParityReport`` artifact.
 """
 
 from __future__ import annotations
