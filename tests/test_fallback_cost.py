@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 from qpasses.runtime import tensor_sensitivity
-from qpasses.runtime.parity import first_sample
+from qpasses.runtime.parity import first_sample, split_first_sample
 from qpasses.runtime.tensor_sensitivity import most_harmful
 
 NAMES = [f"t{i}" for i in range(100)]
@@ -113,3 +113,14 @@ def test_parity_probe_is_one_sample_of_a_free_batch() -> None:
     feed = {"x": np.ones((8, 4), np.float32)}
     assert first_sample(_model("N"), feed)["x"].shape == (1, 4)
     assert first_sample(_model(8), feed)["x"].shape == (8, 4)  # a fixed batch of 8 cannot be cut
+
+
+def test_parity_runs_the_probe_sample_apart_from_the_rest_of_its_batch() -> None:
+    feed = {"x": np.arange(32, dtype=np.float32).reshape(8, 4)}
+    first, rest = split_first_sample(_model("N"), feed)
+    assert rest is not None
+    np.testing.assert_array_equal(np.concatenate([first["x"], rest["x"]]), feed["x"])
+    assert first["x"].shape == (1, 4) and rest["x"].shape == (7, 4)
+    assert split_first_sample(_model(8), feed) == (feed, None)
+    one = {"x": feed["x"][:1]}
+    assert split_first_sample(_model("N"), one) == (one, None)  # one row: nothing left to run apart

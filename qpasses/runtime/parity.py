@@ -253,9 +253,18 @@ def check_parity(
     exacts: list[list[np.ndarray]] = [[] for _ in out_names]
     runtimes: list[list[np.ndarray]] = [[] for _ in out_names]
     samples = 0
-    for feed in feeds:
+    # The integers of every activation quantizer, for localizing and replaying kernels: one sample
+    # is enough, and a whole batch of every activation is what made this check's memory peak. That
+    # sample runs apart from the rest of its batch, so no sample runs twice.
+    probe, rest = split_first_sample(model, dict(feeds[0]))
+    first_exact: dict[str, np.ndarray] = {}
+    extra = [t for t in taps if t not in set(out_names)]
+    for i, feed in enumerate([probe, *([rest] if rest is not None else []), *feeds[1:]]):
         feed = dict(feed)
-        e = exact_sess.run(out_names, feed)
+        e = exact_sess.run(out_names + (extra if i == 0 else []), feed)
+        if i == 0:
+            values = dict(zip(out_names + extra, e, strict=True))
+            first_exact = {t: values[t] for t in taps}
         r = runtime_sess.run(out_names, feed)
         f = ref_sess.run(ref_names, {k: v for k, v in feed.items() if k in {x.name for x in ref_sess.get_inputs()}})
         for j in range(len(out_names)):
@@ -263,10 +272,6 @@ def check_parity(
             runtimes[j].append(r[j])
             refs[j].append(f[j] if j < len(f) else e[j])
         samples += feed_samples(feed)
-    # The integers of every activation quantizer, for localizing and replaying kernels: one sample
-    # is enough, and a whole batch of every activation is what made this check's memory peak.
-    probe = first_sample(model, dict(feeds[0]))
-    first_exact = dict(zip(taps, exact_sess.run(taps, probe), strict=True)) if taps else {}
     saturates = runtime_saturates()
     report = ParityReport(
         cpu_description(saturates), samples, "FP32" if reference is not None else "float activations", tolerance_db
@@ -324,15 +329,26 @@ def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
 
 def first_sample(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feed's first sample when every input has a free leading (batch) dimension; else the feed."""
+    return split_first_sample(model, feed)[0]
+
+
+def split_first_sample(
+    model: onnx.ModelProto, feed: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(the feed's first sample, the rest of it) when every input has a free leading (batch) dimension
+    and more than one row; else (the feed, None)."""
     constants = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in constants and i.name in feed]
     for i in inputs:
         dims = i.type.tensor_type.shape.dim
         if not dims or dims[0].HasField("dim_value") or np.ndim(feed[i.name]) == 0:
-            return feed
-    if not inputs or len({feed[i.name].shape[0] for i in inputs}) != 1:
-        return feed
-    return {k: (v[:1] if k in {i.name for i in inputs} else v) for k, v in feed.items()}
+            return feed, None
+    rows = {feed[i.name].shape[0] for i in inputs}
+    if not inputs or len(rows) != 1 or rows == {1}:
+        return feed, None
+    names = {i.name for i in inputs}
+    first = {k: (v[:1] if k in names else v) for k, v in feed.items()}
+    return first, {k: (v[1:] if k in names else v) for k, v in feed.items()}
 
 
 def _emulate_from_input(model: onnx.ModelProto, mac: FusedMac, feed: Mapping[str, np.ndarray]) -> MacEmulation | None:
