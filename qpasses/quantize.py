@@ -121,8 +121,8 @@ def quantize_model(
     ``quantize_once`` (overrides, pipeline, fold_batchnorm, cle, seq_mse, target, runtime_check...).
 
     Automatic fallback (with calibration data, unless ``auto_fallback=False``): when an output's
-    SQNR vs FP32 on the first calibration batches is below ``sqnr_floor_db``, the activation
-    quantizers costing the most (each measured alone) are kept in higher precision, at most
+    SQNR vs FP32 on the parity check's calibration batches is below ``sqnr_floor_db``, the activation
+    quantizers costing the most (found by bisection) are kept in higher precision, at most
     ``max_fallback_tensors``, and the model is quantized again; ``result.fallback`` names them.
     """
     result = quantize_once(model, calibration_data, config, **options)
