@@ -136,9 +136,12 @@ def quantize_model(
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
-    if (measured := _parity_worst_db(result.parity, feeds)) is not None and measured >= sqnr_floor_db:
-        return result  # the parity check measured these very batches against FP32: nothing to localize
-    chosen, before, after = fallback_tensors(result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors)
+    measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
+    if measured is not None and measured >= sqnr_floor_db:
+        return result  # nothing to localize
+    chosen, before, after = fallback_tensors(
+        result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors, before=measured
+    )
     if not chosen:
         return result
     outputs = {o.name for o in result.reference.graph.output}

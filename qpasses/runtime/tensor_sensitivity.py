@@ -92,6 +92,7 @@ def fallback_tensors(
     feeds: Sequence[Mapping[str, np.ndarray]],
     floor_db: float,
     max_tensors: int,
+    before: float | None = None,
 ) -> tuple[list[Sensitivity], float, float]:
     """Greedy: keep the most harmful quantizer float until every output is above ``floor_db``.
 
@@ -100,12 +101,13 @@ def fallback_tensors(
     quantizers kept float buys 1 dB), then decides on every batch:
     it must buy at least 1 dB, and alone it must bring an output within 3 dB of the floor (a model
     whose loss comes from its weights or from many small errors gets none). Returns (tensors to
-    keep in higher precision, worst SQNR before, after).
+    keep in higher precision, worst SQNR before, after). ``before``: the all-quantized worst SQNR when
+    already measured on these feeds (the runtime parity check's), so it is not measured again.
     """
     switchable = SwitchableQDQ(model)
     if not switchable.tensors:
         return [], float("inf"), float("inf")
-    ref_sess = verification.exact_session(fp32)
+    ref_sess = verification.runtime_session(fp32)  # as the parity check runs FP32
     reference = [ref_sess.run(None, dict(f)) for f in feeds]
     scorer = _Scorer(reference)
 
@@ -113,7 +115,7 @@ def fallback_tensors(
         return scorer.worst([switchable.run(f, on) for f in feeds[:upto]])
 
     everything = list(switchable.tensors)
-    before = current = worst(everything)
+    before = current = worst(everything) if before is None else before
     chosen: list[Sensitivity] = []
     while current < floor_db and len(chosen) < max_tensors:
         kept = {c.tensor for c in chosen}
