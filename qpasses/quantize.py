@@ -29,6 +29,7 @@ from qpasses.core.pass_base import Pass
 from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
+from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.calibrate import calibration_feeds
@@ -139,6 +140,18 @@ def quantize_model(
     measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
     if measured is not None and measured >= sqnr_floor_db:
         return result  # nothing to localize
+    if measured is not None and measured <= SHAPE_MISMATCH_DB and result.parity is not None:
+        names = [o.name for o in result.parity.outputs if o.exact_db <= SHAPE_MISMATCH_DB]
+        result.report.add_remark(
+            "missed",
+            "auto-fallback",
+            "not localized",
+            tuple(names),
+            reason="these outputs' shapes differ from FP32's on the checked batches (a data-dependent length, "
+            "e.g. a decoder loop stopping at another step): SQNR cannot rank the quantizers; judge the model "
+            "by its task metric (--eval) or keep tensors float with --overrides",
+        )
+        return result
     chosen, before, after = fallback_tensors(
         result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors, before=measured
     )

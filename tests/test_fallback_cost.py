@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import qpasses.quantize as quantize_module
+from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 from qpasses.runtime import tensor_sensitivity
@@ -137,3 +138,43 @@ def test_parity_runs_the_probe_sample_apart_from_the_rest_of_its_batch() -> None
     assert split_first_sample(_model(8), feed) == (feed, None)
     one = {"x": feed["x"][:1]}
     assert split_first_sample(_model("N"), one) == (one, None)  # one row: nothing left to run apart
+
+
+def _data_dependent_length_model() -> onnx.ModelProto:
+    """y = x @ W, then only the values above 0.1 (Compress): the output's length depends on rounding."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32) * 0.3, "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        helper.make_node("Reshape", ["y", "flat"], ["yf"], name="flatten"),
+        helper.make_node("Greater", ["yf", "thr"], ["keep"], name="gt"),
+        helper.make_node("Compress", ["yf", "keep"], ["out"], name="select", axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["K"])],
+        [
+            w,
+            onnx.numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+            onnx.numpy_helper.from_array(np.float32(0.1), "thr"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fallback_is_not_attempted_when_output_lengths_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("SQNR cannot rank quantizers when an output's length differs")
+
+    monkeypatch.setattr(quantize_module, "fallback_tensors", refuse)
+    model = _data_dependent_length_model()
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(8, 16)).astype(np.float32)} for _ in range(4)]
+    result = quantize_model(model, feeds, QuantConfig(), progress=False)
+    assert result.parity is not None
+    assert [o.exact_db for o in result.parity.outputs] == [SHAPE_MISMATCH_DB]
+    remark = next(r for r in result.report.remarks if r.pass_name == "auto-fallback")
+    assert remark.kind == "missed" and remark.nodes == ("out",) and "shapes differ" in (remark.reason or "")
+    assert result.fallback == []
