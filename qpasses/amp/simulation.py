@@ -290,6 +290,9 @@ class SimulationModel:
             model, opts = self.model, session_options(intra_op_threads=intra_op_threads)
         else:
             model, opts = self.pruned(layout), session_options(intra_op_threads=intra_op_threads, optimize=False)
+            # No arena: several pruned sessions are kept, and each arena would hold its own high-water mark
+            # for good (dnsmos_p808: 8 x ~0.3 GB); through malloc they reuse the same memory.
+            opts.enable_cpu_mem_arena = False
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         if layout is None:
             return SimulatedSession(sess, self.input_names, self.output_names)
