@@ -96,13 +96,16 @@ def fallback_tensors(
 ) -> tuple[list[Sensitivity], float, float]:
     """Greedy: keep the most harmful quantizer float until every output is above ``floor_db``.
 
-    Each step bisects for the quantizer whose removal helps most (``most_harmful``, first batch
-    only: at most 2 log2 n forward passes instead of one per quantizer, and 2 when no half of the
-    quantizers kept float buys 1 dB), then decides on every batch:
-    it must buy at least 1 dB, and alone it must bring an output within 3 dB of the floor (a model
-    whose loss comes from its weights or from many small errors gets none). Returns (tensors to
-    keep in higher precision, worst SQNR before, after). ``before``: the all-quantized worst SQNR when
-    already measured on these feeds (the runtime parity check's), so it is not measured again.
+    Each step bisects for the quantizer whose removal helps most (``most_harmful``: about 2 log2 n
+    scores instead of one per quantizer, and 2 when no half of the quantizers kept float buys 1 dB),
+    every score on all of ``feeds`` (the parity check's few batches: on one batch of two samples the
+    bisection followed a quantizer that bought 1 dB there and little on the rest). The one it ends
+    on must buy at least 1 dB, and either lift every output above the floor or, alone, bring an
+    output within 3 dB of the floor (a model whose loss comes from its weights or from many small
+    errors gets none: each step would buy a little and cost integer compute without reaching the
+    floor). Returns (tensors to keep in higher precision, worst SQNR before, after). ``before``: the
+    all-quantized worst SQNR when already measured on these feeds (the runtime parity check's), so
+    it is not measured again.
     """
     switchable = SwitchableQDQ(model)
     if not switchable.tensors:
@@ -122,19 +125,24 @@ def fallback_tensors(
         rest = [t for t in everything if t not in kept]
         if not rest:
             break
-        first = worst(rest, upto=1)
+        scores: dict[tuple[str, ...], float] = {}
 
-        def without(group: Sequence[str], rest: list[str] = rest) -> float:
-            return worst(sorted(set(rest) - set(group)), upto=1)
+        def without(
+            group: Sequence[str], rest: list[str] = rest, scores: dict[tuple[str, ...], float] = scores
+        ) -> float:
+            key = tuple(group)
+            if key not in scores:
+                scores[key] = worst(sorted(set(rest) - set(group)))
+            return scores[key]
 
-        worst_one = most_harmful(rest, without, need=first + 1.0)
+        worst_one = most_harmful(rest, without, need=current + 1.0)
         if worst_one is None:
             break
-        trial = worst([t for t in rest if t != worst_one])
+        trial = without([worst_one])  # scored by the bisection's last step
         if trial < current + 1.0:
             break
         alone = Sensitivity(worst_one, worst([worst_one], upto=1))
-        if alone.alone_db >= floor_db + 3.0:
+        if alone.alone_db >= floor_db + 3.0 and trial < floor_db:
             break
         chosen.append(alone)
         current = trial
