@@ -114,8 +114,8 @@ def fallback_tensors(
     reference = [ref_sess.run(None, dict(f)) for f in feeds]
     scorer = _Scorer(reference)
 
-    def worst(on: Sequence[str], upto: int = len(feeds)) -> float:
-        return scorer.worst([switchable.run(f, on) for f in feeds[:upto]])
+    def worst(on: Sequence[str]) -> float:
+        return scorer.worst([switchable.run(f, on) for f in feeds])
 
     everything = list(switchable.tensors)
     before = current = worst(everything) if before is None else before
@@ -141,7 +141,7 @@ def fallback_tensors(
         trial = without([worst_one])  # scored by the bisection's last step
         if trial < current + 1.0:
             break
-        alone = Sensitivity(worst_one, worst([worst_one], upto=1))
+        alone = Sensitivity(worst_one, worst([worst_one]))
         if alone.alone_db >= floor_db + 3.0 and trial < floor_db:
             break
         chosen.append(alone)
