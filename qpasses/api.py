@@ -16,6 +16,9 @@ Stable (semantic versioning on ``API_VERSION``, independent of the package versi
   ``Artifacts`` (typed results passes leave for later ones, keyed by class), ``Analysis`` (subclass it
   for your own cached facts; ``reads_precisions`` when it reads precision annotations), ``PassManager``,
   ``Registry``, ``default_registry``, ``registry_with``, ``pin_precision``;
+- statistics a pass declares (``Pass.statistics``, measured for the passes ahead in one read of the
+  data): ``RangeRequest``, ``HistogramRequest``, ``ChannelMeanRequest``, ``SampleExtremesRequest``,
+  ``CaptureRequest``; ``measure`` (``measure(graph, ctx, requests)[request]``: ``{tensor: result}``);
 - artifacts the built-in flow reads or leaves: ``Overrides`` (an encodings file object to apply,
   instead of a path), ``EncodingsFile`` (what ``quantize`` exports);
 - the IR: ``Graph``, ``Op``, ``Tensor`` (with the ``encoding`` and ``precision`` slots),
@@ -64,6 +67,14 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.pipeline import PassSpec, parse_pipeline
 from qpasses.core.registry import Registry
+from qpasses.data.statistics import (
+    CaptureRequest,
+    ChannelMeanRequest,
+    HistogramRequest,
+    RangeRequest,
+    SampleExtremesRequest,
+    measure,
+)
 from qpasses.interop.onnx_ir_bridge import ENCODING_KEY, META_KEY, PRECISION_KEY, from_onnx_ir, to_onnx_ir
 from qpasses.passes import default_registry
 from qpasses.passes.quantize.apply_overrides import Overrides
@@ -116,12 +127,15 @@ __all__ = [
     "Analysis",
     "Artifacts",
     "CalibrationDataError",
+    "CaptureRequest",
+    "ChannelMeanRequest",
     "ENCODING_KEY",
     "Encoding",
     "EncodingError",
     "EncodingsFile",
     "Graph",
     "GraphError",
+    "HistogramRequest",
     "InternalError",
     "META_KEY",
     "ModelLoadError",
@@ -142,8 +156,10 @@ __all__ = [
     "QuantizeOptions",
     "QuantizePipeline",
     "QuantizeResult",
+    "RangeRequest",
     "Registry",
     "STAGES",
+    "SampleExtremesRequest",
     "TargetError",
     "Tensor",
     "VerificationError",
@@ -154,6 +170,7 @@ __all__ = [
     "from_onnx_ir",
     "load_encodings",
     "load_model",
+    "measure",
     "parse_pipeline",
     "pin_precision",
     "quantize_model",

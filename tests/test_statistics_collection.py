@@ -24,12 +24,12 @@ from onnx import TensorProto, helper, numpy_helper
 import graph_ir
 import qpasses.data.collector as collector
 from graph_ir import Graph
+from qpasses.api import CaptureRequest, ChannelMeanRequest, RangeRequest, measure
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.statistics import StatisticsStore
 from qpasses.data.calibration import collect_statistics
-from qpasses.data.statistics import CaptureRequest, ChannelMeanRequest, RangeRequest, measure
 from qpasses.data.tensor_tap import iterate_tensors
 from qpasses.passes import default_registry
 from qpasses.quant.plan import QuantPlan, weighted_layer_inputs
