@@ -133,7 +133,8 @@ def quantize_model(
     if data is None:
         return result
     try:
-        feeds = check_feeds(data, fallback_batches)  # the batches the parity check measured
+        # the samples the parity check measured
+        feeds = check_feeds(result.model, data, fallback_batches * int(options.get("batch_size", 16)))
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result

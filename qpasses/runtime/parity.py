@@ -11,7 +11,6 @@ that would break there is caught here.
 
 from __future__ import annotations
 
-import itertools
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,21 +303,51 @@ def check_parity(
 
 
 def check_feeds(
-    data: Iterable[Mapping[str, np.ndarray]], batches: int, share: float = CHECK_SHARE
+    model: onnx.ModelProto,
+    data: Iterable[Mapping[str, np.ndarray]],
+    max_samples: int,
+    share: float = CHECK_SHARE,
 ) -> list[dict[str, np.ndarray]]:
-    """The first calibration batches a check runs on: at most ``batches``; past the first, only while they
-    hold at most ``share`` of the calibration samples (when ``data`` knows its total, ``num_samples``)."""
+    """The first calibration samples a check runs on, whatever the batching: at most ``max_samples`` and
+    at most ``share`` of the calibration samples (when ``data`` knows its total, ``num_samples``), at least
+    one. The feed that crosses the budget is cut along a free batch dimension; one that cannot be cut
+    (fixed or mismatched leading dimensions) is taken whole when it comes first, else left out."""
     total = getattr(data, "num_samples", None)
-    budget = share * total if isinstance(total, int) and share < 1 else None
+    budget = max(1, int(share * total)) if isinstance(total, int) and share < 1 else max_samples
+    budget = min(budget, max_samples)
     feeds: list[dict[str, np.ndarray]] = []
     samples = 0
-    for feed in itertools.islice(iter(data), batches):
-        n = feed_samples(feed)
-        if feeds and budget is not None and samples + n > budget:
+    for feed in data:
+        if samples >= budget:
             break
-        feeds.append(dict(feed))
+        feed = dict(feed)
+        n = feed_samples(feed)
+        if samples + n > budget:
+            cut = _cut(model, feed, budget - samples)
+            if cut is None and feeds:
+                break
+            feed, n = (feed, n) if cut is None else (cut, budget - samples)
+        feeds.append(feed)
         samples += n
     return feeds
+
+
+def _batch_inputs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> set[str] | None:
+    """The feed's inputs when every one has a free leading (batch) dimension and they agree on it; else None."""
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants and i.name in feed]
+    for i in inputs:
+        dims = i.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value") or np.ndim(feed[i.name]) == 0:
+            return None
+    if not inputs or len({feed[i.name].shape[0] for i in inputs}) != 1:
+        return None
+    return {i.name for i in inputs}
+
+
+def _cut(model: onnx.ModelProto, feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray] | None:
+    names = _batch_inputs(model, feed)
+    return None if names is None else {k: (v[:rows] if k in names else v) for k, v in feed.items()}
 
 
 def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
@@ -337,16 +366,9 @@ def split_first_sample(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """(the feed's first sample, the rest of it) when every input has a free leading (batch) dimension
     and more than one row; else (the feed, None)."""
-    constants = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in constants and i.name in feed]
-    for i in inputs:
-        dims = i.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value") or np.ndim(feed[i.name]) == 0:
-            return feed, None
-    rows = {feed[i.name].shape[0] for i in inputs}
-    if not inputs or len(rows) != 1 or rows == {1}:
+    names = _batch_inputs(model, feed)
+    if names is None or feed_samples({n: feed[n] for n in names}) == 1:
         return feed, None
-    names = {i.name for i in inputs}
     first = {k: (v[:1] if k in names else v) for k, v in feed.items()}
     return first, {k: (v[1:] if k in names else v) for k, v in feed.items()}
 

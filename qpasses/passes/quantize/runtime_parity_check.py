@@ -1,10 +1,10 @@
 """Check that onnxruntime, as users run it, computes what the lowered QDQ model says.
 
-Runs last in ``quantize``: a few calibration batches (up to 4; past the first, at most a quarter of
-the calibration samples) through the model with exact QDQ semantics and in the default session (see
-``qpasses.runtime.parity``). A divergence beyond the tolerance is a ``missed`` remark and a warning
-naming the first divergent ops, the likely cause and the fix; the report itself is left as a
-``ParityReport`` artifact.
+Runs last in ``quantize``: the first calibration samples (at most ``batches`` x ``batch_size``, 64,
+and at most a quarter of them, whatever the batching) through the model with exact QDQ semantics and
+in the default session (see ``qpasses.runtime.parity``). A divergence beyond the tolerance is a
+``missed`` remark and a warning naming the first divergent ops, the likely cause and the fix; the
+report itself is left as a ``ParityReport`` artifact.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class RuntimeParityCheck(Pass):
     @dataclass
     class Options:
         batches: int = 4
-        share: float = CHECK_SHARE  # past the first batch, at most this share of the calibration samples
+        share: float = CHECK_SHARE  # at most this share of the calibration samples (at least one)
         batch_size: int = 16
         tolerance_db: float = DEFAULT_TOLERANCE_DB
 
@@ -69,7 +69,7 @@ class RuntimeParityCheck(Pass):
             return self.result(False)
         try:
             data = calibration_feeds(ctx.calibration_data, graph, o.batch_size)
-            feeds = check_feeds(data, o.batches, o.share)
+            feeds = check_feeds(model, data, o.batches * o.batch_size, o.share)
         except CalibrationDataError as exc:
             self.remarks.missed("runtime parity not checked", reason=str(exc))
             return self.result(False)
