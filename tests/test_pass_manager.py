@@ -277,3 +277,34 @@ def test_cle_numeric_verification_on_shipped_models():
     relu6 = graph_ir.load(models / "digits_cnn_relu6.onnx")
     report = PassManager([reg.create_pass("cle")], verify="numeric").run(relu6)
     assert any("numeric verification skipped" in r.message for r in report.remarks)
+
+
+def test_numeric_verification_runs_models_that_need_more_than_two_pixels(capfd: pytest.CaptureFixture[str]) -> None:
+    """Symbolic dims of 2 make a 5x5 unpadded Conv fail (PP-OCR's detector fails the same way in its
+    pyramid): the check retries at 64 instead of skipping, and onnxruntime's error log stays quiet."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpasses.core import verification
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 1, 5, 5)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert verification.assert_equivalent(model, model, "same") == 0.0
+
+    class Unchanged(Pass):  # claims a change, changes nothing: the check compares the same model
+        name = "unchanged"
+        preserves_semantics = True
+
+        def run(self, graph: graph_ir.Graph, ctx: PassContext) -> PassResult:
+            return self.result(True)
+
+    report = PassManager([Unchanged()], verify="numeric").run(graph_ir.from_onnx(model))
+    assert not any("numeric verification skipped" in r.message for r in report.remarks)
+    assert "E:onnxruntime" not in capfd.readouterr().err
