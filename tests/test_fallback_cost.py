@@ -20,7 +20,7 @@ from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 from qpasses.runtime import tensor_sensitivity
-from qpasses.runtime.parity import first_sample, split_first_sample
+from qpasses.runtime.parity import split_first_sample
 from qpasses.runtime.tensor_sensitivity import most_harmful
 
 NAMES = [f"t{i}" for i in range(100)]
@@ -127,8 +127,8 @@ def _model(batch: int | str) -> onnx.ModelProto:
 
 def test_parity_probe_is_one_sample_of_a_free_batch() -> None:
     feed = {"x": np.ones((8, 4), np.float32)}
-    assert first_sample(_model("N"), feed)["x"].shape == (1, 4)
-    assert first_sample(_model(8), feed)["x"].shape == (8, 4)  # a fixed batch of 8 cannot be cut
+    assert split_first_sample(_model("N"), feed)[0]["x"].shape == (1, 4)
+    assert split_first_sample(_model(8), feed)[0]["x"].shape == (8, 4)  # a fixed batch of 8 cannot be cut
 
 
 def test_parity_runs_the_probe_sample_apart_from_the_rest_of_its_batch() -> None:

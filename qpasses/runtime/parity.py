@@ -356,11 +356,6 @@ def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and np.ndim(first) else 1
 
 
-def first_sample(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The feed's first sample when every input has a free leading (batch) dimension; else the feed."""
-    return split_first_sample(model, feed)[0]
-
-
 def split_first_sample(
     model: onnx.ModelProto, feed: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
