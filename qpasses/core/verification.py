@@ -54,10 +54,11 @@ def random_feeds(
     return feeds
 
 
-def session_options(*, intra_op_threads: int = 0, optimize: bool = True) -> ort.SessionOptions:
-    """Quiet CPU session options (onnxruntime's warnings about unused initializers are noise here)."""
+def session_options(*, intra_op_threads: int = 0, optimize: bool = True, silent: bool = False) -> ort.SessionOptions:
+    """Quiet CPU session options (onnxruntime's warnings about unused initializers are noise here;
+    ``silent``: its errors too, for runs whose failure the caller reports itself)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if silent else 3
     opts.intra_op_num_threads = intra_op_threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -65,7 +66,7 @@ def session_options(*, intra_op_threads: int = 0, optimize: bool = True) -> ort.
 
 
 def session(
-    model: onnx.ModelProto | str | bytes, *, optimize: bool = True, intra_op_threads: int = 0
+    model: onnx.ModelProto | str | bytes, *, optimize: bool = True, intra_op_threads: int = 0, silent: bool = False
 ) -> ort.InferenceSession:
     """A CPU session; ``optimize=False`` gives exact QDQ semantics (see ``exact_session``)."""
     source: str | bytes
@@ -75,7 +76,7 @@ def session(
         source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(
         source,
-        session_options(optimize=optimize, intra_op_threads=intra_op_threads),
+        session_options(optimize=optimize, intra_op_threads=intra_op_threads, silent=silent),
         providers=["CPUExecutionProvider"],
     )
 
@@ -95,11 +96,8 @@ _LARGER_EXTENT = 64
 
 
 def _quiet_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``run`` with onnxruntime's log at fatal only (its errors come back as the exception)."""
-    opts = session_options(optimize=False)
-    opts.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    """``run`` with onnxruntime's error log silent (its errors come back as the exception)."""
+    return session(model, optimize=False, silent=True).run(None, feeds)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
