@@ -29,6 +29,7 @@ from qpasses.core.pass_base import Pass
 from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
 from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
+from qpasses.core.statistics import StatisticsCarry, StatisticsStore
 from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.data.sources import CalibrationData
 from qpasses.passes import default_registry
@@ -126,7 +127,8 @@ def quantize_model(
     quantizers costing the most (found by bisection) are kept in higher precision, at most
     ``max_fallback_tensors``, and the model is quantized again; ``result.fallback`` names them.
     """
-    result = quantize_once(model, calibration_data, config, **options)
+    carry = StatisticsCarry()  # the fallback's run measures what this one did: read, not measured again
+    result = quantize_once(model, calibration_data, config, statistics_carry=carry, **options)
     if calibration_data is None or not auto_fallback or result.reference is None:
         return result
     data = result.calibration  # normalised once by the first run: the second reads the same feeds
@@ -161,7 +163,7 @@ def quantize_model(
     outputs = {o.name for o in result.reference.graph.output}
     # A graph output's quantizer reads the producer's renamed result (<name>_fp): keep <name>.
     names = [s.tensor[:-3] if s.tensor.endswith("_fp") and s.tensor[:-3] in outputs else s.tensor for s in chosen]
-    again = quantize_once(model, data, config, keep_float_tensors=names, **options)
+    again = quantize_once(model, data, config, keep_float_tensors=names, statistics_carry=carry, **options)
     again.fallback = chosen
     detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
     again.report.add_remark(
@@ -209,6 +211,7 @@ def quantize_once(
     keep_float_tensors: Sequence[str] = (),
     extensions: dict[str, Sequence[PassSpec]] | None = None,
     seed: int = 0,
+    statistics_carry: StatisticsCarry | None = None,
 ) -> QuantizeResult:
     """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
     ``seq_mse`` searches the weight encodings on the calibration data first (options of the
@@ -217,6 +220,8 @@ def quantize_once(
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
     ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
     ``seed`` seeds what passes draw at random (AdaRound/AdaScale batch order).
+    ``statistics_carry``: statistics an earlier run on the same calibration data measured, by graph
+    state (``quantize_model``'s fallback run reads the first run's); this run's are added to it.
     The flow itself is ``build_quantize_pipeline``'s.
     """
     if seq_mse and calibration_data is None:
@@ -272,6 +277,8 @@ def quantize_once(
     if calibration_data is not None:  # validated and normalised once; every pass reads this object
         calibration_data = calibration_feeds(calibration_data, graph, batch_size)
     ctx = PassContext(target=target, calibration_data=calibration_data, seed=seed)
+    if statistics_carry is not None and calibration_data is not None and statistics_carry.serves(calibration_data):
+        ctx.statistics = StatisticsStore(statistics_carry)
     if calibration_data is not None:
         ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
     # Pass objects given directly run right after inline-functions.

@@ -81,8 +81,11 @@ def build_quantize_pipeline(
     stages["structural"] += [PassSpec("inline-functions"), *user_passes]
     # Identity ops and no-op Casts would each get a quantizer, and hide shared weights from their readers.
     stages["structural"].append(PassSpec("remove-identity"))
-    # A bias the exporter adds after the Conv joins the Conv (int32 bias, one output encoding); before BN folding.
-    stages["structural"].append(PassSpec("fold-bias-add"))
+    # Layout Transposes between a Conv and its per-channel constants move below them (FP32-exact),
+    stages["structural"].append(PassSpec("sink-transposes"))
+    # so a bias / batch norm the exporter writes as Add/Sub/Mul/Div joins the Conv (int32 bias, one
+    # output encoding); before BN folding.
+    stages["structural"].append(PassSpec("fold-channel-affine"))
     if o.fold_batchnorm:
         stages["structural"].append(PassSpec("fold-batchnorm"))
     if o.cle:
@@ -96,6 +99,7 @@ def build_quantize_pipeline(
         PassSpec("keep-log-domain-inputs-float"),
         PassSpec("keep-data-independent-float"),
         PassSpec("keep-decomposed-blocks-float"),
+        PassSpec("keep-probability-outputs-float"),
     ]
     if o.calibrated:
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))

@@ -2,9 +2,9 @@
 target cannot run as annotated.
 
 The annotation is the default pipeline's own (``build_quantize_pipeline``): its structural stage
-(inline-functions, remove-identity, fold-bias-add, fold-batchnorm), the overrides file loaded after
-it, and its annotate stage (the keep-float passes, annotate-precision), so the check cannot drift
-from what ``quantize --target`` lowers.
+(inline-functions, remove-identity, sink-transposes, fold-channel-affine, fold-batchnorm), the
+overrides file loaded after it, and its annotate stage (the keep-float passes, annotate-precision), so
+the check cannot drift from what ``quantize --target`` lowers.
 """
 
 from __future__ import annotations

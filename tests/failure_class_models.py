@@ -245,3 +245,40 @@ def identity_and_noop_casts(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
         [numpy_helper.from_array(w, "w")],
     )
+
+
+def transposed_batchnorm_layers(seed: int = 0) -> onnx.ModelProto:
+    """open_nsfw's export (a TensorFlow model through PyTorch): each Conv writes NCHW, a Transpose
+    makes it NHWC, the bias and batch norm follow as Add(b) -> Sub(mean) -> Mul(gamma/std) ->
+    Add(beta) with [C] constants, then Relu and a Transpose back: two such layers, then a Softmax
+    over channels as the output (a probability the model returns)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i, (cin, cout) in enumerate(((3, 8), (8, 8))):
+        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+        consts = {
+            "b": rng.standard_normal(cout) * 0.1,
+            "mean": rng.standard_normal(cout) * 0.5,
+            "scale": rng.uniform(0.5, 2.0, cout),
+            "beta": rng.standard_normal(cout) * 0.2,
+        }
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        inits += [numpy_helper.from_array(v.astype(np.float32), f"{k}{i}") for k, v in consts.items()]
+        nodes += [
+            helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            helper.make_node("Transpose", [f"c{i}"], [f"t{i}"], name=f"to_nhwc{i}", perm=[0, 2, 3, 1]),
+            helper.make_node("Add", [f"t{i}", f"b{i}"], [f"a{i}"], name=f"bias{i}"),
+            helper.make_node("Sub", [f"a{i}", f"mean{i}"], [f"s{i}"], name=f"sub_mean{i}"),
+            helper.make_node("Mul", [f"s{i}", f"scale{i}"], [f"m{i}"], name=f"mul_scale{i}"),
+            helper.make_node("Add", [f"m{i}", f"beta{i}"], [f"n{i}"], name=f"add_beta{i}"),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
+            helper.make_node("Transpose", [f"r{i}"], [f"h{i}"], name=f"to_nchw{i}", perm=[0, 3, 1, 2]),
+        ]
+        x = f"h{i}"
+    nodes.append(helper.make_node("Softmax", [x], ["probs"], name="softmax", axis=1))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 8, 8, 8])],
+        inits,
+    )

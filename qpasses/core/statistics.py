@@ -18,8 +18,10 @@ data): a request names its family's ``collect``, which the manager calls once pe
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,22 +42,60 @@ class StatisticRequest:
         raise NotImplementedError
 
 
+def content_fingerprint(graph: Graph) -> str | None:
+    """A digest of the graph's serialized model (structure and values); None over protobuf's 2 GB."""
+    try:
+        data = graph.to_onnx().SerializeToString()
+    except ValueError:
+        return None
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class StatisticsCarry:
+    """What one run measured, by the content of each graph state it was measured on, for another run
+    of the same flow on the same calibration data (``data``, by identity; bound by the first run that
+    uses the carry). ``quantize_model``'s
+    fallback quantizes again with a few tensors kept float: every state up to the annotations is
+    the first run's, so are its statistics. Keying by content (not by ``graph.version``, a counter)
+    makes a state that differs, however slightly, measure afresh."""
+
+    data: object = None
+    results: dict[str, dict[Hashable, Any]] = field(default_factory=dict)
+
+    def serves(self, data: object) -> bool:
+        """Whether a run on ``data`` may read and fill this carry (binding it to ``data`` when unbound)."""
+        if self.data is None:
+            self.data = data
+        return self.data is data
+
+
 class StatisticsStore:
     """What was measured on the calibration data, for one numeric state of one graph (``graph.version``).
 
     ``results(graph)`` is the mapping of that graph's current state (emptied when the state, or the
     graph, changed since it was filled); keys and values are the request families' own.
-    ``collections`` counts the reads of the data made to fill it.
+    ``collections`` counts the reads of the data made to fill it. With a ``carry``, each state's
+    results are found there by content first, and what is measured goes there too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, carry: StatisticsCarry | None = None) -> None:
         self._graph: weakref.ref[Graph] | None = None
         self._version: int | None = None
         self._results: dict[Hashable, Any] = {}
+        self._carry = carry
+        self._carried: tuple[weakref.ref[Graph], int] | None = None  # the state looked up in the carry
         self.collections = 0
 
     def results(self, graph: Graph) -> dict[Hashable, Any]:
         self.sync(graph)
+        if self._carry is not None and self._carried != (self._graph, self._version):
+            self._carried = (weakref.ref(graph), graph.version)
+            key = content_fingerprint(graph)
+            if key is not None:
+                if key in self._carry.results:
+                    self._results.update(self._carry.results[key])
+                self._carry.results[key] = self._results  # live: what this run measures on the state too
         return self._results
 
     def sync(self, graph: Graph) -> None:

@@ -7,16 +7,18 @@ from qpasses.passes.cleanup.inline_functions import InlineFunctions
 from qpasses.passes.cleanup.opset_upgrade import UpgradeOpset
 from qpasses.passes.cleanup.rewrite_script import RewriteScript
 from qpasses.passes.cleanup.shape_inference import InferShapes
+from qpasses.passes.cleanup.transpose_sinking import SinkTransposes
 from qpasses.passes.equalize.bias_correction import BiasCorrection
 from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
 from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
-from qpasses.passes.equalize.fold_bias_add import FoldBiasAdd
+from qpasses.passes.equalize.fold_channel_affine import FoldChannelAffine
 from qpasses.passes.fallback.data_independent import KeepDataIndependentFloat
 from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
 from qpasses.passes.fallback.keep_float_tensors import KeepFloat
 from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
+from qpasses.passes.fallback.probability_outputs import KeepProbabilityOutputsFloat
 from qpasses.passes.quantize.adaround import AdaRound
 from qpasses.passes.quantize.adascale import AdaScale
 from qpasses.passes.quantize.annotate_precision import AnnotatePrecision
@@ -39,9 +41,10 @@ BUILTIN_PASSES = (
     InferShapes,
     InlineFunctions,
     RewriteScript,
+    SinkTransposes,
     UpgradeOpset,
     # FP32-preserving rewrites
-    FoldBiasAdd,
+    FoldChannelAffine,
     FoldBatchNorm,
     CrossLayerEqualization,
     # quantization: annotate, encode, calibrate, lower
@@ -51,6 +54,7 @@ BUILTIN_PASSES = (
     KeepDataIndependentFloat,
     KeepDecomposedBlocksFloat,
     KeepMixedRangesFloat,
+    KeepProbabilityOutputsFloat,
     KeepFloat,
     AnnotatePrecision,
     CheckTarget,

@@ -8,7 +8,7 @@ these" with one forward pass each, instead of one lowering and session per quest
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,11 +96,12 @@ def fallback_tensors(
 ) -> tuple[list[Sensitivity], float, float]:
     """Greedy: keep the most harmful quantizer float until every output is above ``floor_db``.
 
-    Each step bisects for the quantizer whose removal helps most (``most_harmful``: about 2 log2 n
-    scores instead of one per quantizer, and 2 when no half of the quantizers kept float buys 1 dB),
-    every score on all of ``feeds`` (the parity check's few batches: on one batch of two samples the
+    Each step bisects for the quantizer whose removal helps most (``most_harmful``: about log2 n
+    scores instead of one per quantizer: of two halves one is run, the other's noise inferred, as
+    noise powers of independent quantizers add; and 3 when no half kept float buys 1 dB), every
+    score on all of ``feeds`` (the parity check's few batches: on one batch of two samples the
     bisection followed a quantizer that bought 1 dB there and little on the rest). The one it ends
-    on must buy at least 1 dB, and either lift every output above the floor or, alone, bring an
+    on must buy at least 1 dB (measured, not inferred), and either lift every output above the floor or, alone, bring an
     output within 3 dB of the floor (a model whose loss comes from its weights or from many small
     errors gets none: each step would buy a little and cost integer compute without reaching the
     floor). Returns (tensors to keep in higher precision, worst SQNR before, after). ``before``: the
@@ -113,9 +114,16 @@ def fallback_tensors(
     ref_sess = verification.runtime_session(fp32)  # as the parity check runs FP32
     reference = [ref_sess.run(None, dict(f)) for f in feeds]
     scorer = _Scorer(reference)
+    measured: dict[frozenset[str], np.ndarray | None] = {}  # noise per output, by the quantizers on
 
-    def worst(on: Sequence[str]) -> float:
-        return scorer.worst([switchable.run(f, on) for f in feeds])
+    def noise(on: Iterable[str]) -> np.ndarray | None:
+        key = frozenset(on)
+        if key not in measured:
+            measured[key] = scorer.noise([switchable.run(f, sorted(on)) for f in feeds])
+        return measured[key]
+
+    def worst(on: Iterable[str]) -> float:
+        return scorer.db(noise(on))
 
     everything = list(switchable.tensors)
     before = current = worst(everything) if before is None else before
@@ -125,20 +133,30 @@ def fallback_tensors(
         rest = [t for t in everything if t not in kept]
         if not rest:
             break
-        scores: dict[tuple[str, ...], float] = {}
+        inferred: dict[frozenset[str], np.ndarray | None] = {}
 
-        def without(
-            group: Sequence[str], rest: list[str] = rest, scores: dict[tuple[str, ...], float] = scores
+        def without_noise(group: Sequence[str], rest: list[str] = rest, inferred: dict = inferred) -> np.ndarray | None:
+            on = frozenset(rest) - frozenset(group)
+            return inferred[on] if on in inferred else noise(on)
+
+        def without(group: Sequence[str]) -> float:
+            return scorer.db(without_noise(group))
+
+        def other_half(
+            group: Sequence[str], half: Sequence[str], rest: list[str] = rest, inferred: dict = inferred
         ) -> float:
-            key = tuple(group)
-            if key not in scores:
-                scores[key] = worst(sorted(set(rest) - set(group)))
-            return scores[key]
+            # Noise powers of independent quantizers add: N(rest - B) = N(rest) + N(rest - G) - N(rest - A).
+            on = frozenset(rest) - (frozenset(group) - frozenset(half))
+            total, base, with_b = noise(rest), without_noise(group), without_noise(half)
+            if total is None or base is None or with_b is None:
+                return without([t for t in group if t not in set(half)])
+            inferred[on] = np.maximum(total + base - with_b, base)
+            return scorer.db(inferred[on])
 
-        worst_one = most_harmful(rest, without, need=current + 1.0)
+        worst_one = most_harmful(rest, without, need=current + 1.0, other_half=other_half)
         if worst_one is None:
             break
-        trial = without([worst_one])  # scored by the bisection's last step
+        trial = scorer.db(noise(frozenset(rest) - {worst_one}))  # measured (the bisection may have inferred it)
         if trial < current + 1.0:
             break
         alone = Sensitivity(worst_one, worst([worst_one]))
@@ -149,16 +167,22 @@ def fallback_tensors(
     return chosen, before, current
 
 
-def most_harmful(tensors: Sequence[str], without: Callable[[Sequence[str]], float], need: float) -> str | None:
+def most_harmful(
+    tensors: Sequence[str],
+    without: Callable[[Sequence[str]], float],
+    need: float,
+    other_half: Callable[[Sequence[str], Sequence[str]], float] | None = None,
+) -> str | None:
     """Bisection: of two halves, follow the one whose quantizers, kept float together, leave the
     better score (``without(group)``); the quantizer it ends on is the one costing most when one
-    dominates, as a harmful quantizer does. ``2 log2 n`` scores instead of ``n``. None as soon as
-    the better half scores below ``need``: none of its members alone would reach it."""
+    dominates, as a harmful quantizer does. ``2 log2 n`` scores instead of ``n``; ``log2 n`` when
+    ``other_half(group, half)`` infers the second half's score from those taken (noise powers add).
+    None as soon as the better half scores below ``need``: none of its members alone would reach it."""
     group = list(tensors)
     while len(group) > 1:
         half = len(group) // 2
         first, second = group[:half], group[half:]
-        scores = without(first), without(second)
+        scores = without(first), (without(second) if other_half is None else other_half(group, first))
         if max(scores) < need:
             return None
         group = first if scores[0] >= scores[1] else second
@@ -176,20 +200,33 @@ class _Scorer:
         self.flat = {
             (b, j): np.asarray(reference[b][j], np.float64).ravel() for b in range(len(reference)) for j in self.outputs
         }
-
-    def worst(self, got: list[list[np.ndarray]]) -> float:
-        worst = float("inf")
+        self.signal = []  # per float output, over its finite values (as the noise)
         for j in self.outputs:
-            signal = noise = 0.0
+            flats = [self.flat[(b, j)] for b in range(len(reference))]
+            self.signal.append(sum(float(f[np.isfinite(f)] @ f[np.isfinite(f)]) for f in flats))
+
+    def noise(self, got: list[list[np.ndarray]]) -> np.ndarray | None:
+        """Noise power per float output, all feeds pooled; None when an output's shape differs."""
+        out = np.zeros(len(self.outputs))
+        for k, j in enumerate(self.outputs):
             for b, batch in enumerate(got):
                 if np.shape(batch[j]) != np.shape(self.reference[b][j]):
-                    return SHAPE_MISMATCH_DB
+                    return None
                 r, g = self.flat[(b, j)], np.asarray(batch[j], np.float64).ravel()
                 finite = np.isfinite(r) & np.isfinite(g)
-                if not finite.all():
-                    r, g = r[finite], g[finite]
-                signal += float(r @ r)
-                d = r - g
-                noise += float(d @ d)
-            worst = min(worst, float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise))
+                d = r - g if finite.all() else r[finite] - g[finite]
+                out[k] += float(d @ d)
+        return out
+
+    def db(self, noise: np.ndarray | None) -> float:
+        """The worst output's SQNR for ``noise`` (SHAPE_MISMATCH_DB for None)."""
+        if noise is None:
+            return SHAPE_MISMATCH_DB
+        worst = float("inf")
+        for k in range(len(self.outputs)):
+            if noise[k] > 0:
+                worst = min(worst, float(10 * np.log10(max(self.signal[k], 1e-300) / noise[k])))
         return worst
+
+    def worst(self, got: list[list[np.ndarray]]) -> float:
+        return self.db(self.noise(got))

@@ -1,4 +1,4 @@
-"""fold-bias-add: a constant per-channel Add after a Conv joins the Conv's bias.
+"""fold-channel-affine: constant per-channel Add/Sub/Mul/Div after a Conv join the Conv's weights and bias.
 
 Truth: onnxruntime on the original model (FP32 equivalence) and the ONNX graph itself (which Adds
 are gone, which stay, what quantization then sees).
@@ -15,7 +15,7 @@ import graph_ir
 from qpasses.core.context import PassContext
 from qpasses.core.pass_manager import PassManager
 from qpasses.core.verification import exact_session
-from qpasses.passes.equalize.fold_bias_add import FoldBiasAdd
+from qpasses.passes.equalize.fold_channel_affine import FoldChannelAffine
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
 
@@ -58,7 +58,7 @@ def _model(
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = graph_ir.load(model)
-    PassManager([FoldBiasAdd()], verify="numeric").run(graph, PassContext())
+    PassManager([FoldChannelAffine()], verify="numeric").run(graph, PassContext())
     return graph.to_onnx()
 
 
@@ -119,3 +119,42 @@ def test_quantized_conv_has_one_output_encoding_and_an_int32_bias() -> None:
     conv = next(n for n in q.graph.node if n.op_type == "Conv")
     bias_dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv.input[2])
     assert inits[bias_dq.input[0]].dtype == np.int32
+
+
+def _affine_model(op_type: str, const: np.ndarray, *, const_first: bool = False) -> onnx.ModelProto:
+    model = _model(None, conv_bias=True)
+    del model.graph.node[1:]  # Conv only
+    model.graph.initializer.append(numpy_helper.from_array(const.astype(np.float32), "k"))
+    ins = ["k", "c"] if const_first else ["c", "k"]
+    model.graph.node.append(helper.make_node(op_type, ins, ["y"], name="affine"))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("op_type", "const_first"),
+    [("Sub", False), ("Sub", True), ("Mul", False), ("Mul", True), ("Div", False)],
+)
+def test_folds_sub_mul_div_into_weights_and_bias(op_type, const_first) -> None:  # noqa: ANN001
+    """y = s * conv + t per channel: Sub shifts (c - conv negates), Mul/Div scale weights and bias."""
+    const = np.random.default_rng(3).uniform(0.5, 2.0, (1, C, 1, 1)) * np.array([1, -1, 1, -1]).reshape(1, C, 1, 1)
+    model = _affine_model(op_type, const, const_first=const_first)
+    folded = _fold(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert folded.graph.node[0].output == ["y"]
+    want = exact_session(model).run(None, _feeds())[0]
+    got = exact_session(folded).run(None, _feeds())[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("op_type", "const", "const_first"),
+    [
+        ("Div", np.full((1, C, 1, 1), 2.0), True),  # c / conv is not affine in conv
+        ("Div", np.array([1.0, 0.0, 1.0, 1.0]).reshape(1, C, 1, 1), False),  # division by zero stays as it is
+        ("Mul", np.full((1, C, 8, 8), 2.0), False),  # varies along space
+    ],
+)
+def test_leaves_non_affine_or_non_channel_ops_alone(op_type, const, const_first) -> None:  # noqa: ANN001
+    model = _affine_model(op_type, const, const_first=const_first)
+    folded = _fold(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", op_type]
