@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 import qpasses.quantize as quantize_module
 from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings_io import to_json
 from qpasses.quantize import quantize_model
 from qpasses.runtime import tensor_sensitivity
 from qpasses.runtime.parity import split_first_sample
@@ -113,10 +114,38 @@ def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatc
     quantizers = len(tensor_sensitivity.SwitchableQDQ(result.model).tensors) + 1  # 'lifted' is float there
     assert quantizers > 100
     # One greedy round keeps 'lifted' and the output is above the floor: a bisection scored on the parity
-    # check's batches (a quarter of the 4 one-sample feeds: one), its last score the trial, and one run of
-    # 'lifted' alone; not one run per quantizer.
+    # check's batches (a quarter of the 4 one-sample feeds: one) running one half of each split (the other's
+    # noise inferred; at the top, all and none quantized too), the trial, and one run of 'lifted' alone;
+    # not one run per quantizer, nor two per split.
     assert result.parity is not None and result.parity.samples == 1
-    assert len(runs) <= 2 * math.ceil(math.log2(quantizers)) + 1
+    assert len(runs) <= math.ceil(math.log2(quantizers)) + 4
+
+
+def test_fallback_run_reads_the_first_runs_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second quantization (tensors kept float) measures nothing: every graph state it collects on
+    is the first run's, by content."""
+    import qpasses.data.statistics as statistics_module
+
+    reads: list[int] = []
+    real_collect = statistics_module.collect
+    monkeypatch.setattr(statistics_module, "collect", lambda *a, **k: reads.append(1) or real_collect(*a, **k))
+    starts: list[int] = []
+    real_once = quantize_module.quantize_once
+
+    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        starts.append(len(reads))
+        return real_once(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize_once", once)
+    model = _long_outlier_model(steps=4)
+    result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
+    assert [s.tensor for s in result.fallback] == ["lifted"]
+    assert len(starts) == 2 and starts[1] > 0  # the first run read the data
+    assert len(reads) == starts[1]  # the second did not
+    # The same encodings as a run that measures afresh
+    config = QuantConfig(per_channel=True)
+    fresh = real_once(model, fc.feeds(model, 4), config, progress=False, keep_float_tensors=["lifted"])
+    assert to_json(fresh.encodings) == to_json(result.encodings)
 
 
 def _model(batch: int | str) -> onnx.ModelProto:
