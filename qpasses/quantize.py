@@ -212,6 +212,7 @@ def quantize_once(
     extensions: dict[str, Sequence[PassSpec]] | None = None,
     seed: int = 0,
     statistics_carry: StatisticsCarry | None = None,
+    quantize_outputs: bool = False,
 ) -> QuantizeResult:
     """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
     ``seq_mse`` searches the weight encodings on the calibration data first (options of the
@@ -220,6 +221,8 @@ def quantize_once(
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
     ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
     ``seed`` seeds what passes draw at random (AdaRound/AdaScale batch order).
+    ``quantize_outputs``: quantize the model's outputs and the heads writing them too (by default they
+    stay float: ``keep-output-heads-float``).
     ``statistics_carry``: statistics an earlier run on the same calibration data measured, by graph
     state (``quantize_model``'s fallback run reads the first run's); this run's are added to it.
     The flow itself is ``build_quantize_pipeline``'s.
@@ -270,6 +273,7 @@ def quantize_once(
             progress=progress,
             runtime_check=runtime_check,
             keep_float_tensors=tuple(keep_float_tensors),
+            quantize_outputs=quantize_outputs,
         ),
         user_passes=user_specs,
         extensions=extensions,

@@ -46,6 +46,7 @@ class QuantizeOptions:
     progress: bool = True
     runtime_check: bool = True
     keep_float_tensors: Sequence[str] = ()
+    quantize_outputs: bool = False  # True: outputs and their heads are quantized too (keep-output-heads-float off)
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,10 @@ def build_quantize_pipeline(
         PassSpec("keep-log-domain-inputs-float"),
         PassSpec("keep-data-independent-float"),
         PassSpec("keep-decomposed-blocks-float"),
-        PassSpec("keep-probability-outputs-float"),
     ]
+    if o.calibrated and not o.quantize_outputs:
+        # What the model returns: not clipped to the calibration range, probabilities not rounded.
+        annotate.append(PassSpec("keep-output-heads-float"))
     if o.calibrated:
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
     if o.keep_float_tensors:

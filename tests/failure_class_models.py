@@ -282,3 +282,35 @@ def transposed_batchnorm_layers(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 8, 8, 8])],
         inits,
     )
+
+
+def regression_head(seed: int = 0) -> onnx.ModelProto:
+    """DNSMOS-style score head: features -> Relu -> MatMul (2-D, pooled features) -> bias Add -> the score
+    the model returns. The head weighs the two features +1 / -1: where the calibration data has them
+    move together (see ``correlated_feeds``), its scores span almost nothing, while a real input with
+    each feature inside its calibrated range scores far beyond that."""
+    rng = np.random.default_rng(seed)
+    w1 = (np.eye(2) + 0.01 * rng.standard_normal((2, 2))).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="features"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "head_w"], ["m"], name="head"),
+        helper.make_node("Add", ["m", "head_b"], ["score"], name="head_bias"),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32), "head_w"),
+        numpy_helper.from_array(np.array([2.0], np.float32), "head_b"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+
+
+def correlated_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds for ``regression_head``: both features equal, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    return [{"x": np.repeat(rng.uniform(0, 1, (8, 1)), 2, axis=1).astype(np.float32)} for _ in range(n)]

@@ -258,7 +258,9 @@ def test_learned_encodings_round_trip_through_overrides(tmp_path: Path) -> None:
     """encodings.json + the model with the learned weights (AIMET's adarounded model) reproduce the result."""
     config = QuantConfig(weight_bw=4, act_bw=8, per_channel=True)
     snapshot = Snapshot()
-    first = quantize_model(DIGITS, CALIB_PATH, config, pipeline=[*_learned("adaround"), snapshot], progress=False)
+    first = quantize_model(
+        DIGITS, CALIB_PATH, config, pipeline=[*_learned("adaround"), snapshot], progress=False, quantize_outputs=True
+    )
     first.save(tmp_path / "out")
     again = quantize_model(
         snapshot.model, CALIB_PATH, config, overrides=tmp_path / "out" / "encodings.json", progress=False

@@ -346,12 +346,17 @@ def test_adascale_w4a8_beats_min_max_and_keeps_weights_on_the_learned_grids() ->
     model = str(MODELS / "digits_cnn.onnx")
     fp32 = exact_session(model).run(None, {"input": TEST_X})[0]
     config = QuantConfig(weight_bw=4, act_bw=8, per_channel=True)
-    minmax = quantize_model(model, str(CALIB_PATH), config, progress=False)
+    minmax = quantize_model(model, str(CALIB_PATH), config, progress=False, quantize_outputs=True)
     learned = REGISTRY.create_pass(
         "adascale", weight_bw=4, num_epochs=20, num_batches=8, scale_lr=5e-3, progress=False, threads=1
     )
     result = quantize_model(
-        model, str(CALIB_PATH), config, progress=False, pipeline=[REGISTRY.create_pass("fold-batchnorm"), learned]
+        model,
+        str(CALIB_PATH),
+        config,
+        progress=False,
+        pipeline=[REGISTRY.create_pass("fold-batchnorm"), learned],
+        quantize_outputs=True,
     )
     db_minmax, db = _sqnr(minmax.model, fp32), _sqnr(result.model, fp32)
     assert db > db_minmax + 4.0, (db, db_minmax)  # measured 23.3 vs 12.3 dB
@@ -395,6 +400,7 @@ def test_adascale_encodings_round_trip_through_overrides(tmp_path: Path) -> None
         str(CALIB_PATH),
         config,
         progress=False,
+        quantize_outputs=True,
         pipeline=[
             REGISTRY.create_pass("fold-batchnorm"),
             REGISTRY.create_pass("adascale", weight_bw=4, num_epochs=3, num_batches=4, progress=False, threads=1),
@@ -403,7 +409,12 @@ def test_adascale_encodings_round_trip_through_overrides(tmp_path: Path) -> None
     )
     first.save(tmp_path / "out")
     again = quantize_model(
-        snapshot.model, str(CALIB_PATH), config, progress=False, overrides=tmp_path / "out" / "encodings.json"
+        snapshot.model,
+        str(CALIB_PATH),
+        config,
+        progress=False,
+        overrides=tmp_path / "out" / "encodings.json",
+        quantize_outputs=True,
     )
     learned = graph_ir.load(snapshot.model)
     weights = [op.inputs[1] for op in learned.ops if op.op_type in ("Conv", "Gemm")]
@@ -489,6 +500,7 @@ def test_weight_shared_across_output_channel_axes_is_not_learned() -> None:
         {"per_channel": True},
         adascale=True,
         auto_fallback=False,
+        quantize_outputs=True,
         adascale_options={"num_epochs": 1, "num_batches": 2},
         progress=False,
     )

@@ -68,7 +68,7 @@ def test_mean_output_error_removed(kind: str) -> None:
     config = QuantConfig(weight_bw=4, act_bw=16)
     shift = {}
     for bc in (False, True):
-        q = quantize_model(model, feeds, config, bias_correction=bc, progress=False).model
+        q = quantize_model(model, feeds, config, bias_correction=bc, progress=False, quantize_outputs=True).model
         err = _run(q, x) - ref
         if kind != "gemm":
             err = err[:, :, 1:-1, 1:-1]  # zero padding is outside the correction's model
@@ -81,7 +81,11 @@ def test_works_with_a_one_shot_generator() -> None:
     model = _model("gemm")
     x = _data(model)
     result = quantize_model(
-        model, ({"x": x[i : i + 16]} for i in range(0, 64, 16)), QuantConfig(weight_bw=4), progress=False
+        model,
+        ({"x": x[i : i + 16]} for i in range(0, 64, 16)),
+        QuantConfig(weight_bw=4),
+        progress=False,
+        quantize_outputs=True,
     )
     applied = [r.message for r in result.report.remarks if r.pass_name == "bias-correction"]
     assert applied == ["corrected 1 biases from input means (calibration)"]

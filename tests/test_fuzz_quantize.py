@@ -421,7 +421,7 @@ def test_q1a_shared_weight_with_two_channel_axes_quantizes() -> None:
     """Q1a: per-channel weights along the MatMul's axis crashed the runtime check (kernel_emulation broadcast the
     7 scales to the Gemm's 3 channels). One per-channel grid cannot serve both layers: the weight is per tensor."""
     model, calib = _shared_weight_two_axes()
-    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
+    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, quantize_outputs=True)
     check_runs(result, model)
     w = result.encodings.params["w"]
     assert isinstance(w, Encoding) and w.axis is None and w.num_channels == 1
@@ -435,7 +435,9 @@ def test_q1b_shared_weight_encodings_reapply_as_overrides(tmp_path: Path) -> Non
     model (tensor_specs took the Gemm's axis, encode-weights the MatMul's); now both go through
     quant_plan.weight_axes, and a per-channel entry for that weight is a clear error."""
     model, calib = _shared_weight_two_axes()
-    options = dict(progress=False, runtime_check=False, auto_fallback=False, bias_correction=False)
+    options = dict(
+        progress=False, runtime_check=False, auto_fallback=False, bias_correction=False, quantize_outputs=True
+    )
     first = quantize_model(model, calib, QuantConfig(per_channel=True), **options)
     encodings_io.save(tmp_path / "encodings.json", first.encodings)
     again = quantize_model(

@@ -78,13 +78,15 @@ def quantized(name: str, per_channel: bool = False, **config: object) -> Quantiz
     """Cached ``quantize_model`` of a shipped model with 64 calibration samples.
 
     Bias correction is off: the reference is plain fake quantization of the FP32 graph (bias
-    correction has its own tests in test_bias_correction.py)."""
+    correction has its own tests in test_bias_correction.py). Every tensor is quantized, as the spec
+    has it (``quantize_outputs``: the default keeps the Gemm head float, tests/test_output_heads.py)."""
     return quantize_model(
         MODELS / f"{name}.onnx",
         calib_feeds(),
         {"per_channel": per_channel, **config},
         progress=False,
         bias_correction=False,
+        quantize_outputs=True,
     )
 
 
@@ -383,8 +385,8 @@ def test_cli_quantize_writes_outputs_and_leaves_input_alone(
 
 def _quantize_cli(model: Path, out: Path, *extra: str) -> dict:
     # Bias correction rewrites bias values, which an encodings file does not carry: round trips
-    # through --overrides (applied to the FP32 model) compare runs without it.
-    flags = ["--no-bias-correction"] if "--calib" in extra else []
+    # through --overrides (applied to the FP32 model) compare runs without it. Every tensor quantized.
+    flags = ["--no-bias-correction", "--quantize-outputs"] if "--calib" in extra else []
     assert main(["quantize", str(model), "-o", str(out), "-q", *extra, *flags]) == 0
     return json.loads((out / "encodings.json").read_text())
 
@@ -622,8 +624,8 @@ def test_constant_node_weights_quantize_like_initializers() -> None:
     const_model = model_zoo.constant_node_weights()
     init_model = model_zoo.conv_bn_relu(opset=13)
     calib = _zoo_feeds(const_model)
-    a = quantize_model(const_model, calib, progress=False)
-    b = quantize_model(init_model, calib, progress=False)
+    a = quantize_model(const_model, calib, progress=False, quantize_outputs=True)
+    b = quantize_model(init_model, calib, progress=False, quantize_outputs=True)
     assert a.encodings.params == b.encodings.params and len(a.encodings.params) >= 3
     assert a.encodings.activations == b.encodings.activations
     view = QDQView(a.model)

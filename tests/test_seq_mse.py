@@ -367,9 +367,14 @@ def test_excluded_ops_keep_minmax_encodings() -> None:
         seq_mse=True,
         seq_mse_options={"exclude": ["fc", "features.3.conv"]},
         progress=False,
+        quantize_outputs=True,
     )
     plain = quantize_model(
-        MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(weight_bw=4, per_channel=True), progress=False
+        MODELS / "digits_cnn.onnx",
+        FEEDS,
+        QuantConfig(weight_bw=4, per_channel=True),
+        progress=False,
+        quantize_outputs=True,
     )
     weights = {op.name: op.inputs[1] for op in _weighted_ops(_folded_digits())}
     for op_name in ("fc", "features.3.conv"):
@@ -422,6 +427,7 @@ def test_cli_quantize_with_seq_mse(tmp_path: Path, capsys: pytest.CaptureFixture
             "4",
             "--per-channel",
             "--seq-mse",
+            "--quantize-outputs",
             "--seq-mse-candidates",
             "10",
             "-q",

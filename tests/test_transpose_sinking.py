@@ -125,4 +125,4 @@ def test_default_quantization_rounds_each_layer_once_and_returns_float_probabili
     ref = exact_session(model).run(None, feed)[0]
     got = exact_session(q).run(None, feed)[0]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) > 30
-    assert any(r.pass_name == "keep-probability-outputs-float" for r in result.report.remarks)
+    assert any(r.pass_name == "keep-output-heads-float" for r in result.report.remarks)

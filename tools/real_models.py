@@ -1318,7 +1318,7 @@ def load_corpus(root: str | os.PathLike[str] | None = None, names: Sequence[str]
         _make=_make_khmer,
         _metric=_khmer_metric(base),
         n_calib=32,
-        n_test=96,
+        n_test=384,
         task_score_name="boundary-tag accuracy",
         _task_score=_khmer_task(base),
     )

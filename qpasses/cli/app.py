@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--target; identical model unless the automatic fallback acts)",
     )
     q.add_argument(
+        "--quantize-outputs",
+        action="store_true",
+        help="quantize what the model returns too (default: outputs, back to a head on pooled features, stay "
+        "float: an 8-bit output clips values the calibration never reached)",
+    )
+    q.add_argument(
         "--no-auto-fallback",
         action="store_true",
         help="don't keep the quantizers that push an output below --sqnr-floor in higher precision",

@@ -157,6 +157,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 target_given=args.target is not None,
                 batch_size=args.batch_size,
                 progress=not args.quiet,
+                quantize_outputs=args.quantize_outputs,
             ),
             user_passes=[s if isinstance(s, PassSpec) else PassSpec(str(s)) for s in user],
         )
@@ -179,6 +180,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         verify=args.verify,
         auto_fallback=not args.no_auto_fallback,
+        quantize_outputs=args.quantize_outputs,
         sqnr_floor_db=args.sqnr_floor,
     )
     quality = None

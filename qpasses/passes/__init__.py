@@ -18,7 +18,7 @@ from qpasses.passes.fallback.keep_float_tensors import KeepFloat
 from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
-from qpasses.passes.fallback.probability_outputs import KeepProbabilityOutputsFloat
+from qpasses.passes.fallback.output_heads import KeepOutputHeadsFloat
 from qpasses.passes.quantize.adaround import AdaRound
 from qpasses.passes.quantize.adascale import AdaScale
 from qpasses.passes.quantize.annotate_precision import AnnotatePrecision
@@ -54,7 +54,7 @@ BUILTIN_PASSES = (
     KeepDataIndependentFloat,
     KeepDecomposedBlocksFloat,
     KeepMixedRangesFloat,
-    KeepProbabilityOutputsFloat,
+    KeepOutputHeadsFloat,
     KeepFloat,
     AnnotatePrecision,
     CheckTarget,

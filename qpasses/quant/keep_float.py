@@ -42,8 +42,10 @@ def with_readers(graph: Graph, names: list[str]) -> list[str]:
 
 
 def user_override(graph: Graph, name: str) -> bool:
+    """The user gave this tensor a precision or an encoding (overrides file): automatic choices leave it."""
     t = graph.tensors[name]
-    return t.meta.get("precision_source") == "override" and "auto_precision" not in t.meta
+    given = t.meta.get("precision_source") == "override" or t.meta.get("encoding_source") == "override"
+    return given and "auto_precision" not in t.meta
 
 
 def keep_float(

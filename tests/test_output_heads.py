@@ -1,0 +1,100 @@
+"""keep-output-heads-float: what the model returns is not clipped to the calibration range.
+
+Truth: the FP32 model in onnxruntime, on inputs beyond what the calibration data showed, and the
+graph itself (which tensors have quantizers).
+"""
+
+from __future__ import annotations
+
+import failure_class_models as fc
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qpasses.core.verification import exact_session
+from qpasses.quant.config import QuantConfig
+from qpasses.quant.encodings_io import save as save_encodings
+from qpasses.quantize import quantize_model
+from qpasses.runtime.integer_compute import integer_mac_share
+
+
+def _quantized(model: onnx.ModelProto) -> set[str]:
+    """Tensors with a quantizer (a graph output's quantizer reads the producer's ``<name>_fp``)."""
+    names = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {n[:-3] if n.endswith("_fp") else n for n in names}
+
+
+def _calib_and_loud(model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Calibration where the features move together (scores about 2), and inputs with each feature
+    inside its calibrated range whose scores reach 1 and 3."""
+    loud = {"x": np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]], np.float32)}
+    return fc.correlated_feeds(4), loud
+
+
+def test_regression_head_stays_float_and_follows_scores_beyond_calibration() -> None:
+    model = fc.regression_head()
+    calib, loud = _calib_and_loud(model)
+    ref = exact_session(model).run(None, loud)[0]
+    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
+    clipped = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, quantize_outputs=True)
+    assert not {"score", "m"} & _quantized(result.model)  # the head and its bias Add run in float
+    assert {"score", "m"} <= _quantized(clipped.model)
+    err = np.abs(exact_session(result.model).run(None, loud)[0] - ref).max()
+    err_clipped = np.abs(exact_session(clipped.model).run(None, loud)[0] - ref).max()
+    assert err < 0.1 * err_clipped, (err, err_clipped)  # the 8-bit score grid clips at the calibrated maximum
+    # The feature layer still runs as an integer kernel
+    share = integer_mac_share(result.model, calib[0])
+    assert share.share == 2 / 3, share  # 2x2 integer MACs per sample, the 2x1 head float
+    remark = next(r for r in result.report.remarks if r.pass_name == "keep-output-heads-float")
+    assert "back to 'm'" in remark.message
+
+
+def _per_position_head() -> onnx.ModelProto:
+    """[N, T, 8] -> MatMul (3-D, per time step) -> bias Add -> Softmax: a CTC-style head."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w"], ["m"], name="head"),
+        helper.make_node("Add", ["m", "b"], ["logits"], name="bias"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ctc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 6, 5])],
+        [w, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_per_position_head_stays_quantized_and_only_the_probabilities_are_float() -> None:
+    model = _per_position_head()
+    calib = [{"x": np.random.default_rng(i).standard_normal((2, 6, 8)).astype(np.float32)} for i in range(4)]
+    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
+    quantized = _quantized(result.model)
+    assert "probs" not in quantized and "probs_fp" not in quantized
+    assert {"m", "logits"} <= quantized  # its MACs count once per position: the MatMul stays integer
+
+
+def test_quantized_only_targets_and_outputs_other_ops_write_keep_their_quantizers() -> None:
+    model = fc.regression_head()
+    calib, _ = _calib_and_loud(model)
+    on_dsp = quantize_model(model, calib, QuantConfig(per_channel=True), target="dsp", progress=False)
+    assert {"score", "m"} <= _quantized(on_dsp.model)
+    remark = next(r for r in on_dsp.report.remarks if r.pass_name == "keep-output-heads-float")
+    assert remark.kind == "missed" and "integer kernels" in (remark.reason or "")
+    boxes = fc.boxes_and_scores()  # a Concat writes its output: a float output would make it run float
+    result = quantize_model(boxes, fc.feeds(boxes, 4), QuantConfig(per_channel=True), progress=False)
+    assert not any(r.pass_name == "keep-output-heads-float" for r in result.report.remarks)
+
+
+def test_user_encoding_for_the_output_wins(tmp_path) -> None:  # noqa: ANN001
+    model = fc.regression_head()
+    calib, _ = _calib_and_loud(model)
+    clipped = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, quantize_outputs=True)
+    save_encodings(tmp_path / "enc.json", clipped.encodings)
+    again = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, overrides=tmp_path / "enc.json")
+    assert {"score", "m"} <= _quantized(again.model)
