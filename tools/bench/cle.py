@@ -69,7 +69,9 @@ def aimet_rows(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, ref: np.nda
     m = onnx.ModelProto()
     m.CopyFrom(model)
     equalize_model(m)
-    res = quantize_model(m, CALIB, QuantConfig(per_channel=False), fold_batchnorm=True, progress=False)
+    res = quantize_model(
+        m, CALIB, QuantConfig(per_channel=False), fold_batchnorm=True, progress=False, quantize_outputs=True
+    )
     out = _run(res.model, x)
     return [f"  {'AIMET equalize_model + W8A8 PT':<34} {np.mean(out.argmax(1) == y):>7.4f} {sqnr(ref, out):>8.2f}"]
 
@@ -88,7 +90,9 @@ def main() -> None:
             ("W8A8 per-channel", True, False),
             ("W8A8 per-channel + CLE", True, True),
         ]:
-            res = quantize_model(model, CALIB, QuantConfig(per_channel=per_channel), cle=cle, progress=False)
+            res = quantize_model(
+                model, CALIB, QuantConfig(per_channel=per_channel), cle=cle, progress=False, quantize_outputs=True
+            )
             out = _run(res.model, x)
             print(f"  {label:<34} {np.mean(out.argmax(1) == y):>7.4f} {sqnr(ref, out):>8.2f}")
         for line in aimet_rows(model, x, y, ref):

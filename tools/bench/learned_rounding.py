@@ -12,7 +12,8 @@ Sections (each skipped when its list is empty):
 - W4A16 on the corpus's small transformer (ALBERT tagger: the logits before its ArgMax).
 
 Every flow runs as ``quantize --seq-mse/--adaround/--adascale`` does (encode stage, BN folded,
-no automatic fallback, so every flow quantizes the same tensors; "adaround holdout 0" learns on every
+no automatic fallback and the outputs quantized too (``--quantize-outputs``, as AIMET does), so every
+flow quantizes the same tensors; "adaround holdout 0" learns on every
 calibration batch instead of holding a fifth out to choose learned or nearest rounding); AdaRound/AdaScale need
 ``pip install "qpasses[learn]"``. Figures with exact QDQ semantics and, after "|", in onnxruntime's
 default session (fused integer kernels on this CPU). AIMET-ONNX's AdaRound runs in its own venv
@@ -240,6 +241,7 @@ def bench(case: Case, bits: int, extra: bool, aimet_python: str | None, aimet_ti
                         progress=False,
                         auto_fallback=False,
                         runtime_check=False,
+                        quantize_outputs=True,  # as AIMET: every tensor, the heads too
                         seed=seed,
                         **kwargs,
                     )

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     seq_mse_options=options,
                     bias_correction=bc,
                     progress=False,
+                    quantize_outputs=True,  # every tensor, the heads too: as AIMET's QuantSim
                 )
                 seconds = time.perf_counter() - start
                 q = _run(result.model, x)[0]
