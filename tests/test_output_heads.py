@@ -98,3 +98,30 @@ def test_user_encoding_for_the_output_wins(tmp_path) -> None:  # noqa: ANN001
     save_encodings(tmp_path / "enc.json", clipped.encodings)
     again = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, overrides=tmp_path / "enc.json")
     assert {"score", "m"} <= _quantized(again.model)
+
+
+def test_cli_quantize_outputs_flag(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`qpasses quantize` keeps the head float by default; --quantize-outputs quantizes it, and
+    --print-pipeline shows the difference."""
+    from qpasses.cli.app import main
+
+    model = fc.regression_head()
+    path = tmp_path / "head.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([f["x"] for f in fc.correlated_feeds(4)]))
+    for flags, out in (([], "default"), (["--quantize-outputs"], "all")):
+        code = main(["quantize", str(path), "--calib", str(calib), "-q", "-o", str(tmp_path / out), *flags])
+        assert code == 0
+    default = _quantized(onnx.load(tmp_path / "default" / "model.qdq.onnx"))
+    everything = _quantized(onnx.load(tmp_path / "all" / "model.qdq.onnx"))
+    assert "score" not in default and {"score", "m"} <= everything
+    pipelines = []
+    for flags in ([], ["--quantize-outputs"]):
+        capsys.readouterr()
+        assert (
+            main(["quantize", str(path), "--calib", str(calib), "-o", str(tmp_path / "p"), "--print-pipeline", *flags])
+            == 0
+        )
+        pipelines.append(capsys.readouterr().out)
+    assert "keep-output-heads-float" in pipelines[0] and "keep-output-heads-float" not in pipelines[1]
