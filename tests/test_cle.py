@@ -314,7 +314,8 @@ def _folded_bias(model: onnx.ModelProto, conv: str, bn: str) -> tuple[np.ndarray
 @pytest.mark.parametrize("relu", [True, False])
 def test_high_bias_absorption_matches_hand_computation(relu: bool) -> None:
     model = cle_models.hba_model(relu=relu)
-    out, report, ctx = run_passes(model, iterations=0)  # no scaling: the absorbed amount is checked as is
+    # no scaling: the absorbed amount is checked as is; DFQ's amount through the Relu, unverified
+    out, report, ctx = run_passes(model, iterations=0, absorb_through_relu="always")
     b1, gamma, beta = _folded_bias(model, "conv1", "bn1")
     c = np.maximum(0, beta - 3 * np.abs(gamma)) if relu else beta
     assert np.all(c > 0)
@@ -331,20 +332,47 @@ def test_high_bias_absorption_matches_hand_computation(relu: bool) -> None:
     # With scaling as well, and idempotent: a second cle finds nothing left to do.
     graph = graph_ir.load(model)
     ctx = PassContext()
-    PassManager([FoldBatchNorm(), CrossLayerEqualization()]).run(graph, ctx)
-    again = PassManager([CrossLayerEqualization()]).run(graph, ctx)
+    PassManager([FoldBatchNorm(), CrossLayerEqualization(absorb_through_relu="always")]).run(graph, ctx)
+    again = PassManager([CrossLayerEqualization(absorb_through_relu="always")]).run(graph, ctx)
     assert not again.modified
     assert rel_err(model, graph.to_onnx(), feeds_for(model)) < RTOL
 
 
+def test_absorption_through_relu_is_capped_at_the_calibration_minimum() -> None:
+    """By default a high bias crosses a Relu only as far as the calibration data shows the pre-activation
+    goes (exact on that data); without calibration data it does not cross, with a remark."""
+    model = cle_models.hba_model(relu=True)
+    b1, gamma, beta = _folded_bias(model, "conv1", "bn1")
+    dfq = np.maximum(0, beta - 3 * np.abs(gamma))
+    _, report, _ = run_passes(model, iterations=0)
+    (skipped,) = [r for r in remarks(report, "missed") if "through Relu" in r.message]
+    assert "no calibration data" in (skipped.reason or "")
+    assert not [r for r in remarks(report, "applied") if r.message.startswith("absorbed")]
+    calib = [feeds_for(model, seed=s) for s in range(4)]
+    graph = graph_ir.load(model)
+    PassManager([FoldBatchNorm(), CrossLayerEqualization(iterations=0)]).run(graph, PassContext(calibration_data=calib))
+    out = graph.to_onnx()
+    # The pre-activation minimum per channel, from the FP32 model with conv1's output as an extra output
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    bn_out = node(model, "bn1").output[0]
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(bn_out))
+    lows = np.min([ort_run(probe, f)[-1].min(axis=(0, 2, 3)) for f in calib], axis=0)
+    c = np.minimum(dfq, np.maximum(lows, 0))
+    assert np.any(c < dfq) or np.all(c == dfq)
+    np.testing.assert_allclose(weights(out)[node(out, "conv1").input[2]], b1 - c, rtol=1e-5, atol=1e-5)
+    for feeds in calib:  # exact on the calibration data
+        assert rel_err(model, out, feeds) < RTOL
+
+
 def test_absorption_into_padded_conv_is_skipped_unless_asked() -> None:
     model = cle_models.hba_model(padded=True)
-    out, report, _ = run_passes(model)
+    out, report, _ = run_passes(model, absorb_through_relu="always")
     (skipped,) = [r for r in remarks(report, "missed") if "not absorbed" in r.message]
     assert "zero-pads" in skipped.reason and skipped.nodes[-1] == "output"
     assert rel_err(model, out, feeds_for(model)) < RTOL
 
-    forced, report, _ = run_passes(model, absorb_into_padded=True)
+    forced, report, _ = run_passes(model, absorb_into_padded=True, absorb_through_relu="always")
     assert [r for r in remarks(report, "applied") if r.message.startswith("absorbed")]
     feeds = feeds_for(model)
     ref, got = ort_run(model, feeds)[0], ort_run(forced, feeds)[0]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from qpasses.core.errors import CalibrationDataError
 from qpasses.data.grid_histogram import GridHistogram, HistogramScratch
 from qpasses.data.tensor_tap import Feed, TensorTap
-from qpasses.quant.range_statistics import ChannelMeans, HistogramObserver, SampleExtremes
+from qpasses.quant.range_statistics import ChannelExtremes, ChannelMeans, HistogramObserver, SampleExtremes
 
 # --- what one tensor accumulates ---------------------------------------------------------------------------
 
@@ -128,6 +128,8 @@ class ObserverAccumulator:
     def result(self) -> Any:
         obs = self.observer
         if isinstance(obs, ChannelMeans) and obs.sums is None or isinstance(obs, SampleExtremes) and not obs.samples:
+            return None
+        if isinstance(obs, ChannelExtremes) and obs.mins is None:
             return None
         return obs
 

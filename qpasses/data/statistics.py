@@ -13,9 +13,10 @@ the next reader. Every request names tensors and how much of the data it covers:
 
 Results per tensor (absent when the tensor never showed a value): ``RangeRequest`` ->
 ``ObservedRange``; ``HistogramRequest`` -> ``HistogramObserver`` (the canonical grid of
-``calibrate``); ``ChannelMeanRequest`` -> ``ChannelMeans``; ``SampleExtremesRequest`` ->
-``SampleExtremes``; ``CaptureRequest`` -> the values per batch (always whole batches: a captured
-tensor keeps the model's layout). Captured values are big: their reader ``take``s them out of the store.
+``calibrate``); ``ChannelMeanRequest`` -> ``ChannelMeans``; ``ChannelRangeRequest`` -> ``ChannelExtremes``;
+``SampleExtremesRequest`` -> ``SampleExtremes``; ``CaptureRequest`` -> the values per batch (always whole
+batches: a captured tensor keeps the model's layout). Captured values are big: their reader ``take``s them
+out of the store.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from qpasses.data.sources import DEFAULT_BATCH_SIZE
 from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN, Feed
 from qpasses.quant.range_statistics import (
     DEFAULT_BINS,
+    ChannelExtremes,
     ChannelMeans,
     HistogramObserver,
     MinMaxObserver,
@@ -58,6 +60,7 @@ R = TypeVar("R")
 __all__ = [
     "CaptureRequest",
     "ChannelMeanRequest",
+    "ChannelRangeRequest",
     "HistogramRequest",
     "Measured",
     "ObservedRange",
@@ -148,6 +151,14 @@ class ChannelMeanRequest(TensorStatistic[ChannelMeans]):
 
     def accumulator(self) -> Accumulator:
         return ObserverAccumulator(ChannelMeans())
+
+
+@dataclass(frozen=True)
+class ChannelRangeRequest(TensorStatistic[ChannelExtremes]):
+    """Per-channel min and max (axis 1) of each tensor, e.g. where high-bias absorption may shift a Relu's input."""
+
+    def accumulator(self) -> Accumulator:
+        return ObserverAccumulator(ChannelExtremes())
 
 
 @dataclass(frozen=True)

@@ -367,6 +367,23 @@ class SkipSamples:
 
 
 @dataclass
+class ChannelExtremes:
+    """Running per-channel min and max along axis 1 (NCHW / [batch, features])."""
+
+    mins: np.ndarray | None = None
+    maxs: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> None:
+        v = np.asarray(values)
+        if v.ndim < 2 or v.size == 0:
+            return
+        axes = tuple(i for i in range(v.ndim) if i != 1)
+        lo, hi = v.min(axis=axes).astype(np.float64), v.max(axis=axes).astype(np.float64)
+        self.mins = lo if self.mins is None else np.minimum(self.mins, lo)
+        self.maxs = hi if self.maxs is None else np.maximum(self.maxs, hi)
+
+
+@dataclass
 class ChannelMeans:
     """Running per-channel mean along axis 1 (NCHW / [batch, features]), e.g. for bias correction."""
 

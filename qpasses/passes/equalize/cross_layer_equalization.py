@@ -22,14 +22,17 @@ is a constant part of ``b1`` into ``b2``; finding the links is ``cle_links``'.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from graph_ir import Graph, Op
 from qpasses.core.context import PassContext
+from qpasses.core.errors import CalibrationDataError, PassError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.passes.equalize.cle_links import Link, find_links, is_relu6
+from qpasses.data.statistics import ChannelRangeRequest, measure
+from qpasses.passes.equalize.cle_links import Link, find_links, is_relu, is_relu6
 from qpasses.passes.equalize.fold_batchnorm import FoldedBatchNorms, LazyShapes, fold_batchnorms
 from qpasses.passes.equalize.high_bias_absorption import absorb_high_biases
 from qpasses.passes.equalize.linear_layer import LayerError, LinearLayer, drop_if_unused
@@ -66,6 +69,9 @@ class CrossLayerEqualization(Pass):
         tolerance: float = 1e-4  # converged when every scale is within this of 1
         high_bias_absorption: bool = True
         absorb_into_padded: bool = False  # AIMET's behaviour: inexact at zero-padded borders
+        # Through a Relu: "verified" caps the amount at the calibration data's per-channel minimum (none without
+        # data), "always" absorbs DFQ's beta - 3|gamma| (inexact below it), "never" absorbs only across linear glue.
+        absorb_through_relu: str = "verified"
         relu6_to_relu: bool = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -94,7 +100,13 @@ class CrossLayerEqualization(Pass):
         sweeps, converged = self._equalize(links)
         described = [(link, link.describe(graph)) for link in links]  # before Relu6 becomes Relu
         absorbed = (
-            absorb_high_biases(graph, links, self.remarks, absorb_into_padded=opts.absorb_into_padded)
+            absorb_high_biases(
+                graph,
+                links,
+                self.remarks,
+                absorb_into_padded=opts.absorb_into_padded,
+                minima=self._relu_input_minima(graph, ctx, links),
+            )
             if opts.high_bias_absorption
             else []
         )
@@ -122,6 +134,46 @@ class CrossLayerEqualization(Pass):
         swapped = self._relu6_to_relu(graph, links)
         # Relu6 -> Relu changes outputs above 6: tell numeric verification not to compare.
         return self.result(modified or swapped, exact=not swapped)
+
+    def _relu_input_minima(
+        self, graph: Graph, ctx: PassContext, links: list[Link]
+    ) -> Callable[[LinearLayer], np.ndarray | None] | None:
+        """What caps a high bias absorbed through a Relu (``absorb_through_relu``): the per-channel minimum of
+        each such layer's output on the calibration data, measured on the equalized weights; None: no cap."""
+        mode = self.options.absorb_through_relu
+        if mode not in ("verified", "always", "never"):
+            raise PassError(f"pass 'cle': absorb_through_relu must be verified, always or never, got {mode!r}")
+        if mode == "always":
+            return None
+        layers = [
+            l1
+            for link in links
+            for l1, glue in zip(link.layers[:-1], link.glue, strict=True)
+            if l1.stats is not None
+            and np.any(l1.stats[1] - 3 * np.abs(l1.stats[0]) > 0)  # DFQ would absorb something
+            and any(is_relu(graph, op) or is_relu6(graph, op) for op in glue)
+        ]
+        if mode == "never" or not layers or ctx.calibration_data is None:
+            if layers and mode == "verified":
+                self.remarks.missed(
+                    "high bias not absorbed through Relu",
+                    [x.op.name for x in layers],
+                    reason="no calibration data to verify that pre-activations stay above the amount "
+                    "(absorb_through_relu=always absorbs beta - 3|gamma| as DFQ does, inexact below it)",
+                )
+            return lambda layer: None
+        for layer in layers:  # measure on the equalized weights
+            if layer.weight_dirty or layer.bias_dirty:
+                layer.commit()
+        names = [layer.output for layer in layers]
+        try:
+            found = measure(graph, ctx, [ChannelRangeRequest(tuple(names))])
+        except CalibrationDataError as exc:
+            self.remarks.missed("high bias not absorbed through Relu", reason=str(exc))
+            return lambda layer: None
+        observed = found[ChannelRangeRequest(tuple(names))]
+        minima = {name: extremes.mins for name, extremes in observed.items() if extremes.mins is not None}
+        return lambda layer: minima.get(layer.output)
 
     # --- scaling --------------------------------------------------------------------------------
     def _equalize(self, links: list[Link]) -> tuple[int, bool]:
