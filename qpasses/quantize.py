@@ -39,7 +39,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
-from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples
+from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, split_first_sample
 from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
 from qpasses.targets import resolve_target
 
@@ -186,6 +186,15 @@ def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarr
     return min(o.exact_db for o in parity.outputs) if samples == parity.samples else None
 
 
+def _first_sample(model: onnx.ModelProto, data: Any) -> list[dict[str, np.ndarray]]:
+    """The calibration data's first sample (none when the data cannot give one)."""
+    try:
+        first = check_feeds(model, data, 1)
+    except CalibrationDataError:
+        return []
+    return [split_first_sample(model, dict(f))[0] for f in first]
+
+
 def quantize_once(
     model: str | os.PathLike[str] | onnx.ModelProto | Graph,
     calibration_data: Any = None,
@@ -284,7 +293,10 @@ def quantize_once(
     if statistics_carry is not None and calibration_data is not None and statistics_carry.serves(calibration_data):
         ctx.statistics = StatisticsStore(statistics_carry)
     if calibration_data is not None:
-        ctx.artifacts.put(Fp32Reference(graph.to_onnx()))
+        fp32 = graph.to_onnx()
+        ctx.artifacts.put(Fp32Reference(fp32))
+        # Passes are verified on a real sample first (real shapes, valid ids), random inputs when it cannot run.
+        ctx.verification_source = lambda: _first_sample(fp32, calibration_data)
     # Pass objects given directly run right after inline-functions.
     report = run_structural_stage(
         graph, ctx, flow, registry, overrides=overrides, verify=verify, user_objects=user_objects

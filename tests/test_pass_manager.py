@@ -308,3 +308,51 @@ def test_numeric_verification_runs_models_that_need_more_than_two_pixels(capfd: 
     report = PassManager([Unchanged()], verify="numeric").run(graph_ir.from_onnx(model))
     assert not any("numeric verification skipped" in r.message for r in report.remarks)
     assert "E:onnxruntime" not in capfd.readouterr().err
+
+
+def test_numeric_verification_uses_real_inputs_first() -> None:
+    """A model whose Reshape fixes the batch to 3 cannot run on random inputs (dims 2 or 64): with a
+    real sample (quantize gives a calibration sample) its passes are verified, not skipped; a pass
+    that is exact on random inputs but not on the real sample is caught there."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([3, 4], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["i"], name="identity"),
+            helper.make_node("Reshape", ["i", "shape"], ["y"], name="reshape"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    remove = default_registry().create_pass("remove-identity")
+    skipped = PassManager([remove], verify="numeric").run(graph_ir.from_onnx(model))
+    assert any(r.message == "numeric verification skipped" for r in skipped.remarks)
+    real = [{"x": np.ones((3, 4), np.float32)}]
+    ctx = PassContext(verification_source=lambda: real)
+    verified = PassManager([default_registry().create_pass("remove-identity")], verify="numeric").run(
+        graph_ir.from_onnx(model), ctx
+    )
+    assert not any(r.message == "numeric verification skipped" for r in verified.remarks)
+
+    class ZeroOnes(Pass):  # replaces the input by x - (x == 1): equal wherever no value is exactly 1
+        name = "zero-ones"
+        preserves_semantics = True
+
+        def run(self, graph: graph_ir.Graph, ctx: PassContext) -> PassResult:
+            graph.add_initializer("one", np.array(1.0, np.float32))
+            eq = graph.add_op("Equal", ["x", "one"], 1)
+            cast = graph.add_op("Cast", [eq.outputs[0]], 1, attributes={"to": TensorProto.FLOAT})
+            sub = graph.add_op("Sub", ["x", cast.outputs[0]], 1)
+            identity = graph.op("identity")
+            graph.set_input(identity, 0, sub.outputs[0])
+            return self.result(True)
+
+    with pytest.raises(InternalError, match="changed FP32 output"):
+        PassManager([ZeroOnes()], verify="numeric").run(
+            graph_ir.from_onnx(model), PassContext(verification_source=lambda: real)
+        )

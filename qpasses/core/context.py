@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,10 +72,20 @@ class PassContext:
     target: Any = None
     calibration_data: Any = None
     seed: int = 0
+    # Real inputs numeric verification tries before random ones (quantize: a calibration sample, read when a
+    # pass first needs it), so a pass is checked where the model runs as used (real shapes, valid token ids).
+    verification_source: Callable[[], list[dict[str, Any]]] | None = None
+    _verification_feeds: list[dict[str, Any]] | None = field(default=None, repr=False)
     analyses: AnalysisManager = field(default_factory=AnalysisManager)
     artifacts: Artifacts = field(default_factory=Artifacts)
     statistics: StatisticsStore = field(default_factory=StatisticsStore)
     remarks: list[Remark] = field(default_factory=list)
+
+    def verification_feeds(self) -> list[dict[str, Any]]:
+        """The real inputs for numeric verification (``verification_source``'s, read once)."""
+        if self._verification_feeds is None:
+            self._verification_feeds = self.verification_source() if self.verification_source is not None else []
+        return self._verification_feeds
 
     def get(self, analysis: type[A], graph: Graph) -> A:
         """Cached analysis result, recomputed if the graph changed since it was stamped."""

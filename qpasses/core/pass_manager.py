@@ -234,7 +234,9 @@ class PassManager:
             if self._input_invalid is None:
                 verification.check_model(after, p.name)
             if before is not None and result.exact:
-                verification.assert_equivalent(before, after, p.name, rtol=self.rtol, seed=ctx.seed)
+                verification.assert_equivalent(
+                    before, after, p.name, rtol=self.rtol, seed=ctx.seed, feeds=ctx.verification_feeds()
+                )
             elif before is not None:
                 result.remarks.append(
                     Remark(

@@ -132,8 +132,10 @@ class CrossLayerEqualization(Pass):
         for emit in absorbed:
             emit()
         swapped = self._relu6_to_relu(graph, links)
-        # Relu6 -> Relu changes outputs above 6: tell numeric verification not to compare.
-        return self.result(modified or swapped, exact=not swapped)
+        # Relu6 -> Relu changes outputs above 6, and DFQ's unverified absorption through a Relu changes those
+        # below beta - 3|gamma|: tell numeric verification not to compare.
+        dfq = opts.high_bias_absorption and opts.absorb_through_relu == "always"
+        return self.result(modified or swapped, exact=not swapped and not dfq)
 
     def _relu_input_minima(
         self, graph: Graph, ctx: PassContext, links: list[Link]
