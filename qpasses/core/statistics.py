@@ -24,6 +24,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from graph_ir import Graph
     from qpasses.core.context import PassContext
@@ -42,13 +44,25 @@ class StatisticRequest:
         raise NotImplementedError
 
 
-def content_fingerprint(graph: Graph) -> str | None:
-    """A digest of the graph's serialized model (structure and values); None over protobuf's 2 GB."""
-    try:
-        data = graph.to_onnx().SerializeToString()
-    except ValueError:
-        return None
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def content_fingerprint(graph: Graph) -> str:
+    """A digest of what the calibration data's statistics depend on: ops (types, slots, attributes and the
+    subgraphs in them), constants' values and the interface; not annotations. Streamed tensor by tensor,
+    so a large model is never serialized whole."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((graph.inputs, graph.outputs)).encode())
+    for op in graph.ops:
+        h.update(repr((op.op_type, op.domain, tuple(op.inputs), tuple(op.outputs))).encode())
+        for attribute in op.attribute_protos():
+            h.update(attribute.SerializeToString())
+    for name in sorted(graph.tensors):
+        t = graph.tensors[name]
+        if t.is_constant:
+            h.update(name.encode())
+            data = t.data
+            h.update(repr((None, None) if data is None else (data.dtype.str, data.shape)).encode())
+            if data is not None:
+                h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -92,10 +106,9 @@ class StatisticsStore:
         if self._carry is not None and self._carried != (self._graph, self._version):
             self._carried = (weakref.ref(graph), graph.version)
             key = content_fingerprint(graph)
-            if key is not None:
-                if key in self._carry.results:
-                    self._results.update(self._carry.results[key])
-                self._carry.results[key] = self._results  # live: what this run measures on the state too
+            if key in self._carry.results:
+                self._results.update(self._carry.results[key])
+            self._carry.results[key] = self._results  # live: what this run measures on the state too
         return self._results
 
     def sync(self, graph: Graph) -> None:

@@ -147,10 +147,10 @@ def fallback_tensors(
         ) -> float:
             # Noise powers of independent quantizers add: N(rest - B) = N(rest) + N(rest - G) - N(rest - A).
             on = frozenset(rest) - (frozenset(group) - frozenset(half))
-            total, base, with_b = noise(rest), without_noise(group), without_noise(half)
-            if total is None or base is None or with_b is None:
+            total, without_g, without_a = noise(rest), without_noise(group), without_noise(half)
+            if total is None or without_g is None or without_a is None:
                 return without([t for t in group if t not in set(half)])
-            inferred[on] = np.maximum(total + base - with_b, base)
+            inferred[on] = np.maximum(total + without_g - without_a, without_g)  # keeping more float never adds
             return scorer.db(inferred[on])
 
         worst_one = most_harmful(rest, without, need=current + 1.0, other_half=other_half)

@@ -77,7 +77,7 @@ def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
 
 class KeepOutputHeadsFloat(Pass):
     name = "keep-output-heads-float"
-    description = "keep what the model returns float: outputs, back through ops without MACs to the last MatMul/Gemm"
+    description = "keep what the model returns float: outputs, back through ops without MACs to a pooled head"
     preserves_semantics = True
     uses = (Shapes,)
 
@@ -94,6 +94,7 @@ class KeepOutputHeadsFloat(Pass):
                     f"kept output '{chain[0]}' float" + (f" back to '{chain[-1]}'" if len(chain) > 1 else ""),
                     marked[:10],
                     reason="an output's 8-bit grid clips values the calibration data never reached and rounds "
-                    "every probability; these tensors buy no integer compute",
+                    "every probability; a head on pooled features is a few MACs per sample "
+                    "(--quantize-outputs quantizes it)",
                 )
         return self.result(False)
