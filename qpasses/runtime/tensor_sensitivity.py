@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qpasses.core import verification
-from qpasses.data.evaluation import SHAPE_MISMATCH_DB, pooled_sqnr_db
+from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,6 @@ class SwitchableQDQ:
         active = set(on)
         switches = {f"{t}__qswitch": np.array(1.0 if t in active else 0.0, np.float32) for t in self.tensors}
         return self._session.run(None, {**feed, **switches})
-
-
-def worst_output_db(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """The lowest SQNR over the float outputs, all feeds pooled (shape mismatches score very low)."""
-    worst = float("inf")
-    for j in range(len(reference[0])):
-        if not np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating):
-            continue
-        worst = min(worst, pooled_sqnr_db([b[j] for b in reference], [b[j] for b in got]))
-    return worst
 
 
 def fallback_tensors(
@@ -227,6 +217,3 @@ class _Scorer:
             if noise[k] > 0:
                 worst = min(worst, float(10 * np.log10(max(self.signal[k], 1e-300) / noise[k])))
         return worst
-
-    def worst(self, got: list[list[np.ndarray]]) -> float:
-        return self.db(self.noise(got))
