@@ -32,9 +32,9 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError, PassError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.statistics import ChannelRangeRequest, measure
-from qpasses.passes.equalize.cle_links import Link, find_links, is_relu, is_relu6
+from qpasses.passes.equalize.cle_links import Link, find_links, is_relu6
 from qpasses.passes.equalize.fold_batchnorm import FoldedBatchNorms, LazyShapes, fold_batchnorms
-from qpasses.passes.equalize.high_bias_absorption import absorb_high_biases
+from qpasses.passes.equalize.high_bias_absorption import absorb_high_biases, dfq_amount
 from qpasses.passes.equalize.linear_layer import LayerError, LinearLayer, drop_if_unused
 
 
@@ -147,14 +147,12 @@ class CrossLayerEqualization(Pass):
             raise PassError(f"pass 'cle': absorb_through_relu must be verified, always or never, got {mode!r}")
         if mode == "always":
             return None
-        layers = [
-            l1
-            for link in links
-            for l1, glue in zip(link.layers[:-1], link.glue, strict=True)
-            if l1.stats is not None
-            and np.any(l1.stats[1] - 3 * np.abs(l1.stats[0]) > 0)  # DFQ would absorb something
-            and any(is_relu(graph, op) or is_relu6(graph, op) for op in glue)
-        ]
+        layers = []
+        for link in links:
+            for l1, glue in zip(link.layers[:-1], link.glue, strict=True):
+                amount = dfq_amount(graph, l1, glue)
+                if amount is not None and amount[1] and np.any(amount[0]):  # DFQ would move something across a Relu
+                    layers.append(l1)
         if mode == "never" or not layers or ctx.calibration_data is None:
             if layers and mode == "verified":
                 self.remarks.missed(

@@ -27,6 +27,16 @@ from qpasses.passes.equalize.cle_links import Link, is_relu, is_relu6
 from qpasses.passes.equalize.linear_layer import LinearLayer
 
 
+def dfq_amount(graph: Graph, l1: LinearLayer, glue: list[Op]) -> tuple[np.ndarray, bool] | None:
+    """DFQ's amount to move out of ``l1``'s bias across ``glue`` and whether it crosses a Relu/Relu6;
+    None without folded BN statistics."""
+    if l1.stats is None:
+        return None
+    gamma, beta = l1.stats
+    through_relu = any(is_relu(graph, op) or is_relu6(graph, op) for op in glue)
+    return (np.maximum(0.0, beta - 3 * np.abs(gamma)) if through_relu else beta.copy()), through_relu
+
+
 def absorb_high_biases(
     graph: Graph,
     links: list[Link],
@@ -42,12 +52,12 @@ def absorb_high_biases(
     no_stats: list[LinearLayer] = []
     for link in links:
         for l1, glue, l2 in zip(link.layers[:-1], link.glue, link.layers[1:], strict=True):
-            if l1.stats is None:
+            amount = dfq_amount(graph, l1, glue)
+            if amount is None or l1.stats is None:
                 no_stats.append(l1)
                 continue
             gamma, beta = l1.stats
-            through_relu = any(is_relu(graph, op) or is_relu6(graph, op) for op in glue)
-            c = np.maximum(0.0, beta - 3 * np.abs(gamma)) if through_relu else beta.copy()
+            c, through_relu = amount
             capped = False
             if through_relu and minima is not None and np.any(c):
                 low = minima(l1)
