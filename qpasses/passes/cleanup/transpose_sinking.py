@@ -66,19 +66,14 @@ def _sinkable(graph: Graph, t: Op) -> Op | None:
     for name in op.inputs:
         if name == out:
             continue
-        data = _constant(graph, name)
+        data = graph.tensors[name].data
         if data is None or data.ndim > len(perm) or (op.op_type == "PRelu" and name == op.inputs[0]):
             return None
     return op
 
 
-def _constant(graph: Graph, name: str) -> np.ndarray | None:
-    t = graph.tensors.get(name)
-    return t.data if t is not None and t.is_constant else None
-
-
 def _scalar_constant(graph: Graph, name: str) -> bool:
-    data = _constant(graph, name)
+    data = graph.tensors[name].data  # None unless a constant
     return data is not None and data.size == 1
 
 
@@ -91,7 +86,7 @@ def _sink(graph: Graph, t: Op, op: Op) -> None:
     inputs: list[str] = []
     replaced: list[str] = []
     for name in op.inputs:
-        data = _constant(graph, name) if name and name != moved and op.op_type in ELEMENTWISE_BINARY else None
+        data = graph.tensors[name].data if name and name != moved and op.op_type in ELEMENTWISE_BINARY else None
         if name == moved:
             inputs.append(x)
         elif data is not None and data.size > 1:  # a scalar broadcasts alike in every layout
