@@ -24,8 +24,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
     from graph_ir import Graph
     from qpasses.core.context import PassContext
@@ -54,14 +52,10 @@ def content_fingerprint(graph: Graph) -> str:
         h.update(repr((op.op_type, op.domain, tuple(op.inputs), tuple(op.outputs))).encode())
         for attribute in op.attribute_protos():
             h.update(attribute.SerializeToString())
-    for name in sorted(graph.tensors):
-        t = graph.tensors[name]
-        if t.is_constant:
-            h.update(name.encode())
-            data = t.data
-            h.update(repr((None, None) if data is None else (data.dtype.str, data.shape)).encode())
-            if data is not None:
-                h.update(np.ascontiguousarray(data).tobytes())
+    for name in sorted(graph.tensors):  # Constant nodes' values are in their attributes, above
+        initializer = graph.tensors[name].initializer
+        if initializer is not None:
+            h.update(initializer.SerializeToString())  # name, type, dims and values
     return h.hexdigest()
 
 
