@@ -39,7 +39,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
-from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, split_first_sample
+from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples
 from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
 from qpasses.targets import resolve_target
 
@@ -187,12 +187,12 @@ def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarr
 
 
 def _first_sample(model: onnx.ModelProto, data: Any) -> list[dict[str, np.ndarray]]:
-    """The calibration data's first sample (none when the data cannot give one)."""
+    """The calibration data's first sample (its first feed whole when that cannot be cut; none when the
+    data cannot give one)."""
     try:
-        first = check_feeds(model, data, 1)
+        return check_feeds(model, data, 1)
     except CalibrationDataError:
         return []
-    return [split_first_sample(model, dict(f))[0] for f in first]
 
 
 def quantize_once(
