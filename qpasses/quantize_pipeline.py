@@ -101,10 +101,10 @@ def build_quantize_pipeline(
         PassSpec("keep-data-independent-float"),
         PassSpec("keep-decomposed-blocks-float"),
     ]
-    if o.calibrated and not o.quantize_outputs:
-        # What the model returns: not clipped to the calibration range, probabilities not rounded.
-        annotate.append(PassSpec("keep-output-heads-float"))
     if o.calibrated:
+        if not o.quantize_outputs:
+            # What the model returns: not clipped to the calibration range, probabilities not rounded.
+            annotate.append(PassSpec("keep-output-heads-float"))
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
     if o.keep_float_tensors:
         annotate.append(
