@@ -100,6 +100,7 @@ def build_quantize_pipeline(
         PassSpec("keep-log-domain-inputs-float"),
         PassSpec("keep-data-independent-float"),
         PassSpec("keep-decomposed-blocks-float"),
+        PassSpec("keep-normalization-inputs-float"),
     ]
     if o.calibrated:
         if not o.quantize_outputs:

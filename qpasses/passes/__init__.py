@@ -18,6 +18,7 @@ from qpasses.passes.fallback.keep_float_tensors import KeepFloat
 from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
+from qpasses.passes.fallback.normalization_inputs import KeepNormalizationInputsFloat
 from qpasses.passes.fallback.output_heads import KeepOutputHeadsFloat
 from qpasses.passes.quantize.adaround import AdaRound
 from qpasses.passes.quantize.adascale import AdaScale
@@ -53,6 +54,7 @@ BUILTIN_PASSES = (
     KeepLogDomainInputsFloat,
     KeepDataIndependentFloat,
     KeepDecomposedBlocksFloat,
+    KeepNormalizationInputsFloat,
     KeepMixedRangesFloat,
     KeepOutputHeadsFloat,
     KeepFloat,
