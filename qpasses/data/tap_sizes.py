@@ -5,11 +5,14 @@ tell), the rows a feed may be split into, and the error a failed run reports."""
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from qpasses.core.errors import CalibrationDataError, ModelLoadError
@@ -25,6 +28,22 @@ from qpasses.data.run_segments import (
 from qpasses.data.sessions import tap_session
 
 
+@dataclass(eq=False)
+class ShapeProbes:
+    """The sessions that measure tensors' shapes, kept across feeds: a model fed sequences of many
+    lengths (khmer_segmenter: 26 in 32 calibration items) needs one per set of tensors, not one per
+    length (session creation was 60% of its calibration time)."""
+
+    sessions: dict[tuple[str, ...], ort.InferenceSession] = field(default_factory=dict)
+    tmps: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.sessions.clear()
+        for tmp in self.tmps:
+            tmp.cleanup()
+        self.tmps.clear()
+
+
 def estimate_sizes(
     model: onnx.ModelProto,
     structure: GraphStructure,
@@ -32,8 +51,10 @@ def estimate_sizes(
     inputs: Mapping[str, np.ndarray],
     batch: int,
     intra_op_threads: int = 0,
+    probes: ShapeProbes | None = None,
 ) -> dict[str, int]:
-    """Bytes of every value the main graph's nodes produce, for ``unit`` (one row of ``inputs``, or all of it)."""
+    """Bytes of every value the main graph's nodes produce, for ``unit`` (one row of ``inputs``, or all of
+    it). ``probes``: measuring sessions to reuse (and keep) across calls."""
     shaped = shape_only_model(model)
     for vi in shaped.graph.input:
         value = unit.get(vi.name)
@@ -58,7 +79,7 @@ def estimate_sizes(
             else:
                 sizes[name] = math.prod(shape) * dtype_itemsize(elem)
     if unknown:
-        sizes.update(_measure(model, unknown, unit, infos, inputs, batch, intra_op_threads))
+        sizes.update(_measure(model, unknown, unit, infos, inputs, batch, intra_op_threads, probes or ShapeProbes()))
     return sizes
 
 
@@ -70,26 +91,33 @@ def _measure(
     inputs: Mapping[str, np.ndarray],
     batch: int,
     intra_op_threads: int,
+    probes: ShapeProbes,
 ) -> dict[str, int]:
     """Bytes of ``names`` from onnxruntime: one run on ``unit`` that returns only their shapes."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    for i, name in enumerate(names):
-        shape_of = f"__qpasses_shape_{i}"
-        probe.graph.node.append(helper.make_node("Shape", [name], [shape_of], name=shape_of))
-        probe.graph.output.append(helper.make_tensor_value_info(shape_of, onnx.TensorProto.INT64, None))
-    try:
-        session, tmp = tap_session(probe, intra_op_threads)
-    except ModelLoadError as exc:  # e.g. a value that is not a tensor after all: then it is not capped
-        warnings.warn(
-            f"calibration: cannot measure the size of {len(names)} tensors ({exc}); "
-            "max_bytes_per_run does not count them",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return dict.fromkeys(names, 0)
-    del probe
+    key = tuple(names)
+    session = probes.sessions.get(key)
+    if session is None:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        for i, name in enumerate(names):
+            shape_of = f"__qpasses_shape_{i}"
+            probe.graph.node.append(helper.make_node("Shape", [name], [shape_of], name=shape_of))
+            probe.graph.output.append(helper.make_tensor_value_info(shape_of, onnx.TensorProto.INT64, None))
+        try:
+            session, tmp = tap_session(probe, intra_op_threads)
+        except ModelLoadError as exc:  # e.g. a value that is not a tensor after all: then it is not capped
+            warnings.warn(
+                f"calibration: cannot measure the size of {len(names)} tensors ({exc}); "
+                "max_bytes_per_run does not count them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return dict.fromkeys(names, 0)
+        del probe
+        probes.sessions[key] = session
+        if tmp is not None:
+            probes.tmps.append(tmp)
     try:
         shapes = session.run(None, dict(unit))
     except Exception as exc:  # the error a run would give: on the whole batch if that fails too
@@ -99,10 +127,6 @@ def _measure(
             except Exception as whole:  # noqa: BLE001
                 raise run_error(batch, inputs, whole, None) from None
         raise run_error(batch, inputs, exc, None if unit is inputs else (0, 1)) from None
-    finally:
-        del session
-        if tmp is not None:
-            tmp.cleanup()
     out: dict[str, int] = {}
     for name, shape in zip(names, shapes, strict=True):
         vi = infos.get(name)

@@ -27,7 +27,7 @@ from qpasses.data.run_segments import (
     value_elem_type,
 )
 from qpasses.data.sessions import tap_session, unavailable_tensors, with_outputs
-from qpasses.data.tap_sizes import estimate_sizes, feed_rows, run_error
+from qpasses.data.tap_sizes import ShapeProbes, estimate_sizes, feed_rows, run_error
 
 Feed = Mapping[str, ArrayLike]
 DEFAULT_MAX_BYTES_PER_RUN = 64 << 20
@@ -74,6 +74,7 @@ class TensorTap:
         self._plans: dict[tuple, SegmentPlan] = {}
         self._segment_sessions: dict[tuple[int, int], ort.InferenceSession] = {}
         self._symbolic: dict[str, onnx.ValueInfoProto] | None = None
+        self._probes = ShapeProbes()
         self.runs = 0  # onnxruntime runs so far (for tests and benchmarks)
         if self._fetch and self.max_bytes_per_run is None:
             self._whole()
@@ -82,6 +83,7 @@ class TensorTap:
         """Drop the sessions (and the temporary copies of a >2 GiB model)."""
         self._session = None
         self._segment_sessions.clear()
+        self._probes.close()
         for tmp in self._tmps:
             tmp.cleanup()
         self._tmps.clear()
@@ -177,7 +179,7 @@ class TensorTap:
         sizes = self._sizes.get(key)
         if sizes is None:
             sizes = self._sizes[key] = estimate_sizes(
-                self.model, self._structure_of(), unit, inputs, batch, self.intra_op_threads
+                self.model, self._structure_of(), unit, inputs, batch, self.intra_op_threads, self._probes
             )
         # One row per run, whatever the batch size or the cap: onnxruntime picks some kernels by
         # batch size (MLAS convolutions with small outputs), with another rounding.
