@@ -107,6 +107,7 @@ def build_quantize_pipeline(
             # What the model returns: not clipped to the calibration range, probabilities not rounded.
             annotate.append(PassSpec("keep-output-heads-float"))
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
+        annotate.append(PassSpec("keep-depthwise-inputs-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
     if o.keep_float_tensors:
         annotate.append(
             PassSpec(

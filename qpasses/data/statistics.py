@@ -14,7 +14,8 @@ the next reader. Every request names tensors and how much of the data it covers:
 Results per tensor (absent when the tensor never showed a value): ``RangeRequest`` ->
 ``ObservedRange``; ``HistogramRequest`` -> ``HistogramObserver`` (the canonical grid of
 ``calibrate``); ``ChannelMeanRequest`` -> ``ChannelMeans``; ``ChannelRangeRequest`` -> ``ChannelExtremes``;
-``SampleExtremesRequest`` -> ``SampleExtremes``; ``CaptureRequest`` -> the values per batch (always whole
+``SampleExtremesRequest`` -> ``SampleExtremes``; ``ChannelPowerRequest`` -> ``ChannelMeans`` of the squares;
+``CaptureRequest`` -> the values per batch (always whole
 batches: a captured tensor keeps the model's layout). Captured values are big: their reader ``take``s them
 out of the store.
 """
@@ -60,6 +61,7 @@ R = TypeVar("R")
 __all__ = [
     "CaptureRequest",
     "ChannelMeanRequest",
+    "ChannelPowerRequest",
     "ChannelRangeRequest",
     "HistogramRequest",
     "Measured",
@@ -151,6 +153,15 @@ class ChannelMeanRequest(TensorStatistic[ChannelMeans]):
 
     def accumulator(self) -> Accumulator:
         return ObserverAccumulator(ChannelMeans())
+
+
+@dataclass(frozen=True)
+class ChannelPowerRequest(TensorStatistic[ChannelMeans]):
+    """Per-channel mean power (mean of the squares, axis 1) of each tensor: a layer output's signal
+    per channel, against which a predicted quantization noise is weighed."""
+
+    def accumulator(self) -> Accumulator:
+        return ObserverAccumulator(ChannelMeans(power=True))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
 from qpasses.passes.equalize.fold_channel_affine import FoldChannelAffine
 from qpasses.passes.fallback.data_independent import KeepDataIndependentFloat
 from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
+from qpasses.passes.fallback.depthwise_inputs import KeepDepthwiseInputsFloat
 from qpasses.passes.fallback.keep_float_tensors import KeepFloat
 from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
@@ -56,6 +57,7 @@ BUILTIN_PASSES = (
     KeepDecomposedBlocksFloat,
     KeepNormalizationInputsFloat,
     KeepMixedRangesFloat,
+    KeepDepthwiseInputsFloat,
     KeepOutputHeadsFloat,
     KeepFloat,
     AnnotatePrecision,

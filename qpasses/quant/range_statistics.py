@@ -385,15 +385,19 @@ class ChannelExtremes:
 
 @dataclass
 class ChannelMeans:
-    """Running per-channel mean along axis 1 (NCHW / [batch, features]), e.g. for bias correction."""
+    """Running per-channel mean along axis 1 (NCHW / [batch, features]), e.g. for bias correction;
+    ``power``: of the squared values (a channel's mean power)."""
 
     sums: np.ndarray | None = None
     count: int = 0
+    power: bool = False
 
     def update(self, values: np.ndarray) -> None:
         v = np.asarray(values)
         if v.ndim < 2 or v.size == 0:
             return
+        if self.power:
+            v = np.square(v, dtype=np.float64)
         total = v.sum(axis=tuple(i for i in range(v.ndim) if i != 1), dtype=np.float64)
         self.sums = total if self.sums is None else self.sums + total
         self.count += v.size // v.shape[1]

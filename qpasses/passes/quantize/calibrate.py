@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import numpy as np
 import onnx
 from numpy.typing import ArrayLike
 
@@ -56,6 +57,7 @@ from qpasses.data.statistics import (
 from qpasses.data.tensor_tap import DEFAULT_MAX_BYTES_PER_RUN
 from qpasses.quant.encodings import validate_bitwidth
 from qpasses.quant.encodings_file import PrecisionOverride
+from qpasses.quant.live_range import clamp_range, live_interval
 from qpasses.quant.plan import QuantPlan, fused_intermediates, weighted_layer_inputs
 from qpasses.quant.precision_type import encoding_bitwidth
 from qpasses.quant.range_search import compute
@@ -64,6 +66,7 @@ from qpasses.quant.range_statistics import (
     CalibrationOutlierWarning,
     ChannelMeans,
     FixedHistogramObserver,
+    MinMaxObserver,
     Outliers,
     SkipSamples,
 )
@@ -225,12 +228,19 @@ class Calibrate(Pass):
         if any(name not in observers for name in bitwidths):
             reasons = unavailable_tensors(graph.to_onnx() if model is None else model, bitwidths)
         calibrated: list[str] = []
+        narrowed: list[str] = []  # ranges cut to what their readers tell apart (qpasses.quant.live_range)
         for name, bw in bitwidths.items():
             obs = observers.get(name)
             if obs is None:
                 reason = reasons.get(name, "never produced a value on the calibration data (empty tensor)")
                 self.remarks.missed("not calibrated", [name], reason=reason)
                 continue
+            live = live_interval(graph, name) if isinstance(obs, MinMaxObserver) and obs.min is not None else None
+            clamped = None if live is None else clamp_range(float(obs.min[0]), float(obs.max[0]), live)
+            if clamped is not None and clamped != (float(obs.min[0]), float(obs.max[0])):
+                obs = MinMaxObserver()
+                obs.update(np.array(clamped))
+                narrowed.append(name)
             try:
                 encoding = compute(obs, bw, o.mode, percentile=o.percentile)
             except EncodingError as exc:
@@ -239,6 +249,13 @@ class Calibrate(Pass):
             t.encoding = encoding
             t.meta["encoding_source"] = "calibration"
             calibrated.append(name)
+        if narrowed:
+            self.remarks.applied(
+                f"narrowed {len(narrowed)} ranges to what their readers tell apart",
+                narrowed[:10],
+                reason="read only by Relu/HardSwish/Clip, which give the same output beyond their constant "
+                "region: the grid spends no levels there (qpasses.quant.live_range)",
+            )
         self.remarks.applied(
             f"calibrated {len(calibrated)} activations ({o.mode}, {o.act_bw}-bit) on {data.num_samples} samples "
             f"in {data.num_batches} batches" + (f"; kept {kept} overridden encodings" if kept else "")
