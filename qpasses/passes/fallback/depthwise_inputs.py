@@ -32,7 +32,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.data.statistics import ChannelPowerRequest, RangeRequest, TensorStatistic, measure
-from qpasses.quant.keep_float import keep_float, kept_precision
+from qpasses.quant.keep_float import keep_float, kept_precision, user_override
 from qpasses.quant.precision_type import is_float
 
 SHOWN = 5
@@ -40,7 +40,7 @@ SHOWN = 5
 
 def depthwise_convs(graph: Graph) -> list[Op]:
     """Conv ops with one input channel per group (group > 1) and a constant weight, reading a float
-    activation nothing has kept float yet."""
+    activation that nothing has kept float and the user gave no encoding or precision."""
     found = []
     for op in graph.ops:
         if op.op_type != "Conv" or not op.is_standard or len(op.inputs) < 2 or not op.inputs[0]:
@@ -51,7 +51,7 @@ def depthwise_convs(graph: Graph) -> list[Op]:
             continue
         if w.shape[1] != 1 or x.is_constant or x.dtype not in (0, 1):
             continue
-        if is_float(x):  # kept float already (an override, another pass)
+        if is_float(x) or user_override(graph, x.name):  # kept float already, or the user's grid
             continue
         found.append(op)
     return found
