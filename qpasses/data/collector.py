@@ -66,6 +66,11 @@ class ObservedRange(NamedTuple):
     nonfinite_batch: int | None
     floating: bool
 
+    @property
+    def width(self) -> float:
+        """max - min with 0 included, as an integer grid's range is (its step: width / levels)."""
+        return max(self.max, 0.0) - min(self.min, 0.0)
+
 
 @dataclass(eq=False)
 class RangeAccumulator:

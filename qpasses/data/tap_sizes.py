@@ -50,11 +50,11 @@ def estimate_sizes(
     unit: Mapping[str, np.ndarray],
     inputs: Mapping[str, np.ndarray],
     batch: int,
-    intra_op_threads: int = 0,
-    probes: ShapeProbes | None = None,
+    intra_op_threads: int,
+    probes: ShapeProbes,
 ) -> dict[str, int]:
     """Bytes of every value the main graph's nodes produce, for ``unit`` (one row of ``inputs``, or all of
-    it). ``probes``: measuring sessions to reuse (and keep) across calls."""
+    it). ``probes``: the measuring sessions, reused (and kept) across calls."""
     shaped = shape_only_model(model)
     for vi in shaped.graph.input:
         value = unit.get(vi.name)
@@ -79,7 +79,7 @@ def estimate_sizes(
             else:
                 sizes[name] = math.prod(shape) * dtype_itemsize(elem)
     if unknown:
-        sizes.update(_measure(model, unknown, unit, infos, inputs, batch, intra_op_threads, probes or ShapeProbes()))
+        sizes.update(_measure(model, unknown, unit, infos, inputs, batch, intra_op_threads, probes))
     return sizes
 
 

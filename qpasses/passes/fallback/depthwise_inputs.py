@@ -112,7 +112,7 @@ class KeepDepthwiseInputsFloat(Pass):
             r, p = stats[ranges].get(x), stats[powers].get(y)
             if r is None or p is None or p.mean is None or not r.floating:
                 continue
-            step = (max(r.max, 0.0) - min(r.min, 0.0)) / levels
+            step = r.width / levels
             weight = np.asarray(graph.tensors[op.inputs[1]].data)
             sqnr = predicted_sqnr_db(weight, p.mean, step)
             if sqnr < o.min_sqnr_db and keep_float(graph, [x, y], "depthwise input amplified", ctx.target):

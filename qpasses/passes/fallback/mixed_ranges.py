@@ -18,7 +18,7 @@ from graph_ir import Graph
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.data.statistics import ObservedRange, RangeRequest, measure
+from qpasses.data.statistics import RangeRequest, measure
 from qpasses.quant.keep_float import keep_float, with_readers
 
 JOINS = ("Concat",)
@@ -66,7 +66,7 @@ class KeepMixedRangesFloat(Pass):
             return self.result(False)
         request = self._request(candidates)
         try:
-            ranges = {n: _width(r) for n, r in measure(graph, ctx, [request])[request].items() if r.floating}
+            ranges = {n: r.width for n, r in measure(graph, ctx, [request])[request].items() if r.floating}
         except CalibrationDataError as exc:
             self.remarks.missed("mixed ranges not checked", reason=str(exc))
             return self.result(False)
@@ -116,8 +116,3 @@ class KeepMixedRangesFloat(Pass):
                 producer = graph.producer(src)
                 out.append((src, parts, producer.name if producer is not None else src))
         return out
-
-
-def _width(r: ObservedRange) -> float:
-    """max - min of the finite values, with 0 included (as an 8-bit grid is)."""
-    return max(r.max, 0.0) - min(r.min, 0.0)

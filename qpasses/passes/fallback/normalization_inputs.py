@@ -39,7 +39,6 @@ NORMALIZATIONS = frozenset(
     }
 )
 DECOMPOSED_NORMS = frozenset({"LayerNorm", "RMSNorm"})
-MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 SHOWN = 5
 
 
@@ -62,12 +61,12 @@ def normalization_inputs(graph: Graph, shapes: Shapes) -> list[str]:
 
 def written_by_mac(graph: Graph, name: str) -> bool:
     """Whether a Conv/MatMul/Gemm writes ``name`` (through data movement ops)."""
-    from qpasses.quant.plan import DATA_MOVEMENT
+    from qpasses.quant.plan import DATA_MOVEMENT, WEIGHTED
 
     op = graph.producer(name)
     while op is not None and op.op_type in DATA_MOVEMENT and op.inputs and op.inputs[0]:
         op = graph.producer(op.inputs[0])
-    return op is not None and op.op_type in MAC_OPS
+    return op is not None and op.op_type in WEIGHTED
 
 
 class KeepNormalizationInputsFloat(Pass):
@@ -81,7 +80,7 @@ class KeepNormalizationInputsFloat(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         candidates = normalization_inputs(graph, ctx.get(Shapes, graph))
         skipped = [n for n in candidates if written_by_mac(graph, n)]
-        inputs = [n for n in candidates if n not in set(skipped)]
+        inputs = [n for n in candidates if n not in skipped]
         kept = keep_float(
             graph,
             with_readers(graph, inputs),

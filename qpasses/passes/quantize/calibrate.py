@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-import numpy as np
 import onnx
 from numpy.typing import ArrayLike
 
@@ -66,7 +65,6 @@ from qpasses.quant.range_statistics import (
     CalibrationOutlierWarning,
     ChannelMeans,
     FixedHistogramObserver,
-    MinMaxObserver,
     Outliers,
     SkipSamples,
 )
@@ -210,7 +208,15 @@ class Calibrate(Pass):
         data = context_feeds(ctx, graph, o.batch_size)
         ranged, extremes, *hist = self._requests(list(bitwidths), [*bitwidths, *weighted_layer_inputs(graph)])
         stats = measure(graph, ctx, [ranged, extremes, *hist])  # measured ahead by the pass manager, or now
-        ranges = reject_nonfinite(stats[ranged])
+        ranges = dict(reject_nonfinite(stats[ranged]))  # a copy: narrowed below, the stored ranges stay
+        narrowed: list[str] = []
+        if not hist:  # min-max modes: ranges cut to what their readers tell apart (qpasses.quant.live_range)
+            for name, r in ranges.items():
+                live = live_interval(graph, name)
+                cut = None if live is None else clamp_range(r.min, r.max, live)
+                if cut is not None and cut != (r.min, r.max):
+                    ranges[name] = r._replace(min=cut[0], max=cut[1])
+                    narrowed.append(name)
         observers: dict[str, Any] = dict(stats[hist[0]]) if hist else {n: minmax_observer(r) for n, r in ranges.items()}
 
         found = stats[extremes]
@@ -228,19 +234,12 @@ class Calibrate(Pass):
         if any(name not in observers for name in bitwidths):
             reasons = unavailable_tensors(graph.to_onnx() if model is None else model, bitwidths)
         calibrated: list[str] = []
-        narrowed: list[str] = []  # ranges cut to what their readers tell apart (qpasses.quant.live_range)
         for name, bw in bitwidths.items():
             obs = observers.get(name)
             if obs is None:
                 reason = reasons.get(name, "never produced a value on the calibration data (empty tensor)")
                 self.remarks.missed("not calibrated", [name], reason=reason)
                 continue
-            live = live_interval(graph, name) if isinstance(obs, MinMaxObserver) and obs.min is not None else None
-            clamped = None if live is None else clamp_range(float(obs.min[0]), float(obs.max[0]), live)
-            if clamped is not None and clamped != (float(obs.min[0]), float(obs.max[0])):
-                obs = MinMaxObserver()
-                obs.update(np.array(clamped))
-                narrowed.append(name)
             try:
                 encoding = compute(obs, bw, o.mode, percentile=o.percentile)
             except EncodingError as exc:
