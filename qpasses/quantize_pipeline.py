@@ -108,6 +108,8 @@ def build_quantize_pipeline(
             annotate.append(PassSpec("keep-output-heads-float"))
         annotate.append(PassSpec("keep-mixed-ranges-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
         annotate.append(PassSpec("keep-depthwise-inputs-float", {"act_bw": c.act_bw, "batch_size": o.batch_size}))
+        # Targets whose integer kernels are Conv/Gemm/MatMul alone: quantizers only where those read or write.
+        annotate.append(PassSpec("keep-non-mac-activations-float", {"keep_outputs": o.quantize_outputs}))
     if o.keep_float_tensors:
         annotate.append(
             PassSpec(

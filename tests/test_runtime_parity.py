@@ -40,8 +40,14 @@ FEEDS = [{"input": CALIB[i : i + 16]} for i in range(0, 64, 16)]
 
 @pytest.fixture(scope="module")
 def portable() -> onnx.ModelProto:
+    # ``ort``: the default's uint8 storage, and the same descriptor as ``ort-vnni`` but for the storage
     return quantize_model(
-        MODELS / "digits_cnn.onnx", FEEDS, QuantConfig(per_channel=True), progress=False, runtime_check=False
+        MODELS / "digits_cnn.onnx",
+        FEEDS,
+        QuantConfig(per_channel=True),
+        target="ort",
+        progress=False,
+        runtime_check=False,
     ).model
 
 

@@ -19,6 +19,7 @@ from qpasses.passes.fallback.keep_float_tensors import KeepFloat
 from qpasses.passes.fallback.log_domain_inputs import KeepLogDomainInputsFloat
 from qpasses.passes.fallback.mixed_ranges import KeepMixedRangesFloat
 from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
+from qpasses.passes.fallback.non_mac_activations import KeepNonMacActivationsFloat
 from qpasses.passes.fallback.normalization_inputs import KeepNormalizationInputsFloat
 from qpasses.passes.fallback.output_heads import KeepOutputHeadsFloat
 from qpasses.passes.quantize.adaround import AdaRound
@@ -59,6 +60,7 @@ BUILTIN_PASSES = (
     KeepMixedRangesFloat,
     KeepDepthwiseInputsFloat,
     KeepOutputHeadsFloat,
+    KeepNonMacActivationsFloat,
     KeepFloat,
     AnnotatePrecision,
     CheckTarget,

@@ -162,6 +162,7 @@ ORT = TargetDescriptor(
     float_bitwidths=(16, 32),
     default_float_bw=32,
     uint8_storage=True,
+    mac_io_only=True,
 )
 # The same for deployments only on CPUs with VNNI (AVX512-VNNI / AVX-VNNI) or ARM: signed int8 weights
 # (onnxruntime's u8s8 kernels, faster there); on x86 without VNNI they saturate and results collapse.

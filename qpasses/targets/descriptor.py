@@ -57,6 +57,9 @@ class TargetDescriptor:
     model (weights and activations) as uint8 on the same grid (zero point shifted by 128 for signed
     grids): onnxruntime then fuses Conv/Gemm/MatMul into its u8u8 kernels, which cannot saturate on
     any CPU, whereas its u8s8/s8s8 kernels saturate int16 pair sums on x86 without VNNI.
+    ``mac_io_only``: only the activations an integer Conv/ConvTranspose/Gemm/MatMul reads or writes are
+    quantized; every other op runs in float (onnxruntime: its QDQ fusions make integer kernels of those
+    ops alone, so a quantizer elsewhere only adds rounding).
     """
 
     name: str
@@ -72,6 +75,7 @@ class TargetDescriptor:
     default_bias_bw: int = 32
     default_float_bw: int | None = None
     uint8_storage: bool = False
+    mac_io_only: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -82,7 +86,7 @@ class TargetDescriptor:
         )
         where = self.name
         _check(isinstance(self.description, str), where, "description", "must be a string")
-        for flag in ("needs_quantized", "per_channel_weights", "uint8_storage"):
+        for flag in ("needs_quantized", "per_channel_weights", "uint8_storage", "mac_io_only"):
             value = getattr(self, flag)
             _check(isinstance(value, bool), where, flag, f"must be true or false, got {value!r}")
         object.__setattr__(self, "kernels", MappingProxyType(_kernels(self.kernels, where)))
@@ -177,6 +181,7 @@ class TargetDescriptor:
             "default_bias_bw": self.default_bias_bw,
             "default_float_bw": self.default_float_bw,
             "uint8_storage": self.uint8_storage,
+            "mac_io_only": self.mac_io_only,
         }
 
 
