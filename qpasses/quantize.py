@@ -1,6 +1,6 @@
 """``quantize_model``: the whole FP32 -> QDQ flow as one call (what ``qpasses quantize`` runs).
 
-Pipeline: inline-functions -> [user passes] -> fold-batchnorm -> [cle] -> apply-overrides
+Pipeline: inline-functions -> [user passes] -> fold-batchnorm -> [cle] -> fold-matmul-bias -> apply-overrides
 -> keep-nonfinite-float -> keep-data-independent-float -> [keep-mixed-ranges-float] -> annotate-precision
 -> [check-target] -> int32-overrides -> [seq-mse] -> [adascale] -> [adaround] -> encode-weights -> calibrate
 -> [bias-correction] -> quantize

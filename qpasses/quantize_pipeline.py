@@ -91,6 +91,8 @@ def build_quantize_pipeline(
         stages["structural"].append(PassSpec("fold-batchnorm"))
     if o.cle:
         stages["structural"].append(PassSpec("cle"))
+    # A MatMul's bias Add joins it as a Gemm: one output rounding, an int32 bias (after CLE, which pairs MatMuls).
+    stages["structural"].append(PassSpec("fold-matmul-bias"))
     annotate = stages["annotate"]
     if o.overrides is not None:
         annotate.append(PassSpec("apply-overrides", {"path": str(o.overrides)}))

@@ -1073,6 +1073,15 @@ class FuzzReference(Reference):
             return (ins[0] - mean.reshape(shape)) * k.reshape(shape) + beta.reshape(shape)
         if op == "Identity":
             return ins[0]
+        if op == "Shape":  # fold-matmul-bias reshapes an N-D MatMul input back: Shape -> Slice -> Concat
+            return np.array(ins[0].shape, np.int64)
+        if op == "Slice":
+            starts, ends = ins[1], ins[2]
+            axes = ins[3] if len(ins) > 3 and ins[3] is not None else range(len(starts))
+            index = [slice(None)] * ins[0].ndim
+            for axis, lo, hi in zip(axes, starts, ends, strict=True):
+                index[int(axis)] = slice(int(lo), int(hi))
+            return ins[0][tuple(index)]
         return super()._run_node(node, env)
 
 

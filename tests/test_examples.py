@@ -38,5 +38,6 @@ def test_embed_in_compiler_shows_the_custom_pass() -> None:
     proc = _run(ROOT / "examples" / "embed_in_compiler.py")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "fold-batchnorm,first-last-int16,keep-nonfinite-float" in out  # at the structural extension point
+    # at the structural extension point
+    assert "fold-batchnorm,fold-matmul-bias,first-last-int16,keep-nonfinite-float" in out
     assert "features.0.act_out: 16 bits" in out and "features.1.act_out: 8 bits" in out

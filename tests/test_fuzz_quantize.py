@@ -189,6 +189,7 @@ def structural_fp32(model: onnx.ModelProto, cle: bool = False, fold: bool = True
     passes = [REGISTRY.create_pass("inline-functions")]
     passes += [REGISTRY.create_pass("fold-batchnorm")] if fold else []
     passes += [REGISTRY.create_pass("cle")] if cle else []
+    passes += [REGISTRY.create_pass("fold-matmul-bias")]
     PassManager(passes, verify="none").run(graph)
     return graph.to_onnx()
 

@@ -22,12 +22,13 @@ T, D = 16, 32
 
 
 def tanh_mlp(seed: int = 0) -> onnx.ModelProto:
-    """x -> MatMul(w1) = a -> Add(b1) = ab -> Tanh = t -> Mul(t, 2) = m -> MatMul(w2) = y. One bias
-    channel is 12 (Tanh saturates it), so an 8-bit grid on ``ab`` is coarse for the channels that matter."""
+    """x -> MatMul(w1) = a -> Add(b1) = ab -> Tanh = t -> Mul(t, 2) = m -> MatMul(w2) = y. One channel of
+    the offset is 12 (Tanh saturates it), so an 8-bit grid on ``ab`` is coarse for the channels that matter."""
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
-    b1 = (0.3 * rng.standard_normal(D)).astype(np.float32)
-    b1[0] = 12.0
+    # a per-position offset (not a bias vector: fold-matmul-bias leaves the MatMul and the Add apart)
+    b1 = (0.3 * rng.standard_normal((T, D))).astype(np.float32)
+    b1[:, 0] = 12.0
     w2 = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
     graph = helper.make_graph(
         [

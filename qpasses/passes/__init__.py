@@ -12,6 +12,7 @@ from qpasses.passes.equalize.bias_correction import BiasCorrection
 from qpasses.passes.equalize.cross_layer_equalization import CrossLayerEqualization
 from qpasses.passes.equalize.fold_batchnorm import FoldBatchNorm
 from qpasses.passes.equalize.fold_channel_affine import FoldChannelAffine
+from qpasses.passes.equalize.fold_matmul_bias import FoldMatMulBias
 from qpasses.passes.fallback.data_independent import KeepDataIndependentFloat
 from qpasses.passes.fallback.decomposed_blocks import KeepDecomposedBlocksFloat
 from qpasses.passes.fallback.depthwise_inputs import KeepDepthwiseInputsFloat
@@ -50,6 +51,7 @@ BUILTIN_PASSES = (
     FoldChannelAffine,
     FoldBatchNorm,
     CrossLayerEqualization,
+    FoldMatMulBias,
     # quantization: annotate, encode, calibrate, lower
     ApplyOverrides,
     KeepNonFiniteFloat,
