@@ -79,6 +79,45 @@ def test_per_position_head_stays_quantized_and_only_the_probabilities_are_float(
     assert {"m", "logits"} <= quantized  # its MACs count once per position: the MatMul stays integer
 
 
+def _small_per_position_head() -> onnx.ModelProto:
+    """[N, T, 8] -> MatMul 8x256 -> Relu -> MatMul 256x64 -> Relu -> MatMul 64x2 (the head: 0.7% of
+    the weights) -> bias Add = emissions: a tagger's per-position head."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 256)) / 3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((256, 64)) / 16).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal((64, 2)) / 8).astype(np.float32), "w3"),
+        numpy_helper.from_array(np.array([0.5, -0.5], np.float32), "b3"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["m"], name="head"),
+        helper.make_node("Add", ["m", "b3"], ["emissions"], name="bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tagger",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+        [helper.make_tensor_value_info("emissions", TensorProto.FLOAT, ["N", 6, 2])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_per_position_head_with_a_small_weight_stays_float() -> None:
+    model = _small_per_position_head()
+    calib = [{"x": np.random.default_rng(i).standard_normal((2, 6, 8)).astype(np.float32)} for i in range(4)]
+    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
+    quantized = _quantized(result.model)
+    assert not {"m", "emissions", "emissions_fp"} & quantized  # the head and its output run in float
+    assert "r2" in quantized  # the layers before it stay integer
+    share = integer_mac_share(result.model, calib[0])
+    assert share.share == (8 * 256 + 256 * 64) / (8 * 256 + 256 * 64 + 64 * 2), share
+
+
 def test_quantized_only_targets_and_outputs_other_ops_write_keep_their_quantizers() -> None:
     model = fc.regression_head()
     calib, _ = _calib_and_loud(model)

@@ -12,11 +12,16 @@ all-float or all-integer, so it runs in float: digits 0.1%, open_nsfw 0.02% of t
 tensors stay float32; on a target that runs only integer kernels they are quantized (the spec's
 default: int16 there would need kernels such targets may lack). A head that a Conv or a
 MatMul applied per position writes (PP-OCR's CTC head: 12% of its MACs) stays quantized; only a
-Softmax/Sigmoid output after it is kept. NNCF leaves graph outputs unquantized too.
+Softmax/Sigmoid output after it is kept. Unless its weight is under 1% of the model's Conv/Gemm/MatMul
+weights (khmer_segmenter's CRF emissions: a 192x2 MatMul, 0.03%): then it is a few MACs per position
+too, and the two roundings it would add (its 8-bit output, the output's grid) cost the model 1 dB
+of output SQNR. NNCF leaves graph outputs unquantized too.
 ``quantize_model(..., quantize_outputs=True)`` / ``--quantize-outputs`` leaves this pass out.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes
@@ -29,12 +34,32 @@ CONSTANT_OPERAND_OPS = frozenset({"Add", "Sub", "Mul", "Div"})  # a bias, a scal
 FLOAT_OUTPUT_LINEAR = frozenset({"MatMul", "Gemm"})
 
 
+SMALL_HEAD_SHARE = 0.01  # of the model's Conv/Gemm/MatMul weight elements
+
+
 def _per_sample(op: Op, shapes: Shapes) -> bool:
     """A Gemm, or a MatMul on 2-D input: a head on pooled features, computed once per sample."""
     if op.op_type == "Gemm":
         return True
     shape = shapes.shape(op.inputs[0]) if op.inputs else None
     return shape is not None and len(shape) == 2
+
+
+def _weight_elements(graph: Graph, op: Op) -> int:
+    """Elements of a Conv/Gemm/MatMul's constant weight (0: none)."""
+    from qpasses.quant.plan import WEIGHTED
+
+    if op.op_type not in WEIGHTED or len(op.inputs) < 2 or not op.inputs[1]:
+        return 0
+    t = graph.tensors[op.inputs[1]]
+    shape = t.shape if t.is_constant else None
+    return int(np.prod(shape)) if shape and all(isinstance(d, int) for d in shape) else 0
+
+
+def _small(graph: Graph, op: Op) -> bool:
+    """A head whose weight is under ``SMALL_HEAD_SHARE`` of the model's: a few MACs wherever it is applied."""
+    own = _weight_elements(graph, op)
+    return own > 0 and own < SMALL_HEAD_SHARE * sum(_weight_elements(graph, o) for o in graph.ops)
 
 
 def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
@@ -55,7 +80,7 @@ def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
         head = False
         while op is not None and op.is_standard:
             if op.op_type in FLOAT_OUTPUT_LINEAR:
-                head = _per_sample(op, shapes)
+                head = _per_sample(op, shapes) or _small(graph, op)
                 break
             if op.op_type in DATA_MOVEMENT or op.op_type in PROBABILITY_OPS:
                 data = [op.inputs[0]] if op.inputs and op.inputs[0] else []
