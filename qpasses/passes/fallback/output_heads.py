@@ -21,7 +21,7 @@ of output SQNR. NNCF leaves graph outputs unquantized too.
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes
@@ -52,8 +52,8 @@ def _weight_elements(graph: Graph, op: Op) -> int:
     if op.op_type not in WEIGHTED or len(op.inputs) < 2 or not op.inputs[1]:
         return 0
     t = graph.tensors[op.inputs[1]]
-    shape = t.shape if t.is_constant else None
-    return int(np.prod(shape)) if shape and all(isinstance(d, int) for d in shape) else 0
+    dims = [d for d in (t.shape or ()) if isinstance(d, int)] if t.is_constant else []
+    return math.prod(dims) if dims and len(dims) == len(t.shape or ()) else 0
 
 
 def _small(graph: Graph, op: Op) -> bool:
