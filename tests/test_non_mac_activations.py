@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qdq_checks import output_sqnr, quantized_tensors
 
-from qpasses.core import verification
-from qpasses.data.evaluation import sqnr_db
 from qpasses.passes.fallback.non_mac_activations import KeepNonMacActivationsFloat
 from qpasses.quant.config import QuantConfig
 from qpasses.quantize import quantize_model
@@ -56,15 +55,8 @@ def feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((2, T, D)).astype(np.float32)} for _ in range(n)]
 
 
-def _quantized(model: onnx.ModelProto) -> set[str]:
-    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-
-
 def _output_sqnr(fp32: onnx.ModelProto, model: onnx.ModelProto) -> float:
-    test = feeds(4, seed=9)
-    ref = np.concatenate([verification.exact_session(fp32).run(None, f)[0].ravel() for f in test])
-    got = np.concatenate([verification.exact_session(model).run(None, f)[0].ravel() for f in test])
-    return sqnr_db(ref, got)
+    return output_sqnr(fp32, model, feeds(4, seed=9))
 
 
 def _quantize(model: onnx.ModelProto, **kw: object) -> object:
@@ -72,10 +64,10 @@ def _quantize(model: onnx.ModelProto, **kw: object) -> object:
     return quantize_model(model, feeds(8), QuantConfig(per_channel=True), **options)
 
 
-def test_only_mac_inputs_and_outputs_are_quantized(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_mac_inputs_and_outputs_arequantized_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tanh_mlp()
     result = _quantize(model)
-    quantized = _quantized(result.model)
+    quantized = quantized_tensors(result.model)
     assert {"x", "a", "m"} <= quantized  # what the MatMuls read and write
     # Only mm2 reads m: it quantizes m itself, and the bias Add, the Tanh and the Mul run in float.
     assert not {"ab", "t"} & quantized
@@ -84,7 +76,7 @@ def test_only_mac_inputs_and_outputs_are_quantized(monkeypatch: pytest.MonkeyPat
     assert remark.nodes == ("ab", "t")
     monkeypatch.setattr(KeepNonMacActivationsFloat, "run", lambda self, graph, ctx: self.result(False))
     without = _quantize(model)
-    assert {"ab", "t"} <= _quantized(without.model)
+    assert {"ab", "t"} <= quantized_tensors(without.model)
     good, bad = _output_sqnr(model, result.model), _output_sqnr(model, without.model)
     assert good - bad > 1.0, (good, bad)
 
@@ -96,10 +88,10 @@ def test_default_and_quantized_only_targets_keep_every_quantizer(target: str | N
     assert not [r for r in result.report.remarks if r.pass_name == KeepNonMacActivationsFloat.name]
 
 
-def test_quantize_outputs_keeps_the_outputs_quantized() -> None:
+def test_quantize_outputs_keeps_the_outputsquantized_tensors() -> None:
     model = tanh_mlp()
     model.graph.node.append(helper.make_node("Sigmoid", ["y"], ["p"], name="head"))
     model.graph.output[0].name = "p"
-    assert not {"p", "p_fp"} & _quantized(_quantize(model).model)
+    assert not {"p", "p_fp"} & quantized_tensors(_quantize(model).model)
     # A quantized output is written by its producer as p_fp, then quantized to p.
-    assert "p_fp" in _quantized(_quantize(model, quantize_outputs=True).model)
+    assert "p_fp" in quantized_tensors(_quantize(model, quantize_outputs=True).model)
