@@ -203,6 +203,7 @@ def quantize_once(
     overrides: str | os.PathLike[str] | None = None,
     pipeline: str | Sequence[PassSpec] | Sequence[Pass] | None = None,
     fold_batchnorm: bool = True,
+    fold_matmul_bias: bool = True,
     cle: bool = False,
     seq_mse: bool = False,
     bias_correction: bool | None = None,
@@ -230,6 +231,8 @@ def quantize_once(
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
     ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
     ``seed`` seeds what passes draw at random (AdaRound/AdaScale batch order).
+    ``fold_matmul_bias=False`` keeps each MatMul and its bias Add apart (``fold-matmul-bias`` off: the
+    exporter's tensor names, e.g. for encodings another tool matches by name).
     ``quantize_outputs``: quantize the model's outputs and the heads writing them too (by default they
     stay float: ``keep-output-heads-float``).
     ``statistics_carry``: statistics an earlier run on the same calibration data measured, by graph
@@ -269,6 +272,7 @@ def quantize_once(
             calibrated=calibration_data is not None,
             overrides=str(overrides) if overrides is not None else None,
             fold_batchnorm=fold_batchnorm,
+            fold_matmul_bias=fold_matmul_bias,
             cle=cle,
             seq_mse=seq_mse,
             seq_mse_options=seq_mse_options or {},

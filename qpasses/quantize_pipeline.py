@@ -33,6 +33,7 @@ class QuantizeOptions:
     calibrated: bool = True
     overrides: str | None = None  # an overrides/encodings file applied after the structural stage
     fold_batchnorm: bool = True
+    fold_matmul_bias: bool = True  # MatMul + bias Add -> Gemm (off: keep the exporter's MatMul/Add tensor names)
     cle: bool = False
     seq_mse: bool = False
     seq_mse_options: Mapping[str, Any] = field(default_factory=dict)
@@ -91,8 +92,9 @@ def build_quantize_pipeline(
         stages["structural"].append(PassSpec("fold-batchnorm"))
     if o.cle:
         stages["structural"].append(PassSpec("cle"))
-    # A MatMul's bias Add joins it as a Gemm: one output rounding, an int32 bias (after CLE, which pairs MatMuls).
-    stages["structural"].append(PassSpec("fold-matmul-bias"))
+    if o.fold_matmul_bias:
+        # A MatMul's bias Add joins it as a Gemm: one output rounding, an int32 bias (after CLE, which pairs MatMuls).
+        stages["structural"].append(PassSpec("fold-matmul-bias"))
     annotate = stages["annotate"]
     if o.overrides is not None:
         annotate.append(PassSpec("apply-overrides", {"path": str(o.overrides)}))

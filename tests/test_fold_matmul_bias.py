@@ -109,3 +109,23 @@ def test_quantized_layer_rounds_once_and_stays_integer(monkeypatch: pytest.Monke
     assert "mm" in {n.input[0] for n in off.graph.node if n.op_type == "QuantizeLinear"}
     good, bad = sqnr(on), sqnr(off)
     assert good - bad > 1.0, (good, bad)
+
+
+def test_cli_no_fold_matmul_bias_keeps_the_exporters_layers(tmp_path, capsys) -> None:  # noqa: ANN001
+    from qpasses.cli.app import main
+
+    path = tmp_path / "linear.onnx"
+    onnx.save(linear(["B", "T", K]), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([_feed((2, 6, K), seed=s)["x"] for s in range(4)]))
+    kinds = {}
+    for flags, out in (([], "fold"), (["--no-fold-matmul-bias"], "keep")):
+        assert main(["quantize", str(path), "--calib", str(calib), "-q", "-o", str(tmp_path / out), *flags]) == 0
+        kinds[out] = [n.op_type for n in onnx.load(tmp_path / out / "model.qdq.onnx").graph.node]
+        capsys.readouterr()
+        assert (
+            main(["quantize", str(path), "--calib", str(calib), "-o", str(tmp_path / "p"), "--print-pipeline", *flags])
+            == 0
+        )
+        assert ("fold-matmul-bias" in capsys.readouterr().out) == (out == "fold")
+    assert "Gemm" in kinds["fold"] and "Gemm" not in kinds["keep"] and kinds["keep"].count("MatMul") == 2

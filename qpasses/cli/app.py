@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adascale-exclude", action="append", metavar="OP", help="op to leave to min-max (repeatable)")
     q.add_argument("--no-fold-batchnorm", action="store_true")
     q.add_argument(
+        "--no-fold-matmul-bias",
+        action="store_true",
+        help="keep each MatMul and its bias Add apart (default: one Gemm, one rounding, an int32 bias)",
+    )
+    q.add_argument(
         "--print-pipeline",
         action="store_true",
         help="print the equivalent `qpasses run --pipeline` text and exit (run it with the same --calib/"
