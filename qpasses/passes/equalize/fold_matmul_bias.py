@@ -9,8 +9,8 @@ and the result back (data movement: the reshapes share the encodings of what the
 the corpus (output SQNR vs FP32, exact QDQ semantics): khmer_segmenter 39.55 -> 40.73 dB,
 dnsmos_p808 45.7 -> 48.0 dB (MOS MAE 0.0100 -> 0.0075), dnsmos 29.7 -> 30.7 dB.
 
-Left as they are: a layer whose result the model returns (through data movement, Softmax/Sigmoid,
-bias/scale ops): ``keep-output-heads-float`` decides those by the MatMul's input rank; an input of
+Left as they are: a layer whose result the model returns (``returned_linears``, the walk
+``keep-output-heads-float`` makes: it decides those by the MatMul's input rank and weight); an input of
 unknown rank or a weight that is not a constant 2-D float tensor.
 """
 
@@ -23,24 +23,7 @@ from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.equalize.linear_layer import bias_add_of
-from qpasses.quant.plan import DATA_MOVEMENT
-
-_RETURNING = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
-_CONSTANT_OPERAND = frozenset({"Add", "Sub", "Mul", "Div"})
-
-
-def returned(graph: Graph, name: str) -> bool:
-    """Whether the model returns ``name``, through data movement, Softmax/Sigmoid and ops with a constant."""
-    while not graph.is_graph_output(name):
-        uses = graph.uses(name)
-        if len(uses) != 1:
-            return False
-        op = uses[0][0]
-        constant = op.op_type in _CONSTANT_OPERAND and any(graph.tensors[i].is_constant for i in op.inputs if i)
-        if not (op.op_type in DATA_MOVEMENT or op.op_type in _RETURNING or constant) or not op.outputs[0]:
-            return False
-        name = op.outputs[0]
-    return True
+from qpasses.passes.fallback.output_heads import returned_linears
 
 
 def _bias_vector(graph: Graph, add: Op, mm_out: str, n: int) -> np.ndarray | None:
@@ -54,12 +37,13 @@ def _bias_vector(graph: Graph, add: Op, mm_out: str, n: int) -> np.ndarray | Non
 def fold_matmul_biases(graph: Graph, shapes: Shapes) -> list[str]:
     """Rewrite every MatMul + bias Add that qualifies; returns the MatMul names."""
     opset = graph.opset()
+    heads = returned_linears(graph)  # keep-output-heads-float's call, on the MatMul as the exporter wrote it
     done = []
     for mm in [op for op in graph.ops if op.op_type == "MatMul" and op.is_standard and len(op.inputs) == 2]:
         add = bias_add_of(graph, mm)
         w = graph.tensors.get(mm.inputs[1])
         weight = w.data if w is not None else None  # decoded once
-        if add is None or weight is None or weight.dtype != np.float32 or returned(graph, add.outputs[0]):
+        if add is None or weight is None or weight.dtype != np.float32 or mm.name in heads:
             continue
         k, n = weight.shape
         x, wname, out = mm.inputs[0], mm.inputs[1], add.outputs[0]

@@ -33,14 +33,14 @@ from qpasses.quant.plan import COMPUTE, DATA_MOVEMENT, WEIGHTED, fused_intermedi
 SHOWN = 5
 
 
-def runs_float_ops(target: object) -> bool:
+def quantizes_mac_io_only(target: object) -> bool:
     """A target whose descriptor says only integer MAC kernels' inputs and outputs are quantized."""
     return bool(getattr(target, "mac_io_only", False)) and not getattr(target, "needs_quantized", False)
 
 
-def mac_written(graph: Graph) -> set[str]:
-    """Outputs of Conv/ConvTranspose/Gemm/MatMul, and of the Relu/Clip fused into them."""
-    fused = fused_intermediates(graph)
+def mac_written(graph: Graph, fused: dict[str, str]) -> set[str]:
+    """Outputs of Conv/ConvTranspose/Gemm/MatMul, and of the Relu/Clip fused into them (``fused``:
+    ``fused_intermediates``)."""
     out: set[str] = set()
     for op in graph.ops:
         if op.op_type in WEIGHTED and op.is_standard:
@@ -55,7 +55,8 @@ def mac_written(graph: Graph) -> set[str]:
 def non_mac_activations(graph: Graph, shapes: Shapes, keep_outputs: bool = False) -> list[str]:
     """Float activations (graph inputs, op outputs) no MAC op writes, unless a MAC and another op both
     read them, in graph order; data-movement outputs are left out (they follow their input)."""
-    written = mac_written(graph)
+    fused = fused_intermediates(graph)
+    written = mac_written(graph, fused)
     outputs = set(graph.outputs)
 
     def is_float(name: str) -> bool:
@@ -74,7 +75,6 @@ def non_mac_activations(graph: Graph, shapes: Shapes, keep_outputs: bool = False
 
     floats = [n for n in found if not (keep_outputs and n in outputs) and float_here(n)]
     # An Add/Sub... fused with the Relu/Clip after it shares that op's quantizer: it follows the Relu's output.
-    fused = fused_intermediates(graph)
     kept = set(floats)
     return [n for n in floats if n not in fused or fused[n] in kept]
 
@@ -123,7 +123,7 @@ class KeepNonMacActivationsFloat(Pass):
         keep_outputs: bool = False  # --quantize-outputs: the model's outputs stay quantized
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if not runs_float_ops(ctx.target):
+        if not quantizes_mac_io_only(ctx.target):
             return self.result(False)
         names = non_mac_activations(graph, ctx.get(Shapes, graph), self.options.keep_outputs)
         kept = keep_float(graph, names, "no integer MAC kernel writes it", ctx.target)

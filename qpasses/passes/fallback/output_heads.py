@@ -62,38 +62,60 @@ def _small(graph: Graph, op: Op) -> bool:
     return own > 0 and own < SMALL_HEAD_SHARE * sum(_weight_elements(graph, o) for o in graph.ops)
 
 
-def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
-    """Per graph output: the tensors from it back through data movement, Softmax/Sigmoid and bias/scale
-    ops (Add/Sub/Mul/Div with a constant) to and including the output of a Gemm or of a MatMul on 2-D
-    input (a head on pooled features: a few MACs per sample). When another op writes the chain (a Conv,
-    a per-position MatMul), only a probability output is kept: the tensors down to the Softmax/Sigmoid
-    output. Outputs of anything else: none (a Conv with a float output would run in float)."""
+def returned_chain(graph: Graph, name: str) -> tuple[list[str], int, Op | None]:
+    """What the model returns as ``name``: (``name`` and the tensors back from it through data movement,
+    Softmax/Sigmoid and bias/scale ops (Add/Sub/Mul/Div with a constant), each read only by the next; how
+    many of them reach down to the last Softmax/Sigmoid output; the op writing the last one, None for an
+    input). The chain stops at a MatMul/Gemm, whose output it includes."""
     from qpasses.quant.plan import DATA_MOVEMENT
 
+    chain = [name]
+    probability = 0
+    op = graph.producer(name)
+    while op is not None and op.is_standard and op.op_type not in FLOAT_OUTPUT_LINEAR:
+        if op.op_type in DATA_MOVEMENT or op.op_type in PROBABILITY_OPS:
+            data = [op.inputs[0]] if op.inputs and op.inputs[0] else []
+        elif op.op_type in CONSTANT_OPERAND_OPS and len(op.inputs) == 2:
+            data = [i for i in op.inputs if i and not graph.tensors[i].is_constant]
+        else:
+            break
+        if op.op_type in PROBABILITY_OPS:
+            probability = len(chain)
+        if len(data) != 1 or len(graph.uses(data[0])) != 1 or graph.tensors[data[0]].is_constant:
+            break
+        chain.append(data[0])
+        op = graph.producer(data[0])
+    return chain, probability, op
+
+
+def returned_linears(graph: Graph) -> set[str]:
+    """Names of the MatMul/Gemm ops whose result the model returns (``returned_chain`` ends on them)."""
+    found = set()
+    for name in graph.outputs:
+        if not graph.tensors[name].is_constant:
+            op = returned_chain(graph, name)[2]
+            if op is not None and op.is_standard and op.op_type in FLOAT_OUTPUT_LINEAR:
+                found.add(op.name)
+    return found
+
+
+def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
+    """Per graph output: its ``returned_chain`` to and including the output of a Gemm or of a MatMul on
+    2-D input (a head on pooled features: a few MACs per sample) or with a small weight. When another op
+    writes the chain (a Conv, a per-position MatMul), only a probability output is kept: the tensors down
+    to the Softmax/Sigmoid output. Outputs of anything else: none (a Conv with a float output would run in
+    float)."""
     found = []
     for name in graph.outputs:
         if graph.tensors[name].is_constant:
             continue
-        chain = [name]
-        probability = 0  # tensors of the chain down to the last Softmax/Sigmoid output
-        op = graph.producer(name)
-        head = False
-        while op is not None and op.is_standard:
-            if op.op_type in FLOAT_OUTPUT_LINEAR:
-                head = _per_sample(op, shapes) or _small(graph, op)
-                break
-            if op.op_type in DATA_MOVEMENT or op.op_type in PROBABILITY_OPS:
-                data = [op.inputs[0]] if op.inputs and op.inputs[0] else []
-            elif op.op_type in CONSTANT_OPERAND_OPS and len(op.inputs) == 2:
-                data = [i for i in op.inputs if i and not graph.tensors[i].is_constant]
-            else:
-                break
-            if op.op_type in PROBABILITY_OPS:
-                probability = len(chain)
-            if len(data) != 1 or len(graph.uses(data[0])) != 1 or graph.tensors[data[0]].is_constant:
-                break
-            chain.append(data[0])
-            op = graph.producer(data[0])
+        chain, probability, op = returned_chain(graph, name)
+        head = (
+            op is not None
+            and op.is_standard
+            and op.op_type in FLOAT_OUTPUT_LINEAR
+            and (_per_sample(op, shapes) or _small(graph, op))
+        )
         kept = chain if head else chain[:probability]
         if kept:
             found.append(kept)
