@@ -11,7 +11,7 @@ the same flow can be written as a pipeline string instead.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import onnx
 
 import graph_ir
 from graph_ir import Graph
+from qpasses.core import verification
 from qpasses.core.context import PassContext
 from qpasses.core.errors import CalibrationDataError, PipelineError, QPassesError
 from qpasses.core.model_checks import check_quantizable
@@ -40,7 +41,8 @@ from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
 from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples
-from qpasses.runtime.tensor_sensitivity import Sensitivity, fallback_tensors
+from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
+from qpasses.runtime.tensor_sensitivity import Scorer, Sensitivity, fallback_tensors, reference_outputs
 from qpasses.targets import resolve_target
 
 
@@ -52,6 +54,7 @@ class QuantizeResult:
     config: QuantConfig
     parity: ParityReport | None = None  # the runtime parity check (None: not run)
     fallback: list[Sensitivity] = field(default_factory=list)  # tensors the automatic fallback kept higher
+    clipped: list[RangeClip] = field(default_factory=list)  # activation ranges the automatic fallback clipped
     reference: onnx.ModelProto | None = field(default=None, repr=False)  # the FP32 model as loaded
     calibration: CalibrationData | None = field(default=None, repr=False)  # the run's data, read once
 
@@ -123,9 +126,11 @@ def quantize_model(
     ``quantize_once`` (overrides, pipeline, fold_batchnorm, cle, seq_mse, target, runtime_check...).
 
     Automatic fallback (with calibration data, unless ``auto_fallback=False``): when an output's
-    SQNR vs FP32 on the parity check's calibration batches is below ``sqnr_floor_db``, the activation
+    SQNR vs FP32 on the parity check's calibration batches is below ``sqnr_floor_db``, first the
+    activation ranges whose clipping lifts the outputs are narrowed (``qpasses.runtime.range_clipping``:
+    no integer compute lost; ``result.clipped``), then, still below the floor, the activation
     quantizers costing the most (found by bisection) are kept in higher precision, at most
-    ``max_fallback_tensors``, and the model is quantized again; ``result.fallback`` names them.
+    ``max_fallback_tensors`` (``result.fallback``), and the model is quantized again with both.
     """
     carry = StatisticsCarry()  # the fallback's run measures what this one did: read, not measured again
     result = quantize_once(model, calibration_data, config, statistics_carry=carry, **options)
@@ -140,11 +145,17 @@ def quantize_model(
     except CalibrationDataError as exc:
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
+    lowered = result.model
+    reference = reference_outputs(result.reference, feeds)
     measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
-    if measured is not None and measured >= sqnr_floor_db:
+    if measured is None:  # the parity check did not run on these batches
+        exact, scorer = verification.exact_session(lowered), Scorer(reference)
+        measured = scorer.db(scorer.noise([exact.run(None, dict(f)) for f in feeds]))
+    if measured >= sqnr_floor_db:
         return result  # nothing to localize
-    if measured is not None and measured <= SHAPE_MISMATCH_DB and result.parity is not None:
-        names = [o.name for o in result.parity.outputs if o.exact_db <= SHAPE_MISMATCH_DB]
+    if measured <= SHAPE_MISMATCH_DB:
+        checked = result.parity.outputs if result.parity is not None else []
+        names = [o.name for o in checked if o.exact_db <= SHAPE_MISMATCH_DB]
         result.report.add_remark(
             "missed",
             "auto-fallback",
@@ -155,25 +166,57 @@ def quantize_model(
             "by its task metric (--eval) or keep tensors float with --overrides",
         )
         return result
-    chosen, before, after = fallback_tensors(
-        result.model, result.reference, feeds, sqnr_floor_db, max_fallback_tensors, before=measured
-    )
-    if not chosen:
+    clips, clipped_db = choose_clips(lowered, reference, feeds, measured)
+    chosen: list[Sensitivity] = []
+    after = clipped_db
+    if clipped_db < sqnr_floor_db:
+        chosen, _, after = fallback_tensors(
+            with_clips(lowered, {c.tensor: c.factor for c in clips}),
+            result.reference,
+            feeds,
+            sqnr_floor_db,
+            max_fallback_tensors,
+            before=clipped_db,
+            reference=reference,
+        )
+    if not chosen and not clips:
         return result
     outputs = {o.name for o in result.reference.graph.output}
-    # A graph output's quantizer reads the producer's renamed result (<name>_fp): keep <name>.
-    names = [s.tensor[:-3] if s.tensor.endswith("_fp") and s.tensor[:-3] in outputs else s.tensor for s in chosen]
-    again = quantize_once(model, data, config, keep_float_tensors=names, statistics_carry=carry, **options)
-    again.fallback = chosen
-    detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
-    again.report.add_remark(
-        "applied",
-        "auto-fallback",
-        f"kept {len(names)} tensors in higher precision",
-        tuple(names),
-        reason=f"worst output SQNR vs FP32 {before:.1f} dB < floor "
-        f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+
+    def named(tensor: str) -> str:  # a graph output's quantizer reads the producer's renamed result (<name>_fp)
+        return tensor[:-3] if tensor.endswith("_fp") and tensor[:-3] in outputs else tensor
+
+    names = [named(s.tensor) for s in chosen]
+    again = quantize_once(
+        model,
+        data,
+        config,
+        keep_float_tensors=names,
+        clip_ranges={named(c.tensor): c.factor for c in clips},
+        statistics_carry=carry,
+        **options,
     )
+    again.fallback, again.clipped = chosen, clips
+    if clips:
+        again.report.add_remark(
+            "applied",
+            "auto-fallback",
+            f"clipped {len(clips)} activation ranges",
+            tuple(named(c.tensor) for c in clips),
+            reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB; with these "
+            f"ranges narrowed (each to its least squared error; factors {min(c.factor for c in clips):.2f}-"
+            f"{max(c.factor for c in clips):.2f}) {clipped_db:.1f} dB predicted",
+        )
+    if chosen:
+        detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
+        again.report.add_remark(
+            "applied",
+            "auto-fallback",
+            f"kept {len(names)} tensors in higher precision",
+            tuple(names),
+            reason=f"worst output SQNR vs FP32 {clipped_db:.1f} dB < floor "
+            f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+        )
     return again
 
 
@@ -219,6 +262,7 @@ def quantize_once(
     registry: Registry | None = None,
     runtime_check: bool = True,
     keep_float_tensors: Sequence[str] = (),
+    clip_ranges: Mapping[str, float] | None = None,
     extensions: dict[str, Sequence[PassSpec]] | None = None,
     seed: int = 0,
     statistics_carry: StatisticsCarry | None = None,
@@ -229,6 +273,7 @@ def quantize_once(
     ``seq-mse`` pass in ``seq_mse_options``). ``runtime_check`` (with calibration data) runs the
     final model in onnxruntime's default session and with exact QDQ semantics on a few calibration
     batches (``result.parity``). ``keep_float_tensors`` stay float (int16 on quantized-only targets).
+    ``clip_ranges`` (tensor -> factor in (0, 1]): those activations' calibrated scales times the factor.
     ``extensions`` adds passes at a stage's extension point (``qpasses.quantize_pipeline.STAGES``).
     ``seed`` seeds what passes draw at random (AdaRound/AdaScale batch order).
     ``fold_matmul_bias=False`` keeps each MatMul and its bias Add apart (``fold-matmul-bias`` off: the
@@ -286,6 +331,7 @@ def quantize_once(
             progress=progress,
             runtime_check=runtime_check,
             keep_float_tensors=tuple(keep_float_tensors),
+            clip_ranges=dict(clip_ranges or {}),
             quantize_outputs=quantize_outputs,
         ),
         user_passes=user_specs,

@@ -47,6 +47,7 @@ class QuantizeOptions:
     progress: bool = True
     runtime_check: bool = True
     keep_float_tensors: Sequence[str] = ()
+    clip_ranges: Mapping[str, float] = field(default_factory=dict)  # tensor -> factor on its calibrated scale
     quantize_outputs: bool = False  # True: outputs and their heads are quantized too (keep-output-heads-float off)
 
 
@@ -187,6 +188,7 @@ def build_quantize_pipeline(
                     "percentile": c.percentile,
                     "batch_size": o.batch_size,
                     "progress": o.progress,
+                    **({"clip": tuple(f"{t}={f!r}" for t, f in o.clip_ranges.items())} if o.clip_ranges else {}),
                 },
             )
         )

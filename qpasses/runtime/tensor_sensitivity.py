@@ -3,20 +3,27 @@
 Every activation Q/DQ pair of a lowered model gets a switch input ``m``: the reader sees
 ``x + m * (DQ(Q(x)) - x)``, so ``m = 1`` quantizes the tensor and ``m = 0`` leaves it float. One
 onnxruntime session (exact semantics) then answers "only this tensor quantized" and "all but
-these" with one forward pass each, instead of one lowering and session per question.
+these" with one forward pass each, instead of one lowering and session per question. With
+``alternatives`` the switch chooses between two grids instead (``qpasses.runtime.range_clipping``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.core import verification
 from qpasses.data.evaluation import SHAPE_MISMATCH_DB
+
+
+def narrowed_scale(scale: onnx.TensorProto, factor: float, name: str) -> onnx.TensorProto:
+    """A per-tensor scale times ``factor``, as float32 (the grid a clipped range gets)."""
+    value = np.asarray(numpy_helper.to_array(scale), np.float32) * np.float32(factor)
+    return numpy_helper.from_array(value.astype(np.float32), name)
 
 
 @dataclass(frozen=True)
@@ -25,44 +32,79 @@ class Sensitivity:
     alone_db: float  # worst output SQNR vs FP32 with only this tensor quantized
 
 
-class SwitchableQDQ:
-    """A lowered QDQ model whose activation quantizers can be switched on and off per run."""
+def activation_quantizers(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+    """Each QuantizeLinear of a float activation (not a weight, not a conversion between two grids)
+    with the DequantizeLinear nodes reading it; one per tensor."""
+    g = model.graph
+    constants = {t.name for t in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    producers = {o: n for n in g.node for o in n.output}
+    seen: set[str] = set()
+    for node in list(g.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants or node.input[0] in seen:
+            continue
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            continue  # a conversion between two grids, not a quantizer of a float tensor
+        dqs = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+        if dqs:
+            seen.add(node.input[0])
+            yield node, dqs
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+
+class SwitchableQDQ:
+    """A lowered QDQ model whose activation quantizers can be switched on and off per run.
+
+    ``alternatives`` (tensor -> factor): only those tensors get a switch, and it chooses between
+    their grid (``m = 0``) and the same grid with its scale times the factor (``m = 1``; the zero
+    point kept, so the range narrows around it)."""
+
+    def __init__(self, model: onnx.ModelProto, alternatives: Mapping[str, float] | None = None) -> None:
         out = onnx.ModelProto()
         out.CopyFrom(model)
         g = out.graph
-        constants = {t.name for t in g.initializer}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in g.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
-        producers = {o: n for n in g.node for o in n.output}
+        scales = {t.name: t for t in g.initializer}
         self.tensors: list[str] = []
-        after: dict[int, list[onnx.NodeProto]] = {}  # the switch goes right after its DQ (stays sorted)
-        for node in list(g.node):
-            if node.op_type != "QuantizeLinear" or node.input[0] in constants:
-                continue
-            src = producers.get(node.input[0])
-            if src is not None and src.op_type == "DequantizeLinear":
-                continue  # a conversion between two grids, not a quantizer of a float tensor
+        # The switch goes right after its DQ (stays sorted). Keyed by id(): every node's wrapper is held
+        # alive in ``originals`` until the graph is rebuilt, so no id is reused meanwhile.
+        originals = list(g.node)
+        after: dict[int, list[onnx.NodeProto]] = {}
+        for node, dqs in list(activation_quantizers(out)):
             x = node.input[0]
-            dqs = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-            if not dqs or x in self.tensors:
+            if alternatives is not None and x not in alternatives:
                 continue
             switch = f"{x}__qswitch"
             self.tensors.append(x)
             g.input.append(helper.make_tensor_value_info(switch, TensorProto.FLOAT, []))
+            base = x
+            if alternatives is not None:  # the other grid: its own Q/DQ pair on x
+                scale = f"{x}__alt_scale"
+                g.initializer.append(narrowed_scale(scales[node.input[1]], alternatives[x], scale))
+                zp = node.input[2] if len(node.input) > 2 else ""
+                base = f"{x}__alt"
+                after[id(node)] = [
+                    helper.make_node("QuantizeLinear", [x, scale, zp], [f"{x}__alt_q"]),
+                    helper.make_node("DequantizeLinear", [f"{x}__alt_q", scale, zp], [base]),
+                ]
             for dq in dqs:
                 real = dq.output[0]
                 sim = f"{real}__quantized"
                 dq.output[0] = sim
-                after[id(dq)] = [
-                    helper.make_node("Sub", [sim, x], [f"{real}__delta"]),
-                    helper.make_node("Mul", [f"{real}__delta", switch], [f"{real}__scaled"]),
-                    helper.make_node("Add", [x, f"{real}__scaled"], [real]),
-                ]
-        nodes = [m for n in g.node for m in (n, *after.get(id(n), ()))]
+                if alternatives is None:  # x + m * (DQ(Q(x)) - x)
+                    first, second = x, sim
+                else:  # DQ(Q(x)) + m * (alternative - DQ(Q(x)))
+                    first, second = sim, base
+                after.setdefault(id(dq), []).extend(
+                    [
+                        helper.make_node("Sub", [second, first], [f"{real}__delta"]),
+                        helper.make_node("Mul", [f"{real}__delta", switch], [f"{real}__scaled"]),
+                        helper.make_node("Add", [first, f"{real}__scaled"], [real]),
+                    ]
+                )
+        nodes = [m for n in originals for m in (n, *after.get(id(n), ()))]
         del g.node[:]
         g.node.extend(nodes)
         self.model = out
@@ -83,6 +125,7 @@ def fallback_tensors(
     floor_db: float,
     max_tensors: int,
     before: float | None = None,
+    reference: list[list[np.ndarray]] | None = None,
 ) -> tuple[list[Sensitivity], float, float]:
     """Greedy: keep the most harmful quantizer float until every output is above ``floor_db``.
 
@@ -96,14 +139,14 @@ def fallback_tensors(
     errors gets none: each step would buy a little and cost integer compute without reaching the
     floor). Returns (tensors to keep in higher precision, worst SQNR before, after). ``before``: the
     all-quantized worst SQNR when already measured on these feeds (the runtime parity check's), so
-    it is not measured again.
+    it is not measured again; ``reference``: ``fp32``'s outputs on ``feeds`` when already computed.
     """
     switchable = SwitchableQDQ(model)
     if not switchable.tensors:
         return [], float("inf"), float("inf")
-    ref_sess = verification.runtime_session(fp32)  # as the parity check runs FP32
-    reference = [ref_sess.run(None, dict(f)) for f in feeds]
-    scorer = _Scorer(reference)
+    if reference is None:
+        reference = reference_outputs(fp32, feeds)
+    scorer = Scorer(reference)
     measured: dict[frozenset[str], np.ndarray | None] = {}  # noise per output, by the quantizers on
 
     def noise(on: Iterable[str]) -> np.ndarray | None:
@@ -157,6 +200,12 @@ def fallback_tensors(
     return chosen, before, current
 
 
+def reference_outputs(fp32: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The FP32 model's outputs on ``feeds``, run as the parity check runs it (default session)."""
+    session = verification.runtime_session(fp32)
+    return [session.run(None, dict(f)) for f in feeds]
+
+
 def most_harmful(
     tensors: Sequence[str],
     without: Callable[[Sequence[str]], float],
@@ -179,7 +228,7 @@ def most_harmful(
     return group[0]
 
 
-class _Scorer:
+class Scorer:
     """Worst pooled SQNR of float outputs vs fixed references, with the references prepared once."""
 
     def __init__(self, reference: list[list[np.ndarray]]) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, cast
 
 import onnx
@@ -133,6 +133,9 @@ class Calibrate(Pass):
         batch_size: int = 16
         progress: bool = True
         max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN
+        # "tensor=factor": that tensor's grid gets its scale times the factor (0 < factor <= 1, zero
+        # point kept): a range clipped around zero, as the automatic fallback chose it.
+        clip: tuple[str, ...] = ()
 
     def _check_options(self) -> None:
         o = self.options
@@ -145,6 +148,20 @@ class Calibrate(Pass):
         if o.mode == "percentile" and not 50.0 < o.percentile <= 100.0:
             raise PassError(f"pass 'calibrate': percentile must be in (50, 100], got {o.percentile}")
         validate_bitwidth(o.act_bw, "activation")
+        self._clips()
+
+    def _clips(self) -> dict[str, float]:
+        clips: dict[str, float] = {}
+        for item in self.options.clip:
+            name, _, value = item.rpartition("=")
+            try:
+                factor = float(value)
+            except ValueError:
+                factor = float("nan")
+            if not name or not 0.0 < factor <= 1.0:
+                raise PassError(f"pass 'calibrate': clip {item!r} is not tensor=factor with 0 < factor <= 1")
+            clips[name] = factor
+        return clips
 
     def _requests(self, ranged: Sequence[str], watched: Sequence[str]) -> list[TensorStatistic[Any]]:
         """Ranges (histograms in histogram modes) of ``ranged``; per-sample extremes of ``watched``."""
@@ -234,6 +251,7 @@ class Calibrate(Pass):
         if any(name not in observers for name in bitwidths):
             reasons = unavailable_tensors(graph.to_onnx() if model is None else model, bitwidths)
         calibrated: list[str] = []
+        clips, clipped = self._clips(), []
         for name, bw in bitwidths.items():
             obs = observers.get(name)
             if obs is None:
@@ -244,6 +262,9 @@ class Calibrate(Pass):
                 encoding = compute(obs, bw, o.mode, percentile=o.percentile)
             except EncodingError as exc:
                 raise EncodingError(f"activation {name}: {exc}") from None
+            if name in clips and encoding.axis is None:
+                encoding = replace(encoding, scale=tuple(s * clips[name] for s in encoding.scale))
+                clipped.append(name)
             t = graph.tensors[name]
             t.encoding = encoding
             t.meta["encoding_source"] = "calibration"
@@ -254,6 +275,13 @@ class Calibrate(Pass):
                 narrowed[:10],
                 reason="read only by Relu/HardSwish/Clip, which give the same output beyond their constant "
                 "region: the grid spends no levels there (qpasses.quant.live_range)",
+            )
+        if clipped:
+            self.remarks.applied(
+                f"clipped {len(clipped)} ranges",
+                clipped[:10],
+                reason="their scales times the given factors (zero points kept): finer steps for the bulk, "
+                "the rarest values clipped",
             )
         self.remarks.applied(
             f"calibrated {len(calibrated)} activations ({o.mode}, {o.act_bw}-bit) on {data.num_samples} samples "
