@@ -166,7 +166,8 @@ def quantize_model(
             "by its task metric (--eval) or keep tensors float with --overrides",
         )
         return result
-    clips, clipped_db = choose_clips(lowered, reference, feeds, measured)
+    clips, clipped = choose_clips(lowered, reference, feeds, sqnr_floor_db)
+    clipped_db = measured if clipped is None else clipped
     chosen: list[Sensitivity] = []
     after = clipped_db
     if clipped_db < sqnr_floor_db:

@@ -75,10 +75,9 @@ def _adjusted_grid(lo: np.ndarray, hi: np.ndarray, bitwidth: int) -> tuple[np.nd
     return steps[pick, columns], -below[pick, columns].astype(np.int64)
 
 
-def _enhanced_cost(
-    centers: np.ndarray, pdf: np.ndarray, steps: np.ndarray, offsets: np.ndarray, levels: int
-) -> np.ndarray:
-    """Expected error per candidate: saturation on bin midpoints (weighted) + uniform rounding noise step^2/12.
+def grid_error(centers: np.ndarray, pdf: np.ndarray, steps: np.ndarray, offsets: np.ndarray, levels: int) -> np.ndarray:
+    """Expected error per candidate grid (``offsets * steps`` to ``(offsets + levels) * steps``) for values
+    at ``centers`` with weights ``pdf``: saturation (weighted, as tf_enhanced) + uniform rounding noise step^2/12.
 
     The rounding term uses the uniform-noise expectation instead of each midpoint's own rounding
     error, which would alias with the bin grid and make the search jumpy.
@@ -100,12 +99,12 @@ def _enhanced_grid(hist: Histogram, bitwidth: int, symmetric: bool) -> tuple[flo
     if symmetric:
         base, offset = _symmetric_grid(lo, hi, bitwidth)
         steps = base[0] * _ENHANCED_SYMMETRIC_STEPS
-        cost = _enhanced_cost(centers, pdf, steps, np.full_like(steps, offset[0]), levels)
+        cost = grid_error(centers, pdf, steps, np.full_like(steps, offset[0]), levels)
         return max(float(steps[np.argmin(cost)]), MIN_RANGE / levels), int(offset[0])
 
     def search(steps: np.ndarray, offsets: np.ndarray) -> tuple[float, float, float]:
         grid = np.broadcast_to(offsets, (len(steps), len(offsets)))
-        cost = _enhanced_cost(centers, pdf, steps[:, None], grid, levels)
+        cost = grid_error(centers, pdf, steps[:, None], grid, levels)
         i, j = np.unravel_index(np.argmin(cost), cost.shape)
         return float(cost[i, j]), float(steps[i]), float(grid[i, j])
 

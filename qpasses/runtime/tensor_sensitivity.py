@@ -259,10 +259,13 @@ class Scorer:
 
     def db(self, noise: np.ndarray | None) -> float:
         """The worst output's SQNR for ``noise`` (SHAPE_MISMATCH_DB for None)."""
+        return min(self.dbs(noise), default=float("inf"))
+
+    def dbs(self, noise: np.ndarray | None) -> list[float]:
+        """Each float output's SQNR for ``noise`` (inf without noise; SHAPE_MISMATCH_DB for None)."""
         if noise is None:
-            return SHAPE_MISMATCH_DB
-        worst = float("inf")
-        for k in range(len(self.outputs)):
-            if noise[k] > 0:
-                worst = min(worst, float(10 * np.log10(max(self.signal[k], 1e-300) / noise[k])))
-        return worst
+            return [SHAPE_MISMATCH_DB] * len(self.outputs)
+        return [
+            float(10 * np.log10(max(self.signal[k], 1e-300) / noise[k])) if noise[k] > 0 else float("inf")
+            for k in range(len(self.outputs))
+        ]
