@@ -69,6 +69,11 @@ class QuantizeResult:
         n_par = len(entries) - n_float - n_act
         missed = [r for r in self.report.remarks if r.kind == "missed"]
         floats = f"; {n_float} tensors kept float" if n_float else ""
+        if self.clipped or self.fallback:
+            floats += (
+                f"; auto-fallback: {len(self.clipped)} activation ranges clipped, "
+                f"{len(self.fallback)} quantizers kept in higher precision"
+            )
         text = (
             f"quantized {n_act} activations and {n_par} weights/biases/params "
             f"(W{self.config.weight_bw}A{self.config.act_bw}, "

@@ -314,3 +314,38 @@ def correlated_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Calibration feeds for ``regression_head``: both features equal, in [0, 1]."""
     rng = np.random.default_rng(seed)
     return [{"x": np.repeat(rng.uniform(0, 1, (8, 1)), 2, axis=1).astype(np.float32)} for _ in range(n)]
+
+
+def long_tail_tanh(seed: int = 0, *, with_peak: bool = False) -> onnx.ModelProto:
+    """A pre-activation whose rare rows run 12x wider than the rest, read by Tanh (which saturates
+    anyway): min-max spends the 8-bit grid on the tail, the bulk gets a coarse step (``tail_feeds``).
+    ``with_peak``: a second output, the row maximum of that tensor, which lives on the tail."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 16)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((16, 8)) / 4).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["t"], name="mm1"),
+        helper.make_node("Tanh", ["t"], ["th"], name="tanh"),
+        helper.make_node("MatMul", ["th", "w2"], ["y"], name="mm2"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])]
+    if with_peak:
+        nodes.append(helper.make_node("ReduceMax", ["t"], ["peak"], name="peak", axes=[1], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("peak", TensorProto.FLOAT, ["n"]))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        outputs,
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+
+
+def tail_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` feeds of 64 rows for ``long_tail_tanh``: normal rows, 2% of them 12x wider."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((64, 16)).astype(np.float32)
+        x[rng.random(64) < 0.02] *= 12.0
+        out.append({"x": x})
+    return out

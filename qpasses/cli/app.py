@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--no-auto-fallback",
         action="store_true",
-        help="don't keep the quantizers that push an output below --sqnr-floor in higher precision",
+        help="don't act when an output falls below --sqnr-floor (by default: first clip the activation ranges "
+        "whose narrower grids lift the outputs, then keep the quantizers costing most in higher precision)",
     )
     q.add_argument(
         "--sqnr-floor",
