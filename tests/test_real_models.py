@@ -64,8 +64,8 @@ WEIGHTS_ONLY = {
 }
 W8A8 = {
     "ppocr_cls": 0.95,
-    "ppocr_det": 0.97,  # the auto-fallback keeps one depthwise-conv output float: 0.973; quantize_static 0.967
-    "ppocr_rec": 0.85,
+    "ppocr_det": 0.975,  # the auto-fallback clips 103 activation ranges: 0.980; quantize_static 0.967
+    "ppocr_rec": 0.9,  # 46 ranges clipped, one batch-norm output float: 0.916 (0.865 without them); quantize_static 0.86
     "open_nsfw": 0.01,
     "unidic_tagger": 0.95,
     "slanet_plus": 0.85,  # 32 calibration / 48 test tables: quantize_static 0.77, NNCF 0.37
@@ -262,6 +262,7 @@ def test_results_do_not_depend_on_the_calibration_batching(name: str) -> None:
     results = [_quantize(model, feeds) for feeds in (batched(1), model.calib_feeds(), batched(8))]
     assert len({r.parity.samples for r in results}) == 1
     assert len({tuple(s.tensor for s in r.fallback) for r in results}) == 1
+    assert len({tuple(r.clipped) for r in results}) == 1
     values = [model.evaluate(r.model) for r in results]
     assert max(values) - min(values) <= 1e-3, values
     scales = [{k: e.scale for k, e in r.encodings.activations.items() if isinstance(e, Encoding)} for r in results]
