@@ -210,7 +210,7 @@ def quantize_model(
             f"clipped {len(clips)} activation ranges",
             tuple(named(c.tensor) for c in clips),
             reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB; with these "
-            f"ranges narrowed (each to its least squared error; factors {min(c.factor for c in clips):.2f}-"
+            f"ranges narrowed (each to its least expected error; factors {min(c.factor for c in clips):.2f}-"
             f"{max(c.factor for c in clips):.2f}) {clipped_db:.1f} dB predicted",
         )
     if chosen:

@@ -42,7 +42,7 @@ EXTREME_READERS: Final = frozenset({"GlobalMaxPool", "ReduceMax", "ReduceMin", "
 never clipped. A MaxPool window picks among a few neighbours, typical values: ppocr_det's stem MaxPool
 input clipped is worth 0.004 IoU."""
 MIN_GAIN: Final = 0.9
-"""A factor is a candidate when its squared error is below this share of the full range's."""
+"""A factor is a candidate when its expected error is below this share of the full range's."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,15 @@ def choose_clips(
     base = scorer.dbs(scorer.noise([switchable.run(f, []) for f in feeds]))
     keep = [min(b, floor_db) - 0.1 for b in base]  # what no output may fall below
 
+    scores: dict[frozenset[str], float] = {}  # the bisection's last split scores the flip it ends on
+
     def score(on: Sequence[str]) -> float:
-        dbs = scorer.dbs(scorer.noise([switchable.run(f, on) for f in feeds]))
-        return min(dbs, default=float("inf")) if all(d >= k for d, k in zip(dbs, keep, strict=True)) else -np.inf
+        key = frozenset(on)
+        if key not in scores:
+            dbs = scorer.dbs(scorer.noise([switchable.run(f, sorted(key)) for f in feeds]))
+            ok = all(d >= k for d, k in zip(dbs, keep, strict=True))
+            scores[key] = min(dbs, default=float("inf")) if ok else -np.inf
+        return scores[key]
 
     candidates = list(switchable.tensors)
     before = min(base, default=float("inf"))
