@@ -3,7 +3,7 @@
 A min-max range spends its levels on the rarest values: one long tail and the bulk of a tensor
 shares a handful of steps. Narrowing the grid (its scale times a factor, the zero point kept, so the
 range shrinks around zero and zero stays a level) trades clipping the tail for finer steps. Which
-factor is best for the tensor is a local question (``clip_factors``: the least squared error over the
+factor is best for the tensor is a local question (``clip_factors``: the least expected error over the
 histogram of its integers, exact semantics, every checked sample); whether clipping helps the model is
 not (a max-pooling or a detection head lives on the extremes), so the outputs decide
 (``choose_clips``): all candidates clipped against none, then single quantizers flipped while one
@@ -78,7 +78,7 @@ def _single_samples(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
 
 
 def clip_factors(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Per activation quantizer with a per-tensor grid, the factor of its least squared error on
+    """Per activation quantizer with a per-tensor grid, the factor of its least expected error on
     ``feeds`` (exact semantics: the values the quantized model itself feeds it); factors below 1 only."""
     scales = {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
