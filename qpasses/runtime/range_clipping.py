@@ -5,7 +5,7 @@ shares a handful of steps. Narrowing the grid (its scale times a factor, the zer
 range shrinks around zero and zero stays a level) trades clipping the tail for finer steps. Which
 factor is best for the tensor is a local question (``clip_factors``: the least expected error over the
 histogram of its integers, exact semantics, every checked sample); whether clipping helps the model is
-not (a max-pooling or a detection head lives on the extremes), so the outputs decide
+not (a global max, or an output read by a threshold, lives on its extremes), so the outputs decide
 (``choose_clips``): all candidates clipped against none, then single quantizers flipped while one
 buys at least ``need_db``, each answer one forward pass of a switchable model
 (``qpasses.runtime.tensor_sensitivity``). Clipping costs no integer compute, unlike keeping a tensor
