@@ -153,6 +153,7 @@ def quantize_model(
     lowered = result.model
     reference = reference_outputs(result.reference, feeds)
     measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
+    outputs_db = None if measured is None or result.parity is None else [o.exact_db for o in result.parity.outputs]
     if measured is None:  # the parity check did not run on these batches
         exact, scorer = verification.exact_session(lowered), Scorer(reference)
         measured = scorer.db(scorer.noise([exact.run(None, dict(f)) for f in feeds]))
@@ -171,7 +172,7 @@ def quantize_model(
             "by its task metric (--eval) or keep tensors float with --overrides",
         )
         return result
-    clips, clipped = choose_clips(lowered, reference, feeds, sqnr_floor_db)
+    clips, clipped = choose_clips(lowered, reference, feeds, sqnr_floor_db, base=outputs_db)
     clipped_db = measured if clipped is None else clipped
     chosen: list[Sensitivity] = []
     after = clipped_db

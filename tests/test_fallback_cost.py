@@ -116,11 +116,12 @@ def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatc
     # One greedy round keeps 'lifted' and the output is above the floor: a bisection scored on the parity
     # check's batches (a quarter of the 4 one-sample feeds: one) running one half of each split (the other's
     # noise inferred; at the top, all and none quantized too), the trial, and one run of 'lifted' alone;
-    # not one run per quantizer, nor two per split. Before it, the range-clipping search: none and every
-    # candidate clipped (a run each) and the first split of its flips (two), none lifting the spiked output.
+    # not one run per quantizer, nor two per split. Before it, the range-clipping search: every candidate
+    # clipped (one run; none clipped is the parity check's) and the first split of its flips (two), none
+    # lifting the spiked output.
     assert result.parity is not None and result.parity.samples == 1
     assert result.clipped == []
-    assert len(runs) <= math.ceil(math.log2(quantizers)) + 4 + 4
+    assert len(runs) <= math.ceil(math.log2(quantizers)) + 4 + 3
 
 
 def test_fallback_run_reads_the_first_runs_statistics(monkeypatch: pytest.MonkeyPatch) -> None:

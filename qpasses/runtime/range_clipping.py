@@ -133,6 +133,7 @@ def choose_clips(
     floor_db: float,
     need_db: float = 0.5,
     max_flips: int = 8,
+    base: Sequence[float] | None = None,
 ) -> tuple[list[RangeClip], float | None]:
     """The clips (of ``clip_factors``' candidates) that lift the worst output SQNR vs ``reference`` on
     ``feeds``: all of them when that buys ``need_db`` over none, then single quantizers flipped, most
@@ -140,13 +141,15 @@ def choose_clips(
     ``floor_db``, or one already below it further, is refused (clipping can cost an output that the
     worst one hides). When one quantizer breaks an output (a spike riding on a tensor), no clip moves
     it: the keep-float search after this one finds that quantizer. Returns (clips, worst SQNR with them;
-    None when no quantizer has a candidate)."""
+    None when no quantizer has a candidate). ``base``: each float output's SQNR as the model is, when
+    already measured on ``feeds`` (the parity check's), so it is not measured again."""
     factors = clip_factors(model, feeds)
     if not factors:
         return [], None
     switchable = SwitchableQDQ(model, factors)
     scorer = Scorer(reference)
-    base = scorer.dbs(scorer.noise([switchable.run(f, []) for f in feeds]))
+    if base is None or len(base) != len(scorer.outputs):
+        base = scorer.dbs(scorer.noise([switchable.run(f, []) for f in feeds]))
     keep = [min(b, floor_db) - 0.1 for b in base]  # what no output may fall below
 
     scores: dict[frozenset[str], float] = {}  # the bisection's last split scores the flip it ends on
