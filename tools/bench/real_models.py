@@ -96,7 +96,10 @@ def _qpasses(
         warnings.simplefilter("ignore")
         result = quantize_model(str(model.path), calib, QuantConfig(per_channel=True), progress=False, target=target)
     _save(result.model, out)
-    return {"fallback": [(s.tensor, round(s.alone_db, 2)) for s in result.fallback]}
+    return {
+        "fallback": [(s.tensor, round(s.alone_db, 2)) for s in result.fallback],
+        "clipped": [(c.tensor, c.factor) for c in result.clipped],
+    }
 
 
 def _save(proto: Any, out: Path) -> None:
@@ -307,6 +310,8 @@ def _print_row(model: rm.CorpusModel, row: dict[str, Any]) -> None:
     failures = {k: row[k] for k in ("exact", "default", "mac_share") if isinstance(row.get(k), str)}
     for reason in dict.fromkeys(failures.values()):
         notes.append(f"{'/'.join(k for k, v in failures.items() if v == reason)} failed: {reason}")
+    if row.get("clipped"):
+        notes.append(f"auto-fallback clipped {len(row['clipped'])} ranges")
     if row.get("fallback"):
         notes.append(f"auto-fallback kept {len(row['fallback'])} tensors float")
     if row["tool"] == "fp32":
