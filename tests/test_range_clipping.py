@@ -112,3 +112,39 @@ def test_clip_ranges_option_scales_the_calibrated_grid() -> None:
     assert half["x"] == plain["x"]
     with pytest.raises(PassError, match="tensor=factor"):
         quantize_once(model, calib, clip_ranges={"t": 1.5}, progress=False)
+
+
+def test_only_8_and_16_bit_integer_grids_are_candidates() -> None:
+    """A float8 quantizer next to a uint8 one: the search reads the integer one and skips the other."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((64, 1024)).astype(np.float32)} for _ in range(4)]
+    feeds[0]["x"][0, 0] = -12.0  # one value in 262,144 sets the range: 8 bits pay for it everywhere else
+    step = 12.0 / 127
+    inits = [
+        numpy_helper.from_array(np.float32(step), "s"),
+        numpy_helper.from_array(np.uint8(128), "zp_u8"),
+        helper.make_tensor("zp_f8", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Neg", ["x"], ["b"]),
+        helper.make_node("QuantizeLinear", ["a", "s", "zp_f8"], ["a_q"]),
+        helper.make_node("DequantizeLinear", ["a_q", "s", "zp_f8"], ["a_dq"]),
+        helper.make_node("QuantizeLinear", ["b", "s", "zp_u8"], ["b_q"]),
+        helper.make_node("DequantizeLinear", ["b_q", "s", "zp_u8"], ["b_dq"]),
+        helper.make_node("Add", ["a_dq", "b_dq"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "grids",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 1024])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    from qpasses.runtime.range_clipping import clip_factors
+
+    found = clip_factors(model, feeds)
+    assert set(found) == {"b"} and found["b"] < 1.0  # the lone extreme of the uint8 one is clipped

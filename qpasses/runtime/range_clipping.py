@@ -10,7 +10,9 @@ not (a global max, or an output read by a threshold, lives on its extremes), so 
 buys at least ``need_db``, each answer one forward pass of a switchable model
 (``qpasses.runtime.tensor_sensitivity``). Clipping costs no integer compute, unlike keeping a tensor
 float; on ppocr_det and ppocr_rec it is what the keep-float search could not find (their loss is
-spread over many quantizers, none buying 1 dB alone).
+spread over many quantizers, none buying 1 dB alone). At 8 bits a clip pays only where a few values set
+the range of a large tensor (a value at twice the bulk's extent costs less than the finer steps gain
+once ~1e5 values share the grid): image feature maps, not small vectors.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Final
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from qpasses.core import verification
 from qpasses.data.sessions import with_outputs
@@ -41,6 +43,7 @@ EXTREME_READERS: Final = frozenset({"GlobalMaxPool", "ReduceMax", "ReduceMin", "
 """Ops that pick the extremes of a whole axis (the rare values clipping cuts): their inputs' ranges are
 never clipped. A MaxPool window picks among a few neighbours, typical values: ppocr_det's stem MaxPool
 input clipped is worth 0.004 IoU."""
+_INTEGER_GRIDS: Final = frozenset({TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16})
 MIN_GAIN: Final = 0.9
 """A factor is a candidate when its expected error is below this share of the full range's."""
 
@@ -93,9 +96,11 @@ def clip_factors(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray
         read = {dq.output[0] for dq in dqs}
         if read & outputs or any(readers.get(r, set()) & EXTREME_READERS for r in read):
             continue  # what the model returns, or what a max picks: its extremes are the point
+        if scales[node.input[2]].data_type not in _INTEGER_GRIDS:
+            continue  # 4-bit, 32-bit and float8 grids are not narrowed here
         zp = numpy_helper.to_array(scales[node.input[2]])
-        if zp.ndim != 0 or numpy_helper.to_array(scales[node.input[1]]).ndim != 0 or zp.dtype.itemsize > 2:
-            continue  # per-channel grids and 32-bit ones are not narrowed here
+        if zp.ndim != 0 or numpy_helper.to_array(scales[node.input[1]]).ndim != 0:
+            continue  # nor per-channel ones
         info = np.iinfo(zp.dtype)
         grids[node.input[0]] = (node.output[0], int(info.min), int(info.max) - int(info.min) + 1, int(zp))
     if not grids:
