@@ -40,7 +40,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
-from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples
+from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, parity_batches
 from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
 from qpasses.runtime.tensor_sensitivity import Scorer, Sensitivity, fallback_tensors, reference_outputs
 from qpasses.targets import resolve_target
@@ -151,9 +151,13 @@ def quantize_model(
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
     lowered = result.model
-    reference = reference_outputs(result.reference, feeds)
     measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
-    outputs_db = None if measured is None or result.parity is None else [o.exact_db for o in result.parity.outputs]
+    if measured is not None and result.parity is not None and result.parity.batches:
+        feeds, reference = result.parity.batches, result.parity.reference_outputs  # its FP32 outputs too
+        outputs_db: list[float] | None = [o.exact_db for o in result.parity.outputs]
+    else:
+        feeds, outputs_db = parity_batches(lowered, feeds), None
+        reference = reference_outputs(result.reference, feeds)
     if measured is None:  # the parity check did not run on these batches
         exact, scorer = verification.exact_session(lowered), Scorer(reference)
         measured = scorer.db(scorer.noise([exact.run(None, dict(f)) for f in feeds]))
@@ -351,7 +355,7 @@ def quantize_once(
         ctx.statistics = StatisticsStore(statistics_carry)
     if calibration_data is not None:
         fp32 = graph.to_onnx()
-        ctx.artifacts.put(Fp32Reference(fp32))
+        ctx.artifacts.put(Fp32Reference(fp32, ctx.statistics.results(graph)))
         # Passes are verified on a real sample first (real shapes, valid ids), random inputs when it cannot run.
         ctx.verification_source = lambda: _first_sample(fp32, calibration_data)
     # Pass objects given directly run right after inline-functions.

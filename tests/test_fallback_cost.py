@@ -124,6 +124,26 @@ def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatc
     assert len(runs) <= math.ceil(math.log2(quantizers)) + 4 + 3
 
 
+def test_fp32_model_runs_once_for_the_checks_and_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parity check's FP32 outputs serve the fallback's scoring and the second run's check: one FP32
+    session in all (not three)."""
+    from qpasses.core import verification
+
+    sessions: list[bool] = []
+    real_session = verification.runtime_session
+
+    def recorded(model, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+        sessions.append(not any(n.op_type == "QuantizeLinear" for n in proto.graph.node))
+        return real_session(model, **kwargs)
+
+    monkeypatch.setattr(verification, "runtime_session", recorded)
+    model = _long_outlier_model(steps=4)
+    result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
+    assert [s.tensor for s in result.fallback] == ["lifted"]  # two runs, each with its parity check
+    assert sessions.count(True) == 1
+
+
 def test_fallback_run_reads_the_first_runs_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     """The second quantization (tensors kept float) measures nothing: every graph state it collects on
     is the first run's, by content."""

@@ -10,7 +10,9 @@ report itself is left as a ``ParityReport`` artifact.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 
@@ -32,14 +34,15 @@ class RuntimeParityWarning(UserWarning):
 @dataclass
 class Fp32Reference:
     """Artifact: the FP32 model before any pass (outputs are compared with it; default: the QDQ model
-    without its activation Q/DQ pairs)."""
+    without its activation Q/DQ pairs). ``measured``: the statistics store's results for that state
+    (carried by content across ``quantize_model``'s runs): the check leaves the FP32 outputs on its
+    batches there, and the fallback's second run reads them instead of running the FP32 model again."""
 
     model: onnx.ModelProto
+    measured: dict[Hashable, Any] = field(default_factory=dict)
 
 
-def _reference(ctx: PassContext) -> onnx.ModelProto | None:
-    given = ctx.artifacts.get(Fp32Reference)
-    return None if given is None else given.model
+_CHECKED_OUTPUTS = ("runtime-parity", "fp32-outputs")  # key in Fp32Reference.measured: (batches, outputs)
 
 
 class RuntimeParityCheck(Pass):
@@ -76,7 +79,17 @@ class RuntimeParityCheck(Pass):
         # Replaying x86 without VNNI checks the portable promise; a target with int8 storage
         # (ort-vnni, QNN backends) was chosen for CPUs where that kernel does not run.
         emulate = None if uint8_storage(ctx.target) else False
-        report = check_parity(model, feeds, reference=_reference(ctx), tolerance_db=o.tolerance_db, emulate=emulate)
+        ref = ctx.artifacts.get(Fp32Reference)
+        report = check_parity(
+            model,
+            feeds,
+            reference=None if ref is None else ref.model,
+            tolerance_db=o.tolerance_db,
+            emulate=emulate,
+            known=None if ref is None else ref.measured.get(_CHECKED_OUTPUTS),
+        )
+        if ref is not None:
+            ref.measured[_CHECKED_OUTPUTS] = (report.batches, report.reference_outputs)
         ctx.artifacts.put(report)
         self.remarks.analysis(report.figures() + f" (CPU {report.cpu})")
         for problem in report.problems():
