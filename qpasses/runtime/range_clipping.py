@@ -110,7 +110,9 @@ def clip_factors(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray
     counts = {t: np.zeros(g[2], np.int64) for t, g in grids.items()}
     for one in _single_samples(model, feeds):
         for (tensor, (_, qmin, levels, _)), q in zip(grids.items(), session.run(names, one), strict=True):
-            counts[tensor] += np.bincount(np.asarray(q, np.int64).ravel() - qmin, minlength=levels)[:levels]
+            q = np.asarray(q).ravel()
+            q = q if qmin == 0 else q.astype(np.int32) - qmin  # unsigned integers count as they are
+            counts[tensor] += np.bincount(q, minlength=levels)[:levels]
     found = {t: clip_factor(counts[t], g[1], g[3]) for t, g in grids.items()}
     return {t: f for t, f in found.items() if f < 1.0}
 
@@ -141,13 +143,14 @@ def choose_clips(
     base: Sequence[float] | None = None,
 ) -> tuple[list[RangeClip], float | None]:
     """The clips (of ``clip_factors``' candidates) that lift the worst output SQNR vs ``reference`` on
-    ``feeds``: all of them when that buys ``need_db`` over none, then single quantizers flipped, most
-    helpful first (bisection), while one buys ``need_db``. A set that lowers any output below
-    ``floor_db``, or one already below it further, is refused (clipping can cost an output that the
-    worst one hides). When one quantizer breaks an output (a spike riding on a tensor), no clip moves
-    it: the keep-float search after this one finds that quantizer. Returns (clips, worst SQNR with them;
-    None when no quantizer has a candidate). ``base``: each float output's SQNR as the model is, when
-    already measured on ``feeds`` (the parity check's), so it is not measured again."""
+    ``feeds``: all of them when that buys ``need_db`` over none, then, while still below ``floor_db``,
+    single quantizers flipped, most helpful first (bisection), while one buys ``need_db``. A set that
+    lowers any output below ``floor_db``, or one already below it further, is refused (clipping can cost
+    an output that the worst one hides). When one quantizer breaks an output (a spike riding on a
+    tensor), no clip moves it: the keep-float search after this one finds that quantizer. Returns
+    (clips, worst SQNR with them; None when no quantizer has a candidate). ``base``: each float output's
+    SQNR as the model is, when already measured on ``feeds`` (the parity check's), so it is not measured
+    again."""
     factors = clip_factors(model, feeds)
     if not factors:
         return [], None
@@ -172,6 +175,8 @@ def choose_clips(
     everything = score(candidates)
     chosen, current = (set(candidates), everything) if everything >= before + need_db else (set(), before)
     for _ in range(max_flips):
+        if current >= floor_db:
+            break  # as the keep-float search, clipping acts until the outputs are above the floor
 
         def flip(group: Sequence[str], chosen: set[str] = chosen) -> float:
             return score(sorted(chosen ^ set(group)))
