@@ -275,3 +275,18 @@ def test_fallback_keeps_a_mild_quantizer_that_lifts_the_output_above_the_floor(m
     assert _fallback_with(monkeypatch, {"c": [0.065] * 4, **small}) == ["c"]
     # Spread evenly, no one quantizer lifts the output 1 dB: none is kept
     assert _fallback_with(monkeypatch, {f"s{i}": [0.05] * 4 for i in range(12)}) == []
+
+
+def test_scorer_pools_finite_values_only() -> None:
+    """A NaN in the reference or an inf in the output leaves that element out, as the signal does."""
+    ref = np.array([1.0, np.nan, 2.0, 3.0], np.float32)
+    got = np.array([1.5, 0.0, np.inf, 2.0], np.float32)
+    scorer = tensor_sensitivity.Scorer([[ref]])
+    noise = scorer.noise([[got]])
+    assert noise is not None and noise[0] == pytest.approx(0.5**2 + 1.0**2)
+    assert scorer.signal[0] == pytest.approx(1.0 + 4.0 + 9.0)
+    finite_ref = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    finite_got = finite_ref + np.float32(0.01) * np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
+    exact = float(np.sum((finite_got.astype(np.float64) - finite_ref.astype(np.float64)) ** 2))
+    summed = tensor_sensitivity.Scorer([[finite_ref]]).noise([[finite_got]])  # in float32, one pass
+    assert summed is not None and summed[0] == pytest.approx(exact, rel=1e-4)
