@@ -205,6 +205,7 @@ def quantize_model(
         keep_float_tensors=names,
         clip_ranges={named(c.tensor): c.factor for c in clips},
         statistics_carry=carry,
+        structural_verified=True,
         **options,
     )
     again.fallback, again.clipped = chosen, clips
@@ -277,6 +278,7 @@ def quantize_once(
     extensions: dict[str, Sequence[PassSpec]] | None = None,
     seed: int = 0,
     statistics_carry: StatisticsCarry | None = None,
+    structural_verified: bool = False,
     quantize_outputs: bool = False,
 ) -> QuantizeResult:
     """One pass of the quantization flow (``quantize_model`` adds the automatic fallback).
@@ -293,6 +295,8 @@ def quantize_once(
     stay float: ``keep-output-heads-float``).
     ``statistics_carry``: statistics an earlier run on the same calibration data measured, by graph
     state (``quantize_model``'s fallback run reads the first run's); this run's are added to it.
+    ``structural_verified``: an earlier run verified this model's structural stage numerically (the same
+    passes on the same model and data rebuild it identically): here it is checked with onnx.checker only.
     The flow itself is ``build_quantize_pipeline``'s.
     """
     if seq_mse and calibration_data is None:
@@ -360,7 +364,13 @@ def quantize_once(
         ctx.verification_source = lambda: _first_sample(fp32, calibration_data)
     # Pass objects given directly run right after inline-functions.
     report = run_structural_stage(
-        graph, ctx, flow, registry, overrides=overrides, verify=verify, user_objects=user_objects
+        graph,
+        ctx,
+        flow,
+        registry,
+        overrides=overrides,
+        verify="checker" if structural_verified and verify == "numeric" else verify,
+        user_objects=user_objects,
     )
     passes = build_passes(flow.main, registry)
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records

@@ -144,6 +144,36 @@ def test_fp32_model_runs_once_for_the_checks_and_the_fallback(monkeypatch: pytes
     assert sessions.count(True) == 1
 
 
+def test_fallback_run_does_not_verify_the_structural_stage_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second run rebuilds the first run's structural stage (same model, passes, data): the numeric
+    check of its rewrites ran once, in the first run."""
+    from qpasses.core import pass_manager
+
+    model = _long_outlier_model(steps=4)
+    model.graph.node.insert(1, helper.make_node("Identity", ["c"], ["c_id"], name="exporter_identity"))
+    for node in model.graph.node[2:]:
+        node.input[:] = ["c_id" if i == "c" else i for i in node.input]
+    checks: list[str] = []
+    real_check = pass_manager.verification.assert_equivalent
+    monkeypatch.setattr(
+        pass_manager.verification,
+        "assert_equivalent",
+        lambda before, after, name, **kw: checks.append(name) or real_check(before, after, name, **kw),
+    )
+    runs: list[int] = []
+    real_once = quantize_module.quantize_once
+
+    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        runs.append(len(checks))
+        return real_once(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize_once", once)
+    result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
+    assert [s.tensor for s in result.fallback] == ["lifted"] and len(runs) == 2
+    assert "remove-identity" in checks[: runs[1]]  # the first run verified the rewrite
+    assert checks[runs[1] :] == []  # the second did not again
+
+
 def test_fallback_run_reads_the_first_runs_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     """The second quantization (tensors kept float) measures nothing: every graph state it collects on
     is the first run's, by content."""
