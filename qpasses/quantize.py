@@ -45,6 +45,8 @@ from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
 from qpasses.runtime.tensor_sensitivity import Scorer, Sensitivity, fallback_tensors, reference_outputs
 from qpasses.targets import resolve_target
 
+_SCORABLE_BYTES = 1_800_000_000  # the fallback's sessions take the model serialized, as the parity check's
+
 
 @dataclass
 class QuantizeResult:
@@ -151,6 +153,11 @@ def quantize_model(
         result.report.add_remark("missed", "auto-fallback", "not checked", reason=str(exc))
         return result
     lowered = result.model
+    if lowered.ByteSize() > _SCORABLE_BYTES:
+        result.report.add_remark(
+            "missed", "auto-fallback", "not checked", reason="model over 1.8 GB: its scoring sessions are not built"
+        )
+        return result
     measured = _parity_worst_db(result.parity, feeds)  # when the parity check measured these very batches
     if measured is not None and result.parity is not None and result.parity.batches:
         feeds, reference = result.parity.batches, result.parity.reference_outputs  # its FP32 outputs too
