@@ -320,3 +320,13 @@ def test_scorer_pools_finite_values_only() -> None:
     exact = float(np.sum((finite_got.astype(np.float64) - finite_ref.astype(np.float64)) ** 2))
     summed = tensor_sensitivity.Scorer([[finite_ref]]).noise([[finite_got]])  # in float32, one pass
     assert summed is not None and summed[0] == pytest.approx(exact, rel=1e-4)
+
+
+def test_a_model_too_large_to_score_is_left_with_a_remark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its scoring sessions would take the model serialized (protobuf's 2 GB limit): no fallback, no crash."""
+    monkeypatch.setattr(quantize_module, "_SCORABLE_BYTES", 1_000)  # the small model stands in for a large one
+    model = fc.outlier_intermediate()
+    result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
+    assert result.fallback == [] and result.clipped == []
+    remark = next(r for r in result.report.remarks if r.pass_name == "auto-fallback")
+    assert remark.kind == "missed" and "1.8 GB" in (remark.reason or "")
