@@ -165,9 +165,10 @@ def quantize_model(
     else:
         feeds, outputs_db = parity_batches(lowered, feeds), None
         reference = reference_outputs(result.reference, feeds)
-    if measured is None:  # the parity check did not run on these batches
+    if measured is None:  # the parity check did not run on these batches: score them here, once
         exact, scorer = verification.exact_session(lowered), Scorer(reference)
-        measured = scorer.db(scorer.noise([exact.run(None, dict(f)) for f in feeds]))
+        outputs_db = scorer.dbs(scorer.noise([exact.run(None, dict(f)) for f in feeds]))
+        measured = min(outputs_db, default=float("inf"))
     if measured >= sqnr_floor_db:
         return result  # nothing to localize
     if measured <= SHAPE_MISMATCH_DB:

@@ -38,29 +38,26 @@ CALIB = np.load(MODELS / "digits_calib.npz")["input"]
 FEEDS = [{"input": CALIB[i : i + 16]} for i in range(0, 64, 16)]
 
 
-@pytest.fixture(scope="module")
-def portable() -> onnx.ModelProto:
-    # ``ort``: the default's uint8 storage, and the same descriptor as ``ort-vnni`` but for the storage
+def _digits(target: str) -> onnx.ModelProto:
     return quantize_model(
         MODELS / "digits_cnn.onnx",
         FEEDS,
         QuantConfig(per_channel=True),
-        target="ort",
+        target=target,
         progress=False,
         runtime_check=False,
     ).model
+
+
+@pytest.fixture(scope="module")
+def portable() -> onnx.ModelProto:
+    # ``ort``: the default's uint8 storage, and the same descriptor as ``ort-vnni`` but for the storage
+    return _digits("ort")
 
 
 @pytest.fixture(scope="module")
 def signed() -> onnx.ModelProto:
-    return quantize_model(
-        MODELS / "digits_cnn.onnx",
-        FEEDS,
-        QuantConfig(per_channel=True),
-        target="ort-vnni",
-        progress=False,
-        runtime_check=False,
-    ).model
+    return _digits("ort-vnni")
 
 
 def _weight_dqs(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -21,6 +21,7 @@ import onnx
 
 from qpasses.core import verification
 from qpasses.data.evaluation import pooled_sqnr_db
+from qpasses.data.sessions import with_outputs
 from qpasses.runtime.kernel_emulation import FusedMac, MacEmulation, emulate_mac, fused_macs, runtime_saturates
 
 DEFAULT_TOLERANCE_DB = 1.0
@@ -195,16 +196,6 @@ def activation_quantizers(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:
-            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return out
-
-
 def strip_activation_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every activation QuantizeLinear -> DequantizeLinear pair removed: quantized
     weights, float activations. The reference for a QDQ model when no FP32 model is at hand."""
@@ -250,14 +241,18 @@ def check_parity(
     ref_model = reference if reference is not None else strip_activation_qdq(model)
     taps = activation_quantizers(model)
     out_names = [o.name for o in model.graph.output]
-    exact_sess = verification.exact_session(_with_outputs(model, taps))
-    runtime_sess = verification.runtime_session(_with_outputs(model, taps))
+    exact_sess = verification.exact_session(with_outputs(model, taps))
+    runtime_sess = verification.runtime_session(with_outputs(model, taps))
     # The FP32 reference as users run it (graph optimizations change float results by rounding only).
     batches = parity_batches(model, feeds)
-    reuse = known is not None and _same_batches(known[0], batches)
-    ref_sess = None if reuse else verification.runtime_session(ref_model)
-    ref_names = [o.name for o in ref_model.graph.output]
-    ref_inputs = {x.name for x in ref_model.graph.input}
+    reference_outputs = known[1] if known is not None and _same_batches(known[0], batches) else None
+    if reference_outputs is None:
+        ref_sess = verification.runtime_session(ref_model)
+        ref_names = [o.name for o in ref_model.graph.output]
+        ref_inputs = {x.name for x in ref_model.graph.input}
+        reference_outputs = [
+            ref_sess.run(ref_names, {k: v for k, v in feed.items() if k in ref_inputs}) for feed in batches
+        ]
     refs: list[list[np.ndarray]] = [[] for _ in out_names]
     exacts: list[list[np.ndarray]] = [[] for _ in out_names]
     runtimes: list[list[np.ndarray]] = [[] for _ in out_names]
@@ -268,18 +263,13 @@ def check_parity(
     probe = batches[0]
     first_exact: dict[str, np.ndarray] = {}
     extra = [t for t in taps if t not in set(out_names)]
-    ref_outputs: list[list[np.ndarray]] = []
     for i, feed in enumerate(batches):
         e = exact_sess.run(out_names + (extra if i == 0 else []), feed)
         if i == 0:
             values = dict(zip(out_names + extra, e, strict=True))
             first_exact = {t: values[t] for t in taps}
         r = runtime_sess.run(out_names, feed)
-        if ref_sess is None:
-            f = known[1][i] if known is not None else []
-        else:
-            f = ref_sess.run(ref_names, {k: v for k, v in feed.items() if k in ref_inputs})
-        ref_outputs.append(f)
+        f = reference_outputs[i]
         for j in range(len(out_names)):
             exacts[j].append(e[j])
             runtimes[j].append(r[j])
@@ -289,7 +279,7 @@ def check_parity(
     report = ParityReport(
         cpu_description(saturates), samples, "FP32" if reference is not None else "float activations", tolerance_db
     )
-    report.batches, report.reference_outputs = batches, ref_outputs
+    report.batches, report.reference_outputs = batches, reference_outputs
     for j, name in enumerate(out_names):
         if not np.issubdtype(exacts[j][0].dtype, np.floating):
             continue
@@ -397,7 +387,7 @@ def split_first_sample(
 
 
 def _emulate_from_input(model: onnx.ModelProto, mac: FusedMac, feed: Mapping[str, np.ndarray]) -> MacEmulation | None:
-    values = verification.exact_session(_with_outputs(model, [mac.activation])).run([mac.activation], dict(feed))
+    values = verification.exact_session(with_outputs(model, [mac.activation])).run([mac.activation], dict(feed))
     return emulate_mac(mac, values[0])
 
 

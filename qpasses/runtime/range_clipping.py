@@ -32,7 +32,7 @@ from qpasses.runtime.parity import split_first_sample
 from qpasses.runtime.tensor_sensitivity import (
     Scorer,
     SwitchableQDQ,
-    activation_quantizers,
+    activation_qdq_pairs,
     most_harmful,
     narrowed_scale,
 )
@@ -90,7 +90,7 @@ def clip_factors(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray
         for name in n.input:
             readers.setdefault(name, set()).add(n.op_type)
     grids: dict[str, tuple[str, int, int, int]] = {}  # tensor -> (Q output, qmin, levels, zero point)
-    for node, dqs in activation_quantizers(model):
+    for node, dqs in activation_qdq_pairs(model):
         if len(node.input) < 3 or node.input[2] not in scales or node.input[1] not in scales:
             continue
         read = {dq.output[0] for dq in dqs}
@@ -122,7 +122,7 @@ def with_clips(model: onnx.ModelProto, clips: Mapping[str, float]) -> onnx.Model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     scales = {t.name: t for t in out.graph.initializer}
-    for node, dqs in list(activation_quantizers(out)):
+    for node, dqs in list(activation_qdq_pairs(out)):
         x = node.input[0]
         if x not in clips:
             continue

@@ -32,7 +32,7 @@ class Sensitivity:
     alone_db: float  # worst output SQNR vs FP32 with only this tensor quantized
 
 
-def activation_quantizers(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+def activation_qdq_pairs(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
     """Each QuantizeLinear of a float activation (not a weight, not a conversion between two grids)
     with the DequantizeLinear nodes reading it; one per tensor."""
     g = model.graph
@@ -66,13 +66,13 @@ class SwitchableQDQ:
         out = onnx.ModelProto()
         out.CopyFrom(model)
         g = out.graph
-        scales = {t.name: t for t in g.initializer}
+        initializers = {t.name: t for t in g.initializer}
         self.tensors: list[str] = []
         # The switch goes right after its DQ (stays sorted). Keyed by id(): every node's wrapper is held
         # alive in ``originals`` until the graph is rebuilt, so no id is reused meanwhile.
         originals = list(g.node)
         after: dict[int, list[onnx.NodeProto]] = {}
-        for node, dqs in list(activation_quantizers(out)):
+        for node, dqs in list(activation_qdq_pairs(out)):
             x = node.input[0]
             if alternatives is not None and x not in alternatives:
                 continue
@@ -82,7 +82,7 @@ class SwitchableQDQ:
             base = x
             if alternatives is not None:  # the other grid: its own Q/DQ pair on x
                 scale = f"{x}__alt_scale"
-                g.initializer.append(narrowed_scale(scales[node.input[1]], alternatives[x], scale))
+                g.initializer.append(narrowed_scale(initializers[node.input[1]], alternatives[x], scale))
                 zp = node.input[2] if len(node.input) > 2 else ""
                 base = f"{x}__alt"
                 after[id(node)] = [
@@ -236,17 +236,10 @@ class Scorer:
             j for j in range(len(reference[0])) if np.issubdtype(np.asarray(reference[0][j]).dtype, np.floating)
         ]
         self.reference = reference
-        self.flat = {
-            (b, j): np.asarray(reference[b][j], np.float64).ravel() for b in range(len(reference)) for j in self.outputs
-        }
-        self.flat32 = {
-            key: np.asarray(reference[key[0]][key[1]]).ravel()
-            for key in self.flat
-            if np.asarray(reference[key[0]][key[1]]).dtype == np.float32
-        }
+        self.flat = {(b, j): np.asarray(reference[b][j]).ravel() for b in range(len(reference)) for j in self.outputs}
         self.signal = []  # per float output, over its finite values (as the noise)
         for j in self.outputs:
-            flats = [self.flat[(b, j)] for b in range(len(reference))]
+            flats = [self.flat[(b, j)].astype(np.float64) for b in range(len(reference))]
             self.signal.append(sum(float(f[np.isfinite(f)] @ f[np.isfinite(f)]) for f in flats))
 
     def noise(self, got: list[list[np.ndarray]]) -> np.ndarray | None:
@@ -256,17 +249,15 @@ class Scorer:
             for b, batch in enumerate(got):
                 if np.shape(batch[j]) != np.shape(self.reference[b][j]):
                     return None
-                r = self.flat[(b, j)]
-                # In the outputs' own precision first (one pass, no float64 copy: ppocr_rec's 6625-class
-                # logits made this half of a scoring); a NaN or inf anywhere shows in the sum.
-                g = np.asarray(batch[j]).ravel()
-                r32 = self.flat32.get((b, j))
-                d32 = g - r32 if r32 is not None and g.dtype == np.float32 else None
+                r, g = self.flat[(b, j)], np.asarray(batch[j]).ravel()
+                # In float32 when both are (one pass, no float64 copy: ppocr_rec's 6625-class logits made
+                # this half of a scoring); a NaN or inf anywhere shows in the sum.
+                d32 = g - r if r.dtype == g.dtype == np.float32 else None
                 power = float(d32 @ d32) if d32 is not None else float("nan")
                 if not np.isfinite(power):
-                    g64 = g.astype(np.float64)
-                    finite = np.isfinite(r) & np.isfinite(g64)
-                    d = r[finite] - g64[finite]
+                    r64, g64 = r.astype(np.float64), g.astype(np.float64)
+                    finite = np.isfinite(r64) & np.isfinite(g64)
+                    d = r64[finite] - g64[finite]
                     power = float(d @ d)
                 out[k] += power
         return out
