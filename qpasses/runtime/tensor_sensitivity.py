@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.core import verification
-from qpasses.data.evaluation import SHAPE_MISMATCH_DB
+from qpasses.data.evaluation import SHAPE_MISMATCH_DB, squared_error
 
 
 def narrowed_scale(scale: onnx.TensorProto, factor: float, name: str) -> onnx.TensorProto:
@@ -249,17 +249,7 @@ class Scorer:
             for b, batch in enumerate(got):
                 if np.shape(batch[j]) != np.shape(self.reference[b][j]):
                     return None
-                r, g = self.flat[(b, j)], np.asarray(batch[j]).ravel()
-                # In float32 when both are (one pass, no float64 copy: ppocr_rec's 6625-class logits made
-                # this half of a scoring); a NaN or inf anywhere shows in the sum.
-                d32 = g - r if r.dtype == g.dtype == np.float32 else None
-                power = float(d32 @ d32) if d32 is not None else float("nan")
-                if not np.isfinite(power):
-                    r64, g64 = r.astype(np.float64), g.astype(np.float64)
-                    finite = np.isfinite(r64) & np.isfinite(g64)
-                    d = r64[finite] - g64[finite]
-                    power = float(d @ d)
-                out[k] += power
+                out[k] += squared_error(self.flat[(b, j)], batch[j])[0]
         return out
 
     def db(self, noise: np.ndarray | None) -> float:
