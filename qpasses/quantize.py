@@ -39,10 +39,17 @@ from qpasses.passes.quantize.runtime_parity_check import Fp32Reference
 from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
+from qpasses.quant.keep_float import kept_precision
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
 from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, parity_batches
 from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
-from qpasses.runtime.tensor_sensitivity import Scorer, Sensitivity, fallback_tensors, reference_outputs
+from qpasses.runtime.tensor_sensitivity import (
+    Scorer,
+    Sensitivity,
+    SwitchableQDQ,
+    fallback_tensors,
+    reference_outputs,
+)
 from qpasses.targets import resolve_target
 
 _SCORABLE_BYTES = 1_800_000_000  # the fallback's sessions take the model serialized, as the parity check's
@@ -188,7 +195,9 @@ def quantize_model(
     clipped_db = measured if clipped is None else clipped
     chosen: list[Sensitivity] = []
     after = clipped_db
-    if clipped_db < sqnr_floor_db:
+    # On a target with no activation precision above 8 bits (HTA) nothing can be kept higher.
+    higher = kept_precision(resolve_target(options.get("target"), options.get("registry") or default_registry()))
+    if clipped_db < sqnr_floor_db and higher is not None:
         chosen, _, after = fallback_tensors(
             with_clips(lowered, {c.tensor: c.factor for c in clips}),
             result.reference,
@@ -199,6 +208,21 @@ def quantize_model(
             reference=reference,
         )
     if not chosen and not clips:
+        weights_db = Scorer(reference).db(_weights_only_noise(lowered, reference, feeds))
+        searched = "no quantizer kept higher bought 1 dB" if higher is not None else "nothing above 8 bits on target"
+        where = (
+            "the loss is in the weights (--cle, --seq-mse, --adaround; per-channel weights where the target has them)"
+            if weights_db < sqnr_floor_db
+            else "it is spread over many activation quantizers (--amp, --act-mode enhanced, more calibration data)"
+        )
+        result.report.add_remark(
+            "missed",
+            "auto-fallback",
+            "below the floor, nothing found to lift it",
+            reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB on the checked "
+            f"batches; no narrowed range bought 0.5 dB, {searched}. With every activation float the weights alone "
+            f"give {weights_db:.1f} dB: {where}",
+        )
         return result
     outputs = {o.name for o in result.reference.graph.output}
 
@@ -238,6 +262,16 @@ def quantize_model(
             f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
         )
     return again
+
+
+def _weights_only_noise(
+    model: onnx.ModelProto, reference: list[list[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> np.ndarray | None:
+    """Per output, the noise vs FP32 of ``model`` with every activation quantizer off (its weights' share)."""
+    switchable = SwitchableQDQ(model)
+    if not switchable.tensors:
+        return Scorer(reference).noise([verification.exact_session(model).run(None, dict(f)) for f in feeds])
+    return Scorer(reference).noise([switchable.run(f, []) for f in feeds])
 
 
 def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarray]]) -> float | None:

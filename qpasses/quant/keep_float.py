@@ -17,11 +17,12 @@ FLOAT32 = Precision("float", 32)
 INT16 = Precision("int", 16)
 
 
-def kept_precision(target: Any) -> Precision:
-    """float32, or int16 where the target needs a quantized model (constants too: no float there)."""
-    if target is not None and getattr(target, "needs_quantized", False):
-        return INT16
-    return FLOAT32
+def kept_precision(target: Any) -> Precision | None:
+    """float32, or int16 where the target needs a quantized model (constants too: no float there); None
+    where it runs no activation above 8 bits either (HTA): nothing higher to keep a tensor in."""
+    if target is None or not getattr(target, "needs_quantized", False):
+        return FLOAT32
+    return INT16 if 16 in getattr(target, "activation_bitwidths", (16,)) else None
 
 
 def with_readers(graph: Graph, names: list[str]) -> list[str]:
@@ -51,13 +52,19 @@ def user_override(graph: Graph, name: str) -> bool:
 def keep_float(
     graph: Graph, names: list[str], reason: str, target: Any = None, precision: Precision | None = None
 ) -> list[str]:
-    """Mark ``names`` (skipping user overrides); returns the names marked."""
+    """Mark ``names`` (skipping user overrides); returns the names marked. On a target with nothing above
+    8 bits none is marked: each keeps the reason in ``meta["higher_unavailable"]`` (``annotate-precision``
+    names them in one remark)."""
+    chosen = precision or kept_precision(target)
     marked = []
     for name in names:
         t = graph.tensors.get(name)
         if t is None or user_override(graph, name):
             continue
-        t.precision = precision or kept_precision(target)
+        if chosen is None:
+            t.meta["higher_unavailable"] = reason
+            continue
+        t.precision = chosen
         t.meta["precision_source"] = "override"
         t.meta["auto_precision"] = reason
         marked.append(name)

@@ -148,6 +148,12 @@ class TargetDescriptor:
     ) -> bool:
         return any(k.matches(activation, weight, bias) for k in self.supported_kernels(op_type))
 
+    @property
+    def activation_bitwidths(self) -> tuple[int, ...]:
+        """The integer activation bitwidths its kernels take, ascending (any op)."""
+        bws = {k.activation.bitwidth for ks in self.kernels.values() for k in ks if k.activation.dtype == "int"}
+        return tuple(sorted(bws))
+
     def supports_float(self, bitwidth: int) -> bool:
         return bitwidth in self.float_bitwidths
 

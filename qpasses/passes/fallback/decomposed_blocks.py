@@ -204,8 +204,8 @@ class KeepDecomposedBlocksFloat(Pass):
                     continue
                 unfused.setdefault((block.kind, fusion), []).append(block)
             # The op reading the last internals (writing y) runs float too, or it would re-quantize them.
-            keep_float(graph, with_readers(graph, block.internals), f"inside a decomposed {block.kind}", ctx.target)
-            kept.setdefault(block.kind, []).append(block)
+            if keep_float(graph, with_readers(graph, block.internals), f"inside a decomposed {block.kind}", ctx.target):
+                kept.setdefault(block.kind, []).append(block)
         precision = kept_precision(ctx.target)
         for kind, found in kept.items():
             shown = found[:SHOWN_BLOCKS]
@@ -222,7 +222,8 @@ class KeepDecomposedBlocksFloat(Pass):
             self.remarks.applied(f"fused {len(names)} decomposed {what}", names[:10])
         for (kind, why), found in unfused.items():
             self.remarks.missed(
-                f"{len(found)} decomposed {kind} block{'s' if len(found) > 1 else ''} not fused, kept in {precision}",
+                f"{len(found)} decomposed {kind} block{'s' if len(found) > 1 else ''} not fused"
+                + (f", kept in {precision}" if precision is not None else ""),
                 [b.ops[-1].name for b in found[:10]],
                 reason=why,
             )

@@ -43,7 +43,26 @@ class AnnotatePrecision(Pass):
         if counts:
             shown = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
             self.remarks.applied(f"annotated {sum(counts.values())} tensors ({shown})")
+        self._report_unavailable(graph, ctx)
         return self.result(changed)
+
+    def _report_unavailable(self, graph: Graph, ctx: PassContext) -> None:
+        """One remark per reason for the tensors an analysis would keep above 8 bits on a target with
+        nothing higher (``qpasses.quant.keep_float``): they stay on the target's grids."""
+        wanted: dict[str, list[str]] = {}
+        for name, t in graph.tensors.items():
+            reason = t.meta.get("higher_unavailable")
+            if reason is not None and not t.is_constant:
+                wanted.setdefault(str(reason), []).append(name)
+        target = getattr(ctx.target, "name", "this target")
+        bws = "/".join(f"int{b}" for b in getattr(ctx.target, "activation_bitwidths", ()))
+        for reason, names in wanted.items():
+            self.remarks.missed(
+                f"{len(names)} tensors left at the target's precision, not kept higher ({reason})",
+                names[:10],
+                reason=f"target {target} runs only integer kernels with {bws or 'its'} activations: nothing "
+                "higher to keep them in; expect a larger error there",
+            )
 
 
 def _snapshot(graph: Graph) -> dict[str, tuple[object, ...]]:
