@@ -309,3 +309,26 @@ def test_declared_calibration_superset_covers_the_plan() -> None:
     assert not any(graph.tensors[n].is_constant for n in ranged.tensors)
     (exact, *_) = calibrate.statistics(graph, ctx)  # at its own turn: what the plan quantizes
     assert set(exact.tensors) == set(plan.activations)
+
+
+def test_sample_extremes_from_one_row_pieces_equal_the_rows_own() -> None:
+    """The collector feeds ``SampleExtremes`` a one-row piece's min/max (computed once for the range too):
+    the same top/bottom samples as reducing every row itself, NaN rows and multi-row pieces included."""
+    from qpasses.data.collector import HistogramScratch, Piece, SampleExtremesAccumulator
+    from qpasses.quant.range_statistics import SampleExtremes
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1, 3, 5)).astype(np.float32) * s for s in (1.0, 40.0, 2.0, 0.5, 3.0)]
+    rows[2][0, 1, 1] = np.nan
+    pieces = [*rows, np.concatenate([rows[0], rows[3]])]  # a multi-row piece (a feed that cannot be cut)
+    direct, fed = SampleExtremes(), SampleExtremesAccumulator(SampleExtremes())
+    scratch = HistogramScratch()
+    for batch, value in enumerate(pieces):
+        direct.update(value)
+        fed.update(Piece(value, batch, scratch))
+    got = fed.observer
+    assert got.samples == direct.samples == 7
+    for mine, theirs in ((got.top, direct.top), (got.bottom, direct.bottom)):
+        assert [s for _, s in mine] == [s for _, s in theirs]
+        np.testing.assert_array_equal([v for v, _ in mine], [v for v, _ in theirs])
+    assert got.outliers() == direct.outliers()

@@ -42,6 +42,7 @@ from qpasses.data.collector import (
     ObservedRange,
     ObserverAccumulator,
     RangeAccumulator,
+    SampleExtremesAccumulator,
     collect,
 )
 from qpasses.data.feeds import context_feeds
@@ -177,7 +178,7 @@ class SampleExtremesRequest(TensorStatistic[SampleExtremes]):
     """Each tensor's per-sample extremes (outlier samples, ``SampleExtremes.outliers``)."""
 
     def accumulator(self) -> Accumulator:
-        return ObserverAccumulator(SampleExtremes())
+        return SampleExtremesAccumulator(SampleExtremes())
 
 
 @dataclass(frozen=True)

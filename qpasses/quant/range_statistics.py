@@ -234,7 +234,10 @@ class SampleExtremes:
         if x.size == 0:
             return
         rows = x.reshape(x.shape[0] if x.ndim else 1, -1)
-        hi, lo = rows.max(axis=1), rows.min(axis=1)
+        self.update_extremes(rows.max(axis=1), rows.min(axis=1))
+
+    def update_extremes(self, hi: np.ndarray, lo: np.ndarray) -> None:
+        """``update`` from the samples' maxima and minima, when a caller already has them."""
         n = len(hi)
         k = min(self.keep, n)
         best = np.argpartition(-hi, k - 1)[:k] if k < n else np.arange(n)
