@@ -130,6 +130,28 @@ def test_quantized_only_targets_and_outputs_other_ops_write_keep_their_quantizer
     assert not any(r.pass_name == "keep-output-heads-float" for r in result.report.remarks)
 
 
+def test_a_quantized_only_target_with_16_bit_kernels_keeps_the_head_in_int16() -> None:
+    """htp runs A16W8: the head and its output get int16 grids (dsp, 8-bit only, keeps them 8-bit), and the
+    score's error on the calibration inputs drops to what the 8-bit feature layer leaves (0.38x dsp's here)."""
+    model = fc.regression_head()
+    calib, _ = _calib_and_loud(model)
+    config = QuantConfig(per_channel=True)
+    on_htp = quantize_model(model, calib, config, target="htp", progress=False)
+    on_dsp = quantize_model(model, calib, config, target="dsp", progress=False)
+    assert {on_htp.encodings.activations[t].bitwidth for t in ("score", "m")} == {16}
+    assert {on_dsp.encodings.activations[t].bitwidth for t in ("score", "m")} == {8}
+    assert not [r for r in on_htp.report.remarks if r.pass_name == "check-target" and r.kind == "missed"]
+    remark = next(r for r in on_htp.report.remarks if r.pass_name == "keep-output-heads-float")
+    assert remark.kind == "applied" and "int16" in remark.message
+    feeds = calib[:2]
+    ref = np.concatenate([exact_session(model).run(None, f)[0] for f in feeds])
+    err = {
+        name: np.abs(np.concatenate([exact_session(r.model).run(None, f)[0] for f in feeds]) - ref).mean()
+        for name, r in (("htp", on_htp), ("dsp", on_dsp))
+    }
+    assert err["htp"] < 0.6 * err["dsp"], err
+
+
 def test_user_encoding_for_the_output_wins(tmp_path) -> None:  # noqa: ANN001
     model = fc.regression_head()
     calib, _ = _calib_and_loud(model)
