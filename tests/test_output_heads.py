@@ -125,6 +125,13 @@ def test_quantized_only_targets_and_outputs_other_ops_write_keep_their_quantizer
     assert {"score", "m"} <= _quantized(on_dsp.model)
     remark = next(r for r in on_dsp.report.remarks if r.pass_name == "keep-output-heads-float")
     assert remark.kind == "missed" and "integer kernels" in (remark.reason or "")
+    # Its quantized output is fitted to the calibration samples: calibrate says how often that clips.
+    samples = sum(len(f["x"]) for f in calib)
+    (coverage,) = [r for r in on_dsp.report.remarks if r.pass_name == "calibrate" and r.kind == "missed"]
+    assert f"range of {samples} calibration samples" in coverage.message and "score" in coverage.nodes
+    assert f"1 in {samples + 1} new inputs" in (coverage.reason or "")
+    on_cpu_default = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False)
+    assert not [r for r in on_cpu_default.report.remarks if r.pass_name == "calibrate" and r.kind == "missed"]
     boxes = fc.boxes_and_scores()  # a Concat writes its output: a float output would make it run float
     result = quantize_model(boxes, fc.feeds(boxes, 4), QuantConfig(per_channel=True), progress=False)
     assert not any(r.pass_name == "keep-output-heads-float" for r in result.report.remarks)

@@ -72,6 +72,7 @@ from qpasses.quant.range_statistics import (
 __all__ = ["MODES", "Calibrate", "CalibrationOutliers", "calibration_candidates", "calibration_feeds"]
 
 MODES: Final = ("tf", "enhanced", "percentile", "symmetric")
+FEW_SAMPLES_RISK: Final = 0.01  # a quantized output's chance of clipping a new input's result, above which it is said
 _HISTOGRAM_MODES: Final = ("enhanced", "percentile")
 
 
@@ -287,8 +288,25 @@ class Calibrate(Pass):
             f"calibrated {len(calibrated)} activations ({o.mode}, {o.act_bw}-bit) on {data.num_samples} samples "
             f"in {data.num_batches} batches" + (f"; kept {kept} overridden encodings" if kept else "")
         )
+        self._report_output_coverage(graph, calibrated, data.num_samples)
         # Encodings are annotations: the graph version is untouched, so the analyses stay valid.
         return self.result(bool(calibrated))
+
+    def _report_output_coverage(self, graph: Graph, calibrated: Sequence[str], samples: int | None) -> None:
+        """What the model returns, quantized to the range ``samples`` calibration samples reached: by
+        exchangeability a new input's value lies beyond the largest (smallest) of n samples' with probability
+        1/(n+1), and there the result itself is clipped. Said when that is over 1%."""
+        outputs = [n for n in calibrated if graph.is_graph_output(n)]
+        if not outputs or samples is None or samples + 1 > 1 / FEW_SAMPLES_RISK:
+            return
+        self.remarks.missed(
+            f"outputs quantized to the range of {samples} calibration samples",
+            outputs[:10],
+            reason=f"about 1 in {samples + 1} new inputs gives an output beyond the largest the calibration "
+            "samples gave (and as many below the smallest): it is clipped to the grid's end (dnsmos on htp, 8 "
+            "clips: MOS MAE 0.73). Calibrate on more samples spanning the inputs, or give those outputs wider "
+            "ranges in --overrides",
+        )
 
     def _report_outliers(self, graph: Graph, outliers: dict[str, Outliers], mode: str) -> None:
         """One warning and one remark per set of outlier samples, naming the tensors (graph inputs first)."""
