@@ -40,7 +40,7 @@ from qpasses.quant import encodings_io
 from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quant.keep_float import kept_precision
-from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, run_structural_stage
+from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, default_cle, run_structural_stage
 from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, parity_batches
 from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
 from qpasses.runtime.tensor_sensitivity import (
@@ -301,7 +301,7 @@ def quantize_once(
     pipeline: str | Sequence[PassSpec] | Sequence[Pass] | None = None,
     fold_batchnorm: bool = True,
     fold_matmul_bias: bool = True,
-    cle: bool = False,
+    cle: bool | None = None,
     seq_mse: bool = False,
     bias_correction: bool | None = None,
     seq_mse_options: dict[str, Any] | None = None,
@@ -335,6 +335,7 @@ def quantize_once(
     exporter's tensor names, e.g. for encodings another tool matches by name).
     ``quantize_outputs``: quantize the model's outputs and the heads writing them too (by default they
     stay float: ``keep-output-heads-float``).
+    ``cle``: cross-layer equalization; None: on where the target quantizes weights per tensor (``default_cle``).
     ``statistics_carry``: statistics an earlier run on the same calibration data measured, by graph
     state (``quantize_model``'s fallback run reads the first run's); this run's are added to it.
     ``structural_verified``: an earlier run verified this model's structural stage numerically (the same
@@ -351,6 +352,8 @@ def quantize_once(
     config = config or QuantConfig()
     registry = registry or default_registry()
     target = resolve_target(target, registry)
+    cle_by_default = cle is None and default_cle(target)
+    cle = cle_by_default if cle is None else cle
     graph = model.copy() if isinstance(model, Graph) else graph_ir.load(model)
     check_quantizable(graph, str(model) if isinstance(model, (str, os.PathLike)) else None)
 
@@ -414,6 +417,14 @@ def quantize_once(
         verify="checker" if structural_verified and verify == "numeric" else verify,
         user_objects=user_objects,
     )
+    if cle_by_default:
+        report.add_remark(
+            "applied",
+            "cle",
+            "cross-layer equalization on by default",
+            reason=f"target {target.name} quantizes weights per tensor: CLE evens out the channels' ranges "
+            "(FP32-exact); --no-cle / cle=False turns it off",
+        )
     passes = build_passes(flow.main, registry)
     report.records += PassManager(passes, verify=verify).run(graph, ctx).records
     encodings = ctx.artifacts.get(EncodingsFile)

@@ -51,6 +51,15 @@ class QuantizeOptions:
     quantize_outputs: bool = False  # True: outputs and their heads are quantized too (keep-output-heads-float off)
 
 
+def default_cle(target: Any) -> bool:
+    """CLE by default where the target quantizes weights per tensor (hta): one grid per weight tensor
+    leaves a layer's small output channels a few levels, which CLE evens out (FP32-exact). On hta:
+    open_nsfw P(nsfw) MAE 0.0044 -> 0.0026, dnsmos_p808 MOS MAE 0.0196 -> 0.0123, ppocr_det IoU 0.963 ->
+    0.969, ppocr_rec 0.848 -> 0.858; slanet_plus 0.695 -> 0.669 (its depthwise layers cannot be rescaled
+    across their HardSwish)."""
+    return bool(target is not None and getattr(target, "runs_integer", False) and not target.per_channel_weights)
+
+
 @dataclass(frozen=True)
 class QuantizePipeline:
     stages: dict[str, list[PassSpec]]

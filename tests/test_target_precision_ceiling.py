@@ -133,9 +133,17 @@ def _wide_channel_conv(seed: int = 0) -> onnx.ModelProto:
 def test_auto_fallback_names_the_weights_when_they_hold_the_loss() -> None:
     model = _wide_channel_conv()
     calib = fc.feeds(model, 4)
-    result = quantize_model(model, calib, QuantConfig(per_channel=True), progress=False, target="hta")
+    config = QuantConfig(per_channel=True)
+    result = quantize_model(model, calib, config, progress=False, target="hta", cle=False)
     assert result.clipped == [] and result.fallback == []
     (remark,) = _remarks(result, "auto-fallback", "missed")
     assert "the loss is in the weights" in remark
     weights = float(re.search(r"weights alone give (-?[\d.]+) dB", remark).group(1))  # type: ignore[union-attr]
     assert weights < 20.0
+    # hta quantizes weights per tensor: CLE is on there by default, and evens the channels out.
+    default = quantize_model(model, calib, config, progress=False, target="hta")
+    assert any("on by default" in r for r in _remarks(default, "cle", "applied"))
+    assert _remarks(default, "auto-fallback", "missed") == []
+    assert default.parity is not None and min(o.exact_db for o in default.parity.outputs) > 30.0
+    on_htp = quantize_model(model, calib, config, progress=False, target="htp")  # per-channel weights: no CLE
+    assert "cle" not in [r.name for r in on_htp.report.records]

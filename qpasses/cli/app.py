@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     grp = q.add_mutually_exclusive_group()
     grp.add_argument("--pipeline", help="passes to run before quantization, e.g. 'remove-identity'")
     grp.add_argument("--pipeline-file")
-    q.add_argument("--cle", action="store_true", help="cross-layer equalization before quantization")
+    q.add_argument(
+        "--cle",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cross-layer equalization before quantization (default: on where the target quantizes weights per tensor)",
+    )
     q.add_argument("--seq-mse", action="store_true", help="search weight ranges layer by layer (SeqMSE; needs data)")
     q.add_argument("--seq-mse-candidates", type=int, metavar="N", help="SeqMSE candidate ranges per channel (20)")
     q.add_argument("--seq-mse-batches", type=int, metavar="N", help="SeqMSE calibration batches (4)")

@@ -140,7 +140,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise QPassesError(f"--{flag}-* options ({', '.join(learned[f'{flag}_options'])}) need --{flag}")
     if args.print_pipeline:
         from qpasses.core.pipeline import PassSpec, parse_pipeline
-        from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline
+        from qpasses.passes import default_registry
+        from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, default_cle
+        from qpasses.targets.resolve import resolve_target
 
         user = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline or [])
         flow = build_quantize_pipeline(
@@ -150,7 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 overrides=args.overrides,
                 fold_batchnorm=not args.no_fold_batchnorm,
                 fold_matmul_bias=not args.no_fold_matmul_bias,
-                cle=args.cle,
+                cle=default_cle(resolve_target(args.target, default_registry())) if args.cle is None else args.cle,
                 seq_mse=args.seq_mse,
                 seq_mse_options=seq_mse_options,
                 **learned,
