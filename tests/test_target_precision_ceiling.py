@@ -147,3 +147,20 @@ def test_auto_fallback_names_the_weights_when_they_hold_the_loss() -> None:
     assert default.parity is not None and min(o.exact_db for o in default.parity.outputs) > 30.0
     on_htp = quantize_model(model, calib, config, progress=False, target="htp")  # per-channel weights: no CLE
     assert "cle" not in [r.name for r in on_htp.report.records]
+
+
+def test_amp_on_a_per_tensor_target_equalizes_as_quantize_does(tmp_path) -> None:  # noqa: ANN001
+    """AMP's graph gets CLE on hta too (the same default), once: its final model scores what quantize's does."""
+    from qpasses.amp.mixed_precision import choose_mixed_precision
+
+    model = _wide_channel_conv()
+    calib = fc.feeds(model, 4)
+    ref = [verification.runtime_session(model).run(None, f)[0] for f in calib]
+
+    def sqnr(session) -> float:  # noqa: ANN001
+        return pooled_sqnr_db(ref, [session.run(None, f)[0] for f in calib])
+
+    amp = choose_mixed_precision(model, calib, "8/4,8/8", None, sqnr, None, tmp_path, target="hta", progress=False)
+    direct = quantize_model(model, calib, QuantConfig(), progress=False, target="hta", auto_fallback=False)
+    assert amp.exact_score > 30.0
+    assert amp.exact_score == pytest.approx(sqnr(verification.exact_session(direct.model)), abs=0.5)

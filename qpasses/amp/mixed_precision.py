@@ -55,6 +55,7 @@ from qpasses.amp.selection import Selection, demotion_phase, pareto_phase
 from qpasses.amp.sensitivity_phase import PHASE1_MODES, sensitivity_phase
 from qpasses.passes import default_registry
 from qpasses.quant.config import QuantConfig
+from qpasses.quantize_pipeline import default_cle
 from qpasses.targets import resolve_target
 
 ALL_ALGORITHMS = (*ALGORITHMS, "demotion")
@@ -82,7 +83,7 @@ def choose_mixed_precision(
     ray_address: str | None = None,
     simulate: bool = True,
     fold_batchnorm: bool = True,
-    cle: bool = False,
+    cle: bool | None = None,
     bias_correction: bool = True,
     batch_size: int = 16,
     progress: bool = True,
@@ -112,6 +113,7 @@ def choose_mixed_precision(
     (``qpasses.amp.blockers``); ``auto`` (default) is the proxy from ``AUTO_PROXY_MIN_TASKS`` phase-1
     evaluations on when the simulation scores, else exhaustive. ``prune_sessions``: per-layout pruned
     simulation sessions (None: where an evaluation costs several session builds; see ``evaluators``).
+    ``cle``: as ``quantize_once``'s (None: on where the target quantizes weights per tensor).
     """
     wall = time.perf_counter()
     _check_arguments(
@@ -129,6 +131,7 @@ def choose_mixed_precision(
     config = config or QuantConfig()
     registry = default_registry()
     target_desc = resolve_target(target, registry)
+    cle = default_cle(target_desc) if cle is None else cle
     if calibration_data is None:
         raise AmpError("AMP needs calibration data (activation encodings are calibrated per candidate)")
     pool = make_executor(executor, workers=workers, address=ray_address)

@@ -49,7 +49,7 @@ def quantize_assignment(
     bias_correction: bool = True,
     batch_size: int = 16,
 ) -> QuantizeResult:
-    """The real QDQ model of an assignment (``graph`` is already prepared: batch norms folded)."""
+    """The real QDQ model of an assignment (``graph`` is already prepared: batch norms folded, CLE done)."""
     with tempfile.TemporaryDirectory(prefix="qpasses-amp-") as tmp:
         path = Path(tmp) / "overrides.json"
         path.write_text(json.dumps(precision_overrides(partition, assignment)))
@@ -59,6 +59,7 @@ def quantize_assignment(
             config,
             overrides=path,
             fold_batchnorm=False,
+            cle=False,  # the prepared graph is equalized already where AMP's run asked for it
             target=target,
             bias_correction=bias_correction,
             batch_size=batch_size,
