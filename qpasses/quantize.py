@@ -66,6 +66,7 @@ class QuantizeResult:
     clipped: list[RangeClip] = field(default_factory=list)  # activation ranges the automatic fallback clipped
     reference: onnx.ModelProto | None = field(default=None, repr=False)  # the FP32 model as loaded
     calibration: CalibrationData | None = field(default=None, repr=False)  # the run's data, read once
+    target: Any = field(default=None, repr=False)  # the resolved target descriptor (None: the default)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -196,7 +197,7 @@ def quantize_model(
     chosen: list[Sensitivity] = []
     after = clipped_db
     # On a target with no activation precision above 8 bits (HTA) nothing can be kept higher.
-    higher = kept_precision(resolve_target(options.get("target"), options.get("registry") or default_registry()))
+    higher = kept_precision(result.target)
     if clipped_db < sqnr_floor_db and higher is not None:
         chosen, _, after = fallback_tensors(
             with_clips(lowered, {c.tensor: c.factor for c in clips}),
@@ -208,7 +209,7 @@ def quantize_model(
             reference=reference,
         )
     if not chosen and not clips:
-        weights_db = Scorer(reference).db(_weights_only_noise(lowered, reference, feeds))
+        weights_db = _weights_only_db(lowered, reference, feeds)
         searched = "no quantizer kept higher bought 1 dB" if higher is not None else "nothing above 8 bits on target"
         where = (
             "the loss is in the weights (--cle, --seq-mse, --adaround; per-channel weights where the target has them)"
@@ -264,14 +265,14 @@ def quantize_model(
     return again
 
 
-def _weights_only_noise(
+def _weights_only_db(
     model: onnx.ModelProto, reference: list[list[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]
-) -> np.ndarray | None:
-    """Per output, the noise vs FP32 of ``model`` with every activation quantizer off (its weights' share)."""
-    switchable = SwitchableQDQ(model)
+) -> float:
+    """The worst output's SQNR vs FP32 of ``model`` with every activation quantizer off (its weights' share)."""
+    switchable, scorer = SwitchableQDQ(model), Scorer(reference)
     if not switchable.tensors:
-        return Scorer(reference).noise([verification.exact_session(model).run(None, dict(f)) for f in feeds])
-    return Scorer(reference).noise([switchable.run(f, []) for f in feeds])
+        return scorer.db(scorer.noise([verification.exact_session(model).run(None, dict(f)) for f in feeds]))
+    return scorer.db(scorer.noise([switchable.run(f, []) for f in feeds]))
 
 
 def _parity_worst_db(parity: ParityReport | None, feeds: list[dict[str, np.ndarray]]) -> float | None:
@@ -439,4 +440,5 @@ def quantize_once(
         ctx.artifacts.get(ParityReport),
         reference=None if reference is None else reference.model,
         calibration=calibration_data,
+        target=target,
     )

@@ -8,6 +8,7 @@ activation's integers on one sample, not on a whole batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 
 import failure_class_models as fc
 import numpy as np
@@ -144,6 +145,19 @@ def test_fp32_model_runs_once_for_the_checks_and_the_fallback(monkeypatch: pytes
     assert sessions.count(True) == 1
 
 
+def _run_starts(monkeypatch: pytest.MonkeyPatch, events: Sized) -> list[int]:
+    """``quantize_once`` patched to note ``len(events)`` as each run starts (what the runs before it did)."""
+    starts: list[int] = []
+    real_once = quantize_module.quantize_once
+
+    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        starts.append(len(events))
+        return real_once(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize_once", once)
+    return starts
+
+
 def test_fallback_run_does_not_verify_the_structural_stage_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The second run rebuilds the first run's structural stage (same model, passes, data): the numeric
     check of its rewrites ran once, in the first run."""
@@ -160,14 +174,7 @@ def test_fallback_run_does_not_verify_the_structural_stage_again(monkeypatch: py
         "assert_equivalent",
         lambda before, after, name, **kw: checks.append(name) or real_check(before, after, name, **kw),
     )
-    runs: list[int] = []
-    real_once = quantize_module.quantize_once
-
-    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        runs.append(len(checks))
-        return real_once(*args, **kwargs)
-
-    monkeypatch.setattr(quantize_module, "quantize_once", once)
+    runs = _run_starts(monkeypatch, checks)
     result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
     assert [s.tensor for s in result.fallback] == ["lifted"] and len(runs) == 2
     assert "remove-identity" in checks[: runs[1]]  # the first run verified the rewrite
@@ -182,14 +189,8 @@ def test_fallback_run_reads_the_first_runs_statistics(monkeypatch: pytest.Monkey
     reads: list[int] = []
     real_collect = statistics_module.collect
     monkeypatch.setattr(statistics_module, "collect", lambda *a, **k: reads.append(1) or real_collect(*a, **k))
-    starts: list[int] = []
     real_once = quantize_module.quantize_once
-
-    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        starts.append(len(reads))
-        return real_once(*args, **kwargs)
-
-    monkeypatch.setattr(quantize_module, "quantize_once", once)
+    starts = _run_starts(monkeypatch, reads)
     model = _long_outlier_model(steps=4)
     result = quantize_model(model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False)
     assert [s.tensor for s in result.fallback] == ["lifted"]
