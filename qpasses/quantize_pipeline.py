@@ -115,6 +115,7 @@ def build_quantize_pipeline(
         PassSpec("keep-data-independent-float"),
         PassSpec("keep-decomposed-blocks-float"),
         PassSpec("keep-normalization-inputs-float"),
+        PassSpec("keep-softmax-inputs-float"),
     ]
     if o.calibrated:
         if not o.quantize_outputs:

@@ -23,6 +23,7 @@ from qpasses.passes.fallback.non_finite_constants import KeepNonFiniteFloat
 from qpasses.passes.fallback.non_mac_activations import KeepNonMacActivationsFloat
 from qpasses.passes.fallback.normalization_inputs import KeepNormalizationInputsFloat
 from qpasses.passes.fallback.output_heads import KeepOutputHeadsFloat
+from qpasses.passes.fallback.softmax_inputs import KeepSoftmaxInputsFloat
 from qpasses.passes.quantize.adaround import AdaRound
 from qpasses.passes.quantize.adascale import AdaScale
 from qpasses.passes.quantize.annotate_precision import AnnotatePrecision
@@ -59,6 +60,7 @@ BUILTIN_PASSES = (
     KeepDataIndependentFloat,
     KeepDecomposedBlocksFloat,
     KeepNormalizationInputsFloat,
+    KeepSoftmaxInputsFloat,
     KeepMixedRangesFloat,
     KeepDepthwiseInputsFloat,
     KeepOutputHeadsFloat,
