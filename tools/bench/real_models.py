@@ -202,6 +202,9 @@ def worker(tool: str, name: str, workdir: Path) -> int:
         "ort": _ort,
         "amp": _amp,
     }[tool]
+    # onnxruntime's symbolic shape inference saves a model into the working directory when it gives up
+    # (quant_pre_process): this one-tool process works in its own folder.
+    os.chdir(workdir)
     start = time.perf_counter()
     info = fn(model, calib, out)
     info["seconds"] = time.perf_counter() - start
