@@ -162,3 +162,11 @@ def test_a_user_override_wins(tmp_path) -> None:  # noqa: ANN001
     result = _quantize(attention(), auto_fallback=False, overrides=str(overrides))
     quantized = quantized_tensors(result.model)
     assert "scores" in quantized and not {"scaled", "biased"} & quantized
+
+
+def test_mac_io_only_target_keeps_the_score_matmul_integer() -> None:
+    # On `ort` a MAC quantizes its inputs only for an integer output: float scores would run it in float.
+    result = _quantize(attention(), auto_fallback=False, target="ort")
+    quantized = quantized_tensors(result.model)
+    assert {"q", "kt", "scores"} <= quantized
+    assert integer_mac_share(result.model, token_feeds(1)[0]).share == 1.0
