@@ -116,7 +116,7 @@ def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatc
     assert quantizers > 100
     # One greedy round keeps 'lifted' and the output is above the floor: a bisection scored on the parity
     # check's batches (a quarter of the 4 one-sample feeds: one) running one half of each split (the other's
-    # noise inferred; at the top, all and none quantized too), the trial, and one run of 'lifted' alone;
+    # noise inferred) but both halves of the first, the trial, and one run of 'lifted' alone;
     # not one run per quantizer, nor two per split. Before it, the range-clipping search: every candidate
     # clipped (one run; none clipped is the parity check's) and the first split of its flips (two), none
     # lifting the spiked output.
