@@ -148,7 +148,18 @@ def quantize_model(
     ``max_fallback_tensors`` (``result.fallback``), and the model is quantized again with both.
     """
     carry = StatisticsCarry()  # the fallback's run measures what this one did: read, not measured again
-    result = quantize_once(model, calibration_data, config, statistics_carry=carry, **options)
+    # The caller's own float tensors and clipped ranges hold in both runs; the fallback adds to them.
+    user_float = tuple(options.pop("keep_float_tensors", ()))
+    user_clips = dict(options.pop("clip_ranges", None) or {})
+    result = quantize_once(
+        model,
+        calibration_data,
+        config,
+        keep_float_tensors=user_float,
+        clip_ranges=user_clips,
+        statistics_carry=carry,
+        **options,
+    )
     if calibration_data is None or not auto_fallback or result.reference is None:
         return result
     data = result.calibration  # normalised once by the first run: the second reads the same feeds
@@ -235,8 +246,8 @@ def quantize_model(
         model,
         data,
         config,
-        keep_float_tensors=names,
-        clip_ranges={named(c.tensor): c.factor for c in clips},
+        keep_float_tensors=[*user_float, *names],
+        clip_ranges={**{named(c.tensor): c.factor for c in clips}, **user_clips},
         statistics_carry=carry,
         structural_verified=True,
         **options,

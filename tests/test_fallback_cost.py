@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from qdq_checks import quantized_tensors
 
 import qpasses.quantize as quantize_module
 from qpasses.data.evaluation import SHAPE_MISMATCH_DB
@@ -123,6 +124,21 @@ def test_fallback_still_localizes_below_the_floor(monkeypatch: pytest.MonkeyPatc
     assert result.parity is not None and result.parity.samples == 1
     assert result.clipped == []
     assert len(runs) <= math.ceil(math.log2(quantizers)) + 4 + 3
+
+
+def test_the_callers_float_tensors_and_clipped_ranges_hold_when_the_fallback_acts() -> None:
+    """``keep_float_tensors`` / ``clip_ranges`` given to quantize_model reach both runs; the fallback's
+    own choices are added (the second run used to get the keyword twice: a TypeError)."""
+    model = _long_outlier_model()
+    feeds = fc.feeds(model, 4)
+    plain = quantize_model(model, feeds, QuantConfig(per_channel=True), progress=False)
+    result = quantize_model(
+        model, feeds, QuantConfig(per_channel=True), progress=False, keep_float_tensors=["m3"], clip_ranges={"m5": 0.9}
+    )
+    assert [s.tensor for s in result.fallback] == ["lifted"]
+    assert "m3" in quantized_tensors(plain.model) and "m3" not in quantized_tensors(result.model)
+    acts, before = result.encodings.activations, plain.encodings.activations
+    assert acts["m5"].scale[0] == pytest.approx(0.9 * before["m5"].scale[0], rel=1e-6)
 
 
 def test_fp32_model_runs_once_for_the_checks_and_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
