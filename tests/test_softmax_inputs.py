@@ -22,11 +22,15 @@ TOKENS, DIM = 16, 16
 LOGITS = ("scores", "scaled", "biased")  # the score MatMul's output, its 1/sqrt(d) scale, its bias Add
 
 
-def attention(seed: int = 0, *, decomposed: bool = False, returned: bool = False) -> onnx.ModelProto:
+def attention(
+    seed: int = 0, *, decomposed: bool = False, returned: bool = False, prescaled: bool = False
+) -> onnx.ModelProto:
     """One attention head: q, k, v = x Wq, x Wk, x Wv; p = Softmax(q k^T / sqrt(d) + bias); y = (p v) Wo.
 
     Wq, Wk are sharp (logits span about 70 on the test data: an 8-bit step of 0.27).
-    ``decomposed``: Softmax as ReduceMax/Sub/Exp/ReduceSum/Div. ``returned``: the model returns ``p`` too."""
+    ``decomposed``: Softmax as ReduceMax/Sub/Exp/ReduceSum/Div. ``returned``: the model returns ``p`` too.
+    ``prescaled``: q is scaled before the score MatMul (``q_s``, as torch's exporter writes it) instead of
+    the scores after it (``scaled`` is then a copy)."""
     rng = np.random.default_rng(seed)
 
     def weight(name: str, gain: float = 1.0) -> onnx.TensorProto:
@@ -40,8 +44,18 @@ def attention(seed: int = 0, *, decomposed: bool = False, returned: bool = False
         helper.make_node("MatMul", ["x", "wk"], ["k"], name="mm_k"),
         helper.make_node("MatMul", ["x", "wv"], ["v"], name="mm_v"),
         helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="mm_scores"),
-        helper.make_node("Mul", ["scores", "inv_sqrt_d"], ["scaled"], name="scale"),
+        *(
+            [
+                helper.make_node("Mul", ["q", "inv_sqrt_d"], ["q_s"], name="prescale"),
+                helper.make_node("MatMul", ["q_s", "kt"], ["scores"], name="mm_scores"),
+                helper.make_node("Identity", ["scores"], ["scaled"], name="scale"),
+            ]
+            if prescaled
+            else [
+                helper.make_node("MatMul", ["q", "kt"], ["scores"], name="mm_scores"),
+                helper.make_node("Mul", ["scores", "inv_sqrt_d"], ["scaled"], name="scale"),
+            ]
+        ),
         helper.make_node("Add", ["scaled", "pos_bias"], ["biased"], name="bias"),
     ]
     inits = [weight("wq", 2.5), weight("wk", 2.5), weight("wv"), weight("wo"), bias, scale]
@@ -165,8 +179,11 @@ def test_a_user_override_wins(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_mac_io_only_target_keeps_the_score_matmul_integer() -> None:
-    # On `ort` a MAC quantizes its inputs only for an integer output: float scores would run it in float.
-    result = _quantize(attention(), auto_fallback=False, target="ort")
+    # `ort` quantizes only what MACs read or write: the scaled q no MAC writes would stay float, and the
+    # score MatMul with it (its output float too). It stays quantized for that MatMul, which onnxruntime
+    # then runs on 8-bit inputs with a float output.
+    model = attention(prescaled=True)
+    result = _quantize(model, auto_fallback=False, target="ort")
     quantized = quantized_tensors(result.model)
-    assert {"q", "kt", "scores"} <= quantized
+    assert {"q_s", "kt"} <= quantized and "scores" not in quantized
     assert integer_mac_share(result.model, token_feeds(1)[0]).share == 1.0

@@ -29,6 +29,7 @@ from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.quant.keep_float import keep_float
 from qpasses.quant.plan import COMPUTE, DATA_MOVEMENT, WEIGHTED, fused_intermediates
+from qpasses.quant.precision_type import is_float
 
 SHOWN = 5
 
@@ -71,12 +72,31 @@ def non_mac_activations(graph: Graph, shapes: Shapes, keep_outputs: bool = False
 
     def float_here(n: str) -> bool:
         mac, other = mac_readers(graph, n)
-        return not (mac and other)  # a MAC and another op read it: both must see the same rounding
+        # A MAC and another op read it: both must see the same rounding.
+        return not (mac and other) and not read_by_float_output_product(graph, n)
 
     floats = [n for n in found if not (keep_outputs and n in outputs) and float_here(n)]
     # An Add/Sub... fused with the Relu/Clip after it shares that op's quantizer: it follows the Relu's output.
     kept = set(floats)
     return [n for n in floats if n not in fused or fused[n] in kept]
+
+
+def read_by_float_output_product(graph: Graph, name: str) -> bool:
+    """Whether a MatMul of two activations whose output an earlier analysis keeps float (attention scores:
+    ``keep-softmax-inputs-float``) reads ``name``, through data movement. onnxruntime runs such a MatMul on
+    its 8-bit inputs with a float output (MatMulIntegerToFloat), so its inputs stay quantized."""
+    todo, seen = [name], set()
+    while todo:
+        t = todo.pop()
+        seen.add(t)
+        for op in graph.consumers(t):
+            if op.op_type == "MatMul" and not any(graph.tensors[i].is_constant for i in op.inputs if i):
+                out = graph.tensors[op.outputs[0]]
+                if "auto_precision" in out.meta and is_float(out):
+                    return True
+            elif op.op_type in DATA_MOVEMENT and op.inputs and op.inputs[0] == t:
+                todo += [o for o in op.outputs if o and o not in seen]
+    return False
 
 
 def mac_readers(graph: Graph, name: str) -> tuple[bool, bool]:

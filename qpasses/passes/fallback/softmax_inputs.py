@@ -13,9 +13,9 @@ So a Softmax's input stays float, and the Softmax runs in float (an integer Soft
 re-quantize its input on its own grid: ``with_readers``); the MatMul reading the probabilities
 quantizes them itself. The input is followed back through what computes it from the scores without MACs (a
 mask Add/Sub/Where, a 1/sqrt(d) scale Mul/Div, data movement), each tensor read only by the next
-op, to and including the output of a MatMul of two activations (attention scores; not on targets
-that quantize only MACs' inputs and outputs, ``ort``: a MAC there quantizes its inputs only for an
-integer output, so the score MatMul would run in float: khmer_segmenter 1.6% of its MACs). A layer with
+op, to and including the output of a MatMul of two activations (attention scores: onnxruntime runs
+it on its 8-bit inputs with a float output, MatMulIntegerToFloat; on ``ort``, which quantizes only
+MACs' inputs and outputs, ``keep-non-mac-activations-float`` leaves those inputs quantized). A layer with
 constant weights is left quantized: with a float output onnxruntime runs it in float (PP-OCR rec's
 per-position CTC head: 12% of its MACs, and 0.916 -> 0.909 agreement). So is a tensor an earlier
 analysis already chose for (a -inf mask's readers stay float32 even on quantized-only targets), and
@@ -33,7 +33,6 @@ from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.fallback.block_patterns import find_blocks
-from qpasses.passes.fallback.non_mac_activations import quantizes_mac_io_only
 from qpasses.quant.keep_float import keep_float, kept_precision, with_readers
 
 MASKS = frozenset({"Add", "Sub"})  # either operand may carry the scores (a mask or a bias on the other)
@@ -62,11 +61,10 @@ def _activation_product(graph: Graph, op: Op) -> bool:
     return op.op_type == "MatMul" and not any(graph.tensors[n].is_constant for n in op.inputs if n)
 
 
-def logit_chain(graph: Graph, name: str, float_scores: bool = True) -> list[str]:
+def logit_chain(graph: Graph, name: str) -> list[str]:
     """``name`` and the tensors it is computed from without MACs, each read by one op, back to and
-    including the output of a MatMul of two activations (unless ``float_scores`` is False); float
-    tensors an earlier analysis has not chosen for. A tensor another MAC op writes is left out (with a
-    float output it runs in float)."""
+    including the output of a MatMul of two activations; float tensors an earlier analysis has not
+    chosen for. A tensor another MAC op writes is left out (with a float output it runs in float)."""
     from qpasses.quant.plan import WEIGHTED
 
     out: dict[str, bool] = {}  # tensor -> whether to mark it (not when an earlier analysis chose already)
@@ -77,7 +75,7 @@ def logit_chain(graph: Graph, name: str, float_scores: bool = True) -> list[str]
         if n in out or t.is_constant or t.dtype not in (TensorProto.FLOAT, 0):
             continue
         op = graph.producer(n)
-        if op is not None and op.op_type in WEIGHTED and not (float_scores and _activation_product(graph, op)):
+        if op is not None and op.op_type in WEIGHTED and not _activation_product(graph, op):
             continue
         out[n] = "auto_precision" not in t.meta  # a -inf mask's reader: float32 already, walked through
         if op is None or op.op_type in WEIGHTED or not op.is_standard:
@@ -125,10 +123,7 @@ class KeepSoftmaxInputsFloat(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         inputs = softmax_inputs(graph, ctx.get(Shapes, graph))
-        # Where only MACs' inputs and outputs are quantized (ort), a MAC quantizes its inputs only for an
-        # integer output: a float score MatMul would run in float there.
-        float_scores = not quantizes_mac_io_only(ctx.target)
-        chains = {n: logit_chain(graph, n, float_scores) for n in inputs}
+        chains = {n: logit_chain(graph, n) for n in inputs}
         names = with_readers(graph, [t for chain in chains.values() for t in chain])
         kept = keep_float(
             graph,
