@@ -131,9 +131,8 @@ def fallback_tensors(
 
     Each step bisects for the quantizer whose removal helps most (``most_harmful``: about log2 n
     scores instead of one per quantizer: of two halves one is run, the other's noise inferred, as
-    noise powers of independent quantizers add; both halves of the first split are run, so a step
-    that cannot buy 1 dB ends after two scores: inferred, ppocr_rec's second step put a half at 21.9 dB
-    that measured 17.7 and bisected 11 more scores down to nothing), every
+    noise powers of independent quantizers add, below the first split; a step that cannot buy 1 dB
+    ends after two scores), every
     score on all of ``feeds`` (the parity check's few batches: on one batch of two samples the
     bisection followed a quantizer that bought 1 dB there and little on the rest). The one it ends
     on must buy at least 1 dB (measured, not inferred), and either lift every output above the floor or, alone, bring an
@@ -180,8 +179,6 @@ def fallback_tensors(
         def other_half(
             group: Sequence[str], half: Sequence[str], rest: list[str] = rest, inferred: dict = inferred
         ) -> float:
-            if len(group) == len(rest):  # the first split is measured: when neither half kept float reaches
-                return without([t for t in group if t not in set(half)])  # the need, no step is taken
             # Noise powers of independent quantizers add: N(rest - B) = N(rest) + N(rest - G) - N(rest - A).
             on = frozenset(rest) - (frozenset(group) - frozenset(half))
             total, without_g, without_a = noise(rest), without_noise(group), without_noise(half)
@@ -219,13 +216,17 @@ def most_harmful(
     """Bisection: of two halves, follow the one whose quantizers, kept float together, leave the
     better score (``without(group)``); the quantizer it ends on is the one costing most when one
     dominates, as a harmful quantizer does. ``2 log2 n`` scores instead of ``n``; ``log2 n`` when
-    ``other_half(group, half)`` infers the second half's score from those taken (noise powers add).
+    ``other_half(group, half)`` infers the second half's score from those taken (noise powers add),
+    below the first split: both of its halves are scored, so a search that cannot reach ``need`` ends
+    after two scores (inferred, ppocr_rec's second fallback step put a half at 21.9 dB that measured
+    17.7 and bisected 11 more scores down to nothing).
     None as soon as the better half scores below ``need``: none of its members alone would reach it."""
     group = list(tensors)
     while len(group) > 1:
         half = len(group) // 2
         first, second = group[:half], group[half:]
-        scores = without(first), (without(second) if other_half is None else other_half(group, first))
+        infer = other_half if len(group) < len(tensors) else None  # the first split: both halves scored
+        scores = without(first), (without(second) if infer is None else infer(group, first))
         if max(scores) < need:
             return None
         group = first if scores[0] >= scores[1] else second

@@ -27,6 +27,7 @@ from graph_ir import Graph
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
+from qpasses.passes.fallback.softmax_inputs import activation_product
 from qpasses.quant.keep_float import keep_float
 from qpasses.quant.plan import COMPUTE, DATA_MOVEMENT, WEIGHTED, fused_intermediates
 from qpasses.quant.precision_type import is_float
@@ -90,7 +91,7 @@ def read_by_float_output_product(graph: Graph, name: str) -> bool:
         t = todo.pop()
         seen.add(t)
         for op in graph.consumers(t):
-            if op.op_type == "MatMul" and not any(graph.tensors[i].is_constant for i in op.inputs if i):
+            if activation_product(graph, op):
                 out = graph.tensors[op.outputs[0]]
                 if "auto_precision" in out.meta and is_float(out):
                     return True

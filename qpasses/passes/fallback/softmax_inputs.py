@@ -35,6 +35,7 @@ from qpasses.core.pass_base import Pass, PassResult
 from qpasses.passes.fallback.block_patterns import find_blocks
 from qpasses.quant.keep_float import keep_float, kept_precision, with_readers
 
+COPIES = frozenset({"Cast"})  # besides data movement: the same values (a float->float Cast)
 MASKS = frozenset({"Add", "Sub"})  # either operand may carry the scores (a mask or a bias on the other)
 SCALES = frozenset({"Mul", "Div"})  # by a constant: 1/sqrt(d), a temperature
 SHOWN = 5
@@ -45,7 +46,7 @@ def _data_inputs(graph: Graph, op_type: str, inputs: list[str]) -> list[str] | N
     from qpasses.quant.plan import DATA_MOVEMENT
 
     variable = [n for n in inputs if n and not graph.tensors[n].is_constant]
-    if op_type in DATA_MOVEMENT or op_type in {"Identity", "Cast"}:
+    if op_type in DATA_MOVEMENT or op_type in COPIES:
         return [inputs[0]] if inputs and inputs[0] in variable else []
     if op_type in MASKS:
         return variable
@@ -56,18 +57,18 @@ def _data_inputs(graph: Graph, op_type: str, inputs: list[str]) -> list[str] | N
     return None
 
 
-def _activation_product(graph: Graph, op: Op) -> bool:
+def activation_product(graph: Graph, op: Op) -> bool:
     """A MatMul of two activations (attention scores): onnxruntime keeps its 8-bit inputs with a float output."""
     return op.op_type == "MatMul" and not any(graph.tensors[n].is_constant for n in op.inputs if n)
 
 
 def logit_chain(graph: Graph, name: str) -> list[str]:
-    """``name`` and the tensors it is computed from without MACs, each read by one op, back to and
-    including the output of a MatMul of two activations; float tensors an earlier analysis has not
-    chosen for. A tensor another MAC op writes is left out (with a float output it runs in float)."""
+    """``name`` and the float tensors it is computed from without MACs, each read by one op, back to and
+    including the output of a MatMul of two activations. A tensor another MAC op writes is left out
+    (with a float output it runs in float)."""
     from qpasses.quant.plan import WEIGHTED
 
-    out: dict[str, bool] = {}  # tensor -> whether to mark it (not when an earlier analysis chose already)
+    out: dict[str, None] = {}
     todo = [name]
     while todo:
         n = todo.pop()
@@ -75,30 +76,29 @@ def logit_chain(graph: Graph, name: str) -> list[str]:
         if n in out or t.is_constant or t.dtype not in (TensorProto.FLOAT, 0):
             continue
         op = graph.producer(n)
-        if op is not None and op.op_type in WEIGHTED and not _activation_product(graph, op):
+        if op is not None and op.op_type in WEIGHTED and not activation_product(graph, op):
             continue
-        out[n] = "auto_precision" not in t.meta  # a -inf mask's reader: float32 already, walked through
+        out[n] = None
         if op is None or op.op_type in WEIGHTED or not op.is_standard:
             continue
         for data in _data_inputs(graph, op.op_type, list(op.inputs)) or []:
             if len(graph.consumers(data)) == 1:  # a tensor other ops read too keeps its own grid
                 todo.append(data)
-    return [n for n, mark in out.items() if mark]
+    return list(out)
 
 
 def _returned(graph: Graph, name: str) -> bool:
     """Whether the model returns ``name`` (through data movement)."""
     from qpasses.quant.plan import DATA_MOVEMENT
 
-    outputs = set(graph.outputs)
     todo, seen = [name], set()
     while todo:
         n = todo.pop()
-        if n in outputs:
+        if graph.is_graph_output(n):
             return True
         seen.add(n)
         for op in graph.consumers(n):
-            if op.op_type in DATA_MOVEMENT or op.op_type in {"Identity", "Cast"}:
+            if op.op_type in DATA_MOVEMENT or op.op_type in COPIES:
                 todo += [o for o in op.outputs if o and o not in seen]
     return False
 
@@ -122,12 +122,15 @@ class KeepSoftmaxInputsFloat(Pass):
     preserves_semantics = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        def unchosen(name: str) -> bool:  # an earlier analysis's choice stands (a -inf mask's readers: float32)
+            return "auto_precision" not in graph.tensors[name].meta
+
         inputs = softmax_inputs(graph, ctx.get(Shapes, graph))
-        chains = {n: logit_chain(graph, n) for n in inputs}
+        chains = {n: [t for t in logit_chain(graph, n) if unchosen(t)] for n in inputs}
         names = with_readers(graph, [t for chain in chains.values() for t in chain])
         kept = keep_float(
             graph,
-            [n for n in names if "auto_precision" not in graph.tensors[n].meta],  # an earlier analysis's stay its
+            [n for n in names if unchosen(n)],
             "a Softmax's logits (exp turns their rounding into a relative error)",
             ctx.target,
         )
