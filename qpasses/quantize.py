@@ -11,6 +11,7 @@ the same flow can be written as a pipeline string instead.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ from qpasses.core.errors import CalibrationDataError, PipelineError, QPassesErro
 from qpasses.core.model_checks import check_quantizable
 from qpasses.core.output_dir import staged_output_dir
 from qpasses.core.pass_base import Pass
-from qpasses.core.pass_manager import PassManager, PipelineReport, Verify
+from qpasses.core.pass_manager import PassManager, PassRecord, PipelineReport, Verify
 from qpasses.core.pipeline import PassSpec, build_passes, parse_pipeline
 from qpasses.core.registry import Registry
+from qpasses.core.remarks import Remark
 from qpasses.core.statistics import StatisticsCarry, StatisticsStore
 from qpasses.data.evaluation import SHAPE_MISMATCH_DB
 from qpasses.data.sources import CalibrationData
@@ -162,6 +164,7 @@ def quantize_model(
     )
     if calibration_data is None or not auto_fallback or result.reference is None:
         return result
+    search_start = time.perf_counter()
     data = result.calibration  # normalised once by the first run: the second reads the same feeds
     if data is None:
         return result
@@ -253,26 +256,33 @@ def quantize_model(
         **options,
     )
     again.fallback, again.clipped = chosen, clips
+    remarks: list[Remark] = []
     if clips:
-        again.report.add_remark(
-            "applied",
-            "auto-fallback",
-            f"clipped {len(clips)} activation ranges",
-            tuple(named(c.tensor) for c in clips),
-            reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB; with these "
-            f"ranges narrowed (each to its least expected error; factors {min(c.factor for c in clips):.2f}-"
-            f"{max(c.factor for c in clips):.2f}) {clipped_db:.1f} dB predicted",
+        remarks.append(
+            Remark(
+                "applied",
+                "auto-fallback",
+                f"clipped {len(clips)} activation ranges",
+                tuple(named(c.tensor) for c in clips),
+                reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB; with these "
+                f"ranges narrowed (each to its least expected error; factors {min(c.factor for c in clips):.2f}-"
+                f"{max(c.factor for c in clips):.2f}) {clipped_db:.1f} dB predicted",
+            )
         )
     if chosen:
         detail = ", ".join(f"{n} (alone {s.alone_db:.1f} dB)" for n, s in zip(names, chosen, strict=True))
-        again.report.add_remark(
-            "applied",
-            "auto-fallback",
-            f"kept {len(names)} tensors in higher precision",
-            tuple(names),
-            reason=f"worst output SQNR vs FP32 {clipped_db:.1f} dB < floor "
-            f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+        remarks.append(
+            Remark(
+                "applied",
+                "auto-fallback",
+                f"kept {len(names)} tensors in higher precision",
+                tuple(names),
+                reason=f"worst output SQNR vs FP32 {clipped_db:.1f} dB < floor "
+                f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+            )
         )
+    # What the fallback cost on top of the first run: its scoring and the second run.
+    again.report.records.append(PassRecord("auto-fallback", True, time.perf_counter() - search_start, remarks))
     return again
 
 

@@ -356,3 +356,36 @@ def test_numeric_verification_uses_real_inputs_first() -> None:
         PassManager([ZeroOnes()], verify="numeric").run(
             graph_ir.from_onnx(model), PassContext(verification_source=lambda: real)
         )
+
+
+def test_numeric_verification_runs_each_model_of_a_chain_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two exact rewrites in a row: the second is compared with the first's verified outputs (3 runs, not
+    4); a non-exact pass in between drops them (its result is run afresh), and a wrong rewrite after a
+    chain is still caught against the last verified outputs."""
+    from qpasses.core import verification
+    from qpasses.passes.cleanup.identity_elimination import IdentityElimination
+
+    runs: list[int] = []
+    real_run = verification._quiet_run
+
+    def counted(model, feeds):  # noqa: ANN001, ANN202
+        runs.append(1)
+        return real_run(model, feeds)
+
+    monkeypatch.setattr(verification, "_quiet_run", counted)
+
+    class AddIdentity(Pass):
+        name = "add-identity"
+        preserves_semantics = True
+
+        def run(self, graph, ctx):
+            graph.insert_op_on_edge(graph.inputs[0], "Identity")
+            return self.result(True)
+
+    PassManager([AddIdentity(), IdentityElimination()], verify="numeric").run(_graph())
+    assert len(runs) == 3
+    runs.clear()
+    PassManager([AddIdentity(), AddNeg(), IdentityElimination()], verify="numeric").run(_graph())
+    assert len(runs) == 4  # AddNeg changes the outputs: the model after it runs as the next 'before'
+    with pytest.raises(InternalError, match="claims-equivalence"):
+        PassManager([AddIdentity(), IdentityElimination(), ClaimsEquivalence()], verify="numeric").run(_graph())

@@ -140,6 +140,9 @@ class PassManager:
         report = PipelineReport()
         done: list[str] = []
         self._input_invalid: str | None = None
+        # The outputs of the last numerically verified model, by graph version: the next pass compares with
+        # them instead of running the same model again (a chain of rewrites runs each model once).
+        self._last_run: tuple[int, verification.ReferenceRun] | None = None
         if self.verify != "none" and self.passes:
             # Judge a pass only by what it changed: a model that already fails onnx.checker (yet
             # runs in onnxruntime, e.g. opset-7 models listing initializers as inputs) is not its fault.
@@ -169,9 +172,10 @@ class PassManager:
         p = self.passes[index]
         for inst in self.instrumentations:
             inst.before_pass(p, graph, ctx)
-        before: onnx.ModelProto | None = None
+        before: onnx.ModelProto | verification.ReferenceRun | None = None
         if self.verify == "numeric" and p.preserves_semantics:
-            before = graph.to_onnx()
+            last = self._last_run
+            before = last[1] if last is not None and last[0] == graph.version else graph.to_onnx()
         version = graph.version
         start = time.perf_counter()
         try:
@@ -197,7 +201,7 @@ class PassManager:
             ctx.analyses.preserve(p.preserves if result.preserves is None else result.preserves, graph)
         ctx.statistics.sync(graph)  # values changed: what was measured on the old ones goes now
         if self.verify != "none" and modified:
-            self._verify(p, graph, ctx, before, result)
+            self._last_run = self._verify(p, graph, ctx, before, result)
         for inst in self.instrumentations:
             inst.after_pass(p, graph, ctx, result)
         return PassRecord(p.name, modified, seconds, result.remarks, iteration, analysis_seconds, statistics_seconds)
@@ -227,16 +231,26 @@ class PassManager:
                 pass
 
     def _verify(
-        self, p: Pass, graph: Graph, ctx: PassContext, before: onnx.ModelProto | None, result: PassResult
-    ) -> None:
+        self,
+        p: Pass,
+        graph: Graph,
+        ctx: PassContext,
+        before: onnx.ModelProto | verification.ReferenceRun | None,
+        result: PassResult,
+    ) -> tuple[int, verification.ReferenceRun] | None:
+        """onnx.checker, and for an exact rewrite the outputs vs ``before``'s; the verified run, by graph version."""
         after = graph.to_onnx()
         try:
             if self._input_invalid is None:
                 verification.check_model(after, p.name)
             if before is not None and result.exact:
-                verification.assert_equivalent(
-                    before, after, p.name, rtol=self.rtol, seed=ctx.seed, feeds=ctx.verification_feeds()
-                )
+                if isinstance(before, onnx.ModelProto):
+                    rtol = verification.model_rtol(before, self.rtol)
+                    before = verification.reference_run(before, seed=ctx.seed, feeds=ctx.verification_feeds())
+                else:
+                    rtol = self.rtol
+                _, run = verification.compare_with(before, after, p.name, rtol=rtol)
+                return graph.version, run
             elif before is not None:
                 result.remarks.append(
                     Remark(
@@ -250,6 +264,7 @@ class PassManager:
             result.remarks.append(Remark("analysis", p.name, "numeric verification skipped", reason=str(exc)))
         except VerificationError as exc:
             raise InternalError(f"internal error in pass '{p.name}': {exc}", p.name) from exc
+        return None
 
 
 def _after(done: list[str]) -> str:

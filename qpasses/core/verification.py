@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -125,43 +126,49 @@ def _inputs_to_try(
         yield random_feeds(model, seed=seed, extent=extent)
 
 
-def assert_equivalent(
-    before: onnx.ModelProto,
-    after: onnx.ModelProto,
-    after_pass: str,
-    *,
-    rtol: float = 1e-4,
-    seed: int = 0,
-    feeds: Sequence[Mapping[str, np.ndarray]] = (),
-) -> float:
-    """Compare outputs on ``feeds`` (real inputs: tried first) or random inputs; returns the worst relative error.
+@dataclass
+class ReferenceRun:
+    """A model's outputs on the inputs it ran on: what the next rewrite is compared with (a pass manager
+    keeps the last verified pass's run, so a chain of rewrites runs each model once)."""
 
-    Raises ``NumericCheckUnavailable`` when onnxruntime cannot run ``before`` (custom-domain ops,
-    missing kernels): nothing to compare against. ``rtol`` is widened for float16 models.
+    inputs: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+def reference_run(
+    model: onnx.ModelProto, *, seed: int = 0, feeds: Sequence[Mapping[str, np.ndarray]] = ()
+) -> ReferenceRun:
+    """``model``'s outputs on ``feeds`` (real inputs: tried first) or random inputs.
+
+    Raises ``NumericCheckUnavailable`` when onnxruntime cannot run it (custom-domain ops, missing kernels).
     """
     # Symbolic dims of 2 suit most models; an image model whose pyramid needs more than 2x2 pixels (PP-OCR's
     # detector) runs at 64; a model whose Reshapes need real shapes, or whose ids index a table, runs on real
     # inputs only. onnxruntime's own error log stays quiet: a failure is reported here.
-    ref: list[np.ndarray] | None = None
-    inputs: dict[str, np.ndarray] = {}
     error = ""
-    for inputs in _inputs_to_try(before, feeds, seed):
+    for inputs in _inputs_to_try(model, feeds, seed):
         try:
-            ref = _quiet_run(before, inputs)
-            break
+            return ReferenceRun(inputs, _quiet_run(model, inputs))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no useful base class
             error = str(exc).splitlines()[0][:160]
-    if ref is None:
-        raise NumericCheckUnavailable(f"onnxruntime cannot run the model before the pass ({error})")
+    raise NumericCheckUnavailable(f"onnxruntime cannot run the model before the pass ({error})")
+
+
+def compare_with(
+    reference: ReferenceRun, after: onnx.ModelProto, after_pass: str, *, rtol: float = 1e-4
+) -> tuple[float, ReferenceRun]:
+    """Run ``after`` on the reference's inputs: the worst relative error of its outputs, and its run.
+
+    ``rtol`` is widened for float16 models; a difference beyond it is a ``VerificationError``."""
     try:
-        got = _quiet_run(after, inputs)
+        got = _quiet_run(after, reference.inputs)
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(
             f"pass '{after_pass}' left a model onnxruntime cannot run: {str(exc).splitlines()[0][:200]}"
         ) from None
-    rtol = model_rtol(before, rtol)
+    rtol = model_rtol(after, rtol)
     worst = 0.0
-    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+    for i, (r, g) in enumerate(zip(reference.outputs, got, strict=True)):
         if r.shape != g.shape:
             raise VerificationError(f"pass '{after_pass}' changed output {i} shape {r.shape} -> {g.shape}")
         if not np.issubdtype(r.dtype, np.floating):
@@ -177,4 +184,22 @@ def assert_equivalent(
         worst = max(worst, err)
         if err > rtol:
             raise VerificationError(f"pass '{after_pass}' changed FP32 output {i}: relative error {err:.3g} > {rtol:g}")
-    return worst
+    return worst, ReferenceRun(reference.inputs, got)
+
+
+def assert_equivalent(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    after_pass: str,
+    *,
+    rtol: float = 1e-4,
+    seed: int = 0,
+    feeds: Sequence[Mapping[str, np.ndarray]] = (),
+) -> float:
+    """Compare outputs on ``feeds`` (real inputs: tried first) or random inputs; returns the worst relative error.
+
+    Raises ``NumericCheckUnavailable`` when onnxruntime cannot run ``before`` (custom-domain ops,
+    missing kernels): nothing to compare against. ``rtol`` is widened for float16 models.
+    """
+    reference = reference_run(before, seed=seed, feeds=feeds)
+    return compare_with(reference, after, after_pass, rtol=model_rtol(before, rtol))[0]

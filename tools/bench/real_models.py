@@ -13,14 +13,18 @@ drop 0.01 of the metric, scored on the calibration feeds). All W8A8 tools get th
 feeds (NNCF one sample per item). Each row: the corpus metric vs FP32 on the test split in exact QDQ
 semantics (graph optimizations off) and in onnxruntime's default session (fused integer kernels, CPU
 dependent), the share of Conv/Gemm/MatMul MACs onnxruntime runs in integer kernels
-(``qpasses.runtime.integer_compute``), the quantize wall time and the quantizing process' peak RSS (each tool
-runs in its own subprocess). NNCF runs in a throwaway venv (see tools/bench/nncf_quantize.py); without
-it the rows say ``NNCF: skipped (reason)``. A tool failing on a model prints its reason in the row.
+(``qpasses.runtime.integer_compute``), the quantize wall time (after the tool's imports, which the JSON
+keeps apart as ``import_seconds``: onnxruntime's quantizer imports torch and sympy where installed) and the
+quantizing process' peak RSS (each tool runs in its own subprocess); qpasses rows also say how much of
+their time the runtime parity check and the automatic fallback took. NNCF runs in a throwaway venv (see
+tools/bench/nncf_quantize.py); without it the rows say ``NNCF: skipped (reason)``. A tool failing on a
+model prints its reason in the row.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -50,6 +54,16 @@ LABELS = {
     "qpasses": "qpasses default",
     "qpasses_ort": "qpasses --target ort",
     "amp": "qpasses AMP (drop 1%)",
+}
+# What each tool's worker imports before its timer starts.
+_QPASSES_IMPORTS = ("qpasses.quantize",)
+IMPORTS = {
+    "weights_only": _QPASSES_IMPORTS,
+    "qpasses": _QPASSES_IMPORTS,
+    "qpasses_ort": _QPASSES_IMPORTS,
+    "amp": (*_QPASSES_IMPORTS, "qpasses.amp"),
+    # quant_pre_process imports symbolic_shape_infer (sympy; and torch, through onnxruntime.tools, when installed)
+    "ort": ("onnxruntime.quantization", "onnxruntime.tools.symbolic_shape_infer", "onnx.version_converter"),
 }
 AMP_CANDIDATES = "8/8,16/8,16/16"
 AMP_DROP = 0.01
@@ -96,9 +110,13 @@ def _qpasses(
         warnings.simplefilter("ignore")
         result = quantize_model(str(model.path), calib, QuantConfig(per_channel=True), progress=False, target=target)
     _save(result.model, out)
+    seconds = {rec.name: rec.seconds for rec in result.report.records}
     return {
         "fallback": [(s.tensor, round(s.alone_db, 2)) for s in result.fallback],
         "clipped": [(c.tensor, c.factor) for c in result.clipped],
+        # of "seconds": the final run's runtime parity check, and the fallback's scoring and second run
+        "parity_seconds": seconds.get("runtime-parity"),
+        "fallback_seconds": seconds.get("auto-fallback"),
     }
 
 
@@ -205,9 +223,16 @@ def worker(tool: str, name: str, workdir: Path) -> int:
     # onnxruntime's symbolic shape inference saves a model into the working directory when it gives up
     # (quant_pre_process): this one-tool process works in its own folder.
     os.chdir(workdir)
+    # Imports are timed apart (onnxruntime's quant_pre_process imports sympy, and torch where installed:
+    # about 1.4 s here; NNCF's row starts after `import nncf`): "seconds" is the quantizing itself.
+    start = time.perf_counter()
+    for module in IMPORTS[tool]:
+        importlib.import_module(module)
+    import_seconds = time.perf_counter() - start
     start = time.perf_counter()
     info = fn(model, calib, out)
     info["seconds"] = time.perf_counter() - start
+    info["import_seconds"] = import_seconds
     info["peak_rss_mb"] = peak_rss_mb()
     (workdir / f"{tool}.json").write_text(json.dumps(info))
     return 0
@@ -313,6 +338,13 @@ def _print_row(model: rm.CorpusModel, row: dict[str, Any]) -> None:
     failures = {k: row[k] for k in ("exact", "default", "mac_share") if isinstance(row.get(k), str)}
     for reason in dict.fromkeys(failures.values()):
         notes.append(f"{'/'.join(k for k, v in failures.items() if v == reason)} failed: {reason}")
+    spent = [
+        f"{label} {row[k]:.1f} s"
+        for k, label in (("parity_seconds", "parity check"), ("fallback_seconds", "auto-fallback"))
+        if isinstance(row.get(k), float)
+    ]
+    if spent:
+        notes.append("of which " + ", ".join(spent))
     if row.get("clipped"):
         notes.append(f"auto-fallback clipped {len(row['clipped'])} ranges")
     if row.get("fallback"):
