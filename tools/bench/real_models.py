@@ -341,7 +341,7 @@ def _print_row(model: rm.CorpusModel, row: dict[str, Any]) -> None:
     spent = [
         f"{label} {row[k]:.1f} s"
         for k, label in (("parity_seconds", "parity check"), ("fallback_seconds", "auto-fallback"))
-        if isinstance(row.get(k), float)
+        if isinstance(row.get(k), float) and row[k] >= 0.05  # a fallback that only left a remark took none
     ]
     if spent:
         notes.append("of which " + ", ".join(spent))
