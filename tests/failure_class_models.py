@@ -219,6 +219,34 @@ def log_power_spectrum(seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def log_features_front_end(seed: int = 0) -> onnx.ModelProto:
+    """``log_power_spectrum`` whose log features a small first layer reads (36 of 4,420 weights, as DNSMOS's
+    first Conv), then a large one: logpow -> MatMul(w1) -> Relu -> MatMul(w2). The first layer takes
+    differences of neighbouring bins (a spectral slope, as an edge filter on a spectrogram): small next
+    to the features' range, so their rounding shows."""
+    base = log_power_spectrum(seed)
+    rng = np.random.default_rng(seed + 1)
+    graph = base.graph
+    slope = np.zeros((9, 4), np.float32)
+    for j in range(4):
+        slope[2 * j, j], slope[2 * j + 1, j] = 1.0, -1.0
+    w1 = next(t for t in graph.initializer if t.name == "w")
+    w1.CopyFrom(numpy_helper.from_array(slope, "w"))
+    dense = next(n for n in graph.node if n.name == "dense")
+    dense.output[0] = "h"
+    graph.node.extend(
+        [
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="wide"),
+        ]
+    )
+    graph.initializer.append(numpy_helper.from_array((rng.standard_normal((4, 1024)) * 0.5).astype(np.float32), "w2"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 1024]))
+    onnx.checker.check_model(base)
+    return base
+
+
 def quiet_audio_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
     """Frames of audio whose loudness spans 60 dB: most powers are far below one 8-bit step of the loudest."""
     rng = np.random.default_rng(seed)

@@ -180,3 +180,50 @@ def test_log_of_power_spectrum_stays_float() -> None:
         ref, got = sess_fp.run(None, f)[0], sess_q.run(None, f)[0]
         assert np.isfinite(got).all()
         assert sqnr_db(ref, got) > 25
+
+
+def _tensor_sqnr(model: onnx.ModelProto, qdq: onnx.ModelProto, feeds: list[dict], name: str) -> float:
+    """SQNR vs FP32 of tensor ``name`` (an intermediate one returned as an extra output), exact semantics."""
+    from qpasses.data.sessions import with_outputs
+
+    ref = np.concatenate(
+        [verification.exact_session(with_outputs(model, [name])).run([name], f)[0].ravel() for f in feeds]
+    )
+    got = np.concatenate(
+        [verification.exact_session(with_outputs(qdq, [name])).run([name], f)[0].ravel() for f in feeds]
+    )
+    return sqnr_db(ref, got)
+
+
+def test_log_features_read_by_a_small_first_layer_stay_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNSMOS: log10 power over decades on an 8-bit grid is off by a fixed share of the power in every bin;
+    the small first layer reads it unrounded (and runs in float), the large layer after it stays integer."""
+    from qpasses.passes.fallback import log_domain_inputs
+
+    model = fc.log_features_front_end()
+    calib, test = fc.quiet_audio_feeds(8), fc.quiet_audio_feeds(8, seed=7)
+    result = _quantize(model, calib)
+    quantized = _quantized_inputs(result.model)
+    assert not {"ln", "logpow", "h"} & quantized  # the features, and the small layer's output (it runs float)
+    assert "r" in quantized  # the large layer's input
+    assert any("log-feature tensors" in r for r in _remarks(result, "keep-log-domain-inputs-float"))
+    monkeypatch.setattr(log_domain_inputs, "log_features", lambda graph, op: ([], []))
+    rounded = _quantize(model, calib)
+    assert "logpow" in _quantized_inputs(rounded.model)
+    # The slope layer's output: FP32's values from float features (its +-1 weights are exact on the int8
+    # grid), about 35 dB from rounded ones; the model's output gains too (30.7 vs 29.3 dB).
+    assert _tensor_sqnr(model, result.model, test, "h") > 60 > 40 > _tensor_sqnr(model, rounded.model, test, "h")
+    assert _tensor_sqnr(model, result.model, test, "y") > _tensor_sqnr(model, rounded.model, test, "y") + 1.0
+
+    htp = _quantize(fc.log_features_front_end(), calib, target="htp")
+    acts = htp.encodings.activations
+    assert acts["logpow"].bitwidth == 16  # int16 features, read by the small layer, which writes 8 bits
+    assert acts["r"].bitwidth == 8
+
+
+def test_log_features_read_by_a_large_layer_stay_quantized() -> None:
+    """When the layer reading the log features holds 1% or more of the weights, float features would run
+    it in float: they are quantized and a remark names that layer."""
+    result = _quantize(fc.log_power_spectrum(), fc.quiet_audio_feeds(8))
+    assert "logpow" in _quantized_inputs(result.model)
+    assert any("log features" in r and "quantized" in r for r in _remarks(result, "keep-log-domain-inputs-float"))

@@ -22,20 +22,16 @@ of output SQNR. NNCF leaves graph outputs unquantized too.
 
 from __future__ import annotations
 
-import math
-
 from graph_ir import Graph, Op
 from qpasses.core.analyses import Shapes
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
+from qpasses.passes.fallback.layer_size import small_layer
 from qpasses.quant.keep_float import keep_float, kept_precision
 
 PROBABILITY_OPS = frozenset({"Softmax", "Sigmoid"})
 CONSTANT_OPERAND_OPS = frozenset({"Add", "Sub", "Mul", "Div"})  # a bias, a scale
 FLOAT_OUTPUT_LINEAR = frozenset({"MatMul", "Gemm"})
-
-
-SMALL_HEAD_SHARE = 0.01  # of the model's Conv/Gemm/MatMul weight elements
 
 
 def _per_sample(op: Op, shapes: Shapes) -> bool:
@@ -44,23 +40,6 @@ def _per_sample(op: Op, shapes: Shapes) -> bool:
         return True
     shape = shapes.shape(op.inputs[0]) if op.inputs else None
     return shape is not None and len(shape) == 2
-
-
-def _weight_elements(graph: Graph, op: Op) -> int:
-    """Elements of a Conv/Gemm/MatMul's constant weight (0: none)."""
-    from qpasses.quant.plan import WEIGHTED
-
-    if op.op_type not in WEIGHTED or len(op.inputs) < 2 or not op.inputs[1]:
-        return 0
-    t = graph.tensors[op.inputs[1]]
-    dims = [d for d in (t.shape or ()) if isinstance(d, int)] if t.is_constant else []
-    return math.prod(dims) if dims and len(dims) == len(t.shape or ()) else 0
-
-
-def _small(graph: Graph, op: Op) -> bool:
-    """A head whose weight is under ``SMALL_HEAD_SHARE`` of the model's: a few MACs wherever it is applied."""
-    own = _weight_elements(graph, op)
-    return own > 0 and own < SMALL_HEAD_SHARE * sum(_weight_elements(graph, o) for o in graph.ops)
 
 
 def returned_chain(graph: Graph, name: str) -> tuple[list[str], int, Op | None]:
@@ -115,7 +94,7 @@ def output_heads(graph: Graph, shapes: Shapes) -> list[list[str]]:
             op is not None
             and op.is_standard
             and op.op_type in FLOAT_OUTPUT_LINEAR
-            and (_per_sample(op, shapes) or _small(graph, op))
+            and (_per_sample(op, shapes) or small_layer(graph, op))
         )
         kept = chain if head else chain[:probability]
         if kept:
