@@ -24,7 +24,7 @@ import numpy as np
 from graph_ir import Graph, Op
 from qpasses.core.context import PassContext
 from qpasses.core.pass_base import Pass, PassResult
-from qpasses.passes.fallback.layer_size import small_layer, weight_elements
+from qpasses.passes.fallback.layer_size import small_layer
 from qpasses.quant.keep_float import FLOAT32, keep_float, kept_precision, with_readers
 
 # Elementwise ops through which a value near zero reaches the singular op: its inputs are kept too.
@@ -168,14 +168,14 @@ class KeepLogDomainInputsFloat(Pass):
 
     def _log_features(self, graph: Graph, ctx: PassContext, log: Op) -> None:
         features, readers = log_features(graph, log)
-        weighted = [r for r in readers if weight_elements(graph, r)]
-        large = [r.name for r in weighted if not small_layer(graph, r)]
+        layers = [r for r in readers if r.op_type in LINEAR]
+        large = [r.name for r in layers if not small_layer(graph, r)]  # a MatMul of two activations counts as large
         if large:
             self.remarks.missed(
                 f"log features of '{log.name}' quantized",
                 large,
-                reason="the layers reading them hold 1% or more of the model's weights: float there would run "
-                "them in float",
+                reason="the layers reading them hold 1% or more of the model's weights (or multiply two activations): "
+                "float features would run them in float",
             )
             return
         # Where float runs, the readers' outputs too (``with_readers``): the layer then runs in float instead of
@@ -190,5 +190,5 @@ class KeepLogDomainInputsFloat(Pass):
                 marked[:10],
                 reason="a log value's 8-bit step is a fixed share of what it measures (a power spectrum: "
                 "decades over 256 levels); the small layers reading them "
-                f"({', '.join(r.name for r in weighted) or 'no weighted layer'}) run on them unrounded",
+                f"({', '.join(r.name for r in layers) or 'no Conv/Gemm/MatMul'}) run on them unrounded",
             )
