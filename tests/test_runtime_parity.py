@@ -122,6 +122,28 @@ def test_emulation_saturates_pairs_as_computed_by_hand() -> None:
     assert small.saturated_pairs == 0 and not small.diverges
 
 
+def _int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The probe with int8 activations on the same grid (zero point -128: int8 127 is uint8 255)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    z = next(t for t in out.graph.initializer if t.name == "z")
+    z.CopyFrom(numpy_helper.from_array(np.array(-128, np.int8), "z"))
+    return out
+
+
+def test_emulation_replays_int8_activations_shifted_to_uint8() -> None:
+    """s8s8 runs the u8s8 kernel on activations + 128 (x86 without VNNI: a digits CNN stored s8s8 scores
+    8.2 dB there, as stored u8s8): the same pairs saturate as for the uint8 twin, by hand."""
+    (mac,) = fused_macs(_int8_activations(saturation_probe_model(k=64)))
+    assert mac.kernel == "s8s8" and mac.can_saturate
+    em = emulate_mac(mac, np.full((4, 64), 127, np.int8))  # uint8 255: 255*127*2 = 64770 per pair
+    exact, saturated = 64 * 255 * 127, 32 * INT16_MAX
+    assert em.saturated_pairs == 1.0
+    assert em.sqnr_db == pytest.approx(10 * np.log10(exact**2 / (exact - saturated) ** 2), rel=1e-9)
+    small = emulate_mac(mac, np.full((4, 64), -28, np.int8))  # uint8 100: 25400 fits
+    assert small.saturated_pairs == 0 and not small.diverges
+
+
 @pytest.mark.parametrize(
     ("group", "stride", "pads", "dilation"), [(1, 1, (1, 1, 1, 1), 1), (2, 2, (0, 1, 1, 0), 1), (1, 1, (2, 2, 2, 2), 2)]
 )
@@ -169,14 +191,17 @@ def test_emulation_flags_int8_weights_and_clears_portable(portable, signed) -> N
     assert report.emulated and all(e.kernel == "u8u8" and e.saturated_pairs == 0 for e in report.emulated)
 
 
-def test_this_hosts_fused_kernel_matches_exact_or_the_emulation() -> None:
-    """On a VNNI/ARM host the fused probe equals exact QDQ; on x86 without VNNI it equals the emulation."""
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_this_hosts_fused_kernel_matches_exact_or_the_emulation(int8_activations: bool) -> None:
+    """On a VNNI/ARM host the fused probe equals exact QDQ; on x86 without VNNI it equals the emulation,
+    with uint8 or int8 activations (the same grid: the same saturated accumulator)."""
     model = saturation_probe_model()
+    model = _int8_activations(model) if int8_activations else model
     x = {"x": np.full((4, 64), 255, np.float32)}
     fused = verification.runtime_session(model).run(None, x)[0]
     exact = verification.exact_session(model).run(None, x)[0]
     if runtime_saturates():
-        # out = round(saturated accumulator / 8192) with the output zero point 0, scale 8192.
+        # out = round(saturated accumulator / 8192) on the output grid (scale 8192, real zero at 0).
         assert np.allclose(fused, np.round(32 * INT16_MAX / 8192) * 8192)
     else:
         np.testing.assert_array_equal(fused, exact)
