@@ -7,7 +7,8 @@ Per corpus model, rows: FP32; qpasses weights only (per-channel int8 weights, fl
 ceiling W8A8 aims at); onnxruntime ``quantize_static`` (QDQ, per-channel, uint8 activations / int8
 weights, MinMax, after ``quant_pre_process``); NNCF's default ``nncf.quantize``; qpasses default (what
 ``qpasses quantize --per-channel`` does); qpasses ``--target ort`` (quantizers only where
-onnxruntime's integer Conv/Gemm/MatMul kernels read or write: ``keep-non-mac-activations-float``); with
+onnxruntime's integer Conv/Gemm/MatMul kernels read or write: ``keep-non-mac-activations-float``); qpasses
+``--target ort-vnni`` (int8 weights: u8s8 kernels, for CPUs with VNNI or ARM only); with
 ``--amp``, qpasses AMP (candidates 8/8,16/8,16/16, allowed
 drop 0.01 of the metric, scored on the calibration feeds). All W8A8 tools get the same calibration
 feeds (NNCF one sample per item). Each row: the corpus metric vs FP32 on the test split in exact QDQ
@@ -16,7 +17,9 @@ dependent), the share of Conv/Gemm/MatMul MACs onnxruntime runs in integer kerne
 (``qpasses.runtime.integer_compute``), the quantize wall time (after the tool's imports, which the JSON
 keeps apart as ``import_seconds``: onnxruntime's quantizer imports torch and sympy where installed) and the
 quantizing process' peak RSS (each tool runs in its own subprocess); qpasses rows also say how much of
-their time the runtime parity check and the automatic fallback took. NNCF runs in a throwaway venv (see
+their time the runtime parity check and the automatic fallback took. After the rows, one line per model
+gives each model's inference latency in onnxruntime's default session (``--latency-runs``, interleaved):
+portable uint8 storage (the default) runs u8u8 kernels, which do not use VNNI. NNCF runs in a throwaway venv (see
 tools/bench/nncf_quantize.py); without it the rows say ``NNCF: skipped (reason)``. A tool failing on a
 model prints its reason in the row.
 """
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import real_models as rm  # noqa: E402
 
 NNCF_PYTHON = "/tmp/nncf-venv/bin/python"
-TOOLS = ("weights_only", "ort", "nncf", "qpasses", "qpasses_ort", "amp")
+TOOLS = ("weights_only", "ort", "nncf", "qpasses", "qpasses_ort", "qpasses_vnni", "amp")
 LABELS = {
     "fp32": "FP32",
     "weights_only": "qpasses weights only",
@@ -53,6 +56,7 @@ LABELS = {
     "nncf": "NNCF default",
     "qpasses": "qpasses default",
     "qpasses_ort": "qpasses --target ort",
+    "qpasses_vnni": "qpasses (ort-vnni)",
     "amp": "qpasses AMP (drop 1%)",
 }
 # What each tool's worker imports before its timer starts.
@@ -61,6 +65,7 @@ IMPORTS = {
     "weights_only": _QPASSES_IMPORTS,
     "qpasses": _QPASSES_IMPORTS,
     "qpasses_ort": _QPASSES_IMPORTS,
+    "qpasses_vnni": _QPASSES_IMPORTS,
     "amp": (*_QPASSES_IMPORTS, "qpasses.amp"),
     # quant_pre_process imports symbolic_shape_infer (sympy; and torch, through onnxruntime.tools, when installed)
     "ort": ("onnxruntime.quantization", "onnxruntime.tools.symbolic_shape_infer", "onnx.version_converter"),
@@ -217,6 +222,7 @@ def worker(tool: str, name: str, workdir: Path) -> int:
         "weights_only": _qpasses,
         "qpasses": _qpasses,
         "qpasses_ort": lambda m, c, o: _qpasses(m, c, o, target="ort"),
+        "qpasses_vnni": lambda m, c, o: _qpasses(m, c, o, target="ort-vnni"),
         "ort": _ort,
         "amp": _amp,
     }[tool]
@@ -320,8 +326,44 @@ def bench_model(model: rm.CorpusModel, tools: list[str], args: argparse.Namespac
                 _measure(model, str(workdir / f"{tool}.onnx"), row)
             rows.append(row)
             _print_row(model, row)
+        paths = {"fp32": str(model.path)}
+        ran = [r["tool"] for r in rows[1:] if isinstance(r.get("exact"), float)]
+        paths.update({tool: str(workdir / f"{tool}.onnx") for tool in ran})
+        _latencies(model, paths, rows, args.latency_runs)
     model.release()
     return rows
+
+
+def _latencies(model: rm.CorpusModel, paths: dict[str, str], rows: list[dict[str, Any]], runs: int) -> None:
+    """What users' inference costs: each model's default session on the first test feed, the sessions'
+    runs interleaved (one run of each model in turn, ``runs`` rounds, after a warm-up) so that a noisy
+    machine slows them alike; the median, in the rows as ``latency_ms`` and printed as one line."""
+    if runs < 1:
+        return
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    feed = model.test_feeds()[0]
+    sessions = {}
+    for tool, path in paths.items():
+        try:
+            sessions[tool] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            sessions[tool].run(None, feed)
+        except Exception:  # noqa: BLE001 - a model that does not run has no latency; its row says why
+            sessions.pop(tool, None)
+    times: dict[str, list[float]] = {tool: [] for tool in sessions}
+    for _ in range(runs):
+        for tool, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[tool].append(time.perf_counter() - start)
+    latency = {tool: 1000 * float(np.median(t)) for tool, t in times.items()}
+    for row in rows:
+        if row["tool"] in latency:
+            row["latency_ms"] = latency[row["tool"]]
+    cells = ", ".join(f"{LABELS[t]} {ms:.1f}" for t, ms in latency.items())
+    print(f"{model.name:16} default-session latency, ms per test feed (median of {runs}, interleaved): {cells}")
 
 
 def _cell(value: Any, fmt: str, width: int) -> str:
@@ -371,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nncf-python", default=NNCF_PYTHON, help=f"Python of a venv with nncf (default {NNCF_PYTHON})")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per tool and model")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument(
+        "--latency-runs", type=int, default=7, help="interleaved default-session runs per model for latency (0: off)"
+    )
     ap.add_argument("--worker", nargs=3, metavar=("TOOL", "MODEL", "WORKDIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
