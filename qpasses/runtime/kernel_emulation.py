@@ -244,7 +244,6 @@ def emulate_mac(mac: FusedMac, activation: np.ndarray, *, max_rows: int = _MAX_P
     rows, w, groups = shaped
     # int8 activations enter the u8s8 kernel shifted to uint8, their zero point with them.
     shift = 128 if mac.act_signed else 0
-    rows = rows.astype(np.int32) + shift
     if groups == 1 and rows.ndim == 2:
         rows, w = rows[None], w[None]
     signal = noise = 0.0
@@ -253,7 +252,7 @@ def emulate_mac(mac: FusedMac, activation: np.ndarray, *, max_rows: int = _MAX_P
     pick = np.linspace(0, n_rows - 1, min(n_rows, max_rows)).astype(np.int64)
     cout_g = w.shape[2]
     for g in range(rows.shape[0]):
-        a = rows[g][pick].astype(np.int32)
+        a = rows[g][pick].astype(np.int32) + shift
         wg = w[g]
         exact = a.astype(np.int64) @ wg.astype(np.int64)
         sat, n_sat = _saturated_sum(a, wg)

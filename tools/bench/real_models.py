@@ -340,15 +340,13 @@ def _latencies(model: rm.CorpusModel, paths: dict[str, str], rows: list[dict[str
     machine slows them alike; the median, in the rows as ``latency_ms`` and printed as one line."""
     if runs < 1:
         return
-    import onnxruntime as ort
+    from qpasses.core.verification import runtime_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     feed = model.test_feeds()[0]
     sessions = {}
     for tool, path in paths.items():
         try:
-            sessions[tool] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            sessions[tool] = runtime_session(path)
             sessions[tool].run(None, feed)
         except Exception:  # noqa: BLE001 - a model that does not run has no latency; its row says why
             sessions.pop(tool, None)
