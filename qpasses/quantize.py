@@ -43,6 +43,7 @@ from qpasses.quant.config import QuantConfig
 from qpasses.quant.encodings_io import EncodingsFile
 from qpasses.quant.keep_float import kept_precision
 from qpasses.quantize_pipeline import QuantizeOptions, build_quantize_pipeline, default_cle, run_structural_stage
+from qpasses.runtime.logit_scoring import logit_views
 from qpasses.runtime.parity import ParityReport, check_feeds, feed_samples, parity_batches
 from qpasses.runtime.range_clipping import RangeClip, choose_clips, with_clips
 from qpasses.runtime.tensor_sensitivity import (
@@ -206,28 +207,38 @@ def quantize_model(
             "by its task metric (--eval) or keep tensors float with --overrides",
         )
         return result
-    clips, clipped = choose_clips(lowered, reference, feeds, sqnr_floor_db, base=outputs_db)
-    clipped_db = measured if clipped is None else clipped
+    # Softmax outputs are ranked on their logits (``logit_scoring``): the same lift above where they are.
+    fp32, scored, floor, logits = result.reference, lowered, sqnr_floor_db, ""
+    views = logit_views(lowered, result.reference)
+    if views is not None:
+        scored, fp32 = views
+        reference = reference_outputs(fp32, feeds)
+        scorer = Scorer(reference)
+        outputs_db = scorer.dbs(scorer.noise([verification.exact_session(scored).run(None, dict(f)) for f in feeds]))
+        floor = min(outputs_db, default=float("inf")) + (sqnr_floor_db - measured)
+        logits = f" (ranked on the softmax outputs' logits: {min(outputs_db):.1f} dB, target {floor:.1f} dB)"
+    clips, clipped = choose_clips(scored, reference, feeds, floor, base=outputs_db)
+    clipped_db = min(outputs_db or [measured]) if clipped is None else clipped
     chosen: list[Sensitivity] = []
     after = clipped_db
     # On a target with no activation precision above 8 bits (HTA) nothing can be kept higher.
     higher = kept_precision(result.target)
-    if clipped_db < sqnr_floor_db and higher is not None:
+    if clipped_db < floor and higher is not None:
         chosen, _, after = fallback_tensors(
-            with_clips(lowered, {c.tensor: c.factor for c in clips}),
-            result.reference,
+            with_clips(scored, {c.tensor: c.factor for c in clips}),
+            fp32,
             feeds,
-            sqnr_floor_db,
+            floor,
             max_fallback_tensors,
             before=clipped_db,
             reference=reference,
         )
     if not chosen and not clips:
-        weights_db = _weights_only_db(lowered, reference, feeds)
+        weights_db = _weights_only_db(scored, reference, feeds)
         searched = "no quantizer kept higher bought 1 dB" if higher is not None else "nothing above 8 bits on target"
         where = (
             "the loss is in the weights (--cle, --seq-mse, --adaround; per-channel weights where the target has them)"
-            if weights_db < sqnr_floor_db
+            if weights_db < floor
             else "it is spread over many activation quantizers (--amp, --act-mode enhanced, more calibration data)"
         )
         result.report.add_remark(
@@ -235,8 +246,8 @@ def quantize_model(
             "auto-fallback",
             "below the floor, nothing found to lift it",
             reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB on the checked "
-            f"batches; no narrowed range bought 0.5 dB, {searched}. With every activation float the weights alone "
-            f"give {weights_db:.1f} dB: {where}",
+            f"batches{logits}; no narrowed range bought 0.5 dB, {searched}. With every activation float the weights "
+            f"alone give {weights_db:.1f} dB{' (logits)' if logits else ''}: {where}",
         )
         return result
     outputs = {o.name for o in result.reference.graph.output}
@@ -264,7 +275,7 @@ def quantize_model(
                 "auto-fallback",
                 f"clipped {len(clips)} activation ranges",
                 tuple(named(c.tensor) for c in clips),
-                reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB; with these "
+                reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB{logits}; with these "
                 f"ranges narrowed (each to its least expected error; factors {min(c.factor for c in clips):.2f}-"
                 f"{max(c.factor for c in clips):.2f}) {clipped_db:.1f} dB predicted",
             )
@@ -277,8 +288,8 @@ def quantize_model(
                 "auto-fallback",
                 f"kept {len(names)} tensors in higher precision",
                 tuple(names),
-                reason=f"worst output SQNR vs FP32 {clipped_db:.1f} dB < floor "
-                f"{sqnr_floor_db:g} dB (-> {after:.1f} dB predicted): {detail}",
+                reason=f"worst output SQNR vs FP32 {measured:.1f} dB < floor {sqnr_floor_db:g} dB{logits}; "
+                f"{'with the ranges clipped ' if clips else ''}{clipped_db:.1f} -> {after:.1f} dB predicted: {detail}",
             )
         )
     # What the fallback cost on top of the first run: its scoring and the second run.
