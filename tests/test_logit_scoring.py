@@ -88,3 +88,35 @@ def test_fallback_on_a_softmax_output_ranks_on_the_logits(monkeypatch: pytest.Mo
         model, fc.feeds(model, 4), QuantConfig(per_channel=True), progress=False, auto_fallback=False
     )
     assert plain.parity is not None and min(o.exact_db for o in plain.parity.outputs) < 20.0
+
+
+def test_fallback_does_not_act_when_the_probabilities_are_above_the_floor() -> None:
+    """Near-uniform probabilities over noisy logits: the outputs are fine (48 dB) though the logits are not
+    (9 dB); the user's outputs decide whether the fallback acts."""
+    model = fc.outlier_intermediate()
+    g = model.graph
+    spike = next(t for t in g.initializer if t.name == "spike")
+    values = numpy_helper.to_array(spike).copy()
+    values[values != 0] = 300.0  # a grid step of ~1.2 on logits of ~1: about 9 dB
+    spike.CopyFrom(numpy_helper.from_array(values, "spike"))
+    g.node[-1].output[0] = "logits"
+    g.initializer.append(numpy_helper.from_array(np.float32(0.02), "k"))
+    g.node.extend(
+        [
+            helper.make_node("Mul", ["logits", "k"], ["scaled"], name="scale"),
+            helper.make_node("Softmax", ["scaled"], ["y"], name="softmax", axis=1),
+        ]
+    )
+    feeds = fc.feeds(model, 4)
+    result = quantize_model(model, feeds, QuantConfig(per_channel=True), progress=False)
+    assert result.parity is not None and min(o.exact_db for o in result.parity.outputs) > 40.0
+    assert result.fallback == [] and result.clipped == []
+    assert not [r for r in result.report.remarks if r.pass_name == "auto-fallback"]
+    views = logit_views(result.model, result.reference)  # what a trigger on the logits would have read
+    assert views is not None and result.reference is not None
+    batches = result.parity.batches
+    reference = [verification.runtime_session(views[1]).run(None, f) for f in batches]
+    got = [verification.exact_session(views[0]).run(None, f) for f in batches]
+    noise = sum(float(((a[0] - b[0]) ** 2).sum()) for a, b in zip(got, reference, strict=True))
+    signal = sum(float((b[0] ** 2).sum()) for b in reference)
+    assert 10 * np.log10(signal / noise) < 20.0
