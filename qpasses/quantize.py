@@ -208,17 +208,18 @@ def quantize_model(
         )
         return result
     # Softmax outputs are ranked on their logits (``logit_scoring``): the same lift above where they are.
-    fp32, scored, floor, logits = result.reference, lowered, sqnr_floor_db, ""
+    fp32, scored, scored_db, floor, logits = result.reference, lowered, measured, sqnr_floor_db, ""
     views = logit_views(lowered, result.reference)
     if views is not None:
         scored, fp32 = views
         reference = reference_outputs(fp32, feeds)
         scorer = Scorer(reference)
         outputs_db = scorer.dbs(scorer.noise([verification.exact_session(scored).run(None, dict(f)) for f in feeds]))
-        floor = min(outputs_db, default=float("inf")) + (sqnr_floor_db - measured)
-        logits = f" (ranked on the softmax outputs' logits: {min(outputs_db):.1f} dB, target {floor:.1f} dB)"
+        scored_db = min(outputs_db, default=float("inf"))
+        floor = scored_db + (sqnr_floor_db - measured)
+        logits = f" (ranked on the softmax outputs' logits: {scored_db:.1f} dB, target {floor:.1f} dB)"
     clips, clipped = choose_clips(scored, reference, feeds, floor, base=outputs_db)
-    clipped_db = min(outputs_db or [measured]) if clipped is None else clipped
+    clipped_db = scored_db if clipped is None else clipped
     chosen: list[Sensitivity] = []
     after = clipped_db
     # On a target with no activation precision above 8 bits (HTA) nothing can be kept higher.

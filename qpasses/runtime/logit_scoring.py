@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import onnx
 
+from qpasses.data.sessions import with_outputs
+
 PASS_THROUGH = frozenset({"Identity", "QuantizeLinear", "DequantizeLinear"})
 
 
@@ -27,23 +29,16 @@ def softmax_inputs(model: onnx.ModelProto) -> list[str | None]:
         while node is not None and node.op_type in PASS_THROUGH and node.input:
             node = producers.get(node.input[0])
         softmax = node is not None and node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
-        found.append(node.input[0] if softmax and node is not None else None)
+        found.append(node.input[0] if node is not None and softmax else None)
     return found
 
 
 def scoring_view(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs are ``outputs`` (types inferred by onnxruntime where not known)."""
-    view = onnx.ModelProto()
-    view.CopyFrom(model)
-    typed = {vi.name: vi for vi in [*view.graph.value_info, *view.graph.output]}
+    """A copy of ``model`` whose graph outputs are ``outputs`` alone (``with_outputs``' copy, the others dropped)."""
+    view = with_outputs(model, outputs)
+    wanted = {vi.name: onnx.ValueInfoProto.FromString(vi.SerializeToString()) for vi in view.graph.output}
     del view.graph.output[:]
-    for name in outputs:
-        vi = onnx.ValueInfoProto()
-        if name in typed:
-            vi.CopyFrom(typed[name])
-        else:
-            vi.name = name
-        view.graph.output.append(vi)
+    view.graph.output.extend(wanted[name] for name in outputs)
     return view
 
 
